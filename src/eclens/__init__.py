@@ -1,0 +1,37 @@
+"""eclens: study how a language model handles a one-token change.
+
+Feed minimal pairs (clean / corrupt sentences differing in one token), stream
+position-aligned, normalised activation differences through TransformerLens hooks,
+find dimensions that change consistently little or much, and test them causally.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+# Lazy exports keep `import eclens` and `ec --help` fast (torch is imported on first use).
+_EXPORTS = {
+    "load_model": "eclens.model",
+    "model_info": "eclens.model",
+    "tiny_model": "eclens.model",
+    "MinimalPair": "eclens.pairs",
+    "AlignedPair": "eclens.pairs",
+    "Rejection": "eclens.pairs",
+    "load_pairs": "eclens.pairs",
+    "align": "eclens.pairs",
+    "check_pairs": "eclens.pairs",
+    "check_with_model": "eclens.pairs",
+    "EclensError": "eclens.errors",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'eclens' has no attribute {name!r}")
+
+
+__all__ = sorted(_EXPORTS)

@@ -1,0 +1,3 @@
+from eclens.cli import entry
+
+entry()

@@ -1,0 +1,61 @@
+"""The ``ec`` command line. Commands live in :mod:`eclens.commands`, one module per
+step, each a thin layer over library functions; this module only assembles them and
+turns :class:`~eclens.errors.EclensError` into a one-line message and an exit code."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+import sys
+
+import typer
+
+app = typer.Typer(
+    name="ec",
+    help="eclens: which layers and dimensions of a language model change when one token changes.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+model_app = typer.Typer(help="Load and describe models.", no_args_is_help=True)
+pairs_app = typer.Typer(help="Check and import minimal pairs.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+app.add_typer(pairs_app, name="pairs")
+
+
+def _register_commands() -> None:
+    from . import commands
+
+    for mod in sorted(m.name for m in pkgutil.iter_modules(commands.__path__)):
+        if not mod.startswith("_"):
+            importlib.import_module(f"{commands.__name__}.{mod}")
+
+
+_register_commands()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .errors import EclensError
+
+    # Nothing may reach the model hub unasked; a user who wants the hub sets HF_HUB_OFFLINE=0.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(args=argv, standalone_mode=True)
+    except SystemExit as e:
+        return int(e.code or 0) if isinstance(e.code, int) or e.code is None else 1
+    except EclensError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+

@@ -1,0 +1,1 @@
+"""CLI commands, one module per step; :mod:`eclens.cli` imports every module here."""

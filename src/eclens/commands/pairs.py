@@ -1,0 +1,54 @@
+"""``ec pairs check``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ..cli import pairs_app
+from ._common import DeviceOpt, ModelOpt, console, out
+
+
+@pairs_app.command("check")
+def check(
+    file: Path = typer.Argument(..., help="pairs file: .jsonl, .csv/.tsv or the study's .json"),
+    model: str = ModelOpt,
+    device: str = DeviceOpt,
+    out_file: Path = typer.Option(None, "--out", "-o", help="write the aligned valid pairs here (JSONL)"),
+    rejected_file: Path = typer.Option(None, "--rejected", help="write the rejected pairs with reasons here"),
+    fmt: str = typer.Option(None, "--format", help="jsonl, csv or json (default: by suffix)"),
+    show: int = typer.Option(5, "--show", help="how many rejected pairs to print with their tokens"),
+) -> None:
+    """Align every pair under the model's tokenizer; count valid and rejected pairs by category and reason."""
+    from ..pairs import check_with_model, load_pairs, write_jsonl
+    from ._common import load
+
+    pairs = load_pairs(file, fmt=fmt)
+    m = load(model, device)
+    res = check_with_model(pairs, m)
+    print_check(res, show=show)
+    if out_file:
+        write_jsonl(out_file, res.valid)
+        console.print(f"wrote {len(res.valid)} aligned pairs to {out_file}")
+    if rejected_file:
+        write_jsonl(rejected_file, res.rejected)
+        console.print(f"wrote {len(res.rejected)} rejected pairs to {rejected_file}")
+
+
+def print_check(res, show: int = 5) -> None:
+    df = res.by_category()
+    t = Table(title=f"{len(res.valid)} valid of {res.n_total} pairs")
+    for c in df.columns:
+        t.add_column(c, justify="left" if c == "category" else "right")
+    for row in df.itertuples(index=False):
+        t.add_row(*[str(v) for v in row])
+    out.print(t)
+    for r in res.rejected[:show]:
+        out.print(f"[yellow]{r.label}[/yellow] {r.pair.id} [{r.pair.category}]")
+        out.print(f"  clean:   {r.pair.clean!r}", markup=False)
+        out.print(f"  corrupt: {r.pair.corrupt!r}", markup=False)
+        if r.clean_tokens:
+            out.print(f"  tokens:  {r.clean_tokens}", markup=False)
+            out.print(f"           {r.corrupt_tokens}", markup=False)

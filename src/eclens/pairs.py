@@ -1,0 +1,403 @@
+"""Minimal pairs: the record, loaders for the formats people have, and alignment
+under the model's own tokenizer.
+
+A pair is valid when, under the analysed model's tokenizer, the clean and corrupt
+sentences have the same number of tokens and differ at exactly one position ``p``.
+Pairs that fail are kept as :class:`Rejection` records with a reason, never dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import EclensError, PairFileError
+from .runs import atomic_path
+
+FIELDS = ("id", "clean", "corrupt", "category", "source", "meta")
+REASONS = ("empty", "identical", "different_length", "multiple_differences", "too_long")
+
+
+@dataclass
+class MinimalPair:
+    """A clean sentence and a corrupt one that should differ in one token.
+
+    ``meta`` may hold ``target_clean`` / ``target_corrupt`` (strings whose first
+    token is the logit-difference target, e.g. BLiMP's one-prefix words) and any
+    provenance the source keeps (``pairID``, ``field``, ...).
+    """
+
+    id: str
+    clean: str
+    corrupt: str
+    category: str = "uncategorized"
+    source: str = "user"
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class AlignedPair:
+    """A valid pair with its token ids and the single changed position ``position``."""
+
+    pair: MinimalPair
+    clean_ids: list[int]
+    corrupt_ids: list[int]
+    position: int
+    clean_token: str
+    corrupt_token: str
+
+    @property
+    def id(self) -> str:
+        return self.pair.id
+
+    @property
+    def category(self) -> str:
+        return self.pair.category
+
+    @property
+    def length(self) -> int:
+        return len(self.clean_ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.pair.to_dict()
+        d.update(
+            position=self.position,
+            length=self.length,
+            clean_token=self.clean_token,
+            corrupt_token=self.corrupt_token,
+            clean_ids=self.clean_ids,
+            corrupt_ids=self.corrupt_ids,
+        )
+        return d
+
+
+@dataclass
+class Rejection:
+    pair: MinimalPair
+    reason: str
+    detail: int | None = None
+    clean_tokens: list[str] = field(default_factory=list)
+    corrupt_tokens: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.reason}({self.detail})" if self.detail is not None else self.reason
+
+    def to_dict(self) -> dict[str, Any]:
+        d = self.pair.to_dict()
+        d.update(reason=self.reason, detail=self.detail, clean_tokens=self.clean_tokens,
+                 corrupt_tokens=self.corrupt_tokens)
+        return d
+
+
+def pair_id(clean: str, corrupt: str, category: str = "") -> str:
+    """A stable id from the content, so reruns and reorderings keep ids."""
+    return hashlib.sha1(f"{category}\x1f{clean}\x1f{corrupt}".encode()).hexdigest()[:12]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _read_text(path: Path) -> str:
+    if not path.exists():
+        raise PairFileError(path, "no such file")
+    if path.is_dir():
+        raise PairFileError(path, "is a folder, not a pairs file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")  # tolerate a UTF-8 byte-order mark
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise PairFileError(path, f"not UTF-8 (byte {e.start}); save the file as UTF-8", line) from None
+    if not text.strip():
+        raise PairFileError(path, "file is empty; it needs at least one pair")
+    return text
+
+
+def _pair_from_record(rec: Any, path: Path, line: int, defaults: dict[str, str]) -> MinimalPair:
+    if not isinstance(rec, dict):
+        raise PairFileError(path, f"expected a JSON object, got {type(rec).__name__}", line)
+    unknown = sorted(set(rec) - set(FIELDS))
+    if unknown:
+        raise PairFileError(path, f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(FIELDS)} "
+                            "(put extra information under \"meta\")", line)
+    for key in ("clean", "corrupt"):
+        if key not in rec:
+            raise PairFileError(path, f"missing field {key!r}", line)
+    for key in ("id", "clean", "corrupt", "category", "source"):
+        if key in rec and not isinstance(rec[key], str):
+            raise PairFileError(path, f"field {key!r} must be a string, got {type(rec[key]).__name__}", line)
+    meta = rec.get("meta", {})
+    if meta is None:
+        meta = {}
+    if not isinstance(meta, dict):
+        raise PairFileError(path, f"field 'meta' must be an object, got {type(meta).__name__}", line)
+    category = rec.get("category") or defaults.get("category", "uncategorized")
+    return MinimalPair(
+        id=rec.get("id") or pair_id(rec["clean"], rec["corrupt"], category),
+        clean=rec["clean"],
+        corrupt=rec["corrupt"],
+        category=category,
+        source=rec.get("source") or defaults.get("source", "user"),
+        meta=meta,
+    )
+
+
+def load_jsonl(path: str | os.PathLike, *, source: str | None = None) -> list[MinimalPair]:
+    path = Path(path)
+    text = _read_text(path)
+    out: list[tuple[int, MinimalPair]] = []
+    defaults = {"source": source or "user"}
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PairFileError(path, f"invalid JSON ({e.msg}, column {e.colno})", i) from None
+        out.append((i, _pair_from_record(rec, path, i, defaults)))
+    return _check_unique(path, out)
+
+
+def _check_unique(path: Path, items: list[tuple[int, MinimalPair]]) -> list[MinimalPair]:
+    seen: dict[str, int] = {}
+    for line, p in items:
+        if p.id in seen:
+            raise PairFileError(path, f"duplicate pair id {p.id!r} (first at line {seen[p.id]}); "
+                                "give each pair its own id or remove the repeat", line)
+        seen[p.id] = line
+    return [p for _, p in items]
+
+
+def load_csv(
+    path: str | os.PathLike,
+    *,
+    clean_col: str = "clean",
+    corrupt_col: str = "corrupt",
+    category_col: str | None = "category",
+    id_col: str | None = "id",
+    source: str | None = None,
+    delimiter: str | None = None,
+) -> list[MinimalPair]:
+    path = Path(path)
+    text = _read_text(path)
+    if delimiter is None:
+        delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    cols = reader.fieldnames or []
+    for need, flag in ((clean_col, "--clean-col"), (corrupt_col, "--corrupt-col")):
+        if need not in cols:
+            raise PairFileError(path, f"no column {need!r} (columns: {', '.join(cols)}); choose one with {flag}", 1)
+    out: list[tuple[int, MinimalPair]] = []
+    line = 1
+    for row in reader:
+        line = reader.line_num
+        if None in row:
+            raise PairFileError(path, f"row has more fields than the header's {len(cols)}", line)
+        if all((v or "").strip() == "" for v in row.values()):
+            continue
+        clean, corrupt = row.get(clean_col), row.get(corrupt_col)
+        if clean is None or corrupt is None:
+            raise PairFileError(path, "row has fewer fields than the header", line)
+        category = (row.get(category_col) if category_col else None) or "uncategorized"
+        pid = (row.get(id_col) if id_col else None) or pair_id(clean, corrupt, category)
+        meta = {k: v for k, v in row.items() if k not in {clean_col, corrupt_col, category_col, id_col}}
+        out.append((line, MinimalPair(pid, clean, corrupt, category, source or "csv", meta)))
+    if not out:
+        raise PairFileError(path, "no rows under the header; it needs at least one pair")
+    return _check_unique(path, out)
+
+
+def load_study_json(path: str | os.PathLike, *, source: str | None = None) -> list[MinimalPair]:
+    """The original study's format: ``{"metadata", "diff_token_type": {type: {subtype: {"sentence_pairs": [...]}}}}``."""
+    path = Path(path)
+    text = _read_text(path)
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PairFileError(path, f"invalid JSON ({e.msg}, column {e.colno})", e.lineno) from None
+    if isinstance(doc, list):  # a plain JSON list of pair records
+        items = [(i + 1, _pair_from_record(r, path, i + 1, {"source": source or "user"})) for i, r in enumerate(doc)]
+        if not items:
+            raise PairFileError(path, "the list is empty; it needs at least one pair")
+        return _check_unique(path, items)
+    if not isinstance(doc, dict) or not isinstance(doc.get("diff_token_type"), dict):
+        raise PairFileError(path, "expected the study format {\"diff_token_type\": {type: {subtype: "
+                            "{\"sentence_pairs\": [...]}}}} or a list of pair records")
+    out: list[tuple[int, MinimalPair]] = []
+    n = 0
+    for typ, subs in doc["diff_token_type"].items():
+        if not isinstance(subs, dict):
+            raise PairFileError(path, f"diff_token_type.{typ} must be an object of subtypes")
+        for sub, body in subs.items():
+            where = f"diff_token_type.{typ}.{sub}"
+            sp = body.get("sentence_pairs") if isinstance(body, dict) else None
+            if not isinstance(sp, list):
+                raise PairFileError(path, f"{where}: missing list 'sentence_pairs'")
+            for j, rec in enumerate(sp):
+                n += 1
+                if not isinstance(rec, dict) or not isinstance(rec.get("sentence1"), str) \
+                        or not isinstance(rec.get("sentence2"), str):
+                    raise PairFileError(path, f"{where}.sentence_pairs[{j}]: needs string fields "
+                                        "'sentence1' and 'sentence2'")
+                cat = f"{typ}/{sub}"
+                extra = {k: v for k, v in rec.items() if k not in ("sentence1", "sentence2")}
+                p = MinimalPair(pair_id(rec["sentence1"], rec["sentence2"], cat), rec["sentence1"],
+                                rec["sentence2"], cat, source or "study-json", extra)
+                out.append((n, p))
+    if not out:
+        raise PairFileError(path, "no sentence pairs found")
+    return _check_unique(path, out)
+
+
+def load_pairs(path: str | os.PathLike, fmt: str | None = None, **kwargs: Any) -> list[MinimalPair]:
+    """Load pairs from JSONL (default), CSV/TSV or the study's JSON format, by suffix or ``fmt``."""
+    path = Path(path)
+    fmt = fmt or {".csv": "csv", ".tsv": "csv", ".json": "json"}.get(path.suffix.lower(), "jsonl")
+    if fmt == "jsonl":
+        return load_jsonl(path, **kwargs)
+    if fmt == "csv":
+        return load_csv(path, **kwargs)
+    if fmt == "json":
+        return load_study_json(path, **kwargs)
+    raise EclensError(f"unknown pairs format {fmt!r}: use jsonl, csv or json")
+
+
+def load_aligned(path: str | os.PathLike) -> list[AlignedPair]:
+    """Read a ``pairs.jsonl`` written by :func:`write_aligned` (ids and position included)."""
+    path = Path(path)
+    text = _read_text(path)
+    out = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            d = json.loads(line)
+            pair = MinimalPair(d["id"], d["clean"], d["corrupt"], d.get("category", "uncategorized"),
+                               d.get("source", "user"), d.get("meta") or {})
+            out.append(AlignedPair(pair, list(d["clean_ids"]), list(d["corrupt_ids"]), int(d["position"]),
+                                   d["clean_token"], d["corrupt_token"]))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise PairFileError(path, f"not an aligned pair record ({type(e).__name__}: {e}); "
+                                "re-create it with `ec pairs check`", i) from None
+    return out
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> Path:
+    """Write records (dataclasses with ``to_dict`` or dicts) as JSONL, atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        for r in records:
+            d = r.to_dict() if hasattr(r, "to_dict") else r
+            fh.write(json.dumps(d, ensure_ascii=False) + "\n")
+    return path
+
+
+write_pairs = write_jsonl
+write_aligned = write_jsonl
+
+
+# ------------------------------------------------------------------------- alignment
+
+
+def encode(tokenizer, text: str, prepend_bos: bool = False) -> list[int]:
+    """Token ids as the model sees them: no special tokens, plus BOS if the model prepends one."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if prepend_bos and tokenizer.bos_token_id is not None:
+        ids = [tokenizer.bos_token_id, *ids]
+    return ids
+
+
+def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
+    return [tokenizer.decode([int(i)]) for i in ids]
+
+
+def align(
+    pair: MinimalPair,
+    tokenizer,
+    *,
+    prepend_bos: bool = False,
+    max_len: int | None = None,
+) -> AlignedPair | Rejection:
+    """Align one pair under ``tokenizer``: the single differing position, or a rejection."""
+    if not pair.clean.strip() or not pair.corrupt.strip():
+        return Rejection(pair, "empty")
+    if pair.clean == pair.corrupt:
+        return Rejection(pair, "identical")
+    a = encode(tokenizer, pair.clean, prepend_bos)
+    b = encode(tokenizer, pair.corrupt, prepend_bos)
+    if max_len is not None and max(len(a), len(b)) > max_len:
+        return Rejection(pair, "too_long", max(len(a), len(b)))
+    if len(a) != len(b):
+        return Rejection(pair, "different_length", len(b) - len(a), token_strings(tokenizer, a),
+                         token_strings(tokenizer, b))
+    diffs = [i for i, (x, y) in enumerate(zip(a, b)) if x != y]
+    if not diffs:
+        return Rejection(pair, "identical")
+    if len(diffs) > 1:
+        return Rejection(pair, "multiple_differences", len(diffs), token_strings(tokenizer, a),
+                         token_strings(tokenizer, b))
+    p = diffs[0]
+    return AlignedPair(pair, a, b, p, tokenizer.decode([a[p]]), tokenizer.decode([b[p]]))
+
+
+@dataclass
+class CheckResult:
+    valid: list[AlignedPair]
+    rejected: list[Rejection]
+
+    @property
+    def n_total(self) -> int:
+        return len(self.valid) + len(self.rejected)
+
+    def by_category(self):
+        import pandas as pd
+
+        rows: dict[str, Counter] = {}
+        for a in self.valid:
+            rows.setdefault(a.category, Counter())["valid"] += 1
+        for r in self.rejected:
+            rows.setdefault(r.pair.category, Counter())[r.reason] += 1
+        df = pd.DataFrame.from_dict(rows, orient="index").fillna(0).astype(int)
+        for col in ("valid", *REASONS):
+            if col not in df.columns:
+                df[col] = 0
+        df = df[["valid", *REASONS]]
+        df.insert(0, "total", df.sum(axis=1))
+        df.index.name = "category"
+        return df.sort_index().reset_index()
+
+    def by_reason(self) -> dict[str, int]:
+        c = Counter(r.reason for r in self.rejected)
+        return {k: c.get(k, 0) for k in REASONS}
+
+
+def check_pairs(
+    pairs: Sequence[MinimalPair],
+    tokenizer,
+    *,
+    prepend_bos: bool = False,
+    max_len: int | None = None,
+) -> CheckResult:
+    valid, rejected = [], []
+    for p in pairs:
+        r = align(p, tokenizer, prepend_bos=prepend_bos, max_len=max_len)
+        (valid if isinstance(r, AlignedPair) else rejected).append(r)
+    return CheckResult(valid, rejected)
+
+
+def check_with_model(pairs: Sequence[MinimalPair], model) -> CheckResult:
+    """:func:`check_pairs` with the model's tokenizer, BOS setting and context length."""
+    return check_pairs(pairs, model.tokenizer, prepend_bos=bool(model.cfg.default_prepend_bos),
+                       max_len=int(model.cfg.n_ctx))

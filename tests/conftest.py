@@ -1,0 +1,42 @@
+"""Shared fixtures: the real embedded model (loaded once per session) and a tiny
+random-weight Llama for fast plumbing tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+BLIMP_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "blimp"
+
+
+@pytest.fixture(scope="session")
+def model():
+    from eclens import load_model
+
+    torch.set_grad_enabled(False)
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model):
+    return model.tokenizer
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    from eclens import tiny_model
+
+    return tiny_model(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_mlp=128, seed=0)
+
+
+@pytest.fixture(scope="session")
+def blimp_dir():
+    if not BLIMP_DIR.is_dir():
+        pytest.skip(f"BLiMP data not found at {BLIMP_DIR}")
+    return BLIMP_DIR
