@@ -226,6 +226,39 @@ def load_model(
     return bridge
 
 
+def load_tokenizer(name: str = EMBEDDED):
+    """Only the tokenizer of ``name`` (same resolution as :func:`load_model`, no weights loaded).
+
+    For steps that only need to tokenize (generating or importing pairs); pair with
+    :func:`tokenizer_prepends_bos` for the BOS setting :func:`load_model` would use.
+    """
+    from transformers import AutoTokenizer
+
+    path = Path(str(name)).expanduser()
+    if name == EMBEDDED or name == EMBEDDED_HF_NAME and not _hub_config_available(name):
+        if not (_embedded_hf_dir() / "tokenizer.json").exists():
+            _load_embedded_hf(torch.float32)  # first use: dequantize and cache once
+        return AutoTokenizer.from_pretrained(_embedded_hf_dir())
+    if path.suffix == ".gguf":
+        if not path.exists():
+            raise EclensError(f"{path}: no such GGUF file")
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    if path.is_dir():
+        if not (path / "config.json").exists() and not (path / "tokenizer.json").exists():
+            raise EclensError(f"{path}: not a Hugging Face model folder (no config.json or tokenizer.json)")
+        return AutoTokenizer.from_pretrained(path)
+    if _is_hub_name(str(name)):
+        try:
+            return AutoTokenizer.from_pretrained(name)
+        except Exception:  # noqa: BLE001 - offline and not cached, or no such repo
+            raise EclensError(f"tokenizer of {name!r} is not available offline; use smollm2-135m or a local path") \
+                from None
+    raise EclensError(
+        f"unknown model {name!r}: use smollm2-135m, a Hugging Face name such as "
+        "meta-llama/Meta-Llama-3-8B, a local model folder or a .gguf file"
+    )
+
+
 def tokenizer_prepends_bos(tok) -> bool:
     """Whether the tokenizer itself (before TransformerLens wraps it) starts with BOS."""
     probe = tok("a")["input_ids"]

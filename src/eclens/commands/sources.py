@@ -1,0 +1,207 @@
+"""``ec generate`` (templates or an OpenAI-compatible LLM) and ``ec pairs import blimp|csv``.
+
+These steps need only the target model's tokenizer (to keep single-token pairs),
+never its weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ..cli import app, pairs_app
+from ._common import ModelOpt, console, out
+
+import_app = typer.Typer(help="Import pairs from other formats (BLiMP, CSV) as eclens JSONL.", no_args_is_help=True)
+pairs_app.add_typer(import_app, name="import")
+
+CategoriesOpt = typer.Option(None, "--categories", "-c",
+                             help="categories to make (repeat or comma-separate; a prefix such as 'grammar' "
+                                  "selects all under it); default: all")
+
+
+def _tokenizer(model: str):
+    from ..model import load_tokenizer, tokenizer_prepends_bos
+
+    with console.status(f"loading the tokenizer of {model}"):
+        tok = load_tokenizer(model)
+    return tok, tokenizer_prepends_bos(tok)
+
+
+def _print_df(df, title: str, left: tuple[str, ...] = ("category",)) -> None:
+    t = Table(title=title)
+    for c in df.columns:
+        t.add_column(str(c), justify="left" if c in left else "right", overflow="fold")
+    for row in df.itertuples(index=False):
+        t.add_row(*[str(v) for v in row])
+    out.print(t)
+
+
+_SHORT = {"different_length": "diff len", "multiple_differences": "multi diff", "identical": "ident",
+          "too_long": "too long", "first_token": "first tok", "duplicate": "dup", "malformed": "malformed"}
+
+
+def _template_view(stats):
+    import pandas as pd
+
+    rej = stats[[c for c in stats.columns if c.startswith("rejected_")]].sum(axis=1)
+    return pd.DataFrame({
+        "category": stats["category"], "pairs": stats["pairs"], "draws": stats["draws"],
+        "dup": stats["duplicates"], "rejected": rej, "templates": stats["templates"],
+        "word pairs": stats["word_pairs"],
+        "tokens": [f"{a}-{b}" for a, b in zip(stats["len_min"], stats["len_max"])],
+        "change at": [f"{a}/{m:g}/{b}" for a, m, b in zip(stats["pos_min"], stats["pos_median"], stats["pos_max"])],
+        "last word": [f"{100 * f:.0f}%" for f in stats["last_word_frac"]],
+    })
+
+
+def _llm_view(df):
+    import pandas as pd
+
+    reasons = [c for c in df.columns if c.startswith("rejected_")]
+
+    def why(row) -> str:
+        parts = [f"{_SHORT.get(c[9:], c[9:])} {int(row[c])}" for c in reasons if row[c]]
+        if row["bad_responses"]:
+            parts.append(f"bad responses {int(row['bad_responses'])}")
+        return ", ".join(parts) or "-"
+
+    return pd.DataFrame({
+        "category": df["category"], "have": df["total"], "new": df["valid"], "asked": df["requested"],
+        "returned": df["returned"], "rejected by reason": [why(r) for _, r in df.iterrows()],
+        "requests": df["requests"], "retries": df["retries"],
+        "tokens in/out": [f"{a}/{b}" for a, b in zip(df["prompt_tokens"], df["completion_tokens"])],
+    })
+
+
+@app.command("generate")
+def generate(
+    out_file: Path = typer.Option(..., "--out", "-o", help="JSONL file to write (openai: appended to and resumed)"),
+    source: str = typer.Option("templates", "--source", "-s", help="templates (offline) or openai"),
+    n: int = typer.Option(200, "--n", help="valid pairs per category"),
+    categories: list[str] = CategoriesOpt,
+    seed: int = typer.Option(0, "--seed", help="seed (templates: output is a function of it)"),
+    model: str = ModelOpt,
+    llm_model: str = typer.Option("gpt-4o-mini", "--llm-model", help="openai: the chat model that writes pairs"),
+    base_url: str = typer.Option(None, "--base-url", help="openai: any OpenAI-compatible server, e.g. "
+                                 "http://localhost:8000/v1 (vLLM), :8080/v1 (llama.cpp), :11434/v1 (Ollama)"),
+    pairs_per_request: int = typer.Option(20, "--pairs-per-request", help="openai: pairs asked for per request"),
+    max_requests: int = typer.Option(None, "--max-requests",
+                                     help="openai: request budget of this run (default 3x the minimum + 2/category)"),
+    concurrency: int = typer.Option(4, "--concurrency", help="openai: requests in flight at once"),
+    max_retries: int = typer.Option(5, "--max-retries", help="openai: retries of a 429/5xx/connection error"),
+    retry_base: float = typer.Option(1.0, "--retry-base", help="openai: first backoff in seconds (doubles)"),
+    timeout: float = typer.Option(120.0, "--timeout", help="openai: seconds per request"),
+    temperature: float = typer.Option(0.9, "--temperature", help="openai: sampling temperature"),
+    structured: str = typer.Option("auto", "--structured", help="openai: auto, json_schema, json_object or off"),
+) -> None:
+    """Make minimal pairs: offline from templates (default) or with an OpenAI-compatible LLM.
+
+    Every pair is checked under MODEL's tokenizer (a single-token change, not at the first
+    token); the API key comes from OPENAI_API_KEY or a .env file and is never written anywhere.
+    """
+    from ..errors import EclensError
+
+    if source not in ("templates", "openai"):
+        raise EclensError(f"unknown --source {source!r}: use templates or openai")
+    tok, bos = _tokenizer(model)
+    if source == "templates":
+        from ..pairs import write_jsonl
+        from ..sources.templates import generate_templates_with_stats
+
+        pairs, stats = generate_templates_with_stats(tok, n, seed, categories, bos)
+        write_jsonl(out_file, pairs)
+        _print_df(_template_view(stats), f"{len(pairs)} template pairs (seed {seed}, {model})")
+        console.print(f"wrote {len(pairs)} pairs to {out_file}")
+        return
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from ..sources.openai_gen import LLMConfig, generate_openai
+
+    cfg = LLMConfig(model=llm_model, base_url=base_url, n_per_category=n, categories=categories,
+                    pairs_per_request=pairs_per_request, max_requests=max_requests, concurrency=concurrency,
+                    max_retries=max_retries, retry_base_s=retry_base, timeout_s=timeout, temperature=temperature,
+                    structured=structured, seed=seed)
+    tasks: dict[str, int] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as bar:
+        def progress(cat: str, have: int, target: int) -> None:
+            if cat not in tasks:
+                tasks[cat] = bar.add_task(cat, total=target)
+            bar.update(tasks[cat], completed=min(have, target))
+
+        rep = generate_openai(out_file, tok, cfg, prepend_bos=bos, progress=progress)
+    if rep.dropped_partial_line:
+        console.print(f"[yellow]{out_file}: removed a partial last line left by an interrupted run[/yellow]")
+    _print_df(_llm_view(rep.by_category()), f"{llm_model} → {out_file}: {rep.requests} requests in {rep.seconds:.1f}s")
+    if not rep.complete:
+        short = {c: s.missing for c, s in rep.stats.items() if s.missing}
+        raise EclensError(f"request budget ({rep.budget}) spent with categories short: "
+                          + ", ".join(f"{c} by {k}" for c, k in short.items())
+                          + f"; the {sum(s.have for s in rep.stats.values())} pairs so far are saved in {out_file}: "
+                            "rerun to top up, or raise --max-requests")
+    console.print(f"{out_file}: {sum(s.have for s in rep.stats.values())} pairs "
+                  f"({sum(s.valid for s in rep.stats.values())} new)")
+
+
+@import_app.command("blimp")
+def import_blimp_cmd(
+    paths: list[Path] = typer.Argument(..., help="BLiMP paradigm .jsonl files or folders of them"),
+    out_file: Path = typer.Option(..., "--out", "-o", help="JSONL file to write"),
+    model: str = ModelOpt,
+    only_valid: bool = typer.Option(False, "--only-valid", help="write only single-token pairs (default: all; "
+                                    "`ec pairs check` reports the rest)"),
+    max_per_paradigm: int = typer.Option(None, "--max-per-paradigm", help="at most this many pairs per paradigm"),
+    report: Path = typer.Option(None, "--report", help="write the per-paradigm table here (CSV)"),
+) -> None:
+    """BLiMP → pairs: sentence_good is clean, sentence_bad corrupt, category blimp/<term>/<UID>;
+    reports per paradigm how many pairs are a single-token change under MODEL's tokenizer."""
+    from ..pairs import REASONS, write_jsonl
+    from ..runs import write_table
+    from ..sources.blimp import import_blimp
+
+    tok, bos = _tokenizer(model)
+    with console.status("reading and checking BLiMP pairs"):
+        pairs, rep = import_blimp(paths, tok, prepend_bos=bos, only_valid=only_valid,
+                                  max_per_paradigm=max_per_paradigm)
+    view = rep[["UID", "total", "valid", *REASONS]].rename(columns=_SHORT)
+    view["valid %"] = (100 * rep["valid_frac"]).round(1)
+    _print_df(view, f"BLiMP single-token yield under {model}", left=("UID",))
+    total, valid = int(rep["total"].sum()), int(rep["valid"].sum())
+    out.print(f"{len(rep)} paradigms: {valid} of {total} pairs are single-token changes ({valid / total:.1%})")
+    write_jsonl(out_file, pairs)
+    console.print(f"wrote {len(pairs)} pairs to {out_file}")
+    if report:
+        write_table(rep, report)
+        console.print(f"wrote the per-paradigm table to {report}")
+
+
+@import_app.command("csv")
+def import_csv_cmd(
+    file: Path = typer.Argument(..., help="CSV or TSV file with a header row"),
+    out_file: Path = typer.Option(..., "--out", "-o", help="JSONL file to write"),
+    clean_col: str = typer.Option("clean", "--clean-col", help="column with the clean sentence"),
+    corrupt_col: str = typer.Option("corrupt", "--corrupt-col", help="column with the corrupt sentence"),
+    category_col: str = typer.Option(None, "--category-col", help="column with the category (default: 'category' "
+                                     "if present)"),
+    id_col: str = typer.Option(None, "--id-col", help="column with pair ids (default: 'id' if present, else a hash)"),
+    category: str = typer.Option(None, "--category", help="category of rows that have none"),
+    source: str = typer.Option("csv", "--source", help="value of the records' source field"),
+    delimiter: str = typer.Option(None, "--delimiter", help="field separator (default: tab for .tsv, else comma)"),
+    model: str = ModelOpt,
+    only_valid: bool = typer.Option(False, "--only-valid", help="write only single-token pairs"),
+) -> None:
+    """CSV/TSV → pairs, with the columns you name; reports single-token yield per category under MODEL."""
+    from ..pairs import write_jsonl
+    from ..sources.csvimport import import_csv
+
+    tok, bos = _tokenizer(model)
+    pairs, rep = import_csv(file, clean_col=clean_col, corrupt_col=corrupt_col, category_col=category_col,
+                            id_col=id_col, category=category, source=source, delimiter=delimiter, tokenizer=tok,
+                            prepend_bos=bos, only_valid=only_valid)
+    _print_df(rep, f"{file} under {model}")
+    write_jsonl(out_file, pairs)
+    console.print(f"wrote {len(pairs)} pairs to {out_file}")

@@ -1,0 +1,152 @@
+"""Import BLiMP (Warstadt et al., TACL 2020) paradigm files as minimal pairs.
+
+``sentence_good`` becomes the clean sentence and ``sentence_bad`` the corrupt one;
+the category is ``blimp/<linguistics_term>/<UID>``. For one-prefix paradigms the
+words that follow the shared prefix are the logit-difference targets:
+``meta["target_clean"]``, ``meta["target_corrupt"]`` and ``meta["prefix"]``.
+Most BLiMP pairs differ in more than one token under a given tokenizer; the
+per-paradigm report says how many survive the single-token filter and why the
+rest do not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from ..errors import EclensError, PairFileError
+from ..pairs import REASONS, AlignedPair, MinimalPair, align
+
+SOURCE = "blimp"
+REQUIRED = ("sentence_good", "sentence_bad", "UID", "linguistics_term", "field", "pairID")
+ONE_PREFIX = ("one_prefix_prefix", "one_prefix_word_good", "one_prefix_word_bad")
+# Kept from the record besides the required fields (small, and useful to slice results by).
+EXTRA_META = ("lexically_identical", "dependency_length", "crucial_item")
+
+
+def blimp_files(paths: str | os.PathLike | Iterable[str | os.PathLike]) -> list[Path]:
+    """The paradigm files named by ``paths``: files as given, folders expanded to their ``*.jsonl``."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(p.glob("*.jsonl"))
+            if not found:
+                raise EclensError(f"{p}: folder has no *.jsonl BLiMP paradigm files")
+            files.extend(found)
+        elif p.exists():
+            files.append(p)
+        else:
+            raise PairFileError(p, "no such file or folder")
+    if not files:
+        raise EclensError("no BLiMP files given")
+    return files
+
+
+def read_blimp_file(path: str | os.PathLike) -> list[MinimalPair]:
+    """Every record of one BLiMP paradigm file as a :class:`MinimalPair` (no filtering)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise PairFileError(path, f"cannot read ({e.strerror})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise PairFileError(path, "not UTF-8; BLiMP files are UTF-8 JSONL", raw[: e.start].count(b"\n") + 1) \
+            from None
+    out: list[MinimalPair] = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise PairFileError(path, f"invalid JSON ({e.msg}, column {e.colno})", i) from None
+        if not isinstance(rec, dict):
+            raise PairFileError(path, f"expected a JSON object, got {type(rec).__name__}", i)
+        missing = [k for k in REQUIRED if k not in rec]
+        if missing:
+            raise PairFileError(path, f"missing BLiMP field(s) {', '.join(missing)}; is this a BLiMP paradigm file?", i)
+        for k in ("sentence_good", "sentence_bad", "UID", "linguistics_term", "field"):
+            if not isinstance(rec[k], str) or not rec[k].strip():
+                raise PairFileError(path, f"field {k!r} must be a non-empty string", i)
+        if not isinstance(rec["pairID"], (str, int)):
+            raise PairFileError(path, "field 'pairID' must be a string or an integer", i)
+        uid, term = rec["UID"], rec["linguistics_term"]
+        meta = {"pairID": str(rec["pairID"]), "field": rec["field"], "UID": uid, "linguistics_term": term}
+        meta.update({k: rec[k] for k in EXTRA_META if k in rec})
+        if rec.get("one_prefix_method") and all(isinstance(rec.get(k), str) for k in ONE_PREFIX):
+            meta.update(prefix=rec["one_prefix_prefix"], target_clean=rec["one_prefix_word_good"],
+                        target_corrupt=rec["one_prefix_word_bad"])
+        out.append(MinimalPair(
+            id=f"blimp-{uid}-{rec['pairID']}", clean=rec["sentence_good"], corrupt=rec["sentence_bad"],
+            category=f"blimp/{term}/{uid}", source=SOURCE, meta=meta,
+        ))
+    if not out:
+        raise PairFileError(path, "file is empty; a BLiMP paradigm file has one pair per line")
+    return out
+
+
+def import_blimp(
+    paths: str | os.PathLike | Sequence[str | os.PathLike],
+    tokenizer=None,
+    *,
+    prepend_bos: bool = False,
+    max_len: int | None = None,
+    only_valid: bool = False,
+    max_per_paradigm: int | None = None,
+):
+    """Read BLiMP files (or folders of them) and report single-token yield per paradigm.
+
+    Returns ``(pairs, report)``. ``pairs`` holds every pair (or, with ``only_valid``, the
+    pairs that are a single-token change under ``tokenizer``), at most
+    ``max_per_paradigm`` per paradigm, in file order. ``report`` has one row per paradigm:
+    ``UID, linguistics_term, field, one_prefix, total``, then with a tokenizer ``valid``,
+    one column per rejection reason (:data:`eclens.pairs.REASONS`) and ``valid_frac``.
+    """
+    import pandas as pd
+
+    if only_valid and tokenizer is None:
+        raise EclensError("only_valid needs a tokenizer to check the pairs with")
+    if max_per_paradigm is not None and max_per_paradigm < 1:
+        raise EclensError(f"max_per_paradigm must be at least 1, got {max_per_paradigm}")
+    first_seen: dict[str, Path] = {}
+    pairs: list[MinimalPair] = []
+    rows = []
+    for path in blimp_files(paths):
+        recs = read_blimp_file(path)
+        by_uid: dict[str, list[MinimalPair]] = {}
+        for p in recs:
+            if p.id in first_seen:
+                raise PairFileError(path, f"pair {p.id!r} was already read from {first_seen[p.id]}; "
+                                    "give each paradigm file once")
+            first_seen[p.id] = path
+            by_uid.setdefault(p.meta["UID"], []).append(p)
+        for uid, group in by_uid.items():
+            row = {"UID": uid, "linguistics_term": group[0].meta["linguistics_term"],
+                   "field": group[0].meta["field"], "one_prefix": "target_clean" in group[0].meta,
+                   "total": len(group)}
+            kept = group
+            if tokenizer is not None:
+                reasons: Counter = Counter()
+                valid = []
+                for p in group:
+                    r = align(p, tokenizer, prepend_bos=prepend_bos, max_len=max_len)
+                    if isinstance(r, AlignedPair):
+                        valid.append(p)
+                    else:
+                        reasons[r.reason] += 1
+                row["valid"] = len(valid)
+                row.update({k: reasons.get(k, 0) for k in REASONS})
+                row["valid_frac"] = round(len(valid) / len(group), 4)
+                if only_valid:
+                    kept = valid
+            pairs.extend(kept[:max_per_paradigm] if max_per_paradigm else kept)
+            rows.append(row)
+    report = pd.DataFrame(rows).sort_values("UID", kind="stable").reset_index(drop=True)
+    return pairs, report
