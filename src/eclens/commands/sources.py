@@ -33,7 +33,7 @@ def _tokenizer(model: str):
 def _print_df(df, title: str, left: tuple[str, ...] = ("category",)) -> None:
     t = Table(title=title)
     for c in df.columns:
-        t.add_column(str(c), justify="left" if c in left else "right", overflow="fold")
+        t.add_column(str(c), justify="left" if c in left else "right", overflow="fold", no_wrap=c in left)
     for row in df.itertuples(index=False):
         t.add_row(*[str(v) for v in row])
     out.print(t)
@@ -63,17 +63,21 @@ def _llm_view(df):
     reasons = [c for c in df.columns if c.startswith("rejected_")]
 
     def why(row) -> str:
-        parts = [f"{_SHORT.get(c[9:], c[9:])} {int(row[c])}" for c in reasons if row[c]]
+        text = ", ".join(f"{_SHORT.get(c[9:], c[9:])} {int(row[c])}" for c in reasons if row[c]) or "none"
         if row["bad_responses"]:
-            parts.append(f"bad responses {int(row['bad_responses'])}")
-        return ", ".join(parts) or "-"
+            text += f"; {int(row['bad_responses'])} unparseable response(s)"
+        if row["failed_requests"]:
+            text += f"; {int(row['failed_requests'])} failed request(s)"
+        return text
 
-    return pd.DataFrame({
+    view = pd.DataFrame({
         "category": df["category"], "have": df["total"], "new": df["valid"], "asked": df["requested"],
-        "returned": df["returned"], "rejected by reason": [why(r) for _, r in df.iterrows()],
-        "requests": df["requests"], "retries": df["retries"],
+        "returned": df["returned"], "rejected": df[reasons].sum(axis=1), "requests": df["requests"],
+        "retries": df["retries"],
         "tokens in/out": [f"{a}/{b}" for a, b in zip(df["prompt_tokens"], df["completion_tokens"])],
     })
+    # Reasons as lines under the table: a column of them would be folded unreadably in 80 columns.
+    return view, [f"{c}: rejected {why(r)}" for c, (_, r) in zip(df["category"], df.iterrows())]
 
 
 @app.command("generate")
@@ -136,7 +140,10 @@ def generate(
         rep = generate_openai(out_file, tok, cfg, prepend_bos=bos, progress=progress)
     if rep.dropped_partial_line:
         console.print(f"[yellow]{out_file}: removed a partial last line left by an interrupted run[/yellow]")
-    _print_df(_llm_view(rep.by_category()), f"{llm_model} → {out_file}: {rep.requests} requests in {rep.seconds:.1f}s")
+    view, why = _llm_view(rep.by_category())
+    _print_df(view, f"{llm_model}: {rep.requests} requests in {rep.seconds:.1f}s")
+    for line in why:
+        out.print(line, markup=False)
     if not rep.complete:
         short = {c: s.missing for c, s in rep.stats.items() if s.missing}
         raise EclensError(f"request budget ({rep.budget}) spent with categories short: "

@@ -521,9 +521,6 @@ def generate_openai(
                        other_pairs=other)
     need_requests = sum(math.ceil(s.missing / cfg.pairs_per_request) for s in stats.values())
     report.budget = cfg.max_requests if cfg.max_requests is not None else 3 * need_requests + 2 * len(cats)
-    if progress:
-        for c, s in stats.items():
-            progress(c, s.have, s.target)
     report_path = path.with_suffix(".report.json") if path.suffix else path.with_name(path.name + ".report.json")
     if report.complete:
         report.seconds = time.perf_counter() - t0
@@ -542,6 +539,9 @@ def generate_openai(
 
         client = OpenAI(api_key=key, base_url=cfg.base_url, max_retries=0, timeout=cfg.timeout_s)
     requester = _Requester(client, cfg, redact)
+    if progress:
+        for c, s in stats.items():
+            progress(c, s.have, s.target)
 
     topic_rng = random.Random(f"{cfg.seed}\x1f{len(existing)}")
     topics = {c: topic_rng.sample(TOPICS, len(TOPICS)) for c in cats}
@@ -549,7 +549,7 @@ def generate_openai(
     inflight_n: Counter = Counter()
     consecutive_failures = 0
     fatal: str | None = None
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    fd: int | None = None  # opened at the first valid pair, so a run that makes none leaves no file
     pool = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="eclens-llm")
     try:
         while True:
@@ -598,6 +598,8 @@ def generate_openai(
                 consecutive_failures = 0
                 new = _validate(res, s, seen, tokenizer, cfg.model, prepend_bos, max_len)
                 if new:
+                    if fd is None:
+                        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
                     _append(fd, new)
                 if progress:
                     progress(c, s.have, s.target)
@@ -605,7 +607,8 @@ def generate_openai(
         pool.shutdown(wait=False, cancel_futures=True)
         raise
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
         report.structured = requester.mode  # the response format the server ended up accepting
         report.seconds = time.perf_counter() - t0
         write_json(report_path, report.to_dict())
