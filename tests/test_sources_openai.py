@@ -229,6 +229,7 @@ def test_resume_file_problems(tok, server, tmp_path):
         generate_openai(out, tok, _cfg(server), api_key=KEY)
 
 
+@pytest.mark.slow  # two CLI subprocesses, each loading transformers: ~11 s idle, 20-35 s on a busy 2-core box
 def test_resume_after_sigkill_loses_and_repeats_nothing(server, tmp_path):
     """Kill `ec generate --source openai` with SIGKILL mid-run, rerun, and check the file."""
     (tmp_path / ".env").write_text(f"OPENAI_API_KEY={KEY}\n")  # the key reaches the CLI only via .env

@@ -129,7 +129,7 @@ AGR_VERBS_THINGS = (
     (("seems", "seem"), ("out of place here", "smaller than before")),
 )
 AGR_ADV = ("As usual", "According to my sister", "Oddly enough", "Luckily", "To be honest", "As far as I know",
-           "Apparently", "Right now", "These days")
+           "Apparently", "I suppose")
 AGR_QUESTION_ADJ = ("quiet", "upset", "nervous", "tired", "late", "happy", "angry")
 
 
@@ -275,7 +275,7 @@ ART_CLASSES = {
                ("cat", "dog", "horse", "rabbit", "mouse", "fox", "deer", "bird", "snake", "frog"),
                ("old", "enormous", "angry", "ugly", "unusual"),
                ("small", "big", "young", "strange", "hungry", "wild")),
-    "person": (("actor", "artist", "engineer", "officer", "author", "architect", "editor", "athlete", "uncle"),
+    "person": (("actor", "artist", "engineer", "officer", "author", "architect", "editor", "athlete", "optician"),
                ("teacher", "doctor", "nurse", "farmer", "student", "pilot", "lawyer", "singer", "waiter", "baker"),
                ("old", "angry", "elderly", "excellent", "experienced", "unknown"),
                ("young", "famous", "friendly", "tired", "new", "local")),
@@ -289,16 +289,18 @@ ART_FRAMES = {
               "I bought {X} {NP} at the market on Sunday.", "Can you bring me {X} {NP} from the shop?",
               "She kept {X} {NP} in the drawer next to her bed.",
               "He wrapped {X} {NP} in brown paper and gave it to {N}.", "We need {X} {NP} before the guests arrive.",
-              "{N} gave me {X} {NP} for my birthday."),
+              "{N} gave me {X} {NP} for my birthday.", "When we got home, {N} noticed {X} {NP} next to the door."),
     "animal": ("We saw {X} {NP} near the lake yesterday.", "There is {X} {NP} in the garden again.",
                "{N} took a photo of {X} {NP} at the zoo.", "Last night {X} {NP} woke up the whole house.",
-               "According to {N}, {X} {NP} lives behind the barn."),
+               "According to {N}, {X} {NP} lives behind the barn.",
+               "From the kitchen window, {N} could see {X} {NP} in the field."),
     "person": ("{N} wants to become {X} {NP} one day.", "My cousin married {X} {NP} from Ireland.",
                "We asked {X} {NP} for directions to the station.", "There is {X} {NP} waiting for you at the door.",
-               "{N} works as {X} {NP} in a small town.", "Last year {N} met {X} {NP} on the train."),
+               "{N} works as {X} {NP} in a small town.", "Last year {N} met {X} {NP} on the train.",
+               "At the end of our street there lives {X} {NP} who sells flowers."),
     "idea": ("{N} came up with {X} {NP} during the meeting.", "That is {X} {NP} I have not heard before.",
              "We need {X} {NP} by the end of the week.", "{N} gave us {X} {NP} that made no sense.",
-             "It was {X} {NP}, but nobody said so."),
+             "It was {X} {NP}, but nobody said so.", "After a long silence at the table, {N} offered {X} {NP}."),
 }
 ART_PLURALS = ("apples", "books", "eggs", "tickets", "letters", "onions", "oranges", "candles", "umbrellas",
                "envelopes", "pens", "maps", "cups", "sandwiches", "newspapers")
@@ -354,36 +356,44 @@ PREP_ADJECTIVES = (
     ("angry", "with", ("on", "to"), ("the driver", "the neighbors", "the landlord")),
     ("satisfied", "with", ("of", "on"), ("the result", "the new car", "the service")),
 )
+PREP_NOT_GRADABLE = ("married", "responsible")  # no "very married"
+# past-tense verb, preposition, wrong ones, objects, and tails that suit the verb's aspect
+_ONCE = ("", "again", "yesterday", "without saying a word")
+_LONG = ("", "for a long time", "all afternoon", "yesterday")
+_STATE = ("", "as a child", "for many years")
 PREP_VERBS = (
-    ("believed", "in", ("on", "at"), ("ghosts", "hard work", "second chances")),
-    ("relied", "on", ("of", "at"), ("the old map", "public transport", "a few close friends")),
-    ("listened", "to", ("at", "of"), ("the radio", "the teacher", "the rain on the roof")),
-    ("arrived", "at", ("to",), ("the station", "the hotel", "the airport")),
-    ("waited", "for", ("of", "to"), ("the bus", "the results", "the doctor")),
-    ("apologized", "for", ("of", "on"), ("the delay", "the mistake", "being late")),
-    ("insisted", "on", ("in", "at"), ("paying", "a second opinion", "going first")),
-    ("laughed", "at", ("on", "of"), ("the joke", "the old photos", "the clown")),
-    ("dreamed", "of", ("on", "at"), ("a house by the sea", "flying")),
-    ("searched", "for", ("to", "of"), ("the keys", "a cheaper flat", "the lost dog")),
-    ("complained", "about", ("at", "on"), ("the noise", "the food", "the long wait")),
-    ("paid", "for", ("of",), ("the dinner", "the tickets", "the repairs")),
-    ("looked", "at", ("of",), ("the painting", "the map", "the stars")),
+    ("believed", "in", ("on", "at"), ("ghosts", "hard work", "second chances"), _STATE),
+    ("relied", "on", ("of", "at"), ("the old map", "public transport", "a few close friends"), _STATE),
+    ("listened", "to", ("at", "of"), ("the radio", "the teacher", "the rain on the roof"), _LONG),
+    ("arrived", "at", ("to",), ("the station", "the hotel", "the airport"), _ONCE),
+    ("waited", "for", ("of", "to"), ("the bus", "the results", "the doctor"), _LONG),
+    ("apologized", "for", ("of", "on"), ("the delay", "the mistake", "being late"), _ONCE),
+    ("insisted", "on", ("in", "at"), ("paying", "a second opinion", "going first"), _ONCE),
+    ("laughed", "at", ("on", "of"), ("the joke", "the old photos", "the clown"), _LONG),
+    ("dreamed", "of", ("on", "at"), ("a house by the sea", "flying"), _STATE),
+    ("searched", "for", ("to", "of"), ("the keys", "a cheaper flat", "the lost dog"), _LONG),
+    ("complained", "about", ("at", "on"), ("the noise", "the food", "the long wait"), _ONCE),
+    ("paid", "for", ("of",), ("the dinner", "the tickets", "the repairs"), _ONCE),
+    ("looked", "at", ("of",), ("the painting", "the map", "the stars"), _LONG),
 )
+# thing-subject verbs with (subject, object) pairs that make sense together
 PREP_THING_VERBS = (
-    ("belonged", "to", ("of", "at"), ("my grandfather", "the school", "a famous painter")),
-    ("consisted", "of", ("from", "at"), ("three small rooms", "bread and cheese", "two parts")),
+    ("belonged", "to", ("of", "at"), (("watch", "my grandfather"), ("old piano", "the school"),
+                                      ("ring", "a famous singer"), ("house", "my aunt"),
+                                      ("collection", "a famous painter"))),
+    ("consisted", "of", ("from", "at"), (("meal", "bread and cheese"), ("flat", "three small rooms"),
+                                         ("course", "two parts"), ("team", "five players"))),
 )
-PREP_THINGS = ("watch", "house", "old piano", "ring", "meal", "flat", "course", "collection")
 PREP_TIME = (
     ("on", ("in", "at"), ("Monday", "Friday evening", "the first day", "New Year's Eve")),
-    ("in", ("on", "at"), ("July", "the spring", "2015", "the winter")),
+    ("in", ("on", "at"), ("July", "the spring", "August", "the winter")),
     ("at", ("on", "in"), ("noon", "midnight", "six o'clock", "dawn")),
 )
 PREP_TIME_FRAMES = ("We will meet {X} {O} at the cafe.", "{N} was born {X} {O} in a small town.",
                     "The letter arrived {X} {O}, much later than expected.", "{N} said the party starts {X} {O}.")
-PREP_ADVERBS = ("very", "quite", "really", "always", "", "")
-PREP_TAILS = ("", "these days", ", which surprised nobody", ", or so I was told", ", as everyone knows")
-PREP_VERB_TAILS = ("", "for a long time", "again", "without saying a word", "all afternoon")
+PREP_ADVERBS = ("very", "quite", "really", "", "")
+PREP_TAILS = {"is": ("", "these days", ", as everyone knows", ", or so I am told"),
+              "was": ("", "at the time", ", which surprised nobody", ", or so I was told")}
 PREP_FRONT = ("To be honest", "As far as I know", "According to the teacher", "Apparently", "Like most people here")
 
 
@@ -396,28 +406,28 @@ def _preposition(rng: random.Random) -> Candidate:
         return _render(f"preposition/time_{i}", PREP_TIME_FRAMES[i], (good, rng.choice(wrongs)),
                        O=rng.choice(objs), N=name)
     if kind == "thing":
-        verb, good, wrongs, objs = rng.choice(PREP_THING_VERBS)
+        verb, good, wrongs, pairs = rng.choice(PREP_THING_VERBS)
+        thing, obj = rng.choice(pairs)
         frame = rng.choice(("The {T} {V} {X} {O}.", "{N} said the {T} {V} {X} {O}.",
-                            "As far as I know, the {T} {V} {X} {O} for many years."))
-        return _render("preposition/thing_verb", frame, (good, rng.choice(wrongs)), T=rng.choice(PREP_THINGS),
-                       V=verb, O=rng.choice(objs), N=name)
+                            "As far as I know, the {T} {V} {X} {O}."))
+        return _render("preposition/thing_verb", frame, (good, rng.choice(wrongs)), T=thing, V=verb, O=obj, N=name)
     if kind == "verb":
-        verb, good, wrongs, objs = rng.choice(PREP_VERBS)
+        verb, good, wrongs, objs, tails = rng.choice(PREP_VERBS)
         frames = (("verb_simple", "{N} {V} {X} {O} {T}."), ("verb_after", "After the meeting, {N} {V} {X} {O}."),
                   ("verb_heard", "I heard that {N} {V} {X} {O} {T}."),
                   ("verb_usual", "{N} {V} {X} {O}, as usual."))
         tid, frame = rng.choice(frames)
         return _render(f"preposition/{tid}", frame, (good, rng.choice(wrongs)), N=name, V=verb, O=rng.choice(objs),
-                       T=rng.choice(PREP_VERB_TAILS))
+                       T=rng.choice(tails))
     adj, good, wrongs, objs = rng.choice(PREP_ADJECTIVES)
     be = rng.choice(("is", "was"))
     frames = (("adj_simple", "{N} {B} {ADV} {A} {X} {O} {T}."), ("adj_front", "{F}, {N} {B} {A} {X} {O}."),
               ("adj_everyone", "Everyone knows that {N} {B} {ADV} {A} {X} {O}."),
-              ("adj_because", "Because {N} {B} {A} {X} {O}, we changed our plans."))
+              ("adj_because", "Because {N} was {A} {X} {O}, we changed our plans."))
     tid, frame = rng.choice(frames)
-    return _render(f"preposition/{tid}", frame, (good, rng.choice(wrongs)), N=name, B=be,
-                   ADV=rng.choice(PREP_ADVERBS), A=adj, O=rng.choice(objs), T=rng.choice(PREP_TAILS),
-                   F=rng.choice(PREP_FRONT))
+    adv = "" if adj in PREP_NOT_GRADABLE else rng.choice(PREP_ADVERBS)
+    return _render(f"preposition/{tid}", frame, (good, rng.choice(wrongs)), N=name, B=be, ADV=adv, A=adj,
+                   O=rng.choice(objs), T=rng.choice(PREP_TAILS[be]), F=rng.choice(PREP_FRONT))
 
 
 # --------------------------------------------------------------------- grammar/anaphor
@@ -495,7 +505,7 @@ TYPO_NP_VERBS = ((("build", "buil"), ("a small house", "the new bridge", "a boat
                  (("improve", "improv"), ("the results", "the old recipe")),
                  (("perform", "perfor"), ("the song", "the experiment")))
 TYPO_ADJECTIVES = ((("large", "larg"), ("house", "room", "crowd", "garden")),
-                   (("happy", "happ"), ("children", "family", "couple")),
+                   (("happy", "happ"), ("child", "family", "couple")),
                    (("simple", "simpl"), ("plan", "answer", "recipe", "question")),
                    (("clear", "cler"), ("answer", "sky", "water", "message")),
                    (("strange", "strang"), ("noise", "dream", "smell", "message")),
@@ -503,7 +513,7 @@ TYPO_ADJECTIVES = ((("large", "larg"), ("house", "room", "crowd", "garden")),
                    (("remote", "remot"), ("village", "island", "area")),
                    (("false", "fals"), ("claim", "alarm", "statement")),
                    (("tough", "toug"), ("exam", "decision", "question")),
-                   (("strict", "stric"), ("teacher", "rules", "coach")),
+                   (("strict", "stric"), ("teacher", "rule", "coach")),
                    (("proud", "prud"), ("father", "mother", "coach")),
                    (("unique", "uniqu"), ("design", "chance", "style")),
                    (("green", "gren"), ("door", "car", "field", "jacket")))
@@ -640,6 +650,9 @@ ADJ_SCALES = {
     "price": (("cheap", "expensive"), ("hotel", "ticket", "meal", "watch", "phone")),
 }
 ADJ_OBJECT_SCALES = ("colour", "size", "age", "weight", "price")
+# Near-synonyms on a scale: never swapped for each other, so every pair changes the meaning.
+ADJ_SYNONYMS = ({"big", "large", "huge"}, {"small", "tiny"}, {"hot", "warm"}, {"cold", "cool"},
+                {"difficult", "hard"}, {"tired", "bored"}, {"nervous", "worried"})
 ADJ_MOODS = ("happy", "sad", "angry", "calm", "nervous", "tired", "bored", "excited", "worried")
 ADJ_PREDICATE_FRAMES = ("The {NO} was {X}, just as {N} had said.", "Everyone said the {NO} was too {X}.",
                         "I thought the {NO} would be {X}, but I was wrong.",
@@ -654,16 +667,23 @@ ADJ_MOOD_FRAMES = ("{N} felt {X} after the long meeting.", "{N} looked {X} when 
 ADJ_TAILS = ("", "this time", "again")
 
 
+def _contrast(rng: random.Random, adjs: Sequence[str]) -> tuple[str, str]:
+    while True:
+        a, b = _two(rng, adjs)
+        if not any(a in g and b in g for g in ADJ_SYNONYMS):
+            return a, b
+
+
 def _meaning_adjective(rng: random.Random) -> Candidate:
     name = rng.choice(NAMES)
     if rng.random() < 0.15:
         i = rng.randrange(len(ADJ_MOOD_FRAMES))
-        return _render(f"adjective/mood_{i}", ADJ_MOOD_FRAMES[i], _two(rng, ADJ_MOODS), N=name)
+        return _render(f"adjective/mood_{i}", ADJ_MOOD_FRAMES[i], _contrast(rng, ADJ_MOODS), N=name)
     scale = rng.choice(list(ADJ_SCALES))
     adjs, nouns = ADJ_SCALES[scale]
     frames = ADJ_PREDICATE_FRAMES + ADJ_ATTRIBUTIVE_FRAMES + (ADJ_OBJECT_FRAMES if scale in ADJ_OBJECT_SCALES else ())
     i = rng.randrange(len(frames))
-    return _render(f"adjective/{scale}_{i}", frames[i], _two(rng, adjs), N=name, NO=rng.choice(nouns),
+    return _render(f"adjective/{scale}_{i}", frames[i], _contrast(rng, adjs), N=name, NO=rng.choice(nouns),
                    T=rng.choice(ADJ_TAILS))
 
 
