@@ -25,6 +25,16 @@ _EXPORTS = {
     "check_pairs": "eclens.pairs",
     "check_with_model": "eclens.pairs",
     "EclensError": "eclens.errors",
+    "exact_patch": "eclens.patch",
+    "dims_intervention": "eclens.patch",
+    "dims_interventions": "eclens.patch",
+    "attribution_patch": "eclens.patch",
+    "DimSet": "eclens.patch",
+    "DimsResult": "eclens.patch",
+    "candidate_sets": "eclens.patch",
+    "pair_baselines": "eclens.patch",
+    "fraction_restored": "eclens.metrics",
+    "prepare_pair": "eclens.metrics",
 }
 
 
