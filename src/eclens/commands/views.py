@@ -1,0 +1,124 @@
+"""``ec report``, ``ec serve`` and ``ec run`` (the whole pipeline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ..cli import app
+from ._common import DeviceOpt, DtypeOpt, ModelOpt, console, out
+
+
+@app.command("report")
+def report(
+    run: Path = typer.Argument(..., help="run folder"),
+    out_file: Path = typer.Option(None, "--out", "-o", help="where to write the HTML (default RUN/report.html)"),
+    examples: int = typer.Option(4, "--examples", help="how many example pairs to show"),
+    layer: int = typer.Option(None, "--layer", help="layer of the attention views (default: where attention "
+                              "output changes most one token after the change)"),
+    pair_views: bool = typer.Option(True, "--pair-views/--no-pair-views",
+                                    help="compute per-pair activation and attention views with the run's model"),
+    compress: bool = typer.Option(True, "--compress/--no-compress",
+                                  help="gzip the inlined plotly.js and circuitsvis (2.5 MB instead of 6 MB; needs a "
+                                  "browser from 2023 or later)"),
+) -> None:
+    """One self-contained HTML report of a run (opens with no network)."""
+    from ..report import build_report, report_size_note
+
+    with console.status(f"building the report of {run}"):
+        path = build_report(run, out_file, n_examples=examples, layer=layer, pair_views=pair_views,
+                            compress=compress)
+    out.print(f"report: {path} ({report_size_note(path)})")
+
+
+@app.command("serve")
+def serve(
+    runs_dir: Path = typer.Argument(Path("runs"), help="folder holding run folders"),
+    host: str = typer.Option("127.0.0.1", "--host", help="address to bind (loopback by default)"),
+    port: int = typer.Option(5000, "--port", help="TCP port (0: any free port)"),
+    model: bool = typer.Option(True, "--model/--no-model",
+                               help="load each run's model on first use for per-pair views"),
+) -> None:
+    """A read-only web UI and JSON API to browse runs, pairs, figures and candidates."""
+    from ..web.server import is_loopback, make_server, url_of
+
+    srv = make_server(runs_dir, host, port, load_models=model)
+    n = len(srv.eclens_app.run_names())
+    out.print(f"serving {n} run(s) from {srv.eclens_app.root} at {url_of(srv)}")
+    if is_loopback(host):
+        out.print("bound to loopback only: other machines cannot connect (use --host 0.0.0.0 to share)")
+    else:
+        out.print(f"[yellow]bound to {host}: reachable from other machines; read-only, no authentication[/yellow]")
+    out.print("JSON API under /api/runs; press Ctrl-C to stop")
+    try:
+        srv.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.server_close()
+
+
+@app.command("run")
+def run(
+    pairs: Path = typer.Option(None, "--pairs", help="pairs file (.jsonl, .csv, study .json); default: template pairs"),
+    out_dir: Path = typer.Option(None, "--out", "-o", help="run folder (default runs/templates-n<N>-seed<S> or "
+                                 "runs/<pairs file name>); rerun the same command to resume"),
+    model: str = ModelOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    n_per_category: int = typer.Option(25, "--n", help="template pairs per category (8 categories)"),
+    seed: int = typer.Option(0, "--seed", help="seed for templates, samples and random controls"),
+    hooks: str = typer.Option(None, "--hooks", help="diff hooks: default, all, or comma-separated names/globs"),
+    batch_size: int = typer.Option(16, "--batch-size", help="pairs per forward pass in diff"),
+    min_pairs: int = typer.Option(None, "--min-pairs", help="pairs a dimension needs to be a candidate "
+                                  "(default: diff's, 10)"),
+    patch_hooks: str = typer.Option("hook_resid_pre", "--patch-hooks",
+                                    help="hooks of the exact patching maps and attribution, comma-separated"),
+    exact_pairs: int = typer.Option(2, "--exact-pairs", help="pairs that get a full exact patching map"),
+    dims_pairs: int = typer.Option(16, "--dims-pairs", help="pairs the candidate sets are tested on"),
+    max_sets: int = typer.Option(4, "--max-sets", help="candidate dimension sets to test"),
+    top_k: int = typer.Option(10, "--top-k", help="dimensions per candidate set"),
+    n_controls: int = typer.Option(50, "--n-controls", help="random dimension sets per tested set"),
+    attribution_pairs: int = typer.Option(16, "--attribution-pairs", help="pairs for attribution patching"),
+    verify_top: int = typer.Option(5, "--verify-top", help="attribution components exact-verified per pair"),
+    metric: str = typer.Option("logit_diff", "--metric", help="logit_diff | logprob | kl"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+) -> None:
+    """The whole study: pairs -> check -> diff -> patch (candidates vs random controls, exact maps,
+    attribution) -> report. Resumable: finished steps are skipped on a rerun."""
+    from rich.table import Table
+
+    from ..errors import EclensError
+    from ..metrics import METRICS
+    from ..pipeline import RunConfig, run_pipeline
+    from ._common import load
+
+    if metric not in METRICS:
+        raise EclensError(f"unknown --metric {metric!r}: use {', '.join(METRICS)}")
+    for name, v in (("--n", n_per_category), ("--batch-size", batch_size), ("--exact-pairs", exact_pairs),
+                    ("--dims-pairs", dims_pairs), ("--max-sets", max_sets), ("--top-k", top_k),
+                    ("--n-controls", n_controls), ("--attribution-pairs", attribution_pairs)):
+        if v < 1:
+            raise EclensError(f"{name} must be at least 1")
+    if pairs is not None and not pairs.is_file():
+        raise EclensError(f"{pairs}: no such pairs file")
+    if out_dir is None:
+        out_dir = Path("runs") / (pairs.stem if pairs else f"templates-n{n_per_category}-seed{seed}")
+    cfg = RunConfig(pairs_file=str(pairs) if pairs else None, n_per_category=n_per_category, seed=seed,
+                    hooks=hooks, batch_size=batch_size, min_pairs=min_pairs,
+                    patch_hooks=tuple(h.strip() for h in patch_hooks.split(",") if h.strip()), exact_pairs=exact_pairs, dims_pairs=dims_pairs,
+                    max_sets=max_sets, top_k=top_k, n_controls=n_controls, attribution_pairs=attribution_pairs,
+                    verify_top=verify_top, metric=metric)
+    console.print(f"run folder: {out_dir}")
+    m = load(model, device, dtype)
+    res = run_pipeline(out_dir, m, cfg, log=lambda s: console.print(s, markup=False), progress=not quiet)
+    t = Table(title=f"ec run: {out_dir}")
+    for c in ("step", "status", "seconds", "result"):
+        t.add_column(c, justify="right" if c == "seconds" else "left")
+    for s in res.steps:
+        t.add_row(s.step, s.status, f"{s.seconds:.1f}", s.headline)
+    out.print(t)
+    if res.report is not None:
+        out.print(f"report: {res.report}")
+    out.print(f"browse: ec serve {out_dir.parent}")

@@ -1,0 +1,1 @@
+"""The web UI of `ec serve` (see :mod:`eclens.web.server`)."""

@@ -1,0 +1,100 @@
+"""`ec run` end to end on the embedded model (a dozen pairs, few controls), resuming, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+from _viewruns import XSS_ID, real_run  # noqa: F401 - session fixture
+
+from eclens.cli import main
+from eclens.errors import EclensError
+from eclens.pipeline import STEPS, RunConfig, run_pipeline, spread_pairs
+
+CONTRACT = ("manifest.json", "pairs.jsonl", "rejected.jsonl", "check.csv", "layers.csv", "dims.parquet",
+            "candidates.csv", "contrasts.csv", "pairs.csv", "summary.json", "patch_exact.csv", "patch_dims.csv",
+            "patch_dims_controls.csv", "patch_attribution.csv", "patch_summary.json", "report.html")
+
+
+def _config(run) -> RunConfig:
+    cfg = json.loads((run / "manifest.json").read_text())["steps"]["run"]["config"]
+    cfg["patch_hooks"] = tuple(cfg["patch_hooks"])
+    return RunConfig(**cfg)
+
+
+def test_ec_run_end_to_end(real_run):  # noqa: F811
+    print(f"`ec {' '.join(real_run.argv)}` took {real_run.seconds:.1f} s")
+    for f in CONTRACT:
+        assert (real_run.path / f).is_file(), f"{f} missing"
+    # progress for every step, then the summary table and the report path
+    for i, step in enumerate(STEPS, start=1):
+        assert f"[{i}/{len(STEPS)}] {step}:" in real_run.stderr
+    for step in STEPS:
+        assert step in real_run.stdout
+    assert f"report: {real_run.path / 'report.html'}" in real_run.stdout
+    man = json.loads((real_run.path / "manifest.json").read_text())
+    assert set(man["steps"]["run"]["done"]) == set(STEPS)
+    assert man["dataset"]["n_pairs"] == 12 and man["dataset"]["n_valid"] == 11
+    assert man["model"]["n_layers"] == 30
+    check = pd.read_csv(real_run.path / "check.csv")
+    assert check["total"].sum() == 12 and check["valid"].sum() == 11
+    # the patch steps ran what was asked: one exact map (both directions), 2 sets x 10 controls, 3 attribution pairs
+    exact = pd.read_csv(real_run.path / "patch_exact.csv")
+    assert exact["pair_id"].nunique() == 1 and set(exact["direction"]) == {"denoise", "noise"}
+    assert set(exact["hook"]) == {"hook_resid_pre"} and exact["layer"].nunique() == 30
+    dims = pd.read_csv(real_run.path / "patch_dims.csv")
+    ctrl = pd.read_csv(real_run.path / "patch_dims_controls.csv")
+    assert len(dims) == 2 and (dims["n_controls"] == 10).all()
+    assert len(ctrl) == 20
+    attr = pd.read_csv(real_run.path / "patch_attribution.csv")
+    assert attr["pair_id"].nunique() == 3 and attr["verified"].any()
+
+
+def test_rerun_skips_every_finished_step(real_run, model):  # noqa: F811
+    before = {f: (real_run.path / f).stat().st_mtime_ns for f in CONTRACT if f != "manifest.json"}
+    res = run_pipeline(real_run.path, model, _config(real_run.path), log=lambda s: None, progress=False)
+    assert [s.status for s in res.steps] == ["skipped"] * len(STEPS)
+    after = {f: (real_run.path / f).stat().st_mtime_ns for f in before}
+    assert before == after
+
+
+def test_changed_setting_redoes_that_step_and_later_only(real_run, model, tmp_path):  # noqa: F811
+    run = tmp_path / "copy"
+    shutil.copytree(real_run.path, run)
+    cfg = _config(run)
+    cfg.report_examples = 1
+    res = run_pipeline(run, model, cfg, log=lambda s: None, progress=False)
+    assert [s.status for s in res.steps] == ["skipped"] * 5 + ["done"]
+    html = (run / "report.html").read_text(encoding="utf-8")
+    assert html.count('class="pair"') == 1
+
+
+def test_other_pairs_are_refused(real_run, model):  # noqa: F811
+    cfg = _config(real_run.path)
+    cfg.pairs_file = None
+    with pytest.raises(EclensError, match="made from other pairs"):
+        run_pipeline(real_run.path, model, cfg, log=lambda s: None, progress=False)
+
+
+def test_spread_pairs_takes_categories_in_turn(real_run):  # noqa: F811
+    from eclens.pairs import load_aligned
+
+    pairs = load_aligned(real_run.path / "pairs.jsonl")
+    three = spread_pairs(pairs, 3)
+    assert len({a.category for a in three}) == 3
+    one = spread_pairs(pairs, 1)[0]
+    assert one.length - one.position == min(a.length - a.position for a in pairs)
+    assert XSS_ID in {a.id for a in pairs}
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["run", "--pairs", "/nonexistent/pairs.jsonl"], "no such pairs file"),
+    (["run", "--n", "0"], "--n must be at least 1"),
+    (["run", "--metric", "accuracy"], "unknown --metric"),
+])
+def test_bad_input_is_one_line(argv, msg, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert msg in err and len(err.splitlines()) == 1 and "Traceback" not in err
