@@ -140,6 +140,13 @@ class RunData:
         except Exception as e:  # noqa: BLE001 - any parse failure is the same user-facing problem
             raise EclensError(f"{p}: cannot read ({type(e).__name__}: {e}); rerun `ec diff`") from None
 
+    def massive_dims(self, dims: pd.DataFrame) -> list[int] | None:
+        """Massive-activation dimensions of the slice's hook, at any layer or offset (``summary.json``)."""
+        if dims is None or dims.empty or "hook" not in dims.columns:
+            return None
+        found = ((self.summary or {}).get("massive_dims") or {}).get(str(dims["hook"].iloc[0]))
+        return [int(d) for d in found] if found is not None else None
+
     def dims_hooks(self) -> list[str]:
         p = self.file("dims.parquet")
         if p is None:
@@ -442,19 +449,88 @@ def _manifest_section(page: _Page, run: RunData) -> None:
         page.add("<h3>Model</h3>" + kv_table(man["model"]))
     if man.get("dataset"):
         page.add("<h3>Dataset</h3>" + kv_table(man["dataset"]))
-    steps = man.get("steps") or {}
+    steps = dict(man.get("steps") or {})
+    run_state = steps.pop("run", None)
     if steps:
         rows = []
+        # `ec patch` records one entry per mode under "patch"; show them as steps of their own.
+        flat: list[tuple[str, Any]] = []
         for name, st in steps.items():
+            if name == "patch" and isinstance(st, dict) and all(isinstance(v, dict) for v in st.values()):
+                flat += [(f"patch/{mode}", v) for mode, v in st.items()]
+            else:
+                flat.append((name, st))
+        for name, st in flat:
             st = st if isinstance(st, dict) else {"value": st}
-            secs = st.get("seconds", st.get("elapsed_s", st.get("wall_s")))
-            params = {k: v for k, v in st.items() if k not in ("seconds", "elapsed_s", "wall_s", "outputs", "files")}
+            secs = st.get("seconds", (st.get("timing") or {}).get("seconds") if isinstance(st.get("timing"), dict)
+                          else None)
+            params = st.get("params", {k: v for k, v in st.items()
+                                       if k not in ("seconds", "timing", "outputs", "files", "rule")})
             rows.append({"step": name, "seconds": secs if secs is not None else "",
-                         "parameters": json.dumps(params, ensure_ascii=False, default=str)[:400]})
+                         "parameters": json.dumps(params, ensure_ascii=False, default=str)[:400],
+                         "files": ", ".join(st.get("outputs") or st.get("files") or [])})
         page.add("<h3>Steps</h3>" + html_table(pd.DataFrame(rows)))
+    if isinstance(run_state, dict) and run_state.get("headlines"):
+        rows = [{"step": k, "seconds": (run_state.get("seconds") or {}).get(k, ""), "result": v}
+                for k, v in run_state["headlines"].items()]
+        page.add("<h3>ec run</h3>" + html_table(pd.DataFrame(rows)))
     if man.get("versions"):
         page.add("<h3>Versions</h3>" + kv_table(man["versions"]))
     page.add("</section>")
+
+
+def glance(run: RunData) -> list[str]:
+    """The headline findings, one plain sentence each (null results stated as null)."""
+    out = []
+    n_valid, n_rej = len(run.pairs or []), len(run.rejected or [])
+    cats = run.categories()
+    if run.pairs is not None:
+        out.append(f"{n_valid} valid pairs in {len(cats)} categories; {n_rej} rejected by the tokenizer check.")
+    s = run.summary or {}
+    top = s.get("max_rel_l2_at_p") or {}
+    if top:
+        out.append("Largest relative change ‖Δ‖/‖a‖ at the changed token: " + "; ".join(
+            f"{h} at layer {v['layer']} ({v['rel_l2_mean']:.2f})" for h, v in top.items()) + ".")
+    nc = s.get("n_candidates")
+    if nc is not None:
+        out.append(f"Candidates over all pairs: {nc.get('stable', 0)} stable (change consistently little) and "
+                   f"{nc.get('responsive', 0)} responsive (change consistently much) dimensions"
+                   + (", massive-activation dimensions excluded: " + "; ".join(
+                       f"{h} {', '.join(map(str, d))}" for h, d in (s.get('massive_dims') or {}).items())
+                      if s.get("massive_dims") else "") + ".")
+    con = s.get("contrasts") or {}
+    if con.get("n_tests"):
+        tests = sum(con["n_tests"].values())
+        sig = sum((con.get("n_significant") or {}).values())
+        out.append(f"Category contrasts: {sig} of {tests} per-dimension tests significant at BH q ≤ "
+                   f"{con.get('alpha', 0.05)}" + (" — a null result." if sig == 0 else "."))
+    ps = run.patch_summary or {}
+    if isinstance(ps.get("dims"), dict) and ps["dims"].get("verdict"):
+        out.append(f"Candidate dimension sets vs random sets of the same size: {ps['dims']['verdict']}.")
+    at = ps.get("attribution") if isinstance(ps.get("attribution"), dict) else None
+    if at and at.get("spearman") is not None:
+        out.append(f"Attribution patching agrees with exact patching: Spearman ρ = {at['spearman']:.2f} over "
+                   f"{at['n_verified']} verified components"
+                   + (f", top-K overlap {at['topk_overlap']:.2f}" if at.get("topk_overlap") is not None else "")
+                   + ".")
+    ex = ps.get("exact") if isinstance(ps.get("exact"), dict) else None
+    if ex and ex.get("top"):
+        m = ex.get("metric", "logit_diff")
+        t = ex["top"][0]
+        val = t.get(f"{m}_restored")
+        if val is not None:
+            n = ex.get("n_pairs")
+            out.append(f"Exact patching ({n} pair{'s' if n != 1 else ''}): the strongest cell is {t['direction']} "
+                       f"{t['hook']} layer {t['layer']} at the {t['position_kind']} position, restoring "
+                       f"{val:.2f} of the clean–corrupt {m} gap.")
+    return out
+
+
+def _glance_section(page: _Page, run: RunData) -> None:
+    lines = glance(run)
+    if lines:
+        page.add('<section id="glance"><h2>At a glance</h2><ul>'
+                 + "".join(f"<li>{esc(x)}</li>" for x in lines) + "</ul></section>")
 
 
 def _dataset_section(page: _Page, run: RunData) -> None:
@@ -501,7 +577,7 @@ def _layer_section(page: _Page, run: RunData) -> None:
     if dims is not None:
         page.add("<h3>Dimensions</h3><p>Normalised |Δ| (|Δ| divided by the dimension's spread over the clean "
                  "activations) per layer and dimension at the changed token; use the buttons to sort.</p>")
-        page.figure(viz.layer_dim_heatmap(dims))
+        page.figure(viz.layer_dim_heatmap(dims, massive=run.massive_dims(dims)))
     page.add("</section>")
 
 
@@ -728,18 +804,19 @@ def build_report(run: str | os.PathLike, out: str | os.PathLike | None = None, *
 def render_report(rd: RunData, *, model=None, model_note: str | None = None, n_examples: int = 4,
                   layer: int | None = None, compress: bool = True) -> str:
     page = _Page()
-    _manifest_section(page, rd)
+    _glance_section(page, rd)
     _dataset_section(page, rd)
     _layer_section(page, rd)
     _candidates_section(page, rd)
     _causal_section(page, rd)
     _contrasts_section(page, rd)
     used_cv = _examples_section(page, rd, model, model_note, n_examples, layer)
+    _manifest_section(page, rd)
     man = rd.manifest
     model_name = (man.get("model") or {}).get("name", "")
     nav = "".join(f'<a href="#{s}">{t}</a>' for s, t in (
-        ("manifest", "Run"), ("dataset", "Dataset"), ("layers", "Layers"), ("candidates", "Candidates"),
-        ("causal", "Causal"), ("contrasts", "Contrasts"), ("examples", "Examples")))
+        ("glance", "At a glance"), ("dataset", "Dataset"), ("layers", "Layers"), ("candidates", "Candidates"),
+        ("causal", "Causal"), ("contrasts", "Contrasts"), ("examples", "Examples"), ("manifest", "Run")))
     return (
         "<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"

@@ -499,9 +499,24 @@ def plotly_bundle() -> str:
     return get_plotlyjs()
 
 
+def finite(obj: Any) -> Any:
+    """NaN and infinities (run files may hold them, e.g. an undefined ratio) as JSON null."""
+    import math
+
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return finite(obj.item())
+    return obj
+
+
 def script_json(obj: Any) -> str:
     """JSON that is safe inside an HTML <script> element (no "</script>", "<!--" or line separators)."""
-    s = json.dumps(obj, ensure_ascii=False, default=_json_default, allow_nan=False)
+    s = json.dumps(finite(obj), ensure_ascii=False, default=_json_default, allow_nan=False)
     return (s.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
             .replace("\u2028", "\\u2028").replace("\u2029", "\\u2029"))
 

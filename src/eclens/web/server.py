@@ -321,7 +321,7 @@ class RunsApp:
             if dims is None:
                 raise NotFound(f"{rd.name}/dims.parquet")
             fig = viz.layer_dim_heatmap(dims, hook=hook, category=category, offset=offset,
-                                        sort=query.get("sort") or "max")
+                                        sort=query.get("sort") or "max", massive=rd.massive_dims(dims))
         elif name == "attribution":
             fig = viz.attribution_scatter(self.table(rd, "patch_attribution"))
         elif name == "controls":
@@ -403,7 +403,8 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _json(self, status: int, obj: Any, head: bool = False) -> None:
-        body = json.dumps(obj, ensure_ascii=False, default=viz._json_default, allow_nan=False).encode("utf-8")
+        body = json.dumps(viz.finite(obj), ensure_ascii=False, default=viz._json_default,
+                          allow_nan=False).encode("utf-8")
         self._send(status, body, "application/json; charset=utf-8", head=head)
 
     def _host_ok(self) -> bool:

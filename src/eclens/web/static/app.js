@@ -250,7 +250,10 @@ async function pairPage(name, id, layer) {
     el("p", {class: "sent"}, el("b", {}, "clean"), p.clean),
     el("p", {class: "sent"}, el("b", {}, "corrupt"), p.corrupt)];
   if (d.clean_tokens) out.push(tokens(d.clean_tokens, p.position, d.corrupt_tokens));
-  if (d.metrics) out.push(el("h3", {}, "Metrics"), kv(d.metrics));
+  if (d.metrics) {
+    const {kl, ...rest} = d.metrics;  // the per-position KL list is drawn below as coloured tokens
+    out.push(el("details", {}, el("summary", {}, "Metrics of this pair (pairs.csv)"), kv(rest)));
+  }
   if (d.views_error) out.push(note("Activation views unavailable: " + d.views_error));
   const f = d.figures || {};
   if (f.diff) out.push(el("h3", {}, "Per-layer, per-position difference"), plot(f.diff), plot(f.curve));

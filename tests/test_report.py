@@ -1,0 +1,82 @@
+"""The self-contained report of a real run: sections, size, no network, escaping."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from _viewruns import RUN_NAME, XSS_CATEGORY, XSS_CLEAN, real_run  # noqa: F401 - session fixture
+from eclens.cli import main
+from eclens.errors import EclensError
+from eclens.report import RunData, build_report, glance
+
+
+@pytest.fixture(scope="module")
+def report_html(real_run):  # noqa: F811
+    return (real_run.path / "report.html").read_text(encoding="utf-8")
+
+
+def test_report_has_every_section_and_is_small(real_run, report_html):  # noqa: F811
+    for sid in ("glance", "dataset", "layers", "candidates", "causal", "contrasts", "examples", "manifest"):
+        assert f'<section id="{sid}">' in report_html
+    size = (real_run.path / "report.html").stat().st_size
+    assert size < 4e6, f"report is {size / 1e6:.1f} MB"
+    # plotly.js and circuitsvis are inlined once each, compressed; nothing is fetched
+    assert report_html.count('id="lib-plotly"') == 1 and report_html.count('id="lib-circuitsvis"') == 1
+    assert not re.search(r"<script[^>]+src=", report_html)
+    assert "cdn.plot.ly" not in report_html and "unpkg.com" not in report_html
+    assert not re.search(r"<link[^>]+href=\"?https?:", report_html)
+    # figures and views are data for one boot script
+    assert report_html.count('class="plot"') >= 8 and report_html.count('class="cv"') >= 3
+
+
+def test_report_escapes_untrusted_text(report_html):
+    assert XSS_CLEAN not in report_html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; is here." in report_html
+    assert XSS_CATEGORY not in report_html and "&lt;b onmouseover=alert(3)&gt;" in report_html
+    assert RUN_NAME not in report_html and "demo&lt;img src=x onerror=alert(1)&gt;" in report_html
+    # inside the JSON data blocks no "<" survives, so none can close its script element
+    for block in re.findall(r'<script type="application/json" id="[^"]+">(.*?)</script>', report_html, re.S):
+        assert "<" not in block
+
+
+def test_glance_states_null_results(real_run):  # noqa: F811
+    lines = glance(RunData(real_run.path))
+    text = " ".join(lines)
+    assert "11 valid pairs in 3 categories; 1 rejected" in text
+    assert "Candidates over all pairs" in text and "Spearman" in text
+    con = RunData(real_run.path).summary["contrasts"]
+    if not sum((con.get("n_significant") or {}).values()):
+        assert "a null result" in text
+
+
+def test_report_without_model_and_uncompressed(real_run, tmp_path):  # noqa: F811
+    out = build_report(real_run.path, tmp_path / "r.html", pair_views=False, compress=False)
+    html = out.read_text(encoding="utf-8")
+    assert "Per-pair activation views are not included" in html
+    assert 'id="lib-plotly"' not in html and "gzip-base64" not in html
+    assert html.count("</script>") == html.count("<script")  # every inline bundle stays one element
+    # no attention views without the model, so the circuitsvis bundle is left out
+    assert "var CircuitsVis=" not in html
+
+
+def test_ec_report_cli(real_run, tmp_path, capsys):  # noqa: F811
+    out = tmp_path / "cli.html"
+    assert main(["report", str(real_run.path), "--out", str(out), "--no-pair-views", "--examples", "2"]) == 0
+    assert out.is_file() and f"report: {out}" in capsys.readouterr().out
+    assert out.read_text(encoding="utf-8").count('class="pair"') == 2
+
+
+def test_report_bad_input(tmp_path, capsys):
+    with pytest.raises(EclensError, match="no such run folder"):
+        build_report(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EclensError, match="not a run folder"):
+        build_report(tmp_path / "empty")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "manifest.json").write_text("{not json", encoding="utf-8")
+    assert main(["report", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "manifest.json" in err and "Traceback" not in err

@@ -1,0 +1,200 @@
+"""`ec serve`: the JSON API over a real run, path safety, read-only, headers."""
+
+from __future__ import annotations
+
+import csv
+import http.client
+import io
+import json
+import os
+import threading
+from urllib.parse import quote
+
+import pandas as pd
+import pytest
+
+from _viewruns import RUN_NAME, XSS_CLEAN, XSS_ID, real_run  # noqa: F401 - session fixture
+from eclens.errors import EclensError
+from eclens.web.server import make_server, safe_segment, url_of
+
+Q = quote(RUN_NAME, safe="")
+
+
+@pytest.fixture(scope="module")
+def server(real_run, model, tmp_path_factory):  # noqa: F811
+    root = real_run.runs_dir
+    # Things that must stay invisible: a file next to RUNS_DIR, a symlinked run pointing
+    # outside it, and a run whose table is a symlink to a file outside it.
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "secret.csv").write_text("secret,1\nleak,2\n", encoding="utf-8")
+    (outside / "manifest.json").write_text("{}", encoding="utf-8")
+    (root.parent / "next-to-runs.txt").write_text("secret", encoding="utf-8")
+    link_run = root / "linked-out"
+    if not link_run.exists():
+        os.symlink(outside, link_run)
+    leaky = root / "leaky"
+    leaky.mkdir(exist_ok=True)
+    (leaky / "manifest.json").write_text("{}", encoding="utf-8")
+    if not (leaky / "candidates.csv").exists():
+        os.symlink(outside / "secret.csv", leaky / "candidates.csv")
+    srv = make_server(root, "127.0.0.1", 0, model_loader=lambda rd: model, quiet=True)
+    t = threading.Thread(target=srv.serve_forever, daemon=True)
+    t.start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def get(srv, path, method="GET", headers=None):
+    host, port = srv.server_address[:2]
+    c = http.client.HTTPConnection(host, port, timeout=120)
+    c.request(method, path, headers=headers or {})
+    r = c.getresponse()
+    body = r.read()
+    c.close()
+    return r.status, dict(r.getheaders()), body
+
+
+def get_json(srv, path):
+    status, headers, body = get(srv, path)
+    assert status == 200, (path, status, body[:300])
+    assert headers["Content-Type"].startswith("application/json")
+    return json.loads(body)
+
+
+def test_runs_and_overview(server, real_run):  # noqa: F811
+    runs = get_json(server, "/api/runs")["runs"]
+    names = [r["name"] for r in runs]
+    assert RUN_NAME in names and "leaky" in names and "linked-out" not in names
+    r = next(r for r in runs if r["name"] == RUN_NAME)
+    assert r["n_pairs"] == 11 and r["n_rejected"] == 1 and r["has_report"]
+    ov = get_json(server, f"/api/runs/{Q}")
+    assert ov["manifest"]["model"]["n_layers"] == 30
+    assert set(ov["hooks"]) == {"hook_resid_post", "hook_attn_out"}
+    assert {"candidates", "layers", "patch_dims", "patch_exact"} <= set(ov["tables"])
+    assert ov["has_dims"] and len(ov["exact_pairs"]) == 1
+
+
+def test_pairs_filter_and_search(server, real_run):  # noqa: F811
+    all_ = get_json(server, f"/api/runs/{Q}/pairs")
+    assert all_["total"] == 11
+    agr = get_json(server, f"/api/runs/{Q}/pairs?category=grammar%2Fagreement")
+    assert agr["total"] == 5 and {p["category"] for p in agr["pairs"]} == {"grammar/agreement"}
+    hit = get_json(server, f"/api/runs/{Q}/pairs?q=ALERT%281")
+    assert [p["id"] for p in hit["pairs"]] == [XSS_ID]
+    page = get_json(server, f"/api/runs/{Q}/pairs?limit=4&offset=8")
+    assert len(page["pairs"]) == 3 and page["total"] == 11
+    status, _, body = get(server, f"/api/runs/{Q}/pairs?limit=abc")
+    assert status == 400 and b"not an integer" in body
+
+
+def test_one_pair_with_views(server, real_run):  # noqa: F811
+    d = get_json(server, f"/api/runs/{Q}/pairs/{XSS_ID}?layer=2")
+    assert d["pair"]["clean"] == XSS_CLEAN and d["layer"] == 2 and d["n_layers"] == 30
+    T = d["pair"]["length"]
+    assert len(d["clean_tokens"]) == T and len(d["kl"]) == T
+    att = d["attention"]["clean"]
+    assert len(att["attention"]) == 9 and len(att["attention"][0]) == T and att["tokens"] == d["clean_tokens"]
+    assert len(d["figures"]["diff"]["data"]) == 1
+    exact_id = get_json(server, f"/api/runs/{Q}")["exact_pairs"][0]
+    e = get_json(server, f"/api/runs/{Q}/pairs/{exact_id}")
+    assert {"patch_denoise", "patch_noise", "diff", "curve"} <= set(e["figures"])
+    assert get(server, f"/api/runs/{Q}/pairs/nope")[0] == 404
+    assert get(server, f"/api/runs/{Q}/pairs/{XSS_ID}?layer=30")[0] == 400
+
+
+def test_candidates_json_and_csv(server, real_run):  # noqa: F811
+    want = pd.read_csv(real_run.path / "candidates.csv")
+    j = get_json(server, f"/api/runs/{Q}/candidates?limit=100000")
+    assert j["total"] == len(want) and j["columns"] == list(want.columns)
+    st = get_json(server, f"/api/runs/{Q}/candidates?kind=stable&hook=hook_attn_out")
+    assert st["total"] == int(((want["kind"] == "stable") & (want["hook"] == "hook_attn_out")).sum())
+    status, headers, body = get(server, f"/api/runs/{Q}/candidates.csv?kind=responsive")
+    assert status == 200 and headers["Content-Type"].startswith("text/csv")
+    assert "attachment" in headers["Content-Disposition"] and "<" not in headers["Content-Disposition"]
+    rows = list(csv.DictReader(io.StringIO(body.decode())))
+    assert len(rows) == int((want["kind"] == "responsive").sum()) and {r["kind"] for r in rows} == {"responsive"}
+
+
+def test_figures(server, real_run):  # noqa: F811
+    for name in ("layer_offset", "category_curves", "layer_dims", "attribution"):
+        fig = get_json(server, f"/api/runs/{Q}/figures/{name}?hook=hook_resid_post")
+        assert fig["data"], name
+    assert get_json(server, f"/api/runs/{Q}/figures/controls")["figures"]
+    assert get(server, f"/api/runs/{Q}/figures/nope")[0] == 404
+
+
+def test_static_assets_and_report(server):
+    for path, ctype in (("/", "text/html"), ("/static/app.js", "text/javascript"), ("/favicon.ico", "image/svg"),
+                        ("/static/plotly.min.js", "text/javascript"), ("/static/circuitsvis.js", "text/javascript")):
+        status, headers, body = get(server, path)
+        assert status == 200 and headers["Content-Type"].startswith(ctype), path
+        assert headers["X-Content-Type-Options"] == "nosniff"
+        assert "script-src 'self'" in headers["Content-Security-Policy"]
+    status, headers, body = get(server, f"/runs/{Q}/report.html")
+    assert status == 200 and b"eclens report" in body and "connect-src 'none'" in headers["Content-Security-Policy"]
+
+
+@pytest.mark.parametrize("path", [
+    "/../../etc/passwd",
+    "/static/../../pyproject.toml",
+    "/static/..%2f..%2fpyproject.toml",
+    "/static/%2e%2e%2f%2e%2e%2fpyproject.toml",
+    "/static/%252e%252e%252fpyproject.toml",
+    "/static/%25252e%25252e%25252fpyproject.toml",
+    "/static//etc/passwd",
+    "//etc/passwd",
+    "/static/%2Fetc%2Fpasswd",
+    "/api/runs/..",
+    "/api/runs/%2e%2e",
+    "/api/runs/%2e%2e/next-to-runs.txt",
+    "/api/runs/..%2fnext-to-runs.txt/candidates",
+    "/api/runs/%252e%252e/candidates",
+    "/api/runs/%2Ftmp/candidates",
+    "/api/runs/.hidden",
+    "/api/runs/..%5c..%5cetc",
+    "/api/runs/a%00b",
+    "/runs/../next-to-runs.txt",
+    "/runs/%2e%2e/report.html",
+    "/api/runs/linked-out",
+    "/api/runs/linked-out/candidates.csv",
+    "/api/runs/leaky/candidates.csv",
+    "/api/runs/leaky/candidates",
+    "/api/runs/no-such-run",
+    "/static/server.py",
+    "/api/nope",
+])
+def test_paths_outside_runs_dir_are_404(server, path):
+    status, _, body = get(server, path)
+    assert status == 404, (path, body[:200])
+    assert b"secret" not in body and b"leak" not in body and b"root:" not in body
+
+
+def test_read_only_and_host_checked(server):
+    for method in ("POST", "PUT", "DELETE"):
+        status, headers, _ = get(server, "/api/runs", method=method)
+        assert status == 405 and headers["Allow"] == "GET, HEAD"
+    status, _, _ = get(server, "/api/runs", headers={"Host": "evil.example:5000"})
+    assert status == 421
+    status, _, body = get(server, "/api/runs", method="HEAD")
+    assert status == 200 and body == b""
+
+
+def test_safe_segment():
+    assert safe_segment("run%20one") == "run one"
+    assert safe_segment("demo%3Cimg%3E") == "demo<img>"
+    for bad in ("..", "%2e%2e", "%252e%252e", "a%2fb", "a%5cb", ".git", "", "%00"):
+        with pytest.raises(Exception):  # noqa: B017 - NotFound is the server's internal 404
+            safe_segment(bad)
+
+
+def test_make_server_bad_input(tmp_path):
+    with pytest.raises(EclensError, match="no such folder"):
+        make_server(tmp_path / "missing", "127.0.0.1", 0)
+    srv = make_server(tmp_path, "127.0.0.1", 0, quiet=True)
+    try:
+        with pytest.raises(EclensError, match="cannot listen"):
+            make_server(tmp_path, "127.0.0.1", srv.server_address[1])
+        assert url_of(srv).startswith("http://127.0.0.1:")
+    finally:
+        srv.server_close()
