@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
 import sys
 
@@ -150,6 +151,8 @@ def test_exact_patch_errors(tiny, tiny_pairs):
         P.exact_patch(tiny, tiny_pairs[:1], direction="sideways")
     with pytest.raises(EclensError, match="no valid pairs"):
         P.exact_patch(tiny, [])
+    with pytest.raises(EclensError, match="attention pattern"):
+        P.exact_patch(tiny, tiny_pairs[:1], hooks="attn.hook_pattern")
 
 
 # -------------------------------------------------------------------------- dimension sets
@@ -233,9 +236,15 @@ def test_candidate_sets_from_the_diff_contract(tmp_path):
     f = tmp_path / "candidates.csv"
     pd.DataFrame(rows).to_csv(f, index=False)
     sets = P.candidate_sets(str(f), top_k=3)
-    assert [(s.layer, s.kind) for s in sets] == [(4, "responsive"), (2, "stable"), (0, "stable")]
-    assert sets[1].dims == [1, 5, 9]  # best three by rank, sorted
+    # kinds interleaved, file order within a kind (no score columns)
+    assert [(s.layer, s.kind) for s in sets] == [(2, "stable"), (4, "responsive"), (0, "stable")]
+    assert sets[0].dims == [1, 5, 9]  # best three by rank, sorted
     assert [s.layer for s in P.candidate_sets(str(f), kind="stable", max_sets=1)] == [2]
+    scored = pd.DataFrame(rows).assign(absz_q90=lambda d: np.where(d["layer"] == 0, 0.01, 0.05))
+    assert [s.layer for s in P.candidate_sets(scored, kind="stable")] == [0, 2]  # strongest stable set first
+    pattern = pd.DataFrame(rows).assign(hook="attn.hook_pattern")
+    with pytest.raises(EclensError, match="attention-pattern"):
+        P.candidate_sets(pattern)
     assert P.candidate_sets(str(f), category="grammar")[0].dims == [4]
     pd.DataFrame(rows).drop(columns="rank").to_csv(f, index=False)
     with pytest.raises(EclensError, match="missing column.*rank"):
@@ -309,7 +318,8 @@ def test_cli_patch_end_to_end(tmp_path):
     write_jsonl(f, [*SHORT[:2], MinimalPair("bad", "The cat sat.", "A dog sat.")])
     run = tmp_path / "run"
     r = subprocess.run([sys.executable, "-m", "eclens", "patch", str(f), "--out", str(run), "--hooks",
-                        "resid_pre,mlp_out", "--layers", "0-1,29"], capture_output=True, text=True, timeout=300)
+                        "resid_pre,mlp_out", "--layers", "0-1,29"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})  # see one_thread()
     assert r.returncode == 0, r.stderr
     assert len(load_aligned(run / "pairs.jsonl")) == 2
     assert json.loads((run / "rejected.jsonl").read_text())["reason"] == "multiple_differences"
@@ -369,3 +379,22 @@ def test_cli_patch_bad_input_one_line(tmp_path):
     assert main(["patch", str(f)]) == 2  # a pairs file needs --out
     assert main(["patch", str(f), "--out", str(tmp_path / "r"), "--mode", "sideways"]) == 2
     assert not (tmp_path / "r").exists()
+
+
+def test_bench_script_smoke(tmp_path):
+    """scripts/bench_patch.py end to end on the tiny model (TransformerLens vs ec, attribution vs exact)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_patch.py"
+    spec = importlib.util.spec_from_file_location("bench_patch", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "bench.json"
+    with one_thread():
+        assert bench.main(["--model", "tiny", "--tl-pairs", "1", "--attr-pairs", "2", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    a = res["tl_vs_ec"]
+    assert max(a["ec_max_abs_diff"].values()) < 1e-4 and a["patched_runs"] == 2 * a["lengths"][0]
+    b = res["attribution_vs_exact"]
+    assert -1 <= b["spearman_pooled"] <= 1 and b["components"] > 0

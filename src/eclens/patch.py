@@ -84,11 +84,23 @@ def hook_suffix(name: str, model=None) -> str:
     return s
 
 
+# Attention patterns are [batch, head, query, key]: their position axis is not axis 1, so a
+# per-position patch of them means something else; they are not patched here.
+NOT_PATCHABLE = ("attn.hook_pattern", "attn.hook_attn_scores")
+
+
+def _check_patchable(suffix: str) -> str:
+    if suffix in NOT_PATCHABLE:
+        raise EclensError(f"hook {suffix!r} is an attention pattern ([batch, head, query, key]); patch "
+                          "attn.hook_z (--heads) or attn_out instead")
+    return suffix
+
+
 def parse_hooks(spec: str | Sequence[str] | None, model=None) -> list[str]:
     if spec is None:
         return list(EXACT_HOOKS)
     items = spec.split(",") if isinstance(spec, str) else list(spec)
-    out = [hook_suffix(h, model) for h in items if h.strip()]
+    out = [_check_patchable(hook_suffix(h, model)) for h in items if h.strip()]
     if not out:
         raise EclensError("--hooks is empty; use e.g. resid_pre,attn_out,mlp_out,resid_post")
     return list(dict.fromkeys(out))
@@ -559,7 +571,8 @@ def dims_interventions(
         raise EclensError("resample-ablation needs at least 2 pairs (values come from other pairs)")
     dirs = parse_direction(direction)
     n_layers = model.cfg.n_layers
-    sets = [DimSet(hook_suffix(s.hook, model), s.layer, s.dims, s.offset, s.kind, s.label) for s in sets]
+    sets = [DimSet(_check_patchable(hook_suffix(s.hook, model)), s.layer, s.dims, s.offset, s.kind, s.label)
+            for s in sets]
     for s in sets:
         if not 0 <= s.layer < n_layers:
             raise EclensError(f"set {s.label}: layer {s.layer} out of range (0..{n_layers - 1})")
@@ -740,7 +753,13 @@ def candidate_sets(
     max_sets: int | None = None,
 ) -> list[DimSet]:
     """Dimension sets from ``ec diff``'s ``candidates.csv``: the ``top_k`` best-ranked dims of each
-    (hook, layer, offset, kind) group, groups ordered by their best rank, at most ``max_sets``."""
+    (hook, layer, offset, kind) group, at most ``max_sets``.
+
+    Groups are ordered strongest first within each kind (stable: lowest ``absz_q90`` of
+    the set, responsive: highest ``absz_median``, where those columns exist; else file
+    order) and the kinds are interleaved, so a limited budget tests both claims.
+    Attention-pattern hooks are skipped (see :data:`NOT_PATCHABLE`).
+    """
     from pathlib import Path
 
     src = str(candidates) if not isinstance(candidates, pd.DataFrame) else "candidates"
@@ -770,13 +789,28 @@ def candidate_sets(
         df = df[df["kind"] == kind]
     if df.empty:
         raise EclensError(f"{src}: no candidates to test")
-    groups = []
-    for (h, L, off, k), g in df.groupby(["hook", "layer", "offset", "kind"], sort=False):
-        g = g.sort_values("rank")
-        dims = g["dim"].astype(int).drop_duplicates().head(top_k).tolist()
-        groups.append((float(g["rank"].min()), DimSet(str(h), int(L), dims, int(off), str(k))))
-    groups.sort(key=lambda x: x[0])
-    sets = [s for _, s in groups]
+    df = df[~df["hook"].isin(NOT_PATCHABLE)]
+    if df.empty:
+        raise EclensError(f"{src}: only attention-pattern candidates, which are not patched; "
+                          "use candidates of other hooks")
+    by_kind: dict[str, list[tuple[float, int, DimSet]]] = {}
+    for i, ((h, L, off, k), g) in enumerate(df.groupby(["hook", "layer", "offset", "kind"], sort=False)):
+        g = g.sort_values("rank", kind="stable")
+        top = g.drop_duplicates("dim").head(top_k)
+        if k == "stable" and "absz_q90" in g.columns:
+            strength = float(top["absz_q90"].mean())
+        elif k == "responsive" and "absz_median" in g.columns:
+            strength = -float(top["absz_median"].mean())
+        else:
+            strength = 0.0
+        by_kind.setdefault(str(k), []).append(
+            (strength, i, DimSet(str(h), int(L), top["dim"].astype(int).tolist(), int(off), str(k))))
+    queues = [[s for *_, s in sorted(v, key=lambda x: (x[0], x[1]))] for v in by_kind.values()]
+    sets = []
+    while any(queues):
+        for q in queues:
+            if q:
+                sets.append(q.pop(0))
     return sets[:max_sets] if max_sets else sets
 
 
