@@ -272,6 +272,8 @@ def _patch_hook(act: torch.Tensor, hook, rows: torch.Tensor, mask: torch.Tensor,
     # One vectorised write for every row of this chunk patched at this hook point.
     shape = act.shape
     flat = act.reshape(shape[0], shape[1], -1)
+    if rows.device != flat.device:  # a model spread over GPUs (--device-map) keeps later layers elsewhere
+        rows, mask, value = rows.to(flat.device), mask.to(flat.device), value.to(flat.device)
     flat[rows] = torch.where(mask, value.to(flat.dtype), flat[rows])
     return flat.view(shape)
 
