@@ -35,6 +35,11 @@ _EXPORTS = {
     "pair_baselines": "eclens.patch",
     "fraction_restored": "eclens.metrics",
     "prepare_pair": "eclens.metrics",
+    "run_diff": "eclens.diff",
+    "DiffResult": "eclens.diff",
+    "open_cache": "eclens.cache",
+    "write_cache": "eclens.cache",
+    "diff_from_cache": "eclens.cache",
 }
 
 

@@ -1,0 +1,289 @@
+"""Benchmark ``ec diff`` streaming against the floor and the naive way, in one process.
+
+On the same pairs and model:
+
+1. the plain batched forward pass with no hooks (the floor);
+2. ``eclens.run_diff`` streaming with the default hooks (5 per layer), offsets
+   ``0..3`` and the last token, per-category statistics, pair sample, per-pair
+   log-probs and KL;
+3. the naive way: one sentence at a time, ``run_with_cache`` of every hook, the
+   differences at the aligned positions computed afterwards (the same default hooks
+   and positions, kept per pair, statistics at the end).
+
+Targets: (2) within 1.25x of (1); (3) at least 10x slower than (2) per pair; peak
+memory of (2) for 4,000 pairs within 10 % of that for 500. Timings interleave
+(1) and (2) ``--repeats`` times and report the median ratio (this machine may be
+shared). Peak memory: ``torch.cuda.max_memory_allocated`` on CUDA; on the CPU the
+peak resident set size sampled every 5 ms during each run (the 500-pair run goes
+first, so allocator caches it leaves behind count against it, not against 4,000).
+
+    python scripts/bench_diff.py                       # embedded model, CPU
+    python scripts/bench_diff.py --model random --device cuda --batch-size 128
+    python scripts/bench_diff.py --n-speed 64 --n-naive 8 --mem 100 800   # a quick run
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from eclens.hooks import DEFAULT_HOOKS, iter_batches, pad_id, select_hooks  # noqa: E402
+from eclens.pairs import AlignedPair, MinimalPair, align  # noqa: E402
+
+BLIMP = Path(__file__).resolve().parents[2] / "shared" / "data" / "blimp"
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+def inline_pairs(tokenizer, n: int) -> list[AlignedPair]:
+    """Agreement pairs from a few inline frames (fallback when no generator or BLiMP is here)."""
+    subjects = ["dog", "cat", "girl", "boy", "teacher", "doctor", "farmer", "singer", "pilot", "child", "horse",
+                "writer", "baker", "nurse", "driver", "student", "painter", "player", "king", "queen"]
+    verbs = [("runs", "run"), ("sleeps", "sleep"), ("sings", "sing"), ("walks", "walk"), ("reads", "read"),
+             ("smiles", "smile"), ("waits", "wait"), ("works", "work")]
+    tails = ["", " every day", " in the garden", " after dinner", " near the old bridge", " with great care",
+             " before the long winter", " when the sun goes down"]
+    adjs = ["", "old ", "young ", "tall ", "quiet ", "happy "]
+    out = []
+    for adj in adjs:
+        for s in subjects:
+            for v, w in verbs:
+                for t in tails:
+                    p = MinimalPair(f"i{len(out)}", f"The {adj}{s} {v}{t}.", f"The {adj}{s} {w}{t}.",
+                                    "grammar/agreement" if len(out) % 2 else "meaning/inline")
+                    a = align(p, tokenizer)
+                    if isinstance(a, AlignedPair):
+                        out.append(a)
+                    if len(out) >= n:
+                        return out
+    return out
+
+
+def make_pairs(tokenizer, n: int) -> tuple[list[AlignedPair], str]:
+    try:
+        from eclens.sources.templates import generate_templates
+
+        per = -(-n // 8)
+        raw = generate_templates(tokenizer, n_per_category=per, seed=0)
+        al = [a for a in (align(p, tokenizer) for p in raw) if isinstance(a, AlignedPair)]
+        if len(al) >= n:
+            return al[:n], "eclens.sources.templates"
+    except Exception as e:  # noqa: BLE001 - fall back to other sources
+        print(f"[templates unavailable: {type(e).__name__}: {e}]", file=sys.stderr)
+    if BLIMP.is_dir():
+        out: list[AlignedPair] = []
+        for f in sorted(BLIMP.glob("*.jsonl")):
+            for i, line in enumerate(f.read_text().splitlines()):
+                r = json.loads(line)
+                a = align(MinimalPair(f"{f.stem}-{i}", r["sentence_good"], r["sentence_bad"],
+                                      f"blimp/{r.get('field', 'x')}"), tokenizer)
+                if isinstance(a, AlignedPair) and a.position > 0:
+                    out.append(a)
+        if len(out) >= n:
+            return out[:n], "BLiMP"
+    return inline_pairs(tokenizer, n), "inline templates"
+
+
+# ----------------------------------------------------------------------------- the three ways
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def floor_pass(model, pairs, batch_size, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for b in iter_batches(pairs, batch_size, pad_id(model), device):
+            model(b.tokens)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def streaming(model, pairs, batch_size, device, **kw):
+    from eclens.diff import run_diff
+
+    sync(device)
+    t0 = time.perf_counter()
+    res = run_diff(model, pairs, hooks=None, max_offset=3, batch_size=batch_size, **kw)
+    sync(device)
+    return time.perf_counter() - t0, res
+
+
+def naive(model, pairs, device, max_offset=3):
+    """One sentence at a time, the whole cache, differences afterwards (what a first script does)."""
+    names = select_hooks(model)
+    kept: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for a in pairs:
+            _, cc = model.run_with_cache(torch.tensor([a.clean_ids], device=device))
+            _, cx = model.run_with_cache(torch.tensor([a.corrupt_ids], device=device))
+            pos = [a.position + k for k in range(max_offset + 1) if a.position + k < a.length] + [a.length - 1]
+            for n in names:
+                kept[n].append((cx[n][0, pos] - cc[n][0, pos]).cpu())
+            del cc, cx
+        stats = {n: (torch.cat(v).mean(0), torch.cat(v).std(0)) for n, v in kept.items()}
+    sync(device)
+    return time.perf_counter() - t0, stats
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+class PeakRSS:
+    def __init__(self):
+        self.peak = 0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self):
+        self.peak = self.rss()
+        self._t = threading.Thread(target=self._run, daemon=True)
+        self._t.start()
+        return self
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.rss())
+            time.sleep(0.005)
+
+    def __exit__(self, *a):
+        self._stop.set()
+        self._t.join()
+        self.peak = max(self.peak, self.rss())
+
+
+def peak_memory(fn, device) -> tuple[int, float]:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base, time.perf_counter() - t0
+    with PeakRSS() as p:
+        t0 = time.perf_counter()
+        fn()
+        dt = time.perf_counter() - t0
+    return p.peak, dt
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def load(args):
+    import eclens
+
+    if args.model == "random":
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(args.tokenizer) if args.tokenizer else None
+        # SmolLM2-135M's shape with random weights: the embedded checkpoint cannot travel everywhere.
+        return eclens.tiny_model(n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, d_mlp=1536, vocab_from=tok,
+                                 device=args.device, dtype=getattr(torch, args.dtype))
+    return eclens.load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a model name/path, or 'random'")
+    ap.add_argument("--tokenizer", default=None, help="tokenizer folder for --model random (default: embedded)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--n-speed", type=int, default=256, help="pairs for the (1) vs (2) timing")
+    ap.add_argument("--n-naive", type=int, default=32, help="pairs for (3) (compared per pair)")
+    ap.add_argument("--mem", type=int, nargs=2, default=(500, 4000), metavar=("SMALL", "LARGE"))
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
+    args = ap.parse_args()
+
+    torch.set_grad_enabled(False)
+    model = load(args)
+    device = next(model.parameters()).device
+    n_all = max(args.n_speed, args.n_naive, *args.mem)
+    pairs, source = make_pairs(model.tokenizer, n_all)
+    if len(pairs) < n_all:
+        print(f"only {len(pairs)} pairs available from {source}; reducing the sizes", file=sys.stderr)
+    speed = pairs[: args.n_speed]
+    lengths = [a.length for a in speed]
+    print(f"model {args.model} on {device} ({args.dtype}); {len(pairs)} pairs from {source}; "
+          f"lengths {min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.1f}); "
+          f"{len(select_hooks(model))} default hook points ({', '.join(DEFAULT_HOOKS)})", flush=True)
+
+    # Warm up (first calls allocate and pick kernels).
+    floor_pass(model, speed[: args.batch_size], args.batch_size, device)
+    streaming(model, speed[: args.batch_size], args.batch_size, device, sample_size=512)
+
+    t_floor, t_stream = [], []
+    for r in range(args.repeats):
+        t_floor.append(floor_pass(model, speed, args.batch_size, device))
+        t_stream.append(streaming(model, speed, args.batch_size, device, sample_size=512)[0])
+        print(f"  repeat {r + 1}: floor {t_floor[-1]:.2f}s  streaming {t_stream[-1]:.2f}s  "
+              f"ratio {t_stream[-1] / t_floor[-1]:.3f}", flush=True)
+    ratios = [s / f for s, f in zip(t_stream, t_floor)]
+    per_pair_stream = statistics.median(t_stream) / len(speed)
+
+    nv = pairs[: args.n_naive]
+    naive(model, nv[:1], device)
+    t_naive, _ = naive(model, nv, device)
+    per_pair_naive = t_naive / len(nv)
+
+    mem = {}
+    for n in args.mem:
+        sub = pairs[:n]
+        peak, dt = peak_memory(lambda sub=sub: streaming(model, sub, args.batch_size, device, sample_size=512),
+                               device)
+        mem[n] = (peak, dt, len(sub))
+        print(f"  memory run {len(sub)} pairs: peak {peak / 2**20:.0f} MiB, {dt:.1f}s "
+              f"({len(sub) / dt:.1f} pairs/s)", flush=True)
+    (n_s, (m_s, _, k_s)), (n_l, (m_l, _, k_l)) = list(mem.items())
+    out = {
+        "model": args.model, "device": str(device), "dtype": args.dtype, "batch_size": args.batch_size,
+        "pairs_source": source, "n_speed": len(speed), "n_naive": len(nv),
+        "floor_s": t_floor, "streaming_s": t_stream,
+        "ratio_streaming_over_floor_median": statistics.median(ratios),
+        "ratio_streaming_over_floor_min": min(ratios),
+        "naive_s_per_pair": per_pair_naive, "streaming_s_per_pair": per_pair_stream,
+        "ratio_naive_over_streaming": per_pair_naive / per_pair_stream,
+        "peak_memory_bytes": {str(k_s): m_s, str(k_l): m_l},
+        "ratio_peak_memory_large_over_small": m_l / m_s,
+    }
+    print()
+    print(f"(2)/(1) streaming / plain forward:  {out['ratio_streaming_over_floor_median']:.3f}x median "
+          f"(min {out['ratio_streaming_over_floor_min']:.3f}x)   target <= 1.25x")
+    print(f"(3)/(2) naive / streaming per pair: {out['ratio_naive_over_streaming']:.1f}x "
+          f"({per_pair_naive * 1e3:.1f} vs {per_pair_stream * 1e3:.1f} ms/pair)   target >= 10x")
+    print(f"peak memory {k_l} / {k_s} pairs:     {out['ratio_peak_memory_large_over_small']:.3f} "
+          f"({m_l / 2**20:.0f} vs {m_s / 2**20:.0f} MiB)   target <= 1.10")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

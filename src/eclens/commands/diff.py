@@ -1,0 +1,208 @@
+"""``ec diff`` and ``ec cache``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from ..cli import app
+from ._common import DeviceMapOpt, DeviceOpt, DtypeOpt, Load4Opt, Load8Opt, ModelOpt, console, load, out
+
+HooksOpt = typer.Option(None, "--hooks", help="default (resid_pre, attn_out, resid_mid, mlp_out, resid_post), all, "
+                        "or comma-separated names/globs, e.g. 'default,mlp.hook_post,attn.hook_z'")
+OutOpt = typer.Option(None, "--out", "-o", help="run folder (default: PAIRS if it is a run folder, else runs/<name>)")
+BatchOpt = typer.Option(16, "--batch-size", "-b", help="pairs per forward pass (2x sentences)")
+FormatOpt = typer.Option(None, "--format", help="pairs file format: jsonl, csv or json (default: by suffix)")
+
+
+def _run_folder(pairs: Path | None, out_dir: Path | None) -> Path:
+    if out_dir is not None:
+        return out_dir
+    if pairs is not None and pairs.is_dir():
+        return pairs
+    if pairs is None:
+        raise typer.BadParameter("give --out")
+    return Path("runs") / pairs.stem
+
+
+def _check_model(run: Path, m) -> dict:
+    from ..model import manifest_model_entry
+    from ..runs import check_manifest_model
+
+    entry = manifest_model_entry(m)
+    check_manifest_model(run, entry["name"], entry["weights_hash"])
+    return entry
+
+
+def _report_rejections(res) -> None:
+    if res is None:
+        return
+    from .pairs import print_check
+
+    print_check(res, show=3)
+
+
+@app.command("diff")
+def diff(
+    pairs: Path = typer.Argument(None, help="a pairs file (.jsonl/.csv/.json) or a run folder holding pairs.jsonl"),
+    model: str = ModelOpt,
+    out_dir: Path = OutOpt,
+    hooks: str = HooksOpt,
+    max_offset: int = typer.Option(3, "--max-offset", "-k", help="offsets p+1..p+K after the changed token"),
+    last: bool = typer.Option(True, "--last/--no-last", help="also compare the last token"),
+    batch_size: int = BatchOpt,
+    by_category: str = typer.Option("full", "--by-category", help="full (each category), top (first path "
+                                    "component, e.g. grammar) or none"),
+    sample_size: int = typer.Option(512, "--sample", help="pairs kept for quantiles, cosines and contrasts"),
+    threshold: float = typer.Option(0.1, "--threshold", help="'small' normalised change |Δ|/σ for frac_under"),
+    stable_frac: float = typer.Option(0.9, "--stable-frac", help="stable: fraction of pairs under the threshold"),
+    responsive_z: float = typer.Option(1.0, "--responsive-z", help="responsive: median |Δ|/σ at least this"),
+    responsive_sign: float = typer.Option(0.8, "--responsive-sign", help="responsive: sign consistency at least"),
+    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="save a resumable checkpoint every N batches"),
+    from_cache: Path = typer.Option(None, "--from-cache", help="compute from a run's activation cache (ec cache) "
+                                    "instead of the model"),
+    fmt: str = FormatOpt,
+    seed: int = typer.Option(0, "--seed", help="seed of the pair sample"),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    device_map: str = DeviceMapOpt,
+    load_in_8bit: bool = Load8Opt,
+    load_in_4bit: bool = Load4Opt,
+) -> None:
+    """Stream position-aligned, normalised activation differences; write layers, dims, candidates, contrasts."""
+    from ..runs import update_manifest
+
+    rule = dict(threshold=threshold, stable_frac=stable_frac, responsive_z=responsive_z,
+                responsive_sign=responsive_sign)
+    t0 = time.perf_counter()
+    if from_cache is not None:
+        from ..cache import diff_from_cache, open_cache
+
+        run = out_dir or from_cache
+        store = open_cache(from_cache)
+        console.print(f"computing from {store!r}")
+        res = diff_from_cache(from_cache, max_offset=max_offset, include_last=last, categories=by_category,
+                              sample_size=sample_size, seed=seed, progress=True, **rule)
+        model_entry = store.index.get("model") or {}
+        if run.resolve() != from_cache.resolve():
+            from ..runs import check_manifest_model
+
+            check_manifest_model(run, model_entry.get("name"), model_entry.get("weights_hash"))
+    else:
+        if pairs is None:
+            raise typer.BadParameter("give a PAIRS file or run folder, or --from-cache RUN")
+        if not pairs.exists():
+            from ..errors import EclensError
+
+            raise EclensError(f"{pairs}: no such file or folder")
+        run = _run_folder(pairs, out_dir)
+        m = load(model, device, dtype, device_map, load_in_8bit, load_in_4bit)
+        model_entry = _check_model(run, m)
+        from ..diff import prepare_run_pairs, run_diff
+
+        aligned, check = prepare_run_pairs(m, pairs, run, fmt)
+        _report_rejections(check)
+        if not aligned:
+            from ..errors import EclensError
+
+            raise EclensError(f"{pairs}: no valid pairs under this model's tokenizer (see {run / 'rejected.jsonl'})")
+        update_manifest(run, model=model_entry)
+        try:
+            res = run_diff(m, aligned, hooks=hooks, max_offset=max_offset, batch_size=batch_size,
+                           categories=by_category, include_last=last, sample_size=sample_size, seed=seed, run=run,
+                           checkpoint_every=checkpoint_every, progress=True, **rule)
+        except KeyboardInterrupt:
+            # click would turn this into "Aborted!"; say what was kept instead.
+            console.print(f"interrupted: the statistics so far are saved in {run / 'diff_stats.safetensors'}; "
+                          "rerun the same command to resume")
+            raise typer.Exit(130) from None
+        if res.timing.get("resumed_from"):
+            console.print(f"resumed: {res.timing['resumed_from']} pairs were already done")
+    files = res.save(run)
+    update_manifest(run, model=model_entry, steps={"diff": {
+        "hooks": res.config.hooks, "offsets": res.offsets, "categories": res.categories,
+        "by_category": res.config.by_category, "sample_size": res.config.sample_size, "seed": res.config.seed,
+        "rule": res.summary["rule"], "batch_size": batch_size if from_cache is None else res.timing.get("batch_size"),
+        "from_cache": str(from_cache) if from_cache else None, "n_pairs": res.n_pairs, "timing": res.timing,
+        "seconds": round(time.perf_counter() - t0, 3), "outputs": files}})
+    print_summary(res, run)
+
+
+def print_summary(res, run: Path) -> None:
+    s = res.summary
+    t = Table(title=f"ec diff: {s['n_pairs']} pairs, {s['n_hook_points']} hook points → {run}")
+    t.add_column("hook")
+    t.add_column("layer of max ‖Δ‖/‖a‖ at p", justify="right")
+    t.add_column("max ‖Δ‖/‖a‖", justify="right")
+    t.add_column("stable", justify="right")
+    t.add_column("responsive", justify="right")
+    cand = res.candidates
+    for h, v in s["max_rel_l2_at_p"].items():
+        c = cand[(cand["hook"] == h) & (cand["category"] == "all")] if not cand.empty else cand
+        ns = int((c["kind"] == "stable").sum()) if not c.empty else 0
+        nr = int((c["kind"] == "responsive").sum()) if not c.empty else 0
+        t.add_row(h, str(v["layer"]), f"{v['rel_l2_mean']:.3f}", str(ns), str(nr))
+    out.print(t)
+    con = s.get("contrasts") or {}
+    if con.get("n_tests"):
+        parts = [f"{k}: {con['n_significant'].get(k, 0)} of {n}" for k, n in con["n_tests"].items()]
+        out.print(f"contrasts with BH q < {con['alpha']}: " + "; ".join(parts))
+    else:
+        out.print("contrasts: none (needs two category groups with enough sampled pairs)")
+    if s.get("massive_dims"):
+        out.print("massive-activation dims: " + "; ".join(f"{h}: {v[:8]}" for h, v in s["massive_dims"].items()))
+    t = res.timing
+    if t.get("pairs_per_second"):
+        out.print(f"{t['pairs']} pairs in {t['seconds']:.1f}s ({t['pairs_per_second']:.1f} pairs/s)")
+
+
+@app.command("cache")
+def cache(
+    pairs: Path = typer.Argument(..., help="a pairs file (.jsonl/.csv/.json) or a run folder holding pairs.jsonl"),
+    model: str = ModelOpt,
+    out_dir: Path = OutOpt,
+    hooks: str = HooksOpt,
+    positions: str = typer.Option("after", "--positions", help="changed (p only), after (p to the last token) or all"),
+    store_dtype: str = typer.Option(None, "--store-dtype", help="float32, float16 or bfloat16 (default: --dtype)"),
+    shard_size: int = typer.Option(256, "--shard-size", help="pairs per shard file (a multiple of --batch-size "
+                                   "makes `ec diff --from-cache` equal streaming bit for bit)"),
+    batch_size: int = BatchOpt,
+    fmt: str = FormatOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    device_map: str = DeviceMapOpt,
+    load_in_8bit: bool = Load8Opt,
+    load_in_4bit: bool = Load4Opt,
+) -> None:
+    """Write the raw activations of both sentences as safetensors shards (resumable); read with eclens.open_cache."""
+    from ..cache import write_cache
+    from ..diff import prepare_run_pairs
+    from ..runs import update_manifest
+
+    if not pairs.exists():
+        from ..errors import EclensError
+
+        raise EclensError(f"{pairs}: no such file or folder")
+    run = _run_folder(pairs, out_dir)
+    m = load(model, device, dtype, device_map, load_in_8bit, load_in_4bit)
+    entry = _check_model(run, m)
+    aligned, check = prepare_run_pairs(m, pairs, run, fmt)
+    _report_rejections(check)
+    update_manifest(run, model=entry)
+    t0 = time.perf_counter()
+    try:
+        store = write_cache(m, aligned, run, hooks=hooks, positions=positions, store_dtype=store_dtype or dtype,
+                            shard_size=shard_size, batch_size=batch_size, progress=True)
+    except KeyboardInterrupt:
+        console.print(f"interrupted: finished shards are kept in {run / 'cache'}; rerun the same command to resume")
+        raise typer.Exit(130) from None
+    size = sum(f.stat().st_size for f in store.folder.glob("shard-*.safetensors"))
+    update_manifest(run, steps={"cache": {"hooks": store.hooks, "positions": positions, "store_dtype": store.dtype,
+                                          "shard_size": shard_size, "batch_size": batch_size, "n_pairs": len(store),
+                                          "bytes": size, "seconds": round(time.perf_counter() - t0, 3),
+                                          "outputs": ["cache/index.json", "cache/shard-*.safetensors"]}})
+    out.print(f"cached {len(store)} pairs, {len(store.hooks)} hook points, positions={positions}, "
+              f"{store.dtype}: {size / 2**20:.1f} MiB in {store.folder}")

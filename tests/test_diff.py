@@ -1,0 +1,513 @@
+"""`ec diff`: streaming statistics against brute force, invariances, resume, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from eclens.diff import DiffResult, load_stats, merge_results, run_diff
+from eclens.errors import EclensError
+from eclens.hooks import iter_batches, pad_id, select_hooks, split_hook
+from eclens.pairs import AlignedPair, MinimalPair, check_with_model, write_jsonl
+
+SENTENCES = [
+    ("The keys to the cabinet are here.", "The keys to the cabinet is here.", "grammar/agreement"),
+    ("The cat sits on the mat.", "The cat sit on the mat.", "grammar/agreement"),
+    ("My brother plays the guitar every evening after dinner.",
+     "My brother play the guitar every evening after dinner.", "grammar/agreement"),
+    ("The children were happy.", "The children was happy.", "grammar/agreement"),
+    ("She visited the old museum in Paris yesterday.", "She visited the old museum in London yesterday.",
+     "meaning/location"),
+    ("The dog chased the ball.", "The cat chased the ball.", "meaning/subject"),
+    ("He walked to the station", "He walked to the school", "meaning/location"),
+    ("A small bird sang in the tall tree this morning.", "A small bird sang in the old tree this morning.",
+     "meaning/adjective"),
+]
+SUFFIXES = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post", "mlp.hook_post",
+            "attn.hook_z", "attn.hook_pattern")
+# Every kind of hook, at the first two, a middle and the last layer (the brute force is slow in numpy).
+HOOKS = [f"blocks.{layer}.{h}" for layer in (0, 1, 15, 29) for h in SUFFIXES]
+
+
+def make_pairs(model, sentences=SENTENCES):
+    pairs = [MinimalPair(f"p{i}", c, x, cat) for i, (c, x, cat) in enumerate(sentences)]
+    res = check_with_model(pairs, model)
+    assert len(res.valid) >= len(sentences) - 1, [r.label for r in res.rejected]
+    return res.valid
+
+
+@pytest.fixture(scope="module")
+def pairs(model):
+    return make_pairs(model)
+
+
+# ----------------------------------------------------------------------------- brute force
+
+
+def brute_force(model, pairs, names, offsets, batched_with: int | None):
+    """Per-pair activations from ``run_with_cache`` (whole cache), then statistics in numpy.
+
+    ``batched_with``: run the same padded batches as the streaming run (bit-identical
+    activations); ``None``: each sentence alone (differs by float32 forward noise).
+    """
+    per_pair = {}
+    if batched_with:
+        for b in iter_batches(pairs, batched_with, pad_id(model)):
+            _, cache = model.run_with_cache(b.tokens, names_filter=lambda n: n in names)
+            for i, a in enumerate(b.pairs):
+                per_pair[a.id] = {n: (cache[n][i], cache[n][b.size + i]) for n in names}
+    else:
+        for a in pairs:
+            _, cc = model.run_with_cache(torch.tensor([a.clean_ids]), names_filter=lambda n: n in names)
+            _, cx = model.run_with_cache(torch.tensor([a.corrupt_ids]), names_filter=lambda n: n in names)
+            per_pair[a.id] = {n: (cc[n][0], cx[n][0]) for n in names}
+    # values[name][offset] = list of (category, clean_vec, corrupt_vec)
+    out = {}
+    for n in names:
+        pattern = n.endswith("hook_pattern")
+        for o, off in enumerate(offsets):
+            rows = []
+            for a in pairs:
+                t = a.position + off if off >= 0 else a.length - 1
+                if t >= a.length:
+                    continue
+                c, x = per_pair[a.id][n]
+                if pattern:
+                    vc, vx = c[:, t, a.position], x[:, t, a.position]
+                else:
+                    vc, vx = c[t].reshape(-1), x[t].reshape(-1)
+                rows.append((a.category, vc.double().numpy(), vx.double().numpy(), a.id))
+            out[(n, o)] = rows
+    return out
+
+
+def ref_stats(rows, category, sigma, threshold):
+    sel = [r for r in rows if category == "all" or r[0] == category]
+    C = np.stack([r[1] for r in sel])
+    X = np.stack([r[2] for r in sel])
+    D = X - C
+    n = len(sel)
+    z = np.abs(D) / sigma
+    S = D.sum(0)
+    loo = []
+    for d in D:
+        rest = S - d
+        if np.linalg.norm(d) > 0 and np.linalg.norm(rest) > 1e-2 * np.linalg.norm(d) and n > 1:
+            loo.append(d @ rest / (np.linalg.norm(d) * np.linalg.norm(rest)))
+    with np.errstate(all="ignore"):
+        out = {
+            "mean_delta": D.mean(0),
+            "std_delta": D.std(0, ddof=1) if n > 1 else np.full(D.shape[1], np.nan),
+            "mean_abs_delta": np.abs(D).mean(0),
+            "mean_clean": C.mean(0),
+            "sign_consistency": np.maximum((D > 0).mean(0), (D < 0).mean(0)),
+            "absz_median": np.median(z, 0),
+            "absz_q90": np.quantile(z, 0.9, axis=0),
+            "frac_under": (z < threshold).mean(0),
+            "rel_l2_mean": np.mean(np.linalg.norm(D, axis=1) / np.linalg.norm(C, axis=1)),
+            "cos_mean": np.mean((C * X).sum(1) / (np.linalg.norm(C, axis=1) * np.linalg.norm(X, axis=1))),
+            "dir_consistency": np.sum(D.mean(0) ** 2) / np.mean(np.sum(D**2, 1)),
+            "loo_cos_mean": np.mean(loo) if loo else np.nan,
+        }
+    return out, n
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    ok = np.isfinite(b)
+    assert np.array_equal(np.isfinite(a), ok), "NaN pattern differs"
+    if not ok.any():
+        return 0.0
+    den = np.linalg.norm(b[ok])
+    return float(np.linalg.norm(a[ok] - b[ok]) / (den if den > 0 else 1.0))
+
+
+def compare_to_brute(res: DiffResult, ref, names, categories, tol, sample_tol):
+    worst = {}
+    for n in names:
+        layer, suffix = split_hook(n)
+        g = res.group(suffix)
+        li = g.layers.index(layer)
+        all_rows = {o: ref[(n, o)] for o in range(len(res.offsets))}
+        for cat in categories:
+            st = res.cell_stats(suffix, cat)
+            for o in range(len(res.offsets)):
+                rows = all_rows[o]
+                if not [r for r in rows if cat == "all" or r[0] == cat]:
+                    assert int(st["n"][o]) == 0
+                    continue
+                Call = np.stack([r[1] for r in rows])
+                sigma = Call.std(0, ddof=1) if len(rows) > 1 else np.full(Call.shape[1], np.nan)
+                with np.errstate(all="ignore"):
+                    sigma = np.where(sigma > 0, sigma, np.nan)
+                want, nn = ref_stats(rows, cat, sigma, res.config.threshold)
+                assert int(st["n"][o]) == nn
+                assert np.allclose(st["sigma_clean"][li, o].numpy(), sigma, rtol=1e-5, equal_nan=True) or \
+                    rel_err(st["sigma_clean"][li, o].numpy(), sigma) < tol
+                for k, v in want.items():
+                    got = st[k][li, o].numpy()
+                    if k in ("mean_delta", "mean_abs_delta", "mean_clean", "std_delta"):
+                        got = got.copy()
+                    if k == "frac_under":
+                        # a z within float16 rounding of the threshold may fall on either side
+                        e = float(np.nanmax(np.abs(got - v))) if np.isfinite(v).any() else 0.0
+                        assert e <= 1.0 / nn + 1e-12, (n, cat, o, k, e)
+                        continue
+                    if k in ("mean_delta",) and np.allclose(v, 0):
+                        continue
+                    try:
+                        e = rel_err(got, v)
+                    except AssertionError as err:
+                        raise AssertionError((n, cat, res.offsets[o], k, got, v)) from err
+                    if k == "loo_cos_mean":  # a cosine (of float16 sample values) near 0: compare absolutely
+                        e = float(abs(got - v)) if np.isfinite(v) else 0.0
+                    t = sample_tol if k in ("absz_median", "absz_q90", "loo_cos_mean") else tol
+                    worst[k] = max(worst.get(k, 0.0), e)
+                    assert e <= t, (n, cat, res.offsets[o], k, e)
+    return worst
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["same-batches", "one-sentence-at-a-time"])
+def test_streaming_equals_brute_force(model, pairs, batched):
+    res = run_diff(model, pairs, hooks=HOOKS, max_offset=2, batch_size=4, sample_size=64)
+    names = select_hooks(model, HOOKS)
+    ref = brute_force(model, pairs, names, res.offsets, 4 if batched else None)
+    cats = ["all", "grammar/agreement", "meaning/location"]
+    # Exact statistics: relative error <= 1e-5. With the same batches the activations are bit-identical;
+    # run one sentence at a time, float32 matmuls of other shapes change Δ by ~5e-6 relative, so there
+    # the exact statistics are held to 1e-4. Sample statistics are float16 (~5e-4 relative).
+    tol = 1e-5 if batched else 1e-4
+    worst = compare_to_brute(res, ref, names, cats, tol=tol, sample_tol=5e-3)
+    assert worst["mean_abs_delta"] <= tol and worst["rel_l2_mean"] <= tol
+
+
+def test_pair_metrics_match_brute_force(model, pairs):
+    some = pairs[:5]
+    res = run_diff(model, some, hooks="blocks.0.hook_resid_post", batch_size=3, sample_size=8)
+    df = res.pairs.set_index("id")
+    for a in some:
+        lc = torch.log_softmax(model(torch.tensor([a.clean_ids]))[0].double(), -1)
+        lx = torch.log_softmax(model(torch.tensor([a.corrupt_ids]))[0].double(), -1)
+        T, p = a.length, a.position
+        sc = float(sum(lc[t, a.clean_ids[t + 1]] for t in range(T - 1)))
+        sx = float(sum(lx[t, a.corrupt_ids[t + 1]] for t in range(T - 1)))
+        kl = [(lc[t].exp() * (lc[t] - lx[t])).sum().item() for t in range(p, T)]
+        r = df.loc[a.id]
+        assert r["clean_logprob"] == pytest.approx(sc, abs=2e-3)
+        assert r["corrupt_logprob"] == pytest.approx(sx, abs=2e-3)
+        assert r["clean_token_logprob"] == pytest.approx(float(lc[p - 1, a.clean_ids[p]]), abs=1e-4)
+        assert r["corrupt_token_logprob"] == pytest.approx(float(lc[p - 1, a.corrupt_ids[p]]), abs=1e-4)
+        assert np.allclose(json.loads(r["kl"]), kl, atol=1e-4)
+        assert r["kl_0"] == pytest.approx(kl[0], abs=1e-4) and r["kl_last"] == pytest.approx(kl[-1], abs=1e-4)
+
+
+def test_identical_sentences_give_exactly_zero(model, pairs):
+    same = [AlignedPair(MinimalPair(f"same{i}", a.pair.clean, a.pair.clean, a.category), a.clean_ids,
+                        list(a.clean_ids), a.position, a.clean_token, a.clean_token) for i, a in enumerate(pairs)]
+    res = run_diff(model, same, hooks=HOOKS, max_offset=2, batch_size=4, sample_size=16)
+    from eclens.diff import FEATURES
+
+    for h in res.hooks:
+        feat = res.tensors[f"{h}/feat"]
+        for k in ("delta_s1", "delta_s2", "delta_abs", "delta_sign", "delta_nonzero"):
+            assert torch.count_nonzero(feat[:, :, FEATURES.index(k)]) == 0, (h, k)
+        st = res.cell_stats(h)
+        assert torch.count_nonzero(torch.nan_to_num(st["mean_delta"])) == 0
+        assert torch.count_nonzero(torch.nan_to_num(st["rel_l2_mean"])) == 0
+        assert torch.count_nonzero(res.tensors[f"{h}/sample_delta"]) == 0
+        assert not st["reachable"].any()
+    assert (res.pairs["kl_mean"] == 0).all() and (res.pairs["logprob_diff"] == 0).all()
+    assert res.candidates.empty  # nothing is "stable" where nothing can change
+
+
+def test_batch_size_1_and_16_give_the_same_numbers(model, pairs):
+    assert len({a.length for a in pairs}) >= 4  # mixed lengths: padding in every batch of 16
+    r1 = run_diff(model, pairs, hooks=HOOKS, max_offset=2, batch_size=1, sample_size=64)
+    r16 = run_diff(model, pairs, hooks=HOOKS, max_offset=2, batch_size=16, sample_size=64)
+    assert r1.meta["sample_ids"] == r16.meta["sample_ids"]
+    assert torch.equal(r1.tensors["count"], r16.tensors["count"])
+    for h in r1.hooks:
+        for cat in r1.categories:
+            a, b = r1.cell_stats(h, cat), r16.cell_stats(h, cat)
+            for k in ("mean_delta", "std_delta", "mean_abs_delta", "sigma_clean", "rel_l2_mean", "cos_mean",
+                      "dir_consistency", "sign_consistency"):
+                # float32 forward passes of other shapes differ by ~1e-6; nothing else may differ
+                assert rel_err(a[k].numpy(), b[k].numpy()) < 1e-4, (h, cat, k)
+            for k in ("absz_median", "loo_cos_mean"):  # from the float16 sample
+                assert np.allclose(a[k].numpy(), b[k].numpy(), rtol=2e-3, atol=2e-3, equal_nan=True), (h, cat, k)
+    p1, p16 = r1.pairs.set_index("id"), r16.pairs.set_index("id").loc[r1.pairs["id"]]
+    assert np.allclose(p1["logprob_diff"], p16["logprob_diff"], atol=1e-3)
+    assert np.allclose(p1["kl_mean"], p16["kl_mean"], atol=1e-5)
+
+
+def test_two_halves_merged_equal_the_whole(model, pairs):
+    # Split at a batch boundary of the length-sorted order, so both runs see the same batches.
+    order = sorted(pairs, key=lambda a: a.length)
+    cats = sorted({a.category for a in pairs})
+    whole = run_diff(model, order, hooks=HOOKS, batch_size=4, sample_size=5, categories=cats)
+    a = run_diff(model, order[:4], hooks=HOOKS, batch_size=4, sample_size=5, categories=cats)
+    b = run_diff(model, order[4:], hooks=HOOKS, batch_size=4, sample_size=5, categories=cats)
+    m = merge_results(a, b)
+    assert sorted(m.meta["sample_ids"]) == sorted(whole.meta["sample_ids"])  # bottom-k merges exactly
+    for h in whole.hooks:
+        for cat in whole.categories:
+            x, y = whole.cell_stats(h, cat), m.cell_stats(h, cat)
+            for k in ("mean_delta", "std_delta", "sigma_clean", "mean_abs_delta", "rel_l2_mean", "cos_mean",
+                      "absz_median", "frac_under", "loo_cos_mean", "dir_consistency"):
+                assert rel_err(y[k].numpy(), x[k].numpy()) < 1e-6, (h, cat, k)
+    pd.testing.assert_frame_equal(m.layers, whole.layers, rtol=1e-5, atol=1e-6)
+    with pytest.raises(EclensError):
+        merge_results(a, a)
+
+
+def test_tables_and_candidate_rule(model, pairs):
+    res = run_diff(model, pairs, hooks=HOOKS, max_offset=1, batch_size=8, sample_size=64, min_pairs=3)
+    L = res.layers
+    assert {"category", "hook", "layer", "offset", "position_kind", "n", "rel_l2_mean", "cos_mean",
+            "absz_median", "dir_consistency", "loo_cos_median", "n_massive", "reachable"} <= set(L.columns)
+    assert set(L["offset"]) == {0, 1, -1} and set(L["category"]) == set(res.categories)
+    assert not L[(L.hook == "hook_resid_pre") & (L.layer == 0) & (L.offset == 1)]["reachable"].any()
+    D = res.dims
+    assert {"dim", "unit", "head", "absz_median", "frac_under", "sign_consistency", "massive"} <= set(D.columns)
+    assert set(D[D.hook == "attn.hook_z"]["unit"]) == {"head_dim"}
+    assert set(D[D.hook == "mlp.hook_post"]["unit"]) == {"neuron"}
+    assert D[D.hook == "attn.hook_z"]["head"].max() == model.cfg.n_heads - 1
+    # every candidate satisfies the documented rule
+    C = res.candidates
+    assert not C.empty
+    cfg = res.config
+    s = C[C.kind == "stable"]
+    r = C[C.kind == "responsive"]
+    assert (s["frac_under"] >= cfg.stable_frac).all()
+    assert (r["absz_median"] >= cfg.responsive_z).all() and (r["sign_consistency"] >= cfg.responsive_sign).all()
+    assert (C["n"] >= 3).all()
+    # ... and a dimension that satisfies it is listed (up to the per-layer cap)
+    all0 = D[(D.category == "all") & (D.offset == 0) & ~D.massive & (D.n_sample >= 3)]
+    pass_r = all0[(all0.absz_median >= 1) & (all0.sign_consistency >= 0.8) & (all0.sigma_clean > 0)]
+    listed = C[(C.category == "all") & (C.offset == 0) & (C.kind == "responsive")]
+    assert len(listed) == sum(min(len(g), cfg.max_candidates) for _, g in pass_r.groupby(["hook", "layer"]))
+    assert res.heads.shape[0] > 0 and set(res.heads["hook"]) == {"attn.hook_z"}
+    s = res.summary
+    assert s["n_pairs"] == len(pairs) and "massive_dims" in s and "contrasts" in s
+
+
+def test_massive_dimensions_are_flagged(model, pairs):
+    res = run_diff(model, pairs, hooks="hook_resid_post", max_offset=1, batch_size=8, min_pairs=3)
+    st = res.cell_stats("hook_resid_post")
+    rms = st["rms_clean"]
+    ratio = rms / rms.median(-1, keepdim=True).values
+    assert torch.equal(st["massive"], ratio > 100)  # the documented criterion, at the default ratio
+    # SmolLM2's outlier dimension 507 is the largest at most layers (tens of times the median RMS, above
+    # 100x at p+1 in early layers, short of Sun et al.'s 1000x at the first token, which is not aligned here)
+    L = res.layers[(res.layers.category == "all")]
+    assert (L["rms_ratio_dim"] == 507).mean() > 0.5 and L["rms_ratio_max"].max() > 100
+    low = run_diff(model, pairs, hooks="hook_resid_post", max_offset=1, batch_size=8, min_pairs=3,
+                   massive_ratio=20)
+    D = low.dims
+    massive = D[D.massive & (D.category == "all")]
+    assert 507 in set(massive["dim"])
+    # flagged dimensions are never candidates
+    C = low.candidates
+    assert C.merge(D[D.massive][["category", "hook", "layer", "offset", "dim"]]).empty
+    assert low.summary["massive_dims"]["hook_resid_post"]
+
+
+def test_contrasts_use_bh_over_all_tests(model):
+    sents = [(f"The {w} runs fast.", f"The {w} run fast.", "grammar/agreement")
+             for w in ("dog", "girl", "horse", "boy", "car", "child")]
+    sents += [(f"The dog saw the {w}.", f"The dog saw the {v}.", "meaning/subject")
+              for w, v in (("cat", "cow"), ("man", "boy"), ("car", "bus"), ("tree", "house"), ("bird", "fish"),
+                           ("king", "queen"))]
+    ps = make_pairs(model, sents)
+    res = run_diff(model, ps, hooks="hook_resid_post", max_offset=0, batch_size=8, sample_size=64)
+    con = res.contrasts
+    assert set(con["contrast"]) == {"grammar vs meaning"} and set(con["measure"]) == {"abs", "signed"}
+    for _m, d in con.groupby("measure"):
+        from scipy.stats import false_discovery_control
+
+        assert np.allclose(d["q"], false_discovery_control(d["p"], method="bh"))
+    assert (con["significant"] == (con["q"] <= 0.05)).all()
+
+
+# ------------------------------------------------------------------------- resume, CLI (tiny model)
+
+
+def small_pairs(tokenizer, n=24):
+    words = ["dog", "cat", "bird", "horse", "man", "girl", "boy", "child", "car", "tree", "fish", "cow"]
+    verbs = [("runs", "run"), ("sleeps", "sleep"), ("walks", "walk")]
+    out = []
+    for i in range(n):
+        w, tail = words[i % 12], " every single day" * ((i // 12) % 3)
+        v, x = verbs[(i // 36) % 3]
+        out.append((f"The {w} {v}{tail}.", f"The {w} {x}{tail}.", "grammar/agreement" if i % 2 else "meaning/x"))
+    assert len(set(out)) == n
+    return out
+
+
+def test_resume_continues_and_refuses_other_settings(tiny, tmp_path):
+    pairs = make_pairs(tiny, small_pairs(tiny.tokenizer))
+    full = run_diff(tiny, pairs, batch_size=4, sample_size=8)
+    run = tmp_path / "run"
+    part = run_diff(tiny, pairs, batch_size=4, sample_size=8, run=run, max_batches=2)
+    assert not part.meta["complete"] and len(part.meta["done"]) == 8
+    _, meta = load_stats(run)
+    assert not meta["complete"] and len(meta["done"]) == 8
+    with pytest.raises(EclensError, match="not complete"):
+        DiffResult.load(run)
+    with pytest.raises(EclensError, match="other settings"):
+        run_diff(tiny, pairs, batch_size=4, sample_size=8, run=run, max_offset=2)
+    from eclens import tiny_model
+
+    other = tiny_model(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_mlp=128, seed=1)
+    with pytest.raises(EclensError, match="model"):
+        run_diff(other, pairs, batch_size=4, sample_size=8, run=run)
+    done = run_diff(tiny, pairs, batch_size=4, sample_size=8, run=run)
+    assert done.meta["complete"] and done.timing["resumed_from"] == 8
+    for h in full.hooks:
+        for k in ("mean_delta", "std_delta", "sigma_clean", "absz_median", "rel_l2_mean"):
+            # the same batches; only where the float32 staging sums are flushed differs
+            assert rel_err(done.cell_stats(h)[k].numpy(), full.cell_stats(h)[k].numpy()) < 1e-7
+    assert done.meta["sample_ids"] == full.meta["sample_ids"]
+    assert sorted(r["id"] for r in done.meta["rows"]) == sorted(a.id for a in pairs)
+    done.save(run)
+    again = DiffResult.load(run)
+    pd.testing.assert_frame_equal(again.layers, done.layers)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tokenizer):
+    """A random-weight 2-layer Llama saved as a local Hugging Face folder (loadable by `--model PATH`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      rope_theta=100000.0, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tokenizer.save_pretrained(d)
+    return d
+
+
+def _write_raw(path: Path, tokenizer, n=24):
+    rows = [{"id": f"r{i}", "clean": c, "corrupt": x, "category": cat}
+            for i, (c, x, cat) in enumerate(small_pairs(tokenizer, n))]
+    rows.append({"id": "bad", "clean": "The cat sat on the mat.", "corrupt": "A cat sat on a mat.", "category": "typo"})
+    write_jsonl(path, rows)
+    return path
+
+
+def test_cli_diff_writes_the_run_folder_and_resumes(tiny_dir, tokenizer, tmp_path, capsys):
+    from eclens.cli import main
+
+    raw = _write_raw(tmp_path / "raw.jsonl", tokenizer)
+    run = tmp_path / "run"
+    rc = main(["diff", str(raw), "--model", str(tiny_dir), "--out", str(run), "--batch-size", "4",
+               "--hooks", "default,attn.hook_z"])
+    assert rc == 0, capsys.readouterr().err
+    for f in ("manifest.json", "pairs.jsonl", "rejected.jsonl", "check.csv", "diff_stats.safetensors", "layers.csv",
+              "dims.parquet", "candidates.csv", "contrasts.csv", "contrasts.parquet", "pairs.csv", "summary.json",
+              "heads.csv", "diff_directions.safetensors"):
+        assert (run / f).exists(), f
+    assert not list(run.glob(".*.tmp"))
+    man = json.loads((run / "manifest.json").read_text())
+    assert man["model"]["name"] == str(tiny_dir) and man["dataset"]["n_valid"] == 24
+    assert man["steps"]["diff"]["n_pairs"] == 24 and "layers.csv" in man["steps"]["diff"]["outputs"]
+    rej = [json.loads(x) for x in (run / "rejected.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rej] == ["bad"] and rej[0]["reason"] == "multiple_differences"
+    pairs_csv = pd.read_csv(run / "pairs.csv")
+    assert len(pairs_csv) == 24 and {"clean_logprob", "corrupt_logprob", "kl_0", "kl_last", "kl"} <= set(pairs_csv)
+    layers = pd.read_csv(run / "layers.csv")
+    assert len(layers) == (1 + 2) * (5 * 2 + 2) * 5  # categories x hook points x offsets
+    # A rerun on the run folder resumes from the complete statistics instead of recomputing.
+    capsys.readouterr()
+    rc = main(["diff", str(run), "--model", str(tiny_dir), "--batch-size", "4", "--hooks", "default,attn.hook_z"])
+    assert rc == 0 and "resumed: 24 pairs" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_run_of_another_model(tiny_dir, tokenizer, tmp_path, capsys):
+    from eclens.cli import main
+    from eclens.runs import update_manifest
+
+    run = tmp_path / "run"
+    update_manifest(run, model={"name": "meta-llama/Meta-Llama-3-8B", "weights_hash": "abc"})
+    raw = _write_raw(tmp_path / "raw.jsonl", tokenizer, 4)
+    rc = main(["diff", str(raw), "--model", str(tiny_dir), "--out", str(run)])
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert rc == 2 and last.startswith("error:") and "Meta-Llama-3-8B" in last and "another --out" in last
+    assert "Traceback" not in err
+    assert not (run / "diff_stats.safetensors").exists()
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    from eclens.cli import main
+
+    rc = main(["diff", str(tmp_path / "missing.jsonl")])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "no such file" in err and len(err.splitlines()) == 1 and err.startswith("error:")
+
+
+def _stats_ok(path: Path) -> bool:
+    if not path.exists():
+        return True
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["eclens_diff"])
+        for k in f.keys():
+            f.get_tensor(k)
+    return len(meta["done"]) == len(meta["rows"])
+
+
+def _start_and_signal(cmd, env, stats: Path, sig, after_done: int) -> subprocess.CompletedProcess:
+    """Start ``ec diff``; once its checkpoint holds more than ``after_done`` pairs, send ``sig``."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if stats.exists() and len(load_stats(stats.parent)[1]["done"]) > after_done:
+                break
+        except EclensError:
+            pass  # being replaced right now: os.replace is atomic, so the next look sees a whole file
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def test_interrupted_runs_leave_whole_files_and_resume(tiny_dir, tokenizer, tmp_path):
+    raw = _write_raw(tmp_path / "raw.jsonl", tokenizer, 36)
+    run = tmp_path / "run"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "eclens", "diff", str(raw), "--model", str(tiny_dir), "--out", str(run),
+           "--batch-size", "1", "--checkpoint-every", "1", "--hooks", "all"]
+    stats = run / "diff_stats.safetensors"
+    # Ctrl-C: the loop stops at the end of the batch, saves, and says so.
+    r = _start_and_signal(cmd, env, stats, signal.SIGINT, 0)
+    if r.returncode != 0:  # (0 if it finished first)
+        assert r.returncode == 130 and "interrupted" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert _stats_ok(stats)
+    n1 = len(load_stats(run)[1]["done"])
+    # SIGKILL, possibly in the middle of writing a checkpoint: the old or the new file, never half of one.
+    r = _start_and_signal(cmd, env, stats, signal.SIGKILL, n1)
+    assert _stats_ok(stats)
+    n2 = len(load_stats(run)[1]["done"])
+    assert n2 >= n1
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    if n2 < 36:
+        assert f"resumed: {n2} pairs" in r.stderr
+    res = DiffResult.load(run)
+    assert res.n_pairs == 36 and res.meta["complete"]
+    assert sorted(x["id"] for x in res.meta["rows"]) == sorted(f"r{i}" for i in range(36))
