@@ -311,7 +311,7 @@ def read_existing(path: Path, tokenizer, *, prepend_bos: bool, max_len: int | No
         last_nl = raw.rfind(b"\n")
         tail = raw[last_nl + 1:]
         try:
-            json.loads(tail.decode("utf-8"))
+            json.loads(tail.decode("utf-8-sig"))  # -sig: a one-line file may start with a byte-order mark
             complete_tail = True
         except (UnicodeDecodeError, json.JSONDecodeError):
             complete_tail = False
@@ -325,7 +325,7 @@ def read_existing(path: Path, tokenizer, *, prepend_bos: bool, max_len: int | No
             raw = raw[: last_nl + 1]
             dropped = True
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # tolerate a byte-order mark, as eclens.pairs.load_jsonl does
     except UnicodeDecodeError as e:
         raise PairFileError(path, "not UTF-8; use a new --out file", raw[: e.start].count(b"\n") + 1) from None
     pairs: list[MinimalPair] = []
@@ -441,7 +441,7 @@ class _Requester:
                 # APITimeoutError is an APIConnectionError
                 attempt += 1
                 if attempt > self.cfg.max_retries:
-                    res.error = self.redact(_describe(e))
+                    res.error = _describe(e, self.redact)
                     return res
                 res.retries += 1
                 self._wait(attempt, e)
@@ -449,28 +449,32 @@ class _Requester:
             except (openai.BadRequestError, openai.UnprocessableEntityError) as e:
                 if mode != "off" and self._downgrade(mode):
                     continue
-                raise _Fatal(self.redact(f"the server refused the request: {_describe(e)}")) from None
+                raise _Fatal(self.redact(f"the server refused the request: {_describe(e, self.redact)}")) from None
             except openai.AuthenticationError as e:
-                raise _Fatal(self.redact(f"authentication failed ({_describe(e)}); check OPENAI_API_KEY "
+                raise _Fatal(self.redact(f"authentication failed ({_describe(e, self.redact)}); check OPENAI_API_KEY "
                                          "(environment or .env)")) from None
             except openai.NotFoundError as e:
-                raise _Fatal(self.redact(f"not found ({_describe(e)}); check --llm-model "
+                raise _Fatal(self.redact(f"not found ({_describe(e, self.redact)}); check --llm-model "
                                          f"{self.cfg.model!r} and --base-url")) from None
             except openai.APIStatusError as e:
-                raise _Fatal(self.redact(f"the server answered {_describe(e)}")) from None
+                raise _Fatal(self.redact(f"the server answered {_describe(e, self.redact)}")) from None
             except openai.OpenAIError as e:
                 raise _Fatal(self.redact(f"the OpenAI client failed: {type(e).__name__}: {e}")) from None
             usage = getattr(resp, "usage", None)
             res.prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
             res.completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
             choices = getattr(resp, "choices", None) or []
-            res.content = choices[0].message.content if choices and choices[0].message else None
+            content = choices[0].message.content if choices and choices[0].message else None
+            # A server (or proxy) that echoes request headers into its answer must not get the key
+            # into the pairs file.
+            res.content = self.redact(content) if content else content
             return res
 
 
-def _describe(e) -> str:
+def _describe(e, redact: Callable[[str], str] = lambda s: s) -> str:
     status = getattr(e, "status_code", None)
-    msg = str(getattr(e, "message", None) or e)
+    # Redact before shortening: a key cut in half by the shortening would no longer match.
+    msg = redact(str(getattr(e, "message", None) or e))
     msg = " ".join(msg.split())[:300]
     return f"{status} {msg}" if status else f"{type(e).__name__}: {msg}"
 
