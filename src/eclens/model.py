@@ -259,6 +259,30 @@ def load_tokenizer(name: str = EMBEDDED):
     )
 
 
+def context_length(name: str = EMBEDDED) -> int | None:
+    """The context length (``cfg.n_ctx`` of the loaded model) read from the model's config alone, no
+    weights; ``None`` where no config can be read. For tokenizer-only steps that reject pairs
+    longer than the model's context (``too_long``), as :func:`eclens.pairs.check_with_model` does."""
+    from transformers import AutoConfig
+
+    path = Path(str(name)).expanduser()
+    try:
+        if name == EMBEDDED or name == EMBEDDED_HF_NAME and not _hub_config_available(name):
+            if not (_embedded_hf_dir() / "config.json").exists():
+                _load_embedded_hf(torch.float32)  # first use: dequantize and cache once
+            cfg = AutoConfig.from_pretrained(_embedded_hf_dir())
+        elif path.suffix == ".gguf":
+            cfg = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        elif path.is_dir():
+            cfg = AutoConfig.from_pretrained(path)
+        else:
+            cfg = AutoConfig.from_pretrained(str(name))
+    except Exception:  # noqa: BLE001 - no readable config: the caller checks without a length limit
+        return None
+    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return int(n) if n else None
+
+
 def tokenizer_prepends_bos(tok) -> bool:
     """Whether the tokenizer itself (before TransformerLens wraps it) starts with BOS."""
     probe = tok("a")["input_ids"]

@@ -382,6 +382,12 @@ class CheckResult:
         c = Counter(r.reason for r in self.rejected)
         return {k: c.get(k, 0) for k in REASONS}
 
+    def none_valid_error(self, source: str | os.PathLike) -> PairFileError:
+        """The one-line error of a step that found no valid pair in ``source`` (raised before it writes anything)."""
+        why = ", ".join(f"{k} {v}" for k, v in self.by_reason().items() if v) or "no pairs"
+        return PairFileError(source, f"none of the {self.n_total} pairs is a single-token change under this model's "
+                             f"tokenizer ({why}); nothing written: see `ec pairs check {source}`")
+
 
 def check_pairs(
     pairs: Sequence[MinimalPair],

@@ -37,3 +37,11 @@ def load_pairs_arg(path: Path, fmt: str | None = None):
     from ..pairs import load_pairs
 
     return load_pairs(path, fmt=fmt)
+
+
+def preflight_pairs(path: Path | None, fmt: str | None = None):
+    """Read a raw pairs file *before* a model loads: a bad file fails in a fraction of a second with
+    its one-line error and nothing written. Returns the pairs, or ``None`` for no file / a run folder."""
+    if path is None or not path.is_file():
+        return None
+    return load_pairs_arg(path, fmt)

@@ -8,27 +8,35 @@ import typer
 from rich.table import Table
 
 from ..cli import pairs_app
-from ._common import DeviceOpt, ModelOpt, console, out
+from ._common import ModelOpt, console, out
 
 
 @pairs_app.command("check")
 def check(
     file: Path = typer.Argument(..., help="pairs file: .jsonl, .csv/.tsv or the study's .json"),
     model: str = ModelOpt,
-    device: str = DeviceOpt,
+    device: str = typer.Option("cpu", "--device", hidden=True, help="unused: the check needs only the tokenizer"),
     out_file: Path = typer.Option(None, "--out", "-o", help="write the aligned valid pairs here (JSONL)"),
     rejected_file: Path = typer.Option(None, "--rejected", help="write the rejected pairs with reasons here"),
     fmt: str = typer.Option(None, "--format", help="jsonl, csv or json (default: by suffix)"),
     show: int = typer.Option(5, "--show", help="how many rejected pairs to print with their tokens"),
 ) -> None:
-    """Align every pair under the model's tokenizer; count valid and rejected pairs by category and reason."""
-    from ..pairs import check_with_model, load_pairs, write_jsonl
-    from ._common import load
+    """Align every pair under the model's tokenizer; count valid and rejected pairs by category and reason.
+
+    Needs only the tokenizer and the model's context length (from its config), never its weights.
+    Exits non-zero, writing nothing, when no pair is valid."""
+    from ..model import context_length, load_tokenizer, tokenizer_prepends_bos
+    from ..pairs import check_pairs, load_pairs, write_jsonl
 
     pairs = load_pairs(file, fmt=fmt)
-    m = load(model, device)
-    res = check_with_model(pairs, m)
+    with console.status(f"loading the tokenizer of {model}"):
+        tok = load_tokenizer(model)
+        n_ctx = context_length(model)
+    with console.status(f"checking {len(pairs)} pairs"):
+        res = check_pairs(pairs, tok, prepend_bos=tokenizer_prepends_bos(tok), max_len=n_ctx)
     print_check(res, show=show)
+    if not res.valid:
+        raise res.none_valid_error(file)
     if out_file:
         write_jsonl(out_file, res.valid)
         console.print(f"wrote {len(res.valid)} aligned pairs to {out_file}")

@@ -49,9 +49,10 @@ def _parse_dims(spec: str) -> list[int]:
     return dims
 
 
-def open_run(source: Path, out_dir: Path | None, model, max_pairs: int | None):
+def open_run(source: Path, out_dir: Path | None, model, max_pairs: int | None, raw=None):
     """The run folder and its aligned pairs: from ``RUN/pairs.jsonl``, or a raw pairs file aligned now
-    (``pairs.jsonl``, ``rejected.jsonl`` and ``check.csv`` written into ``--out``)."""
+    (``pairs.jsonl``, ``rejected.jsonl`` and ``check.csv`` written into ``--out``; ``raw``: its pairs,
+    already read). A raw file without one valid pair is an error before anything is written."""
     from ..errors import EclensError
     from ..model import manifest_model_entry, model_id, weights_hash
     from ..pairs import check_with_model, load_aligned, load_pairs, write_jsonl
@@ -78,8 +79,11 @@ def open_run(source: Path, out_dir: Path | None, model, max_pairs: int | None):
             raise EclensError(f"{source} is a pairs file: give --out RUN, the folder to write results into")
         run = out_dir
         check_manifest_model(run, model_id(model), weights_hash(model))
-        raw = load_pairs(source)
+        if raw is None:
+            raw = load_pairs(source)
         res = check_with_model(raw, model)
+        if not res.valid:
+            raise res.none_valid_error(source)
         run.mkdir(parents=True, exist_ok=True)
         write_jsonl(run / "pairs.jsonl", res.valid)
         write_jsonl(run / "rejected.jsonl", res.rejected)
@@ -187,7 +191,7 @@ def patch(
     from ..errors import EclensError
     from ..metrics import METRICS
     from ..runs import write_table
-    from ._common import load
+    from ._common import load, preflight_pairs
 
     if mode not in MODES:
         raise EclensError(f"unknown --mode {mode!r}: use exact, dims or attribution")
@@ -203,8 +207,9 @@ def patch(
     if mode == "dims" and dims is None and not cpath.exists():
         raise EclensError(f"{cpath}: no candidates file; run `ec diff` first, pass --candidates FILE, "
                           "or test one set with --dims")
+    raw = preflight_pairs(source)
     m = load(model, device, dtype)
-    run, pairs = open_run(source, out_dir, m, max_pairs)
+    run, pairs = open_run(source, out_dir, m, max_pairs, raw)
     from .. import patch as P
 
     hook_list = P.parse_hooks(hooks, m) if hooks else []

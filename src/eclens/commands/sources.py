@@ -123,6 +123,7 @@ def generate(
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from ..model import context_length
     from ..sources.openai_gen import LLMConfig, generate_openai
 
     cfg = LLMConfig(model=llm_model, base_url=base_url, n_per_category=n, categories=categories,
@@ -137,7 +138,7 @@ def generate(
                 tasks[cat] = bar.add_task(cat, total=target)
             bar.update(tasks[cat], completed=min(have, target))
 
-        rep = generate_openai(out_file, tok, cfg, prepend_bos=bos, progress=progress)
+        rep = generate_openai(out_file, tok, cfg, prepend_bos=bos, max_len=context_length(model), progress=progress)
     if rep.dropped_partial_line:
         console.print(f"[yellow]{out_file}: removed a partial last line left by an interrupted run[/yellow]")
     view, why = _llm_view(rep.by_category())

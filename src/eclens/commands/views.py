@@ -92,7 +92,7 @@ def run(
     from ..errors import EclensError
     from ..metrics import METRICS
     from ..pipeline import RunConfig, run_pipeline
-    from ._common import load
+    from ._common import load, preflight_pairs
 
     if metric not in METRICS:
         raise EclensError(f"unknown --metric {metric!r}: use {', '.join(METRICS)}")
@@ -110,8 +110,15 @@ def run(
                     patch_hooks=tuple(h.strip() for h in patch_hooks.split(",") if h.strip()), exact_pairs=exact_pairs, dims_pairs=dims_pairs,
                     max_sets=max_sets, top_k=top_k, n_controls=n_controls, attribution_pairs=attribution_pairs,
                     verify_top=verify_top, metric=metric)
+    raw = preflight_pairs(pairs)
     console.print(f"run folder: {out_dir}")
     m = load(model, device, dtype)
+    if raw is not None:
+        from ..pairs import check_with_model
+
+        chk = check_with_model(raw, m)
+        if not chk.valid:  # before the run folder is made, so a failed start leaves nothing behind
+            raise chk.none_valid_error(pairs)
     res = run_pipeline(out_dir, m, cfg, log=lambda s: console.print(s, markup=False), progress=not quiet)
     t = Table(title=f"ec run: {out_dir}")
     for c in ("step", "status", "seconds", "result"):
