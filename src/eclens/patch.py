@@ -548,6 +548,7 @@ def dims_interventions(
     prep_batch_size: int = 8,
     min_delta: float = DEFAULT_MIN_DELTA,
     progress: bool = False,
+    dist=None,
 ) -> DimsResult:
     """Intervene on each dimension set and on ``n_controls`` random sets of the same size.
 
@@ -571,6 +572,9 @@ def dims_interventions(
         raise EclensError("--n-controls must be at least 1 (random controls are what make the test)")
     if method == "resample" and len(pairs) < 2:
         raise EclensError("resample-ablation needs at least 2 pairs (values come from other pairs)")
+    if dist is not None and dist.active and method == "resample":
+        raise EclensError("resample-ablation draws donors from every pair, so it cannot be sharded: "
+                          "run it without torchrun (zero, mean and patch shard exactly)")
     dirs = parse_direction(direction)
     n_layers = model.cfg.n_layers
     sets = [DimSet(_check_patchable(hook_suffix(s.hook, model)), s.layer, s.dims, s.offset, s.kind, s.label)
@@ -628,8 +632,17 @@ def dims_interventions(
     if method == "mean":
         for j in range(len(sets)):
             vals = [at[i, j] for i in range(len(preps)) if (i, j) in at]
-            if vals:
-                means[j] = torch.cat(vals).float().mean(0)
+            if dist is not None and dist.active:
+                # the dataset mean over every rank's shard: all-reduce the sum and the count
+                from .distributed import all_reduce_sum
+
+                tot = torch.cat(vals).double().sum(0) if vals else torch.zeros(n_feat[sets[j].name], dtype=torch.float64)
+                cnt = torch.tensor([float(2 * len(vals))], dtype=torch.float64)
+                tot, cnt = all_reduce_sum(tot, dist), all_reduce_sum(cnt, dist)
+                if cnt.item() > 0:
+                    means[j] = (tot / cnt).float()
+            elif vals:
+                means[j] = torch.cat(vals).double().mean(0).float()
 
     cand: dict[tuple[int, str], list[dict]] = {}  # (set, direction) -> per-pair rows
     ctrl: dict[tuple[int, str], list[np.ndarray]] = {}  # -> per-pair [n_controls, metrics] changes
@@ -684,6 +697,17 @@ def dims_interventions(
                 ctrl.setdefault((j, d), []).append(change[1:])
             bar.advance()
 
+    if dist is not None and dist.active:
+        # every rank's per-pair rows, in rank order: the summary below is then the one-process summary
+        from .distributed import all_gather
+
+        parts = all_gather((cand, ctrl), dist)
+        cand, ctrl = {}, {}
+        for c_part, k_part in parts:
+            for key, rows in c_part.items():
+                cand.setdefault(key, []).extend(rows)
+            for key, arrs in k_part.items():
+                ctrl.setdefault(key, []).extend(arrs)
     table_rows, control_rows = [], []
     for j, s in enumerate(sets):
         for d in dirs:

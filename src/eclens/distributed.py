@@ -1,0 +1,122 @@
+"""Runs under ``torchrun``: shard the pairs over ranks, merge the statistics.
+
+``torchrun --nproc-per-node N ec diff ...`` (or ``--nnodes``) starts N processes
+with ``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` set. Each rank takes every N-th pair
+(:func:`shard`), streams its shard, and the ranks' accumulators are merged with
+the same exact algebra as single-process shards (:func:`eclens.diff.merge_results`:
+sums add, power sums are re-expressed about a common shift, Chan et al.; the
+bottom-k pair samples merge into the smallest keys of the union). Every rank gets
+the merged result; only rank 0 writes. Backend: NCCL on CUDA, gloo on the CPU.
+
+The merge gathers each rank's accumulator state (``all_gather_object``) rather than
+``all_reduce``-ing raw sums: the pair sample has to be gathered anyway, and a
+state is a fixed size (it does not grow with the number of pairs), so the cost is
+``world_size`` states, once, at the end.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import EclensError
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    backend: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init(device: str = "cpu") -> Dist:
+    """Join the process group when launched by torchrun (``WORLD_SIZE`` > 1); else a 1-process context."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        raise EclensError("this torch build has no torch.distributed; run without torchrun")
+    backend = "nccl" if str(device).startswith("cuda") else "gloo"
+    if not dist.is_initialized():
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend)
+    return Dist(dist.get_rank(), dist.get_world_size(), backend)
+
+
+def local_device(device: str, ctx: Dist) -> str:
+    """Under torchrun on CUDA each process drives the GPU of its ``LOCAL_RANK``."""
+    if ctx.active and device == "cuda":
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    return device
+
+
+def shard(items: Sequence[Any], ctx: Dist) -> list[Any]:
+    """Every ``world_size``-th item starting at ``rank``: balanced lengths across ranks."""
+    return list(items)[ctx.rank :: ctx.world_size]
+
+
+def all_gather(obj: Any, ctx: Dist) -> list[Any]:
+    """Each rank's ``obj`` (picklable; tensors moved to the CPU first), in rank order."""
+    if not ctx.active:
+        return [obj]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * ctx.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_reduce_sum(t: torch.Tensor, ctx: Dist) -> torch.Tensor:
+    if not ctx.active:
+        return t
+    import torch.distributed as dist
+
+    dev = torch.device(f"cuda:{torch.cuda.current_device()}") if ctx.backend == "nccl" else torch.device("cpu")
+    x = t.detach().to(dev).clone()
+    dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x.to(t.device)
+
+
+def barrier(ctx: Dist) -> None:
+    if ctx.active:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def merge_diff(result, ctx: Dist):
+    """The diff statistics of every rank's shard merged into one :class:`~eclens.diff.DiffResult`."""
+    from .diff import DiffResult, merge_results
+
+    if not ctx.active:
+        return result
+    state = (result.meta, {k: v.detach().cpu() for k, v in result.tensors.items()}, result.model)
+    parts = all_gather(state, ctx)
+    merged = DiffResult(*parts[0])
+    for meta, tensors, model in parts[1:]:
+        merged = merge_results(merged, DiffResult(meta, tensors, model))
+    merged.timing = dict(result.timing or {}, world_size=ctx.world_size)
+    return merged
+
+
+def shutdown(ctx: Dist) -> None:
+    if ctx.active:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

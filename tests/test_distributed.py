@@ -1,0 +1,119 @@
+"""`ec diff` and `ec patch` dims sets under two gloo processes equal one process."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from eclens.pairs import MinimalPair, check_pairs
+
+SENTENCES = [
+    ("The cat sits on the mat.", "The cat sit on the mat."),
+    ("The dogs run in the park every day.", "The dogs runs in the park every day."),
+    ("She gave the book to her friend.", "She gave the book to his friend."),
+    ("A red car stopped near the house.", "A blue car stopped near the house."),
+    ("The children were playing outside.", "The children was playing outside."),
+    ("He put the keys on the table.", "He put the keys under the table."),
+    ("My brother lives in Paris.", "My brother lives in London."),
+    ("They have finished their homework.", "They has finished their homework."),
+    ("An old man walked slowly home.", "An old woman walked slowly home."),
+]
+
+
+def _pairs(tokenizer):
+    ps = [MinimalPair(f"p{i}", a, b, ("grammar/x" if i % 2 else "meaning/y")) for i, (a, b) in enumerate(SENTENCES)]
+    res = check_pairs(ps, tokenizer)
+    assert len(res.valid) >= 8
+    return res.valid
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    torch.set_grad_enabled(False)
+    from eclens import distributed as D
+    from eclens.diff import resolve_categories, run_diff
+    from eclens.model import tiny_model
+    from eclens.patch import DimSet, dims_interventions
+
+    ctx = D.init("cpu")
+    model = tiny_model(seed=0)
+    pairs = _pairs(model.tokenizer)
+    _, cats = resolve_categories(pairs, True)
+    res = run_diff(model, D.shard(pairs, ctx), batch_size=3, categories=cats)
+    merged = D.merge_diff(res, ctx)
+    sets = [DimSet("hook_resid_post", 1, [1, 5, 9], 0, "stable"), DimSet("hook_mlp_out", 0, [2, 3], 1, "responsive")]
+    dims = {m: dims_interventions(model, D.shard(pairs, ctx), sets, method=m, n_controls=20, seed=0, dist=ctx).table
+            for m in ("patch", "mean")}
+    if ctx.is_main:
+        torch.save({"layers": merged.layers, "dims": merged.dims_for("all", 0), "n": merged.n_pairs,
+                    "patch": dims}, os.path.join(out_dir, "dist.pt"))
+    D.shutdown(ctx)
+
+
+def test_two_gloo_processes_equal_one(tmp_path):
+    from eclens.diff import resolve_categories, run_diff
+    from eclens.model import tiny_model
+    from eclens.patch import DimSet, dims_interventions
+
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=True)
+    got = torch.load(tmp_path / "dist.pt", weights_only=False)
+
+    torch.set_grad_enabled(False)
+    model = tiny_model(seed=0)
+    pairs = _pairs(model.tokenizer)
+    _, cats = resolve_categories(pairs, True)
+    ref = run_diff(model, pairs, batch_size=4, categories=cats)
+    assert got["n"] == ref.n_pairs == len(pairs)
+
+    def close(a, b, what):
+        a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+        assert a.shape == b.shape, what
+        assert np.array_equal(np.isnan(a), np.isnan(b)), what
+        ok = ~np.isnan(a)
+        err = np.abs(a[ok] - b[ok]) / np.maximum(np.abs(a[ok]), 1e-12)
+        assert (err <= 1e-5).all() or np.abs(a[ok] - b[ok]).max() < 1e-9, (what, float(err.max()))
+
+    lay_ref, lay = ref.layers, got["layers"]
+    for col in ("rel_l2_mean", "rel_l2_std", "cos_mean", "l2_mean", "dir_consistency", "absz_median"):
+        if col in lay_ref:
+            close(lay[col], lay_ref[col], col)
+    d_ref, d = ref.dims_for("all", 0), got["dims"]
+    for col in ("mean_delta", "std_delta", "sigma_clean", "absz_mean", "sign_consistency", "frac_under"):
+        if col in d_ref:
+            close(d[col], d_ref[col], col)
+
+    sets = [DimSet("hook_resid_post", 1, [1, 5, 9], 0, "stable"), DimSet("hook_mlp_out", 0, [2, 3], 1, "responsive")]
+    for method in ("patch", "mean"):
+        one = dims_interventions(model, pairs, sets, method=method, n_controls=20, seed=0).table
+        two = got["patch"][method]
+        for col in [c for c in one.columns if c.endswith(("_effect", "_control_mean", "_control_std", "_z"))]:
+            close(two[col], one[col], f"{method}:{col}")
+        for col in [c for c in one.columns if c.endswith("_p")]:
+            assert np.allclose(two[col], one[col], equal_nan=True), f"{method}:{col}"
+        assert list(two["n_pairs"]) == list(one["n_pairs"])
+
+
+def test_resample_refused_when_sharded():
+    from eclens.distributed import Dist
+    from eclens.errors import EclensError
+    from eclens.model import tiny_model
+    from eclens.patch import DimSet, dims_interventions
+
+    model = tiny_model(seed=0)
+    pairs = _pairs(model.tokenizer)
+    with pytest.raises(EclensError, match="cannot be sharded"):
+        dims_interventions(model, pairs, [DimSet("hook_resid_post", 1, [1, 2], 0)], method="resample",
+                           n_controls=5, dist=Dist(0, 2, "gloo"))
