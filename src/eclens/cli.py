@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return int(e.code or 0) if isinstance(e.code, int) or e.code is None else 1
     except EclensError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # One line, whatever the message quotes (a file name or a key may hold a line break).
+        msg = str(e).replace("\r", "\\r").replace("\n", "\\n")
+        print(f"error: {msg}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)

@@ -106,6 +106,19 @@ def pair_id(clean: str, corrupt: str, category: str = "") -> str:
     return hashlib.sha1(f"{category}\x1f{clean}\x1f{corrupt}".encode()).hexdigest()[:12]
 
 
+NOT_TEXT = "holds an unpaired surrogate escape such as \\ud800, which is not text; fix or remove the escape"
+
+
+def is_text(obj: Any) -> bool:
+    """Whether every string in ``obj`` is Unicode text. JSON's ``"\\ud800"`` escapes decode to unpaired
+    surrogates, which can be neither tokenized nor written as UTF-8: loaders refuse them."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -143,6 +156,9 @@ def _pair_from_record(rec: Any, path: Path, line: int, defaults: dict[str, str])
         meta = {}
     if not isinstance(meta, dict):
         raise PairFileError(path, f"field 'meta' must be an object, got {type(meta).__name__}", line)
+    strings = [rec[k] for k in ("id", "clean", "corrupt", "category", "source") if k in rec]
+    if (meta or not all(v.isascii() for v in strings)) and not is_text(rec):
+        raise PairFileError(path, f"the record {NOT_TEXT}", line)
     category = rec.get("category") or defaults.get("category", "uncategorized")
     return MinimalPair(
         id=rec.get("id") or pair_id(rec["clean"], rec["corrupt"], category),
@@ -195,13 +211,24 @@ def load_csv(
     if delimiter is None:
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    cols = reader.fieldnames or []
+    try:
+        cols = reader.fieldnames or []
+    except csv.Error as e:  # e.g. a field longer than the csv module's limit
+        raise PairFileError(path, f"not readable as CSV ({e})", reader.line_num + 1) from None
     for need, flag in ((clean_col, "--clean-col"), (corrupt_col, "--corrupt-col")):
         if need not in cols:
             raise PairFileError(path, f"no column {need!r} (columns: {', '.join(cols)}); choose one with {flag}", 1)
     out: list[tuple[int, MinimalPair]] = []
     line = 1
-    for row in reader:
+    rows = iter(reader)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            # line_num counts the lines read *before* the one that failed
+            raise PairFileError(path, f"not readable as CSV ({e})", reader.line_num + 1) from None
         line = reader.line_num
         if None in row:
             raise PairFileError(path, f"row has more fields than the header's {len(cols)}", line)
@@ -227,6 +254,8 @@ def load_study_json(path: str | os.PathLike, *, source: str | None = None) -> li
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise PairFileError(path, f"invalid JSON ({e.msg}, column {e.colno})", e.lineno) from None
+    if "\\u" in text and not is_text(doc):
+        raise PairFileError(path, f"the document {NOT_TEXT}")
     if isinstance(doc, list):  # a plain JSON list of pair records
         items = [(i + 1, _pair_from_record(r, path, i + 1, {"source": source or "user"})) for i, r in enumerate(doc)]
         if not items:
@@ -239,9 +268,9 @@ def load_study_json(path: str | os.PathLike, *, source: str | None = None) -> li
     n = 0
     for typ, subs in doc["diff_token_type"].items():
         if not isinstance(subs, dict):
-            raise PairFileError(path, f"diff_token_type.{typ} must be an object of subtypes")
+            raise PairFileError(path, f"diff_token_type.{_key(typ)} must be an object of subtypes")
         for sub, body in subs.items():
-            where = f"diff_token_type.{typ}.{sub}"
+            where = f"diff_token_type.{_key(typ)}.{_key(sub)}"
             sp = body.get("sentence_pairs") if isinstance(body, dict) else None
             if not isinstance(sp, list):
                 raise PairFileError(path, f"{where}: missing list 'sentence_pairs'")
@@ -261,6 +290,11 @@ def load_study_json(path: str | os.PathLike, *, source: str | None = None) -> li
     return _check_unique(path, out)
 
 
+def _key(k: str) -> str:
+    """A JSON key as shown in a one-line message (quoted when it holds line breaks or other controls)."""
+    return k if k.isprintable() else json.dumps(k)
+
+
 def load_pairs(path: str | os.PathLike, fmt: str | None = None, **kwargs: Any) -> list[MinimalPair]:
     """Load pairs from JSONL (default), CSV/TSV or the study's JSON format, by suffix or ``fmt``."""
     path = Path(path)
@@ -278,7 +312,8 @@ def load_aligned(path: str | os.PathLike) -> list[AlignedPair]:
     """Read a ``pairs.jsonl`` written by :func:`write_aligned` (ids and position included)."""
     path = Path(path)
     text = _read_text(path)
-    out = []
+    out: list[AlignedPair] = []
+    seen: dict[str, int] = {}
     for i, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -286,12 +321,41 @@ def load_aligned(path: str | os.PathLike) -> list[AlignedPair]:
             d = json.loads(line)
             pair = MinimalPair(d["id"], d["clean"], d["corrupt"], d.get("category", "uncategorized"),
                                d.get("source", "user"), d.get("meta") or {})
-            out.append(AlignedPair(pair, list(d["clean_ids"]), list(d["corrupt_ids"]), int(d["position"]),
-                                   d["clean_token"], d["corrupt_token"]))
+            a = AlignedPair(pair, d["clean_ids"], d["corrupt_ids"], d["position"], d["clean_token"],
+                            d["corrupt_token"])
+            why = _aligned_problem(a) or (None if is_text(d) else NOT_TEXT)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise PairFileError(path, f"not an aligned pair record ({type(e).__name__}: {e}); "
-                                "re-create it with `ec pairs check`", i) from None
+            why = f"{type(e).__name__}: {e}"
+        if why is None and a.id in seen:
+            why = f"duplicate pair id {a.id!r} (first at line {seen[a.id]})"
+        if why is not None:
+            raise PairFileError(path, f"not an aligned pair record ({why}); re-create it with `ec pairs check`",
+                                i) from None
+        seen[a.id] = i
+        out.append(a)
     return out
+
+
+def _aligned_problem(a: AlignedPair) -> str | None:
+    """What is wrong with an aligned record read from disk (later steps index tensors with it), or None."""
+    p = a.pair
+    for name in ("id", "clean", "corrupt", "category", "source"):
+        if not isinstance(getattr(p, name), str):
+            return f"{name!r} must be a string"
+    if not isinstance(p.meta, dict):
+        return "'meta' must be an object"
+    if not isinstance(a.clean_token, str) or not isinstance(a.corrupt_token, str):
+        return "'clean_token' and 'corrupt_token' must be strings"
+    ids = (a.clean_ids, a.corrupt_ids)
+    if not all(isinstance(x, list) and all(type(t) is int and t >= 0 for t in x) for x in ids):
+        return "'clean_ids' and 'corrupt_ids' must be lists of token ids"
+    if not a.clean_ids or len(a.clean_ids) != len(a.corrupt_ids):
+        return "'clean_ids' and 'corrupt_ids' must have the same, non-zero length"
+    if type(a.position) is not int or not 0 <= a.position < len(a.clean_ids):
+        return f"'position' must be a token index below {len(a.clean_ids)}"
+    if [i for i, (x, y) in enumerate(zip(a.clean_ids, a.corrupt_ids)) if x != y] != [a.position]:
+        return "the token ids must differ at 'position' and nowhere else"
+    return None
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable[Any]) -> Path:
@@ -331,6 +395,13 @@ def align(
     max_len: int | None = None,
 ) -> AlignedPair | Rejection:
     """Align one pair under ``tokenizer``: the single differing position, or a rejection."""
+    for name, text in (("clean", pair.clean), ("corrupt", pair.corrupt)):
+        if not isinstance(text, str):
+            raise EclensError(f"pair {pair.id!r}: {name} must be a string, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise EclensError(f"pair {pair.id!r}: {name} {NOT_TEXT}") from None
     if not pair.clean.strip() or not pair.corrupt.strip():
         return Rejection(pair, "empty")
     if pair.clean == pair.corrupt:

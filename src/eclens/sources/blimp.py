@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..errors import EclensError, PairFileError
-from ..pairs import REASONS, AlignedPair, MinimalPair, align
+from ..pairs import NOT_TEXT, REASONS, AlignedPair, MinimalPair, align, is_text
 
 SOURCE = "blimp"
 REQUIRED = ("sentence_good", "sentence_bad", "UID", "linguistics_term", "field", "pairID")
@@ -69,6 +69,8 @@ def read_blimp_file(path: str | os.PathLike) -> list[MinimalPair]:
             raise PairFileError(path, f"invalid JSON ({e.msg}, column {e.colno})", i) from None
         if not isinstance(rec, dict):
             raise PairFileError(path, f"expected a JSON object, got {type(rec).__name__}", i)
+        if "\\u" in line and not is_text(rec):
+            raise PairFileError(path, f"the record {NOT_TEXT}", i)
         missing = [k for k in REQUIRED if k not in rec]
         if missing:
             raise PairFileError(path, f"missing BLiMP field(s) {', '.join(missing)}; is this a BLiMP paradigm file?", i)

@@ -21,7 +21,10 @@ def csv_header(path: str | os.PathLike, delimiter: str | None = None) -> list[st
     text = _read_text(path)
     if delimiter is None:
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    header = next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), [])
+    try:
+        header = next(csv.reader(io.StringIO(text, newline=""), delimiter=delimiter), [])
+    except csv.Error as e:  # e.g. a field longer than the csv module's limit
+        raise PairFileError(path, f"not readable as CSV ({e})", 1) from None
     if not any(h.strip() for h in header):
         raise PairFileError(path, "no header row; the first line must name the columns", 1)
     return header
