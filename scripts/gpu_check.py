@@ -128,6 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="16,64,128")
     ap.add_argument("--diff-pairs", type=int, default=512)
     ap.add_argument("--tokenizer", default=None, help="a tokenizer folder (default: the embedded model's)")
+    ap.add_argument("--profile", action="store_true", help="also profile where ec diff spends its time")
     args = ap.parse_args(argv)
 
     smoke = args.smoke
@@ -214,6 +215,32 @@ def main(argv=None) -> int:
                 "diff_throughput_ratio": round(t_plain / t_diff, 3)}
 
     section("diff", diff_vs_forward)
+
+    def diff_profile():
+        """Where the streaming overhead goes: one profiled run_diff of two batches, and variants."""
+        from torch.profiler import ProfilerActivity, profile
+
+        from eclens.diff import run_diff
+
+        pairs = random_pairs(64 if smoke else 128, seq, shape["vocab"], seed=3)
+        bs = 4 if smoke else 64
+        variants = {}
+        for name, kw in (("default", {}), ("sample_64", {"sample_size": 64}), ("max_offset_0", {"max_offset": 0})):
+            variants[name] = round(timeit(lambda kw=kw: run_diff(model, pairs, batch_size=bs, categories=False, **kw),
+                                          device, reps=1 if smoke else 2), 3)
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+        with profile(activities=acts) as prof:
+            run_diff(model, pairs, batch_size=bs, categories=False)
+            sync(device)
+        key = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+        rows = []
+        for ev in sorted(prof.key_averages(), key=lambda e: -getattr(e, key.replace("_total", "_total"), 0))[:15]:
+            rows.append({"name": ev.key, "calls": ev.count, "self_cpu_ms": round(ev.self_cpu_time_total / 1e3, 1),
+                         "self_device_ms": round(getattr(ev, "self_device_time_total", 0) / 1e3, 1)})
+        return {"pairs": len(pairs), "seconds": variants, "top_ops": rows}
+
+    if args.profile:
+        section("diff_profile", diff_profile)
 
     def patching():
         from eclens.patch import exact_patch
