@@ -1,0 +1,1208 @@
+#!/usr/bin/env python
+"""The study: does SmolLM2 have consistent error-correction dimensions?
+
+One command runs the whole study on the embedded model with fixed seeds:
+
+    .venv/bin/python experiments/error_correction_smollm2/run_study.py --blimp ../shared/data/blimp
+
+and, unchanged, on Llama-3-8B for users with the weights and a GPU:
+
+    python experiments/error_correction_smollm2/run_study.py --blimp BLIMP \\
+        --model meta-llama/Meta-Llama-3-8B --device cuda --dtype bfloat16
+
+Steps (each records its wall time in ``results/study.json``):
+
+1. ``templates`` — :func:`eclens.pipeline.run_pipeline` (what ``ec run`` does) on the
+   template pairs of every category: alignment, ``ec diff`` per category and overall,
+   exact patching maps, the top candidate sets of each kind (stable, responsive) patched
+   clean→corrupt against random sets of the same size, attribution patching checked
+   against exact patching, and the HTML report. Run folder: ``runs/templates``.
+2. ``ablation`` — the same candidate sets mean-ablated in the clean run, against the
+   same kind of random controls (does the model *use* them?).
+3. ``blimp_diff`` — BLiMP's single-token pairs (a seeded sample spread over the
+   paradigms, categories ``blimp/<linguistics_term>``) through ``ec diff``.
+   Run folder: ``runs/blimp``.
+4. ``blimp_accuracy`` — :func:`eclens.evaluate.blimp_accuracy` on the first N pairs of
+   each paradigm, with binomial 95 % intervals, beside GPT-2's published numbers.
+5. ``analysis`` — the small result tables in ``results/`` (every number the write-up uses).
+6. ``figures`` — PNG figures (plotly rendered in headless chromium) and the report copy.
+7. ``readme`` — ``README.md`` generated from ``results/`` (:mod:`write_readme`).
+
+Steps 1–4 resume: a rerun with the same settings skips what is done (``runs/``).
+``--smoke`` runs everything on a handful of pairs (the test suite runs it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from eclens.errors import EclensError  # noqa: E402
+from eclens.runs import atomic_write, write_json, write_table  # noqa: E402
+
+METRICS_SHOWN = ("logit_diff", "kl")
+MAIN_HOOK = "hook_resid_post"
+ALPHA = 0.05
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+
+# ------------------------------------------------------------------------ configuration
+
+
+@dataclass
+class StudyConfig:
+    """Everything that determines the numbers. Defaults fit an idle 2-core CPU in ~20 minutes."""
+
+    blimp: str = "../shared/data/blimp"
+    model: str = "smollm2-135m"
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    n_per_category: int = 100          # template pairs per category
+    hooks: str = "default,mlp.hook_post,attn.hook_z"  # diff: residual, attn/MLP outputs, neurons, heads
+    batch_size: int = 16
+    min_pairs: int | None = None       # diff's candidate rule (None: its default, 10)
+    blimp_pairs: int = 300             # single-token BLiMP pairs for the diff, spread over paradigms
+    blimp_accuracy_n: int = 100        # first N pairs of each paradigm scored for accuracy
+    blimp_paradigms: int | None = None  # None: every paradigm file
+    exact_pairs: int = 3
+    patch_hooks: tuple[str, ...] = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out")
+    dims_pairs: int = 9                # one pair per category for the set tests
+    max_sets: int = 6                  # candidate sets (kinds interleaved: 3 stable, 3 responsive)
+    top_k: int = 10
+    n_controls: int = 100
+    attribution_pairs: int = 4
+    verify_top: int = 10
+    report_examples: int = 3
+    png: bool = True
+    smoke: bool = False
+
+    def numbers(self) -> dict:
+        d = asdict(self)
+        d.pop("png")
+        return d
+
+
+SMOKE = dict(n_per_category=3, hooks="hook_resid_post", min_pairs=3, batch_size=16,
+             blimp_pairs=10, blimp_accuracy_n=5, blimp_paradigms=2, exact_pairs=1, patch_hooks=("hook_resid_pre",),
+             dims_pairs=2, max_sets=2, top_k=5, n_controls=5, attribution_pairs=2, verify_top=3, report_examples=1)
+
+
+@dataclass
+class Study:
+    """Paths and state of one study folder (``--out``)."""
+
+    root: Path
+    cfg: StudyConfig
+    timing: dict[str, dict] = field(default_factory=dict)
+    log_lines: list[str] = field(default_factory=list)
+    quiet: bool = False
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results"
+
+    @property
+    def figures(self) -> Path:
+        return self.root / "figures"
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def templates_run(self) -> Path:
+        return self.runs / "templates"
+
+    @property
+    def blimp_run(self) -> Path:
+        return self.runs / "blimp"
+
+    def log(self, msg: str) -> None:
+        self.log_lines.append(msg)
+        if not self.quiet:
+            print(msg, file=sys.stderr, flush=True)
+
+    # Resume bookkeeping for the study's own steps (run_pipeline keeps its own).
+    def _state_path(self) -> Path:
+        return self.runs / "study_state.json"
+
+    def state(self) -> dict:
+        p = self._state_path()
+        if not p.exists():
+            return {}
+        try:
+            return json.loads(p.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            return {}
+
+    def done(self, step: str, key: str, files: list[Path]) -> bool:
+        return self.state().get(step) == key and all(f.exists() for f in files)
+
+    def mark(self, step: str, key: str) -> None:
+        st = self.state()
+        st[step] = key
+        write_json(self._state_path(), st)
+
+
+def _key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class _Timer:
+    def __init__(self, study: Study, step: str):
+        self.study, self.step = study, step
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        self.study.log(f"[study] {self.step}: running")
+        return self
+
+    def __exit__(self, *exc):
+        secs = round(time.perf_counter() - self.t0, 1)
+        status = "failed" if exc[0] else self.study.timing.get(self.step, {}).get("status", "done")
+        self.study.timing[self.step] = {"seconds": secs, "status": status}
+        self.study.log(f"[study] {self.step}: {status} in {secs:.1f} s")
+        return False
+
+
+def _skipped(study: Study, step: str) -> None:
+    study.timing[step] = {"seconds": 0.0, "status": "skipped (done earlier)"}
+
+
+# ------------------------------------------------------------------------------ steps
+
+
+def step_templates(study: Study, model) -> None:
+    """``ec run`` on the template pairs: pairs, diff, exact, dims (patch), attribution, report."""
+    from eclens.pipeline import RunConfig, run_pipeline
+
+    cfg = study.cfg
+    rc = RunConfig(n_per_category=cfg.n_per_category, seed=cfg.seed, hooks=cfg.hooks, batch_size=cfg.batch_size,
+                   min_pairs=cfg.min_pairs, exact_pairs=cfg.exact_pairs, patch_hooks=tuple(cfg.patch_hooks),
+                   dims_pairs=cfg.dims_pairs, max_sets=cfg.max_sets, top_k=cfg.top_k, n_controls=cfg.n_controls,
+                   attribution_pairs=cfg.attribution_pairs, verify_top=cfg.verify_top, metric="logit_diff",
+                   report_examples=cfg.report_examples)
+    res = run_pipeline(study.templates_run, model, rc, log=study.log, progress=not study.quiet)
+    study.timing["templates"] = {"status": "skipped (done earlier)" if all(s.status == "skipped" for s in res.steps)
+                                 else "done",
+                                 "pipeline": {s.step: {"status": s.status, "seconds": s.seconds} for s in res.steps}}
+
+
+def _dim_sets_from_table(t: pd.DataFrame):
+    from eclens.patch import DimSet
+
+    sets = []
+    for r in t.drop_duplicates("set").to_dict("records"):
+        dims = [int(x) for x in str(r["dims"]).split()]
+        kind = r.get("kind") if isinstance(r.get("kind"), str) else None
+        sets.append(DimSet(str(r["hook"]), int(r["layer"]), dims, int(r["offset"]), kind, str(r["set"])))
+    return sets
+
+
+def step_ablation(study: Study, model) -> None:
+    """Mean-ablate the tested candidate sets in the clean run, against random sets of the same size."""
+    from eclens import patch as P
+    from eclens.pairs import load_aligned
+    from eclens.pipeline import spread_pairs
+
+    cfg, run = study.cfg, study.templates_run
+    out, out_c = run / "patch_dims_mean.csv", run / "patch_dims_mean_controls.csv"
+    src = run / "patch_dims.csv"
+    if not src.exists() or src.stat().st_size <= 1:
+        study.log("[study] ablation: no candidate sets were tested (diff found none); nothing to ablate")
+        write_table(pd.DataFrame(), out)
+        write_table(pd.DataFrame(), out_c)
+        return
+    table = pd.read_csv(src)
+    key = _key("ablation", cfg.numbers(), _file_hash(src))
+    if study.done("ablation", key, [out, out_c]):
+        _skipped(study, "ablation")
+        return
+    sets = _dim_sets_from_table(table)
+    pairs = spread_pairs(load_aligned(run / "pairs.jsonl"), cfg.dims_pairs)
+    res = P.dims_interventions(model, pairs, sets, method="mean", n_controls=cfg.n_controls, seed=cfg.seed,
+                               direction="noise", metric="kl", progress=not study.quiet)
+    write_table(res.table, out)
+    write_table(res.controls, out_c)
+    study.mark("ablation", key)
+
+
+def _file_hash(path: Path) -> str:
+    from eclens.runs import file_sha256
+
+    return file_sha256(path)[:16]
+
+
+def blimp_files(cfg: StudyConfig) -> list[Path]:
+    d = Path(cfg.blimp)
+    if not d.is_dir():
+        raise EclensError(f"{d}: no BLiMP folder; pass --blimp FOLDER (the *.jsonl paradigm files, e.g. "
+                          "../shared/data/blimp)")
+    files = sorted(d.glob("*.jsonl"))
+    if not files:
+        raise EclensError(f"{d}: no *.jsonl BLiMP paradigm files in this folder; pass --blimp FOLDER")
+    return files
+
+
+def select_blimp_pairs(cfg: StudyConfig, tokenizer, prepend_bos: bool) -> tuple[list, pd.DataFrame]:
+    """A seeded sample of single-token BLiMP pairs spread evenly over the paradigms that have any.
+
+    Returns ``(pairs, yield_report)``; categories become ``blimp/<linguistics_term>`` so the
+    diff has per-phenomenon rows with enough pairs each.
+    """
+    from eclens.pairs import MinimalPair
+    from eclens.sources.blimp import import_blimp
+
+    files = blimp_files(cfg)
+    reports, by_uid = [], {}
+    for f in files:
+        # One file at a time: the smoke run stops after the paradigms it needs.
+        pairs, rep = import_blimp(f, tokenizer, prepend_bos=prepend_bos, only_valid=True)
+        reports.append(rep)
+        if pairs:
+            by_uid[pairs[0].meta["UID"]] = pairs
+        if cfg.blimp_paradigms and len(by_uid) >= cfg.blimp_paradigms:
+            break
+    report = pd.concat(reports, ignore_index=True)
+    if not by_uid:
+        raise EclensError(f"{cfg.blimp}: no BLiMP pair is a single-token change under this model's tokenizer")
+    rng = random.Random(cfg.seed)
+    queues = {}
+    for uid in sorted(by_uid):
+        q = list(by_uid[uid])
+        rng.shuffle(q)
+        queues[uid] = q
+    chosen: list = []
+    while len(chosen) < cfg.blimp_pairs and any(queues.values()):
+        for uid in sorted(queues):
+            if queues[uid] and len(chosen) < cfg.blimp_pairs:
+                chosen.append(queues[uid].pop())
+    out = [MinimalPair(p.id, p.clean, p.corrupt, f"blimp/{p.meta['linguistics_term']}", p.source, p.meta)
+           for p in chosen]
+    sel = pd.Series([p.meta["UID"] for p in out]).value_counts()
+    report["selected"] = report["UID"].map(sel).fillna(0).astype(int)
+    return out, report
+
+
+def step_blimp_diff(study: Study, model) -> None:
+    from eclens.model import manifest_model_entry, model_id, weights_hash
+    from eclens.pairs import write_jsonl
+    from eclens.pipeline import RunConfig, _step_diff, _step_pairs
+    from eclens.runs import check_manifest_model, update_manifest
+
+    cfg, run = study.cfg, study.blimp_run
+    outs = [run / f for f in ("pairs.jsonl", "layers.csv", "candidates.csv", "summary.json", "pairs.csv")]
+    key = _key("blimp_diff", cfg.numbers(), model_id(model))
+    yield_csv = study.results / "blimp_yield.csv"
+    if study.done("blimp_diff", key, [*outs, yield_csv]):
+        _skipped(study, "blimp_diff")
+        return
+    run.mkdir(parents=True, exist_ok=True)
+    check_manifest_model(run, model_id(model), weights_hash(model))
+    update_manifest(run, model=manifest_model_entry(model), seed=cfg.seed)
+    pairs, report = select_blimp_pairs(cfg, model.tokenizer, bool(model.cfg.default_prepend_bos))
+    write_table(report, yield_csv)
+    src = run / "input_pairs.jsonl"
+    write_jsonl(src, pairs)
+    # The same steps `ec run` uses for a pairs file: align (pairs.jsonl, rejected.jsonl, check.csv), then diff.
+    rc = RunConfig(pairs_file=str(src), seed=cfg.seed, hooks=cfg.hooks, batch_size=cfg.batch_size,
+                   min_pairs=cfg.min_pairs)
+    _, _, head, aligned = _step_pairs(run, model, rc, [], progress=not study.quiet, log=study.log)
+    study.log(f"[study] blimp pairs: {head}")
+    _, _, head, _ = _step_diff(run, model, rc, aligned, progress=not study.quiet, log=study.log)
+    study.log(f"[study] blimp diff: {head}")
+    study.mark("blimp_diff", key)
+
+
+def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score 95 % interval for a binomial proportion (good at p near 0 or 1 and small n)."""
+    if n == 0:
+        return math.nan, math.nan
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def step_blimp_accuracy(study: Study, model) -> None:
+    from eclens.evaluate import blimp_accuracy, load_reference_results
+    from eclens.model import model_id
+
+    cfg = study.cfg
+    out, out_t = study.results / "blimp_accuracy.csv", study.results / "blimp_accuracy_terms.csv"
+    key = _key("blimp_accuracy", cfg.blimp_accuracy_n, cfg.blimp_paradigms, cfg.blimp, model_id(model))
+    if study.done("blimp_accuracy", key, [out, out_t]):
+        _skipped(study, "blimp_accuracy")
+        return
+    files = blimp_files(cfg)
+    folder = Path(cfg.blimp)
+    if cfg.blimp_paradigms:
+        # blimp_accuracy reads a folder: give it one with just the first N paradigm files (links).
+        folder = study.runs / "blimp_subset"
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in folder.glob("*.jsonl"):
+            old.unlink()
+        for f in files[: cfg.blimp_paradigms]:
+            (folder / f.name).symlink_to(f.resolve())
+    acc = blimp_accuracy(model, folder, n_per_paradigm=cfg.blimp_accuracy_n)
+    ci = [wilson(int(k), int(n)) for k, n in zip(acc["correct"], acc["n"])]
+    acc["ci_low"] = [c[0] for c in ci]
+    acc["ci_high"] = [c[1] for c in ci]
+    ref_path = Path(cfg.blimp).parent / "blimp-results" / "models_summary.jsonl"
+    ref = load_reference_results(ref_path) if ref_path.exists() else None
+    if ref is not None:
+        per = ref[ref["UID"] != "overall"].set_index("UID")
+        acc["gpt2"] = acc["UID"].map(per["gpt2"])
+    else:
+        acc["gpt2"] = np.nan
+    terms = []
+    groups = [*((t, g) for t, g in acc.groupby("linguistics_term", sort=True)), ("overall", acc)]
+    for term, g in groups:
+        k, n = int(g["correct"].sum()), int(g["n"].sum())
+        lo, hi = wilson(k, n)
+        row = {"linguistics_term": term, "paradigms": int(len(g)), "n": n, "correct": k, "accuracy": k / n,
+               "ci_low": lo, "ci_high": hi,
+               # GPT-2's published figures average paradigms of 1,000 pairs each (Warstadt et al., 2020)
+               "gpt2_paradigm_mean": float(g["gpt2"].mean()) if g["gpt2"].notna().any() else np.nan}
+        if ref is not None:
+            r = ref[(ref["UID"] == "overall") & (ref["linguistics_term"] == term)]
+            row["gpt2_published"] = float(r["gpt2"].iloc[0]) if len(r) else np.nan
+        terms.append(row)
+    write_table(acc, out)
+    write_table(pd.DataFrame(terms), out_t)
+    study.mark("blimp_accuracy", key)
+
+
+# ----------------------------------------------------------------------------- analysis
+
+
+def _read_csv(path: Path) -> pd.DataFrame:
+    if not path.exists() or path.stat().st_size <= 1:
+        return pd.DataFrame()
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def _f(x) -> float | None:
+    """A JSON-safe float (NaN -> None)."""
+    if x is None:
+        return None
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+LAYER_COLS = ("n", "rel_l2_mean", "rel_l2_median", "cos_mean", "absz_median", "absz_mean", "frac_under_mean",
+              "sign_consistency_mean", "dir_consistency", "loo_cos_median", "n_massive", "rms_ratio_max",
+              "rms_ratio_dim", "n_stable", "n_responsive")
+
+
+def analyse_layers(runs: dict[str, Path]) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Per-layer profiles (category all at every offset; every category at p) and their headline numbers."""
+    alls, cats, find = [], [], {}
+    for name, run in runs.items():
+        lay = _read_csv(run / "layers.csv")
+        if lay.empty:
+            continue
+        cols = [c for c in LAYER_COLS if c in lay.columns]
+        a = lay[lay["category"] == "all"][["hook", "layer", "offset", *cols]].copy()
+        a.insert(0, "dataset", name)
+        alls.append(a)
+        c = lay[lay["offset"] == 0][["category", "hook", "layer", *[x for x in ("n", "rel_l2_mean", "absz_median",
+                                                                                  "n_stable", "n_responsive")
+                                                                      if x in lay.columns]]].copy()
+        c.insert(0, "dataset", name)
+        cats.append(c)
+        f: dict = {}
+        for hook, g in a.groupby("hook"):
+            hf: dict = {}
+            for off, go_ in g.groupby("offset"):
+                go_ = go_.dropna(subset=["rel_l2_mean"])
+                if go_.empty:
+                    continue
+                peak = go_.loc[go_["rel_l2_mean"].idxmax()]
+                last = go_.loc[go_["layer"].idxmax()]
+                hf[str(int(off))] = {"peak_layer": int(peak["layer"]), "peak_rel_l2": _f(peak["rel_l2_mean"]),
+                                     "last_layer_rel_l2": _f(last["rel_l2_mean"]),
+                                     "mean_rel_l2": _f(go_["rel_l2_mean"].mean()),
+                                     "n_stable": int(go_["n_stable"].sum()),
+                                     "n_responsive": int(go_["n_responsive"].sum()),
+                                     "n_pairs": int(go_["n"].max())}
+                for kind in ("stable", "responsive"):
+                    col = f"n_{kind}"
+                    if go_[col].max() > 0:
+                        top = go_.loc[go_[col].idxmax()]
+                        hf[str(int(off))][f"most_{kind}_layer"] = int(top["layer"])
+                        hf[str(int(off))][f"most_{kind}_count"] = int(top[col])
+            f[hook] = hf
+        find[name] = f
+    return (pd.concat(alls, ignore_index=True) if alls else pd.DataFrame(),
+            pd.concat(cats, ignore_index=True) if cats else pd.DataFrame(), find)
+
+
+def analyse_candidates(runs: dict[str, Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
+    """Counts per hook/offset/kind, the strongest candidates, and how consistent they are across
+    categories and across the two datasets."""
+    counts, tops, cons = [], [], []
+    cands: dict[str, pd.DataFrame] = {}
+    find: dict = {}
+    for name, run in runs.items():
+        c = _read_csv(run / "candidates.csv")
+        cands[name] = c
+        if c.empty:
+            find[name] = {"stable": 0, "responsive": 0}
+            continue
+        # n_passing: every dim that passed the rule in the cell (the table lists at most max_candidates of them)
+        cell = c.drop_duplicates(["category", "hook", "layer", "offset", "kind"])
+        cnt = (cell.groupby(["category", "hook", "offset", "kind"])
+               .agg(n_cells=("layer", "size"), n_dims=("n_passing", "sum")).reset_index())
+        cnt.insert(0, "dataset", name)
+        counts.append(cnt)
+        a = c[c["category"] == "all"]
+        find[name] = {k: int(cell[(cell["category"] == "all") & (cell["kind"] == k)]["n_passing"].sum())
+                      for k in ("stable", "responsive")}
+        for (_hook, kind), g in a.groupby(["hook", "kind"]):
+            score, asc = ("absz_q90", True) if kind == "stable" else ("absz_median", False)
+            t = g.sort_values(score, ascending=asc, kind="stable").head(30)
+            t = t[["category", "hook", "layer", "offset", "dim", "unit", "head", "kind", "rank", "n", "absz_median",
+                   "absz_q90", "frac_under", "sign_consistency", "mean_delta", "sigma_clean"]].copy()
+            t.insert(0, "dataset", name)
+            tops.append(t)
+        # Across categories: of the dims listed for "all", the share also listed in at least half of the
+        # categories that have enough pairs for the rule at that hook and offset.
+        sub = c[c["category"] != "all"]
+        n_cats = sub["category"].nunique()
+        if n_cats:
+            keycols = ["hook", "layer", "offset", "dim", "kind"]
+            per = sub.groupby(keycols)["category"].nunique().rename("n_categories").reset_index()
+            m = a.merge(per, on=keycols, how="left").fillna({"n_categories": 0})
+            for (hook, kind), g in m.groupby(["hook", "kind"]):
+                cons.append({"dataset": name, "hook": hook, "kind": kind, "n_all": int(len(g)),
+                             "n_categories_total": int(n_cats),
+                             "median_categories": _f(g["n_categories"].median()),
+                             "frac_in_half_of_categories": _f((g["n_categories"] >= n_cats / 2).mean()),
+                             "frac_in_no_category": _f((g["n_categories"] == 0).mean())})
+    # Across datasets: templates vs BLiMP, same (hook, layer, offset, dim, kind) among the listed "all" candidates.
+    cross = {}
+    if len(cands) == 2 and all(not v.empty for v in cands.values()):
+        (na, ca), (nb, cb) = cands.items()
+        keycols = ["hook", "layer", "offset", "dim", "kind"]
+        sa = set(map(tuple, ca[ca["category"] == "all"][keycols].to_numpy().tolist()))
+        sb = set(map(tuple, cb[cb["category"] == "all"][keycols].to_numpy().tolist()))
+        for kind in ("stable", "responsive"):
+            ka = {x for x in sa if x[4] == kind}
+            kb = {x for x in sb if x[4] == kind}
+            inter = ka & kb
+            cross[kind] = {"n_" + na: len(ka), "n_" + nb: len(kb), "n_both": len(inter),
+                           "jaccard": _f(len(inter) / len(ka | kb)) if ka | kb else None}
+            for hook in sorted({x[0] for x in ka | kb}):
+                ha, hb = {x for x in ka if x[0] == hook}, {x for x in kb if x[0] == hook}
+                cons.append({"dataset": f"{na}&{nb}", "hook": hook, "kind": kind, "n_all": len(ha & hb),
+                             "n_categories_total": None, "median_categories": None,
+                             "frac_in_half_of_categories": None, "frac_in_no_category": None,
+                             "jaccard_across_datasets": _f(len(ha & hb) / len(ha | hb)) if ha | hb else None})
+    find["across_datasets"] = cross
+    return (pd.concat(counts, ignore_index=True) if counts else pd.DataFrame(),
+            pd.concat(tops, ignore_index=True) if tops else pd.DataFrame(), pd.DataFrame(cons), find)
+
+
+def _ranges(xs) -> str:
+    """``[0, 1, 2, 5, 7, 8]`` -> ``"0-2, 5, 7-8"``."""
+    xs = sorted(set(int(x) for x in xs))
+    out, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(str(xs[i]) if i == j else f"{xs[i]}-{xs[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+def _offset_name(o) -> str:
+    o = int(o)
+    return "p" if o == 0 else "last" if o == -1 else f"p+{o}"
+
+
+def analyse_massive(runs: dict[str, Path]) -> tuple[pd.DataFrame, dict]:
+    """How the massive-activation dimensions behave: where they are massive, how large, and how much they move
+    (normalised) compared with the other dimensions at the same cells."""
+    import pyarrow.parquet as pq
+
+    rows, find = [], {}
+    for name, run in runs.items():
+        p = run / "dims.parquet"
+        if not p.exists():
+            continue
+        cols = ["category", "hook", "layer", "offset", "dim", "massive", "rms_ratio", "mean_clean",
+                "absz_median", "sign_consistency", "frac_under"]
+        d = pq.read_table(p, columns=cols, filters=[("category", "==", "all")]).to_pandas()
+        ref = (d[~d["massive"]].groupby(["hook", "layer", "offset"])["absz_median"].median()
+               .rename("others_absz_median"))
+        m = d[d["massive"]].join(ref, on=["hook", "layer", "offset"])
+        for (hook, dim), g in m.groupby(["hook", "dim"]):
+            top = g.loc[g["rms_ratio"].idxmax()]
+            rows.append({"dataset": name, "hook": hook, "dim": int(dim), "n_cells_massive": int(len(g)),
+                         "layers": _ranges(g["layer"]),
+                         "positions": " ".join(_offset_name(o) for o in sorted(set(g["offset"].astype(int)),
+                                                                               key=lambda o: (o < 0, o))),
+                         "rms_ratio_max": _f(top["rms_ratio"]), "mean_clean_at_max": _f(top["mean_clean"]),
+                         "layer_at_max": int(top["layer"]), "position_at_max": _offset_name(top["offset"]),
+                         "absz_median_at_massive": _f(g["absz_median"].median()),
+                         "others_absz_median": _f(g["others_absz_median"].median()),
+                         "frac_under_at_massive": _f(g["frac_under"].median()),
+                         "sign_consistency_at_massive": _f(g["sign_consistency"].median())})
+        sub = [r for r in rows if r["dataset"] == name]
+        find[name] = {"n": len(sub), "by_hook": {h: sorted(r["dim"] for r in sub if r["hook"] == h)
+                                                 for h in sorted({r["hook"] for r in sub})}}
+    return pd.DataFrame(rows), find
+
+
+def analyse_contrasts(run: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
+    """Per-dimension grammar / meaning / typo contrasts (Mann–Whitney U, BH over every test of a measure)."""
+    p = run / "contrasts.parquet"
+    if not p.exists():
+        return pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), {}
+    con = pd.read_parquet(p)
+    if con.empty:
+        return pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), {"n_tests": 0}
+    con = con.dropna(subset=["p"])
+    con["significant"] = con["q"] <= ALPHA
+    summ = (con.groupby(["contrast", "measure", "hook"])
+            .agg(n_tests=("p", "size"), n_significant=("significant", "sum"), min_q=("q", "min"),
+                 n_a=("n_a", "max"), n_b=("n_b", "max")).reset_index())
+    summ["frac_significant"] = summ["n_significant"] / summ["n_tests"]
+    by_layer = (con.groupby(["contrast", "measure", "hook", "layer"])
+                .agg(n_tests=("p", "size"), n_significant=("significant", "sum")).reset_index())
+    top = (con[con["significant"]].sort_values("q", kind="stable").groupby(["contrast", "measure"]).head(15)
+           [["contrast", "measure", "hook", "layer", "dim", "unit", "head", "n_a", "n_b", "median_a", "median_b",
+             "effect", "p", "q"]])
+    find: dict = {"alpha": ALPHA}
+    for (contrast, measure), g in con.groupby(["contrast", "measure"]):
+        sig = g[g["significant"]]
+        e = {"n_tests": int(len(g)), "n_significant": int(len(sig)), "min_q": _f(g["q"].min()),
+             "n_a": int(g["n_a"].max()), "n_b": int(g["n_b"].max())}
+        if len(sig):
+            bl = sig.groupby(["hook", "layer"]).size().sort_values(ascending=False)
+            e["top_hook_layer"] = [str(bl.index[0][0]), int(bl.index[0][1]), int(bl.iloc[0])]
+            e["share_higher_in_a"] = _f((sig["effect"] > 0).mean())
+            e["median_abs_effect"] = _f(sig["effect"].abs().median())
+            e["by_hook"] = {h: int(v) for h, v in sig.groupby("hook").size().items()}
+        find.setdefault(contrast, {})[measure] = e
+    return summ, by_layer, top, find
+
+
+def analyse_causal(run: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """The candidate sets against their random controls, both tests, with BH over every test shown."""
+    from eclens.stats import bh_qvalues
+
+    tests = [("restore: patch clean→corrupt", "patch_dims.csv", "patch_dims_controls.csv"),
+             ("ablate: mean in clean run", "patch_dims_mean.csv", "patch_dims_mean_controls.csv")]
+    rows, ctrl_rows = [], []
+    for test, f, fc in tests:
+        t, c = _read_csv(run / f), _read_csv(run / fc)
+        if t.empty:
+            continue
+        for r in t.to_dict("records"):
+            row = {"test": test, "set": r["set"], "kind": r.get("kind"), "hook": r["hook"], "layer": int(r["layer"]),
+                   "offset": int(r["offset"]), "size": int(r["size"]), "dims": str(r["dims"]),
+                   "method": r["method"], "direction": r["direction"], "n_pairs": int(r["n_pairs"]),
+                   "n_controls": int(r["n_controls"])}
+            for m in METRICS_SHOWN:
+                for k in ("effect", "control_mean", "control_std", "z", "p", "q"):
+                    row[f"{m}_{k}"] = r.get(f"{m}_{k}")
+            rows.append(row)
+        if not c.empty:
+            c = c.copy()
+            c.insert(0, "test", test)
+            ctrl_rows.append(c)
+    df = pd.DataFrame(rows)
+    find: dict = {}
+    if df.empty:
+        return df, pd.DataFrame(), {"n_sets": 0}
+    # q over everything shown (sets x tests x metrics): the family the write-up's claims are made over.
+    pcols = [f"{m}_p" for m in METRICS_SHOWN]
+    flat = df[pcols].to_numpy(dtype=float).reshape(-1)
+    q_all = np.asarray(bh_qvalues(flat)).reshape(len(df), len(pcols))
+    for i, m in enumerate(METRICS_SHOWN):
+        df[f"{m}_q_all"] = q_all[:, i]
+        df[f"{m}_beats_controls"] = df[f"{m}_q_all"] < ALPHA
+        # |effect| relative to the controls' mean |effect|: 1 = like a random set
+        df[f"{m}_ratio_to_controls"] = np.nan
+    for (test, label), g in pd.concat(ctrl_rows).groupby(["test", "set"]) if ctrl_rows else []:
+        i = df.index[(df["test"] == test) & (df["set"] == label)]
+        for m in METRICS_SHOWN:
+            denom = g[f"{m}_effect"].abs().mean()
+            if len(i) and denom > 0:
+                df.loc[i, f"{m}_ratio_to_controls"] = df.loc[i, f"{m}_effect"].abs() / denom
+    find["n_sets"] = int(df["set"].nunique())
+    find["n_tests"] = int(len(df) * len(METRICS_SHOWN))
+    find["n_beats"] = int(sum(df[f"{m}_beats_controls"].sum() for m in METRICS_SHOWN))
+    find["n_controls"] = int(df["n_controls"].max())
+    find["n_pairs"] = int(df["n_pairs"].max())
+    find["by_test"] = {}
+    for test, g in df.groupby("test", sort=False):
+        e = {}
+        for m in METRICS_SHOWN:
+            e[m] = {"n_beats": int(g[f"{m}_beats_controls"].sum()), "n": int(len(g)),
+                    "min_q_all": _f(g[f"{m}_q_all"].min()), "min_p": _f(g[f"{m}_p"].min())}
+        find["by_test"][test] = e
+    controls = pd.concat(ctrl_rows, ignore_index=True) if ctrl_rows else pd.DataFrame()
+    return df, controls, find
+
+
+def analyse_attribution(run: Path) -> tuple[pd.DataFrame, dict]:
+    from eclens.patch import attribution_summary
+
+    att = _read_csv(run / "patch_attribution.csv")
+    if att.empty:
+        return pd.DataFrame(), {}
+    ps = _read_json(run / "patch_summary.json").get("attribution", {})
+    k = ps.get("verify_top") or None
+    rows = [{"hook": "all", **attribution_summary(att, k)}]
+    for hook, g in att.groupby("hook"):
+        rows.append({"hook": hook, **attribution_summary(g, k)})
+    # Where patches at p are excluded: attribution's known weak spot is the residual stream at p.
+    later = att[att["position_kind"] != "changed"]
+    rows.append({"hook": "all, positions after p", **attribution_summary(later, k)})
+    df = pd.DataFrame(rows)
+    for c in ("spearman", "spearman_median_pair", "topk_overlap"):
+        if c not in df:
+            df[c] = np.nan
+    find = {"n_pairs": int(att["pair_id"].nunique()), "n_components": int(len(att)),
+            "n_verified": int(att["verified"].sum()), "verify_top": k, "metric": ps.get("metric"),
+            "by_hook": {r["hook"]: {x: _f(r.get(x)) for x in ("spearman", "spearman_median_pair", "topk_overlap",
+                                                                 "n_verified")} for r in rows}}
+    return df, find
+
+
+def analyse_decay(runs: dict[str, Path], max_k: int = 8) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """How the one-token perturbation decays: next-token KL at p+k (diff's pairs.csv) and exact
+    patching restoration per layer at p versus later positions."""
+    rows, find = [], {}
+    for name, run in runs.items():
+        pr = _read_csv(run / "pairs.csv")
+        if pr.empty or "kl" not in pr:
+            continue
+        kls = [json.loads(s) for s in pr["kl"]]
+        cats = pr["category"].astype(str)
+        groups = [c.split("/", 1)[0] for c in cats] if name == "templates" else ["blimp"] * len(cats)
+        for grp in ["all", *sorted(set(groups))]:
+            idx = [i for i, g in enumerate(groups) if grp == "all" or g == grp]
+            for k in [*range(max_k + 1), -1]:
+                vals = [kls[i][k] if k >= 0 and k < len(kls[i]) else (kls[i][-1] if k == -1 else None)
+                        for i in idx]
+                vals = np.array([v for v in vals if v is not None], dtype=float)
+                if not len(vals):
+                    continue
+                rows.append({"dataset": name, "group": grp, "offset": k, "n": int(len(vals)),
+                             "kl_mean": float(vals.mean()), "kl_median": float(np.median(vals)),
+                             "kl_q90": float(np.quantile(vals, 0.9))})
+        d = pd.DataFrame([r for r in rows if r["dataset"] == name and r["group"] == "all"])
+        if not d.empty:
+            k0 = d[d["offset"] == 0]
+            f = {"kl_mean_at_p": _f(k0["kl_mean"].iloc[0]) if len(k0) else None}
+            for k in (1, 2, 3, -1):
+                dk = d[d["offset"] == k]
+                if len(dk):
+                    f[f"kl_mean_at_{'last' if k == -1 else f'p+{k}'}"] = _f(dk["kl_mean"].iloc[0])
+                    f[f"n_at_{'last' if k == -1 else f'p+{k}'}"] = int(dk["n"].iloc[0])
+            find[name] = f
+    kl = pd.DataFrame(rows)
+    ex = _read_csv(runs["templates"] / "patch_exact.csv") if "templates" in runs else pd.DataFrame()
+    exact = pd.DataFrame()
+    if not ex.empty:
+        ex = ex[(ex["position_kind"] != "before") & (ex["head"] == -1)].copy()
+        o = pd.to_numeric(ex["offset"], errors="coerce")
+        ex["where"] = np.select([ex["position_kind"] == "changed", ex["position_kind"] == "last", o == 1],
+                                ["p", "last", "p+1"], "p+2 .. last-1")
+        # KL reads every position from p on, so it shows where along the sequence the change's effect sits;
+        # the logit difference is read at p alone (patching p restores it fully at every layer).
+        exact = (ex.groupby(["direction", "hook", "layer", "where"])
+                 .agg(n_pairs=("pair_id", "nunique"), kl_restored=("kl_restored", "mean"),
+                      logit_diff_restored=("logit_diff_restored", "mean")).reset_index())
+        f = {}
+        for (d_, h), g in exact.groupby(["direction", "hook"]):
+            piv = g.pivot_table(index="layer", columns="where", values="kl_restored")
+            e: dict = {}
+            if "p" in piv:
+                e["kl_restored_at_p_first_layer"] = _f(piv["p"].iloc[0])
+                e["kl_restored_at_p_last_layer"] = _f(piv["p"].iloc[-1])
+                below = piv.index[piv["p"] < 0.5]
+                e["first_layer_p_below_half"] = int(below.min()) if len(below) else None
+                if "last" in piv:
+                    over = piv.index[piv["last"] > piv["p"]]
+                    e["first_layer_last_beats_p"] = int(over.min()) if len(over) else None
+                    e["kl_restored_at_last_last_layer"] = _f(piv["last"].iloc[-1])
+            f[f"{d_}/{h}"] = e
+        find["exact"] = f
+        find["exact_pairs"] = int(ex["pair_id"].nunique())
+    return kl, exact, find
+
+
+def analyse(study: Study, model_entry: dict) -> dict:
+    """Write the small result tables of ``results/`` and return the findings for ``study.json``."""
+    R = study.results
+    runs = {"templates": study.templates_run, "blimp": study.blimp_run}
+    runs = {k: v for k, v in runs.items() if (v / "layers.csv").exists()}
+    find: dict = {}
+    # datasets
+    ds = []
+    for name, run in runs.items():
+        c = _read_csv(run / "check.csv")
+        if not c.empty:
+            c.insert(0, "dataset", name)
+            ds.append(c)
+    datasets = pd.concat(ds, ignore_index=True) if ds else pd.DataFrame()
+    write_table(datasets, R / "datasets.csv")
+    find["datasets"] = {name: {"n_valid": int(g["valid"].sum()), "n_total": int(g["total"].sum()),
+                               "categories": {r["category"]: int(r["valid"]) for r in g.to_dict("records")}}
+                        for name, g in datasets.groupby("dataset")} if not datasets.empty else {}
+    y = _read_csv(R / "blimp_yield.csv")
+    if not y.empty:
+        find["blimp_yield"] = {"paradigms_read": int(len(y)), "paradigms_with_single_token_pairs": int((y["valid"] > 0)
+                                                                                                     .sum()),
+                               "single_token_pairs": int(y["valid"].sum()), "total_pairs": int(y["total"].sum()),
+                               "selected": int(y["selected"].sum())}
+    for name, run in runs.items():
+        s = _read_json(run / "summary.json")
+        find.setdefault("diff", {})[name] = {k: s.get(k) for k in ("n_pairs", "n_sample", "rule", "hooks",
+                                                                   "n_candidates", "massive_dims", "contrasts",
+                                                                   "mean_kl_0", "mean_logprob_diff")}
+    la, lc, f = analyse_layers(runs)
+    write_table(la, R / "layers_all.csv")
+    write_table(lc, R / "layers_by_category_at_p.csv")
+    find["layers"] = f
+    counts, tops, cons, f = analyse_candidates(runs)
+    write_table(counts, R / "candidate_counts.csv")
+    write_table(tops, R / "candidates_top.csv")
+    write_table(cons, R / "candidate_consistency.csv")
+    find["candidates"] = f
+    mass, f = analyse_massive(runs)
+    write_table(mass, R / "massive_dims.csv")
+    find["massive"] = f
+    if "templates" in runs:
+        summ, by_layer, top, f = analyse_contrasts(runs["templates"])
+        write_table(summ, R / "contrasts_summary.csv")
+        write_table(by_layer, R / "contrasts_by_layer.csv")
+        write_table(top, R / "contrasts_top.csv")
+        find["contrasts"] = f
+        causal, controls, f = analyse_causal(runs["templates"])
+        write_table(causal, R / "causal_sets.csv")
+        find["causal"] = f
+        att, f = analyse_attribution(runs["templates"])
+        write_table(att, R / "attribution_vs_exact.csv")
+        find["attribution"] = f
+    kl, exact, f = analyse_decay(runs)
+    write_table(kl, R / "decay_kl.csv")
+    write_table(exact, R / "decay_exact_patching.csv")
+    find["decay"] = f
+    acc = _read_csv(R / "blimp_accuracy_terms.csv")
+    if not acc.empty:
+        o = acc[acc["linguistics_term"] == "overall"].iloc[0]
+        per = _read_csv(R / "blimp_accuracy.csv")
+        diff = (per["accuracy"] - per["gpt2"]).dropna()
+        find["blimp_accuracy"] = {
+            "n_per_paradigm": study.cfg.blimp_accuracy_n, "paradigms": int(o["paradigms"]), "n": int(o["n"]),
+            "accuracy": _f(o["accuracy"]), "ci_low": _f(o["ci_low"]), "ci_high": _f(o["ci_high"]),
+            "gpt2_published_overall": _f(o.get("gpt2_published")),
+            "gpt2_same_paradigms": _f(o.get("gpt2_paradigm_mean")),
+            "paradigms_below_gpt2_ci": int((per["ci_high"] < per["gpt2"]).sum()),
+            "paradigms_above_gpt2_ci": int((per["ci_low"] > per["gpt2"]).sum()),
+            "median_diff_vs_gpt2": _f(diff.median()) if len(diff) else None}
+    return find
+
+
+# ------------------------------------------------------------------------------ figures
+
+
+def build_figures(study: Study) -> dict[str, Any]:
+    """The write-up's figures as plotly figures (viz's where one fits), from the run folders and results/."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    from eclens import viz
+    from eclens.report import RunData
+
+    R, T = study.results, study.templates_run
+    figs: dict[str, Any] = {}
+    lay = _read_csv(T / "layers.csv")
+    if not lay.empty:
+        figs["decay_layers_offsets"] = viz.layer_offset_heatmap(
+            lay, hook=MAIN_HOOK, title="Relative L2 change ‖Δ‖/‖a‖ of resid_post by layer and position (templates)")
+        figs["layers_by_category"] = viz.category_curves(
+            lay, hook=MAIN_HOOK, offset=0, title="‖Δ‖/‖a‖ of resid_post at the changed token, per category")
+    la = _read_csv(R / "layers_all.csv")
+    if not la.empty:
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("stable dims per layer", "responsive dims per layer"))
+        d = la[(la["dataset"] == "templates")]
+        for j, kind in enumerate(("stable", "responsive"), start=1):
+            for (hook, off), g in d.groupby(["hook", "offset"]):
+                if off not in (0, -1) or g[f"n_{kind}"].sum() == 0:
+                    continue
+                fig.add_trace(go.Scatter(x=g["layer"], y=g[f"n_{kind}"], mode="lines",
+                                         name=f"{hook} @ {viz.offset_label(off)}", legendgroup=f"{hook}{off}",
+                                         showlegend=j == 1), row=1, col=j)
+        fig.update_xaxes(title="layer")
+        fig.update_yaxes(title="dimensions passing the rule", row=1, col=1)
+        figs["candidates_by_layer"] = viz._layout(fig, "Candidate dimensions per layer (templates, all pairs)",
+                                                  height=420, legend=dict(font=dict(size=9)))
+    rd = RunData(T) if T.exists() else None
+    if rd is not None and rd.file("dims.parquet"):
+        dims = rd.dims_slice(category="all", hook=MAIN_HOOK, offset=0)
+        figs["dims_heatmap"] = viz.layer_dim_heatmap(
+            dims, hook=MAIN_HOOK, massive=rd.massive_dims(dims), max_dims=576,
+            title="Median |Δ|/σ per dimension of resid_post at p (templates; massive dims in red)")
+    mass = _read_csv(R / "massive_dims.csv")
+    if not mass.empty and rd is not None:
+        import pyarrow.parquet as pq
+
+        m = mass[(mass["dataset"] == "templates") & (mass["hook"] == MAIN_HOOK)]
+        dims_m = m.sort_values("rms_ratio_max", ascending=False)["dim"].astype(int).tolist()[:2]
+        if dims_m:
+            d = pq.read_table(T / "dims.parquet", columns=["category", "hook", "layer", "offset", "dim", "rms_ratio",
+                                                           "absz_median", "massive"],
+                              filters=[("category", "==", "all"), ("hook", "==", MAIN_HOOK)]).to_pandas()
+            fig = make_subplots(rows=len(dims_m), cols=2, vertical_spacing=0.16,
+                                subplot_titles=[t for dm in dims_m for t in
+                                                (f"dim {dm}: mean |a| / median dim's", f"dim {dm}: median |Δ|/σ "
+                                                 "(dotted: median of the other dims)")])
+            palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd"]
+            offs = sorted(d["offset"].unique(), key=lambda o: (o < 0, o))
+            for i, dm in enumerate(dims_m, start=1):
+                for j, o in enumerate(offs):
+                    col = palette[j % len(palette)]
+                    g = d[(d["dim"] == dm) & (d["offset"] == o)].sort_values("layer")
+                    fig.add_trace(go.Scatter(x=g["layer"], y=g["rms_ratio"], name=viz.offset_label(o),
+                                             legendgroup=str(o), showlegend=i == 1, line=dict(color=col)),
+                                  row=i, col=1)
+                    fig.add_trace(go.Scatter(x=g["layer"], y=g["absz_median"], name=viz.offset_label(o),
+                                             legendgroup=str(o), showlegend=False, line=dict(color=col)),
+                                  row=i, col=2)
+                    oth = d[(d["offset"] == o) & ~d["massive"] & (d["dim"] != dm)].groupby("layer")["absz_median"] \
+                        .median()
+                    fig.add_trace(go.Scatter(x=oth.index, y=oth.values, showlegend=False, legendgroup=str(o),
+                                             line=dict(color=col, dash="dot", width=1)), row=i, col=2)
+                fig.add_hline(y=100, line=dict(color="gray", dash="dash"), row=i, col=1)
+                fig.update_yaxes(type="log", row=i, col=1)
+            fig.update_xaxes(title="layer")
+            figs["massive_dims"] = viz._layout(
+                fig, "Massive dimensions of resid_post (templates): size and normalised change, per position",
+                height=330 * len(dims_m) + 80, width=1000)
+    cbl = _read_csv(R / "contrasts_by_layer.csv")
+    if not cbl.empty:
+        fig = make_subplots(rows=1, cols=2, subplot_titles=("|Δ|/σ (size of the change)", "Δ/σ (signed)"))
+        for j, measure in enumerate(("abs", "signed"), start=1):
+            for (contrast, hook), g in cbl[cbl["measure"] == measure].groupby(["contrast", "hook"]):
+                if g["n_significant"].sum() == 0:
+                    continue
+                fig.add_trace(go.Scatter(x=g["layer"], y=g["n_significant"], mode="lines",
+                                         name=f"{contrast}: {hook}", legendgroup=f"{contrast}{hook}",
+                                         showlegend=True), row=1, col=j)
+        fig.update_xaxes(title="layer")
+        fig.update_yaxes(title=f"dims with BH q ≤ {ALPHA}", row=1, col=1)
+        figs["contrasts_by_layer"] = viz._layout(fig, "Category contrasts at p: significant dimensions per layer",
+                                                 height=440, legend=dict(font=dict(size=9)))
+    causal = _read_csv(R / "causal_sets.csv")
+    ctrl = pd.DataFrame()
+    for f in ("patch_dims_controls.csv", "patch_dims_mean_controls.csv"):
+        c = _read_csv(T / f)
+        if not c.empty:
+            c.insert(0, "test", "restore: patch clean→corrupt" if "mean" not in f else "ablate: mean in clean run")
+            ctrl = pd.concat([ctrl, c], ignore_index=True)
+    if not causal.empty and not ctrl.empty:
+        tests = list(dict.fromkeys(causal["test"]))
+        fig = make_subplots(rows=len(METRICS_SHOWN), cols=len(tests), shared_xaxes=False,
+                            subplot_titles=[f"{t} — {m}" for m in METRICS_SHOWN for t in tests],
+                            vertical_spacing=0.2)
+        for i, m in enumerate(METRICS_SHOWN, start=1):
+            for j, t in enumerate(tests, start=1):
+                cs = causal[causal["test"] == t]
+                labels = [f"{r['kind']} {r['hook'].replace('hook_', '')} L{r['layer']} "
+                          f"{viz.offset_label(r['offset'])}" for r in cs.to_dict("records")]
+                for lab, r in zip(labels, cs.to_dict("records")):
+                    g = ctrl[(ctrl["test"] == t) & (ctrl["set"] == r["set"])]
+                    fig.add_trace(go.Box(y=g[f"{m}_effect"], name=lab, marker_color="#9aa5b1", boxpoints=False,
+                                         showlegend=False), row=i, col=j)
+                    sig = bool(r[f"{m}_q_all"] < ALPHA) if pd.notna(r[f"{m}_q_all"]) else False
+                    fig.add_trace(go.Scatter(x=[lab], y=[r[f"{m}_effect"]], mode="markers", showlegend=False,
+                                             marker=dict(symbol="diamond", size=11,
+                                                         color="#d62728" if sig else "#1f77b4")), row=i, col=j)
+                fig.update_yaxes(title=f"Δ {m}", row=i, col=j)
+        fig.update_xaxes(tickangle=-30, tickfont=dict(size=9))
+        figs["causal_sets"] = viz._layout(
+            fig, "Candidate sets (diamonds; red = beats random sets at BH q < 0.05) vs random sets (boxes)",
+            height=780, width=1100)
+    att = _read_csv(T / "patch_attribution.csv")
+    if not att.empty and att["verified"].any():
+        figs["attribution_vs_exact"] = viz.attribution_scatter(att, title="Attribution patching vs exact patching")
+    kl = _read_csv(R / "decay_kl.csv")
+    if not kl.empty:
+        fig = go.Figure()
+        for (ds, grp), g in kl.groupby(["dataset", "group"]):
+            if ds == "blimp" and grp != "all":  # one group: the same curve as "all"
+                continue
+            n0 = g.loc[g["offset"] == 0, "n"].max()
+            # Later offsets exist only in longer sentences: keep those with at least a quarter of the pairs.
+            g = g[(g["offset"] >= 0) & (g["n"] >= max(3, 0.25 * n0))].sort_values("offset")
+            fig.add_trace(go.Scatter(x=g["offset"], y=g["kl_mean"], mode="lines+markers", name=f"{ds}: {grp}",
+                                     line=dict(width=3 if grp == "all" else 1.5)))
+        fig.update_xaxes(title="k: next-token distribution at position p + k")
+        fig.update_yaxes(title="mean KL(clean ‖ corrupt), nats", type="log")
+        figs["decay_kl"] = viz._layout(fig, "How far the one-token change moves the predictions downstream",
+                                       height=420)
+    ex = _read_csv(R / "decay_exact_patching.csv")
+    if not ex.empty:
+        fig = go.Figure()
+        order = {"p": 0, "p+1": 1, "p+2 .. last-1": 2, "last": 3}
+        g0 = ex[(ex["direction"] == "denoise") & (ex["hook"] == "hook_resid_pre")]
+        for w, g in sorted(g0.groupby("where"), key=lambda kv: order.get(kv[0], 9)):
+            fig.add_trace(go.Scatter(x=g["layer"], y=g["kl_restored"], mode="lines+markers",
+                                     name=f"patch at {w}"))
+        fig.update_xaxes(title="layer of the resid_pre patch")
+        fig.update_yaxes(title="downstream KL restored (0 corrupt, 1 clean)")
+        n = int(g0["n_pairs"].max()) if len(g0) else 0
+        figs["decay_exact"] = viz._layout(
+            fig, f"Exact patching clean→corrupt of one position of resid_pre ({n} pairs): where the effect sits",
+            height=420)
+    ex_full = _read_csv(T / "patch_exact.csv")
+    if not ex_full.empty and rd is not None:
+        pid = str(ex_full["pair_id"].iloc[0])
+        pair = rd.pairs_by_id.get(pid)
+        figs["patching_map"] = viz.patching_heatmap(
+            ex_full, pair_id=pid, direction="denoise", hook="hook_resid_pre", metric="logit_diff_restored",
+            tokens=rd.pair_tokens(pid), changed=int(pair["position"]) if pair else None,
+            title=f"Exact patching map, one pair ({pair['category'] if pair else pid}): resid_pre, clean→corrupt")
+    acc = _read_csv(R / "blimp_accuracy.csv")
+    if not acc.empty:
+        fig = go.Figure()
+        for term, g in acc.groupby("linguistics_term"):
+            fig.add_trace(go.Scatter(
+                x=g["gpt2"], y=g["accuracy"], mode="markers", name=viz.esc(term), text=g["UID"],
+                error_y=dict(type="data", symmetric=False, array=g["ci_high"] - g["accuracy"],
+                             arrayminus=g["accuracy"] - g["ci_low"], thickness=1, width=0),
+                hovertemplate="%{text}<br>GPT-2 %{x:.3f}<br>model %{y:.3f}<extra></extra>"))
+        fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="gray"),
+                                 name="y = x", hoverinfo="skip"))
+        fig.update_xaxes(title="GPT-2 (published, 1,000 pairs per paradigm)", range=[0, 1.02])
+        fig.update_yaxes(title=f"this model (first {int(acc['n'].max())} pairs, Wilson 95% CI)", range=[0, 1.02])
+        figs["blimp_accuracy"] = viz._layout(fig, "BLiMP accuracy per paradigm", height=560, width=820,
+                                             legend=dict(font=dict(size=9)))
+    return figs
+
+
+def export_png(figs: dict[str, Any], folder: Path, *, width: int = 960) -> dict[str, str]:
+    """Render each plotly figure to PNG in headless chromium (Plotly.toImage); never downloads a browser.
+
+    Returns ``{name: path or reason}``; without chromium or playwright the figures are skipped
+    with the reason, and the study goes on.
+    """
+    from eclens import viz
+    from eclens.runs import atomic_write
+
+    if not figs:
+        return {}
+    if not CHROMIUM.exists():
+        return {n: f"skipped: {CHROMIUM} not found (apt-get install -y chromium)" for n in figs}
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        return {n: "skipped: python package playwright not installed" for n in figs}
+    import base64
+
+    out: dict[str, str] = {}
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_content("<!doctype html><html><head><meta charset='utf-8'><script>" + viz.plotly_bundle()
+                             + "</script></head><body></body></html>")
+            for name, fig in figs.items():
+                spec = viz.figure_json(fig)
+                lay = spec.get("layout", {})
+                w, h = int(lay.get("width") or width), int(lay.get("height") or 450)
+                url = page.evaluate(
+                    "([spec, w, h]) => Plotly.toImage({data: spec.data, layout: spec.layout},"
+                    " {format: 'png', width: w, height: h, scale: 1})", [spec, w, h])
+                data = base64.b64decode(url.split(",", 1)[1])
+                path = folder / f"{name}.png"
+                atomic_write(path, data)
+                out[name] = str(path)
+        finally:
+            browser.close()
+    return out
+
+
+def step_figures(study: Study) -> dict:
+    figs = build_figures(study)
+    info: dict[str, Any] = {"figures": {}}
+    if study.cfg.png:
+        study.figures.mkdir(parents=True, exist_ok=True)
+        res = export_png(figs, study.figures)
+        info["figures"] = {k: (os.path.relpath(v, study.root) if not v.startswith("skipped") else v)
+                           for k, v in res.items()}
+    else:
+        info["figures"] = {k: "skipped: --no-png" for k in figs}
+    rep = study.templates_run / "report.html"
+    if rep.exists():
+        size = rep.stat().st_size
+        info["report_mb"] = round(size / 1e6, 2)
+        dest = study.results / "report.html"
+        with open(rep, "rb") as fh:
+            atomic_write(dest, fh.read())
+        info["report"] = os.path.relpath(dest, study.root)
+    return info
+
+
+# ------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> tuple[StudyConfig, argparse.Namespace]:
+    d = StudyConfig()
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--blimp", default=d.blimp, help="folder of BLiMP *.jsonl paradigm files (default %(default)s)")
+    ap.add_argument("--out", default=str(HERE), help="study folder: results/, figures/, runs/, README.md "
+                    "(default: this script's folder)")
+    ap.add_argument("--model", default=d.model)
+    ap.add_argument("--device", default=d.device)
+    ap.add_argument("--dtype", default=d.dtype)
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--smoke", action="store_true", help="a few pairs per category, few controls, 2 BLiMP "
+                    "paradigms of 5 pairs (the test suite's run)")
+    for f in fields(StudyConfig):
+        if f.name in ("blimp", "model", "device", "dtype", "seed", "smoke", "png"):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "patch_hooks":
+            ap.add_argument(flag, default=None, help=f"comma-separated (default {','.join(d.patch_hooks)})")
+        elif f.name == "hooks":
+            ap.add_argument(flag, default=None, help=f"diff hooks (default {d.hooks})")
+        else:
+            ap.add_argument(flag, type=int, default=None, help=f"default {getattr(d, f.name)}")
+    ap.add_argument("--no-png", action="store_true", help="skip the PNG figures")
+    ap.add_argument("--readme-only", action="store_true", help="only regenerate README.md from results/")
+    ap.add_argument("--quiet", action="store_true")
+    a = ap.parse_args(argv)
+    cfg = StudyConfig(blimp=a.blimp, model=a.model, device=a.device, dtype=a.dtype, seed=a.seed, smoke=a.smoke,
+                      png=not a.no_png)
+    if a.smoke:
+        for k, v in SMOKE.items():
+            setattr(cfg, k, v)
+    for f in fields(StudyConfig):
+        v = getattr(a, f.name, None)
+        if f.name in ("blimp", "model", "device", "dtype", "seed", "smoke", "png") or v is None:
+            continue
+        setattr(cfg, f.name, tuple(x.strip() for x in v.split(",") if x.strip()) if f.name == "patch_hooks" else v)
+    for name in ("n_per_category", "blimp_pairs", "blimp_accuracy_n", "exact_pairs", "dims_pairs", "max_sets",
+                 "top_k", "n_controls", "attribution_pairs"):
+        if getattr(cfg, name) < 1:
+            raise EclensError(f"--{name.replace('_', '-')} must be at least 1")
+    return cfg, a
+
+
+def run_study(cfg: StudyConfig, out: str | Path, *, model=None, quiet: bool = False) -> dict:
+    """Run every step into ``out``; returns the ``study.json`` document."""
+    import torch
+
+    from eclens.model import manifest_model_entry
+    from eclens.runs import versions
+
+    t_start = time.perf_counter()
+    study = Study(Path(out).resolve(), cfg, quiet=quiet)
+    blimp_files(cfg)  # fail early, before minutes of work, on a wrong --blimp
+    study.results.mkdir(parents=True, exist_ok=True)
+    study.runs.mkdir(parents=True, exist_ok=True)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    with _Timer(study, "load_model"):
+        if model is None:
+            from eclens import load_model
+
+            model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        torch.set_grad_enabled(False)
+    with _Timer(study, "templates"):
+        step_templates(study, model)
+    with _Timer(study, "ablation"):
+        step_ablation(study, model)
+    with _Timer(study, "blimp_diff"):
+        step_blimp_diff(study, model)
+    with _Timer(study, "blimp_accuracy"):
+        step_blimp_accuracy(study, model)
+    with _Timer(study, "analysis"):
+        entry = manifest_model_entry(model)
+        findings = analyse(study, entry)
+    with _Timer(study, "figures"):
+        figs = step_figures(study)
+    total = round(time.perf_counter() - t_start, 1)
+    all_ran = all(not str(v.get("status", "")).startswith("skipped") for v in study.timing.values())
+    doc = {
+        "study": "does SmolLM2 have consistent error-correction dimensions?",
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if model is None else None,
+        "config": cfg.numbers(),
+        "model": entry,
+        "versions": versions(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "timing": {"total_seconds": total, "all_steps_ran": all_ran, "steps": study.timing},
+        "findings": findings,
+        **figs,
+    }
+    write_json(study.results / "study.json", doc)
+    with _Timer(study, "readme"):
+        from write_readme import write_readme
+
+        write_readme(study.root)
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg, a = parse_args(argv)
+        if a.readme_only:
+            from write_readme import write_readme
+
+            print(write_readme(Path(a.out).resolve()))
+            return 0
+        doc = run_study(cfg, a.out, quiet=a.quiet)
+    except EclensError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t = doc["timing"]
+    print(f"study finished in {t['total_seconds']:.0f} s; results in {Path(a.out).resolve() / 'results'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

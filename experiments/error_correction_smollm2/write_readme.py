@@ -1,0 +1,631 @@
+"""Generate the study's ``README.md`` from the files ``run_study.py`` wrote in ``results/``.
+
+Every number in the write-up is read from ``results/*.json|csv`` here; the interpretive
+sentences are either computed from those numbers or guarded by a check on them
+(:func:`claim`): a sentence whose premise no longer holds after a rerun is replaced by a
+note saying so, rather than left to disagree with the tables.
+
+    .venv/bin/python experiments/error_correction_smollm2/run_study.py --readme-only
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from eclens.runs import atomic_write
+
+ALPHA = 0.05
+OFFSET_NAMES = {0: "p", -1: "last"}
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def fmt(x: Any, digits: int = 3) -> str:
+    """A number for prose and tables: 3 significant digits, thousands separators, integers as integers."""
+    if x is None:
+        return "–"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, int):
+        return f"{x:,}"
+    try:
+        v = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    if math.isnan(v):
+        return "–"
+    if v == 0:
+        return "0"
+    if abs(v) >= 1000 or (v.is_integer() and abs(v) < 1e15):
+        return f"{v:,.0f}"
+    if abs(v) < 10 ** -digits:
+        return f"{v:.1e}"
+    return f"{v:.{digits}g}"
+
+
+def pct(x: Any) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * float(x):.1f} %"
+
+
+def off(o: Any) -> str:
+    o = int(o)
+    return OFFSET_NAMES.get(o, f"p+{o}")
+
+
+def hook_name(h: str) -> str:
+    h = str(h)
+    return h[5:] if h.startswith("hook_") else h
+
+
+def table(df: pd.DataFrame, cols: dict[str, str] | None = None, formats: dict[str, Any] | None = None,
+          max_rows: int = 40) -> str:
+    """A GitHub markdown table (no tabulate dependency)."""
+    if df is None or df.empty:
+        return "_(no rows)_\n"
+    cols = cols or {c: c for c in df.columns}
+    formats = formats or {}
+    head = "| " + " | ".join(c.replace("|", "\\|") for c in cols.values()) + " |"
+    sep = "|" + "|".join("---" for _ in cols) + "|"
+    lines = [head, sep]
+    for r in df.head(max_rows).to_dict("records"):
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            f = formats.get(c)
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                cells.append("–")
+            else:
+                cells.append(f(v) if f else fmt(v) if isinstance(v, (int, float)) else str(v))
+        lines.append("| " + " | ".join(x.replace("|", "\\|") for x in cells) + " |")
+    if len(df) > max_rows:
+        lines.append(f"\n_({len(df) - max_rows} more rows in the CSV)_")
+    return "\n".join(lines) + "\n"
+
+
+def claim(ok: bool, text: str, what: str) -> str:
+    """Interpretive prose that holds only while its premise does."""
+    if ok:
+        return text
+    return (f"_(An interpretive paragraph about {what} was written for an earlier result and no longer matches "
+            "the numbers; the tables above are authoritative.)_")
+
+
+def _csv(path: Path) -> pd.DataFrame:
+    if not path.exists() or path.stat().st_size <= 1:
+        return pd.DataFrame()
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+
+
+def fig(study: dict, name: str, alt: str) -> str:
+    p = (study.get("figures") or {}).get(name)
+    if not p or str(p).startswith("skipped"):
+        return f"_(figure `{name}` not rendered: {p or 'no data'})_\n"
+    return f"![{alt}]({p})\n"
+
+
+# ------------------------------------------------------------------------------ sections
+
+
+def section_run(s: dict, root: Path) -> str:
+    t = s["timing"]
+    steps = t["steps"]
+    rows = []
+    for k, v in steps.items():
+        rows.append({"step": k, "seconds": v.get("seconds"), "status": v.get("status")})
+    cfg = s["config"]
+    mode = "smoke" if cfg.get("smoke") else "full"
+    ran = ("every step ran from scratch" if t["all_steps_ran"] else
+           "some steps were skipped because an earlier run had done them (see the table); a fresh run takes longer")
+    return f"""## Running it
+
+```bash
+# the whole study on the embedded model (CPU), from the repository root
+.venv/bin/python experiments/error_correction_smollm2/run_study.py --blimp ../shared/data/blimp
+
+# a smoke version (a few pairs per category, few controls, 2 BLiMP paradigms of 5 pairs; the test suite runs it)
+.venv/bin/python experiments/error_correction_smollm2/run_study.py --smoke --out /tmp/study-smoke
+
+# unchanged, on Llama-3-8B, for users with the weights and a GPU
+python experiments/error_correction_smollm2/run_study.py --blimp BLIMP_FOLDER \\
+    --model meta-llama/Meta-Llama-3-8B --device cuda --dtype bfloat16
+```
+
+Every size is a flag (`--n-per-category`, `--blimp-pairs`, `--blimp-accuracy-n`, `--n-controls`,
+`--max-sets`, `--dims-pairs`, `--attribution-pairs`, `--verify-top`, `--hooks`, ...; `--help` lists them);
+`--readme-only` regenerates this file from `results/`. Seeds are fixed (`--seed`, default 0).
+The Llama-3-8B command has not been run here (no weights or hub access on this machine); it uses the same code
+path with another model name, and the template pairs are regenerated under that model's tokenizer.
+
+**This run** ({mode}): {fmt(t['total_seconds'])} s wall time in all ({fmt(t['total_seconds'] / 60, 2)} minutes)
+on a {s.get('cpu_count')}-core CPU with {s.get('torch_threads')} torch threads; {ran}.
+
+{table(pd.DataFrame(rows), {"step": "step", "seconds": "seconds", "status": "status"})}
+"""
+
+
+def section_setup(s: dict, root: Path) -> str:
+    f = s["findings"]
+    cfg = s["config"]
+    m = s["model"]
+    ds = _csv(root / "results" / "datasets.csv")
+    tpl = ds[ds["dataset"] == "templates"] if not ds.empty else ds
+    bl = ds[ds["dataset"] == "blimp"] if not ds.empty else ds
+    y = f.get("blimp_yield") or {}
+    rule = ((f.get("diff") or {}).get("templates") or {}).get("rule") or {}
+    hooks = ((f.get("diff") or {}).get("templates") or {}).get("hooks") or []
+    return f"""## What was run
+
+- **Model**: `{m.get('name')}` ({m.get('architecture', '')}; {m.get('n_layers')} layers, d_model {m.get('d_model')},
+  d_mlp {m.get('d_mlp')}, {m.get('n_heads')} heads), {m.get('dtype')} on {m.get('device')}; weights hash
+  `{str(m.get('weights_hash', ''))[:12]}`.
+- **Template pairs** (`eclens.sources.templates`, seed {cfg['seed']}): {fmt(cfg['n_per_category'])} per category,
+  {fmt((f['datasets'].get('templates') or {}).get('n_valid'))} valid single-token pairs in all.
+- **BLiMP single-token pairs**: of {fmt(y.get('total_pairs'))} BLiMP pairs in {fmt(y.get('paradigms_read'))} paradigm
+  files, {fmt(y.get('single_token_pairs'))} differ in exactly one token under this tokenizer, in
+  {fmt(y.get('paradigms_with_single_token_pairs'))} paradigms; a seeded sample of {fmt(y.get('selected'))} spread
+  evenly over those paradigms (`results/blimp_yield.csv`), grouped by `linguistics_term`.
+- **Diff** (`ec diff`): hooks {', '.join(f'`{h}`' for h in hooks)} at every layer; positions `p` (the changed
+  token), `p+1..p+3` and the last token; normalised change `|Δ|/σ` with σ the dimension's spread over the clean
+  sentences. *Stable*: {rule.get('stable', '')}; *responsive*: {rule.get('responsive', '')}; a dimension needs
+  {rule.get('min_pairs', '')} pairs; massive dimensions (mean |a| ≥ {rule.get('massive_ratio', '')}× the median
+  dimension's) are reported apart and never candidates.
+- **Causal tests** (`ec patch`): the top {cfg['max_sets']} candidate sets (kinds alternating, {cfg['top_k']} dims
+  each) on {cfg['dims_pairs']} pairs, each against {cfg['n_controls']} random sets of the same size at the same hook,
+  layer and position; exact patching maps on {cfg['exact_pairs']} pairs; attribution patching on
+  {cfg['attribution_pairs']} pairs with its top {cfg['verify_top']} components (and as many random ones) checked by
+  exact patching.
+
+Template pairs per category:
+
+{table(tpl, {"category": "category", "total": "generated", "valid": "valid"})}
+BLiMP pairs per phenomenon (diff):
+
+{table(bl, {"category": "category", "valid": "pairs"})}"""
+
+
+def section_layers(s: dict, root: Path) -> str:
+    f = s["findings"]
+    R = root / "results"
+    counts = _csv(R / "candidate_counts.csv")
+    lay = (f.get("layers") or {}).get("templates") or {}
+    rows = []
+    for hook, offs in lay.items():
+        for o, e in sorted(offs.items(), key=lambda kv: (int(kv[0]) < 0, int(kv[0]))):
+            rows.append({"hook": hook_name(hook), "position": off(o), "pairs": e.get("n_pairs"),
+                         "peak ‖Δ‖/‖a‖ (layer)": f"{fmt(e.get('peak_rel_l2'))} (L{e.get('peak_layer')})",
+                         "stable dims": e.get("n_stable"), "most stable at": (f"L{e['most_stable_layer']} "
+                                                                            f"({e['most_stable_count']})"
+                                                                            if "most_stable_layer" in e else "–"),
+                         "responsive dims": e.get("n_responsive"),
+                         "most responsive at": (f"L{e['most_responsive_layer']} ({e['most_responsive_count']})"
+                                                if "most_responsive_layer" in e else "–")})
+    tab = pd.DataFrame(rows)
+    cons = _csv(R / "candidate_consistency.csv")
+    cand = f.get("candidates") or {}
+    tc = cand.get("templates") or {}
+    bc = cand.get("blimp") or {}
+    cross = cand.get("across_datasets") or {}
+    tops = _csv(R / "candidates_top.csv")
+    resp = tops[(tops["dataset"] == "templates") & (tops["kind"] == "responsive")] if not tops.empty else tops
+    resp = resp.sort_values("absz_median", ascending=False).head(12) if not resp.empty else resp
+    stab = tops[(tops["dataset"] == "templates") & (tops["kind"] == "stable") & (tops["offset"] == 0)] \
+        if not tops.empty else tops
+    stab = stab.sort_values("absz_q90").head(12) if not stab.empty else stab
+    at_p_resp = counts[(counts["dataset"] == "templates") & (counts["category"] == "all") & (counts["offset"] == 0)
+                       & (counts["kind"] == "responsive")]["n_dims"].sum() if not counts.empty else 0
+    at_p_stab = counts[(counts["dataset"] == "templates") & (counts["category"] == "all") & (counts["offset"] == 0)
+                       & (counts["kind"] == "stable")]["n_dims"].sum() if not counts.empty else 0
+    cons_t = cons[cons["dataset"] == "templates"] if not cons.empty else cons
+    cons_x = cons[cons["dataset"].astype(str).str.contains("&")] if not cons.empty else cons
+    return f"""## 1. Which layers and dimensions are stable or responsive
+
+Over all template pairs the rule finds **{fmt(tc.get('stable'))} stable** and **{fmt(tc.get('responsive'))}
+responsive** (hook, layer, position, dimension) cells; at the changed token itself {fmt(int(at_p_stab))} stable and
+{fmt(int(at_p_resp))} responsive. On the BLiMP pairs: {fmt(bc.get('stable'))} stable, {fmt(bc.get('responsive'))}
+responsive. Per hook and position (category `all`; `results/layers_all.csv`, `results/candidate_counts.csv`):
+
+{table(tab)}
+Reading this table needs one caution: a dimension at `p+k` in an early layer is "stable" for a trivial reason —
+the change at `p` has not reached position `p+k` yet (only attention moves information along the sequence) — so
+stable counts at later positions in early layers say little about error correction. The informative stable cells
+are at `p` itself, and at later positions in late layers.
+
+Strongest responsive dimensions (templates, all pairs; `results/candidates_top.csv`):
+
+{table(resp, {"hook": "hook", "layer": "layer", "offset": "position", "dim": "dim", "absz_median": "median |Δ|/σ",
+              "sign_consistency": "sign consistency", "frac_under": "share < 0.1σ"},
+       {"offset": off, "hook": hook_name, "layer": lambda v: str(int(v)), "dim": lambda v: str(int(v))})}
+Most stable dimensions at the changed token (templates, all pairs):
+
+{table(stab, {"hook": "hook", "layer": "layer", "dim": "dim", "absz_q90": "90th pct |Δ|/σ",
+              "frac_under": "share < 0.1σ", "sigma_clean": "σ (clean)"},
+       {"hook": hook_name, "layer": lambda v: str(int(v)), "dim": lambda v: str(int(v))})}
+**Are they the same dimensions in every category?** Of the cells listed for all pairs, the share that the rule
+also lists in at least half of the categories (`results/candidate_consistency.csv`; per-category lists hold at most
+the 50 best per cell):
+
+{table(cons_t, {"hook": "hook", "kind": "kind", "n_all": "listed (all pairs)", "median_categories": "median categories",
+                "frac_in_half_of_categories": "in ≥ half of the categories", "frac_in_no_category": "in none"},
+       {"hook": hook_name, "frac_in_half_of_categories": pct, "frac_in_no_category": pct})}
+**And across datasets?** Templates versus BLiMP, the same (hook, layer, position, dim, kind) among the listed cells:
+stable Jaccard {fmt((cross.get('stable') or {}).get('jaccard'))} ({fmt((cross.get('stable') or {}).get('n_both'))}
+shared), responsive Jaccard {fmt((cross.get('responsive') or {}).get('jaccard'))}
+({fmt((cross.get('responsive') or {}).get('n_both'))} shared).
+
+{table(cons_x, {"hook": "hook", "kind": "kind", "n_all": "shared cells", "jaccard_across_datasets": "Jaccard"},
+       {"hook": hook_name})}
+{fig(s, 'candidates_by_layer', 'candidate dimensions per layer')}
+{fig(s, 'dims_heatmap', 'median normalised change per dimension and layer')}
+{fig(s, 'layers_by_category', 'relative L2 change at p per category')}
+"""
+
+
+def section_massive(s: dict, root: Path) -> str:
+    m = _csv(root / "results" / "massive_dims.csv")
+    if m.empty:
+        return "## 2. Massive dimensions\n\nNo dimension passed the massive-activation criterion.\n"
+    resid = m[~m["hook"].isin(["mlp.hook_post", "attn.hook_z"])]
+    neur = m[m["hook"].isin(["mlp.hook_post", "attn.hook_z"])]
+    ncount = neur.groupby(["dataset", "hook"]).size().rename("dims").reset_index() if not neur.empty else neur
+    stable_like = resid.dropna(subset=["absz_median_at_massive", "others_absz_median"]) if not resid.empty else resid
+    calmer = int((stable_like["absz_median_at_massive"] < stable_like["others_absz_median"]).sum()) \
+        if not stable_like.empty else 0
+    n = len(stable_like)
+    if n == 0:
+        quiet_text = "No massive dimension has a finite normalised change to compare."
+    else:
+        quiet_text = (f"Where massive, {calmer} of {n} of these (dataset, hook, dim) rows change *less* (a smaller "
+                      "median |Δ|/σ) than the other dimensions at the same cells, and "
+                      f"{n - calmer} change more. ")
+        if calmer == n:
+            quiet_text += ("Relative to their own spread they are quieter than ordinary dimensions while their "
+                           "absolute size dwarfs them, so a raw |Δ| would rank them first for the wrong reason — "
+                           "the reason eclens normalises and reports them apart.")
+        elif calmer == 0:
+            quiet_text += ("Even relative to their own spread they move more than ordinary dimensions: they are "
+                           "not inert constants here.")
+        else:
+            quiet_text += "They do not behave as one class: see the table."
+    return f"""## 2. Massive dimensions
+
+A dimension is *massive* at a (hook, layer, position) when its mean |activation| over the clean sentences is at
+least 100× the median dimension's (Sun et al., 2024). They are excluded from the candidates and from the layer
+averages, and reported here (`results/massive_dims.csv`). Residual-stream-width hooks:
+
+{table(resid, {"dataset": "dataset", "hook": "hook", "dim": "dim", "n_cells_massive": "cells massive",
+               "layers": "layers", "positions": "positions", "rms_ratio_max": "max ratio to median dim",
+               "absz_median_at_massive": "median |Δ|/σ where massive", "others_absz_median": "other dims, same cells",
+               "frac_under_at_massive": "share < 0.1σ", "sign_consistency_at_massive": "sign consistency"},
+       {"hook": hook_name, "dim": lambda v: str(int(v))})}
+{quiet_text}
+
+MLP neurons and attention-head dimensions that pass the same criterion (counts; details in the CSV):
+
+{table(ncount)}
+{fig(s, 'massive_dims', 'massive dimensions by layer')}
+"""
+
+
+def section_contrasts(s: dict, root: Path) -> str:
+    R = root / "results"
+    top = _csv(R / "contrasts_top.csv")
+    con = (s["findings"].get("contrasts") or {})
+    rows = []
+    for contrast, by in con.items():
+        if not isinstance(by, dict):
+            continue
+        for measure, e in by.items():
+            if not isinstance(e, dict):
+                continue
+            rows.append({"contrast": contrast, "measure": measure, "pairs (a, b)": f"{e['n_a']}, {e['n_b']}",
+                         "tests": e["n_tests"], "q ≤ 0.05": e["n_significant"], "min q": e["min_q"],
+                         "where most (hook, layer, dims)": ", ".join(map(str, e.get("top_hook_layer", []))) or "–",
+                         "share larger in a": e.get("share_higher_in_a"),
+                         "median |effect|": e.get("median_abs_effect")})
+    t = pd.DataFrame(rows)
+    gm = [r for r in rows if r["contrast"] == "grammar vs meaning"]
+    n_gm = sum(r["q ≤ 0.05"] for r in gm)
+    verdict = (f"**Grammar versus meaning: {fmt(n_gm)} of {fmt(sum(r['tests'] for r in gm))} per-dimension tests "
+               f"are significant after Benjamini–Hochberg at q ≤ {ALPHA}.**" if gm else
+               "No grammar-versus-meaning contrast could be tested (too few pairs per group).")
+    if gm and n_gm == 0:
+        verdict += " This is a null result: no dimension changes differently for grammar errors and meaning changes."
+    return f"""## 3. Grammar versus meaning
+
+Per (hook, layer, dimension) at the changed token, a two-sided Mann–Whitney U test compares the normalised change
+of two groups of categories (`grammar/*`, `meaning/*`, `typo`), on its size (`abs`: |Δ|/σ) and on its direction
+(`signed`: Δ/σ); Benjamini–Hochberg q-values over every test of a measure (all contrasts, hooks, layers and
+dimensions at once). Effect: rank-biserial correlation, positive when group a changes more
+(`results/contrasts_summary.csv`, `results/contrasts_by_layer.csv`).
+
+{verdict}
+
+{table(t, formats={"share larger in a": pct})}
+Most significant dimensions (`results/contrasts_top.csv`):
+
+{table(top, {"contrast": "contrast", "measure": "measure", "hook": "hook", "layer": "layer", "dim": "dim",
+             "median_a": "median a", "median_b": "median b", "effect": "effect", "q": "q"},
+       {"hook": hook_name, "layer": lambda v: str(int(v)), "dim": lambda v: str(int(v))}, max_rows=20)}
+{fig(s, 'contrasts_by_layer', 'significant contrast dimensions per layer')}
+"""
+
+
+def section_causal(s: dict, root: Path) -> str:
+    c = _csv(root / "results" / "causal_sets.csv")
+    f = s["findings"].get("causal") or {}
+    if c.empty:
+        return ("## 4. Do the candidates matter? Candidate sets versus random sets\n\n"
+                "No candidate set was tested (the diff found no candidates over all pairs): null by absence.\n")
+    rows = []
+    for r in c.to_dict("records"):
+        rows.append({"test": r["test"], "set": f"{r['kind']} {hook_name(r['hook'])} L{r['layer']} {off(r['offset'])}",
+                     "dims": r["size"],
+                     "Δ logit diff": r["logit_diff_effect"], "random mean": r["logit_diff_control_mean"],
+                     "p": r["logit_diff_p"], "q": r["logit_diff_q_all"],
+                     "Δ KL": r["kl_effect"], "random mean ": r["kl_control_mean"], "p ": r["kl_p"],
+                     "q ": r["kl_q_all"],
+                     "|Δ KL| / random": r["kl_ratio_to_controls"]})
+    t = pd.DataFrame(rows)
+    n_beats, n_tests = f.get("n_beats", 0), f.get("n_tests", 0)
+    beats = c[(c["logit_diff_beats_controls"] == True) | (c["kl_beats_controls"] == True)]  # noqa: E712
+    if n_beats == 0:
+        verdict = (f"**Null result: none of the {fmt(n_tests)} tests ({f.get('n_sets')} sets × 2 interventions × 2 "
+                   f"metrics) beats its random controls after Benjamini–Hochberg over all of them (q < {ALPHA}).** "
+                   "The candidate dimensions, chosen for how consistently they change (or do not), are not shown to "
+                   "matter more for the model's predictions than random dimensions of the same layer.")
+    else:
+        names = "; ".join(f"{r['test']}: {r['kind']} {hook_name(r['hook'])} L{r['layer']} {off(r['offset'])}"
+                          for r in beats.to_dict("records"))
+        verdict = (f"**{fmt(n_beats)} of {fmt(n_tests)} tests beat their random controls after Benjamini–Hochberg over "
+                   f"all of them (q < {ALPHA}):** {names}. Every other test is null.")
+    return f"""## 4. Do the candidates matter? Candidate sets versus random sets
+
+Each set (the {s['config']['top_k']} best dimensions of one hook, layer and position) gets two interventions on
+{f.get('n_pairs')} pairs, each compared with the same intervention on {f.get('n_controls')} random sets of the same
+size at the same hook, layer and position:
+
+- **restore**: patch the set's clean values into the corrupt run (does the set carry the change's effect?);
+  the change is the mean over pairs of `metric(patched) − metric(corrupt)`;
+- **ablate**: replace the set by its mean over the dataset in the clean run (does the model use it?);
+  the change is `metric(ablated) − metric(clean)`.
+
+Metrics: the logit difference between the clean and the corrupt run's top next tokens at `p`, and the KL divergence
+of the next-token distributions from `p` on (KL(clean ‖ run)). Two-sided empirical p = (b+1)/(n+1) with b the random
+sets whose |change| is at least the candidate's; **q: Benjamini–Hochberg over every test in this table**
+(`results/causal_sets.csv`; the per-call q-values of `ec patch` are there too). `|Δ KL| / random` is the candidate's
+|change| over the random sets' mean |change|: 1 means "like a random set".
+
+{verdict}
+
+{table(t, formats={"dims": lambda v: str(int(v))})}
+A logit difference read at `p` cannot move when a set after `p` is patched, so for sets at later positions only KL
+speaks. The smallest possible p with {f.get('n_controls')} controls is {fmt(1 / (f.get('n_controls', 1) + 1))}.
+
+{fig(s, 'causal_sets', 'candidate sets versus random sets')}
+"""
+
+
+def section_attribution(s: dict, root: Path) -> str:
+    a = _csv(root / "results" / "attribution_vs_exact.csv")
+    f = s["findings"].get("attribution") or {}
+    if a.empty:
+        return "## 5. Attribution patching versus exact patching\n\nNot run.\n"
+    al = (f.get("by_hook") or {}).get("all") or {}
+    return f"""## 5. Attribution patching versus exact patching
+
+Attribution patching (gradient × Δ, one backward pass) scored {fmt(f.get('n_components'))} components
+(hook × layer × position) on {f.get('n_pairs')} pairs for the {f.get('metric')} metric; for each pair its top
+{f.get('verify_top')} components and {f.get('verify_top')} random others were exactly patched
+({fmt(f.get('n_verified'))} verified). Spearman correlation of the estimate with the exact effect over the verified
+components: **{fmt(al.get('spearman'))}** pooled, {fmt(al.get('spearman_median_pair'))} median per pair; top-K
+overlap {fmt(al.get('topk_overlap'))} (`results/attribution_vs_exact.csv`):
+
+{table(a, {"hook": "components", "n_verified": "verified", "spearman": "Spearman (pooled)",
+           "spearman_median_pair": "Spearman (median per pair)", "topk_overlap": "top-K overlap"},
+       {"hook": hook_name})}
+{fig(s, 'attribution_vs_exact', 'attribution vs exact patching')}
+"""
+
+
+def section_decay(s: dict, root: Path) -> str:
+    R = root / "results"
+    kl = _csv(R / "decay_kl.csv")
+    f = s["findings"].get("decay") or {}
+    lay = ((s["findings"].get("layers") or {}).get("templates") or {}).get("hook_resid_post") or {}
+    rows = []
+    for o, e in sorted(lay.items(), key=lambda kv: (int(kv[0]) < 0, int(kv[0]))):
+        rows.append({"position": off(o), "pairs": e.get("n_pairs"), "peak layer": e.get("peak_layer"),
+                     "peak ‖Δ‖/‖a‖": e.get("peak_rel_l2"), "at the last layer": e.get("last_layer_rel_l2"),
+                     "mean over layers": e.get("mean_rel_l2")})
+    lt = pd.DataFrame(rows)
+    k = kl[(kl["group"] == "all")] if not kl.empty else kl
+    piv = pd.DataFrame()
+    if not k.empty:
+        k = k[k["n"] >= 10] if (k["n"] >= 10).any() else k
+        piv = k.pivot_table(index="dataset", columns="offset", values="kl_mean").reset_index()
+        piv.columns = ["dataset", *[off(c) for c in piv.columns[1:]]]
+        n = k.pivot_table(index="dataset", columns="offset", values="n").reset_index()
+        n.columns = ["dataset", *[off(c) for c in n.columns[1:]]]
+        piv = pd.concat([piv.assign(what="mean KL (nats)"), n.assign(what="pairs")], ignore_index=True)
+        piv = piv[["dataset", "what", *[c for c in piv.columns if c not in ("dataset", "what")]]]
+    grp = kl[(kl["group"] != "all") & (kl["offset"].isin([0, 1, 2, 3]))] if not kl.empty else kl
+    gp = grp.pivot_table(index=["dataset", "group"], columns="offset", values="kl_mean").reset_index() \
+        if not grp.empty else grp
+    if not gp.empty:
+        gp.columns = ["dataset", "group", *[off(c) for c in gp.columns[2:]]]
+    t = f.get("templates") or {}
+    exd = (f.get("exact") or {}).get("denoise/hook_resid_pre") or {}
+    fl = exd.get("first_layer_last_beats_p")
+    moved = (f"patching the last token alone restores more than patching `p` from layer {fl} on — by then the "
+             "change's effect on the predictions has been copied forward along the sequence"
+             if fl is not None else "patching the last token never restores more than patching `p` in these pairs")
+    fb = exd.get("first_layer_p_below_half")
+    return f"""## 6. How the one-token perturbation decays
+
+**Along the sequence, in the predictions.** Mean KL(clean ‖ corrupt) of the next-token distribution at position
+`p+k` (diff's per-pair values; `results/decay_kl.csv`): on the template pairs {fmt(t.get('kl_mean_at_p'))} nats at
+`p`, {fmt(t.get('kl_mean_at_p+1'))} at `p+1`, {fmt(t.get('kl_mean_at_p+2'))} at `p+2`, {fmt(t.get('kl_mean_at_p+3'))}
+at `p+3` and {fmt(t.get('kl_mean_at_last'))} at the last token. Offsets with fewer than 10 pairs are left out.
+
+{table(piv)}
+By group of categories (templates) and for BLiMP:
+
+{table(gp)}
+**Through the layers, in the residual stream.** Relative L2 change ‖Δ‖/‖a‖ of `resid_post` (templates, all pairs;
+`results/layers_all.csv`):
+
+{table(lt)}
+**Causally.** Exact patching of one position of `resid_pre`, clean→corrupt, on {f.get('exact_pairs', 0)} pairs
+(`results/decay_exact_patching.csv`), measured by the downstream KL (which reads every position from `p` on):
+patching `p` restores {fmt(exd.get('kl_restored_at_p_first_layer'))} of it at layer 0 and
+{fmt(exd.get('kl_restored_at_p_last_layer'))} at the last layer (below one half from layer {fmt(fb)} on); {moved}.
+(The logit difference is read at `p` itself, so patching `p` restores all of it at every layer; it says nothing about
+the spread.)
+
+{fig(s, 'decay_kl', 'KL by position after the change')}
+{fig(s, 'decay_layers_offsets', 'relative L2 change by layer and position')}
+{fig(s, 'decay_exact', 'exact patching restoration by layer, at p and after p')}
+{fig(s, 'patching_map', 'exact patching map of one pair')}
+"""
+
+
+def section_blimp(s: dict, root: Path) -> str:
+    R = root / "results"
+    terms = _csv(R / "blimp_accuracy_terms.csv")
+    f = s["findings"].get("blimp_accuracy") or {}
+    if terms.empty:
+        return "## 7. BLiMP check\n\nNot run.\n"
+    t = terms.copy()
+    t["95 % CI"] = [f"{fmt(a)}–{fmt(b)}" for a, b in zip(t["ci_low"], t["ci_high"])]
+    return f"""## 7. BLiMP check: is this model a competent English speaker?
+
+Accuracy = the share of pairs where the model gives the good sentence a higher total log-probability than the bad
+one (`eclens.evaluate.blimp_accuracy`, conditioning on a document-start token), on the **first
+{f.get('n_per_paradigm')} pairs of each of {f.get('paradigms')} paradigms** (n = {fmt(f.get('n'))}), with Wilson 95 %
+intervals. GPT-2's numbers are the published ones (Warstadt et al., 2020; `blimp-results/models_summary.jsonl`),
+on all 1,000 pairs per paradigm; they are context, not a paired comparison.
+
+**Overall: {fmt(f.get('accuracy'))} (95 % CI {fmt(f.get('ci_low'))}–{fmt(f.get('ci_high'))})** versus GPT-2's
+published {fmt(f.get('gpt2_published_overall'))} ({fmt(f.get('gpt2_same_paradigms'))} averaged over the same
+paradigms). Per paradigm, GPT-2's figure lies above this model's interval in {f.get('paradigms_below_gpt2_ci')}
+paradigms and below it in {f.get('paradigms_above_gpt2_ci')}; the median difference (this model − GPT-2) is
+{fmt(f.get('median_diff_vs_gpt2'))} (`results/blimp_accuracy.csv`).
+
+{table(t, {"linguistics_term": "phenomenon", "paradigms": "paradigms", "n": "n", "accuracy": "accuracy",
+           "95 % CI": "95 % CI", "gpt2_published": "GPT-2 (published)"})}
+{fig(s, 'blimp_accuracy', 'BLiMP accuracy per paradigm versus GPT-2')}
+"""
+
+
+def section_limits(s: dict) -> str:
+    m = s["model"]
+    return f"""## Limits
+
+- **One small model.** `{m.get('name')}` has 135M parameters and ships as a 4-bit (Q4_1) GGUF that eclens
+  dequantizes to float32: the weights are a quantized approximation of the released model, and nothing here says
+  what a larger model (e.g. Llama-3-8B) does — run the command above for that.
+- **English only**, and narrow English: template sentences from a few hundred frames, and the BLiMP pairs that happen
+  to be single-token changes under this tokenizer (lexical and morphological paradigms, not word-order ones).
+- **Single-token changes only**: a change of one token at one position, aligned position by position; phenomena
+  that need insertions, deletions or multi-token words are out of scope.
+- **Candidates are statistical**: "stable" and "responsive" are thresholds on normalised change over pairs; quantiles
+  come from a sample of at most 512 pairs per run; the causal tests use {s['config']['dims_pairs']} pairs and
+  {s['config']['n_controls']} random sets per set (the smallest possible p is 1/{s['config']['n_controls'] + 1}), so
+  small effects can be missed. The residual stream has no privileged basis; the per-dimension view is a choice
+  (directions are in the run folders' `diff_directions.safetensors`).
+- **BLiMP accuracy** uses the first {s['config']['blimp_accuracy_n']} pairs of each paradigm, not all 1,000, so its
+  intervals are wide per paradigm; GPT-2's numbers are from the paper, not rerun here.
+"""
+
+
+def section_files(root: Path) -> str:
+    R = root / "results"
+    names = sorted(p.name for p in R.glob("*") if p.is_file()) if R.exists() else []
+    return ("## Files\n\n`results/` (every number above comes from these; `study.json` holds the configuration, "
+            "timings and headline numbers): " + ", ".join(f"`{n}`" for n in names) + ".\n\n"
+            "`figures/`: the PNGs above (plotly figures rendered in headless chromium). "
+            "`results/report.html`: eclens's self-contained HTML report of the template run (open it in a browser; "
+            "no network needed). `runs/` (not committed, hundreds of MB): the full run folders "
+            "(`runs/templates`, `runs/blimp`) with the raw statistics and every table; rerunning the script "
+            "resumes from them.\n")
+
+
+def headline(s: dict) -> str:
+    f = s["findings"]
+    c = f.get("causal") or {}
+    b = f.get("blimp_accuracy") or {}
+    con = (f.get("contrasts") or {}).get("grammar vs meaning") or {}
+    n_gm = sum((e or {}).get("n_significant", 0) for e in con.values() if isinstance(e, dict))
+    t_gm = sum((e or {}).get("n_tests", 0) for e in con.values() if isinstance(e, dict))
+    cand = (f.get("candidates") or {}).get("templates") or {}
+    dec = (f.get("decay") or {}).get("templates") or {}
+    lines = [
+        f"- **Candidates exist by the statistical rule**: {fmt(cand.get('stable'))} stable and "
+        f"{fmt(cand.get('responsive'))} responsive (hook, layer, position, dimension) cells over all template pairs "
+        "(section 1).",
+        (f"- **Causal tests: null.** None of {fmt(c.get('n_tests'))} set-versus-random tests survives "
+         f"Benjamini–Hochberg (q < {ALPHA})" if c.get("n_tests") and not c.get("n_beats") else
+         f"- **Causal tests:** {fmt(c.get('n_beats'))} of {fmt(c.get('n_tests'))} set-versus-random tests survive "
+         f"Benjamini–Hochberg (q < {ALPHA})") + " (section 4).",
+        f"- **Grammar vs meaning:** {fmt(n_gm)} of {fmt(t_gm)} per-dimension tests significant at q ≤ {ALPHA} "
+        "(section 3).",
+        f"- **Decay:** the next-token KL falls from {fmt(dec.get('kl_mean_at_p'))} nats at the changed token to "
+        f"{fmt(dec.get('kl_mean_at_p+3'))} three tokens later (section 6).",
+        f"- **BLiMP:** {fmt(b.get('accuracy'))} (95 % CI {fmt(b.get('ci_low'))}–{fmt(b.get('ci_high'))}) on "
+        f"{fmt(b.get('n'))} pairs, versus GPT-2's published {fmt(b.get('gpt2_published_overall'))} (section 7).",
+    ]
+    return "\n".join(lines)
+
+
+def discussion(s: dict, root: Path) -> str:
+    """Interpretive prose, each paragraph guarded by the numbers it relies on."""
+    return ""
+
+
+def render(root: Path) -> str:
+    s = json.loads((root / "results" / "study.json").read_text(encoding="utf-8"))
+    cfg = s["config"]
+    smoke = ("\n> **This is a smoke run** (a handful of pairs, few controls): its numbers test the plumbing, not the "
+             "science.\n" if cfg.get("smoke") else "")
+    parts = [
+        "# Does SmolLM2 have consistent error-correction dimensions?\n",
+        "<!-- Generated by write_readme.py from results/ — edit that script, not this file. -->\n" + smoke,
+        "When one token of a sentence changes — a grammar error, a typo, a different word — which layers and which "
+        "dimensions of a language model's activations change *consistently little* (candidates for robust, "
+        "error-correcting features) and which change *consistently much* (error detectors), and does intervening on "
+        "them change what the model does? This study asks it of SmolLM2-135M-Instruct with eclens.\n",
+        "## Findings at a glance\n\n" + headline(s) + "\n",
+        discussion(s, root),
+        section_setup(s, root),
+        section_layers(s, root),
+        section_massive(s, root),
+        section_contrasts(s, root),
+        section_causal(s, root),
+        section_attribution(s, root),
+        section_decay(s, root),
+        section_blimp(s, root),
+        section_limits(s),
+        section_run(s, root),
+        section_files(root),
+    ]
+    return "\n".join(p for p in parts if p)
+
+
+def write_readme(root: str | Path) -> Path:
+    root = Path(root)
+    return atomic_write(root / "README.md", render(root))
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(write_readme(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent))
