@@ -222,7 +222,7 @@ def main(argv=None) -> int:
 
         from eclens.diff import run_diff
 
-        pairs = random_pairs(64 if smoke else 128, seq, shape["vocab"], seed=3)
+        pairs = random_pairs(16 if smoke else 128, seq, shape["vocab"], seed=3)
         bs = 4 if smoke else 64
         variants = {}
         for name, kw in (("default", {}), ("sample_64", {"sample_size": 64}), ("max_offset_0", {"max_offset": 0})):
