@@ -46,7 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=True)
     except SystemExit as e:
-        return int(e.code or 0) if isinstance(e.code, int) or e.code is None else 1
+        code = int(e.code or 0) if isinstance(e.code, int) or e.code is None else 1
+        # typer turns Ctrl-C into a silent exit 130 (its Exit is caused by the KeyboardInterrupt);
+        # commands that say more raise typer.Exit(130) themselves, without that cause.
+        if code == 130 and isinstance(getattr(e.__context__, "__cause__", None), KeyboardInterrupt):
+            print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
+        return code
     except EclensError as e:
         # One line, whatever the message quotes (a file name or a key may hold a line break).
         msg = str(e).replace("\r", "\\r").replace("\n", "\\n")

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -26,10 +27,15 @@ MANIFEST = "manifest.json"
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it over ``path`` on success only."""
+    """Yield a temporary path next to ``path``; rename it over ``path`` on success only.
+
+    The temporary name holds the writer's process id (``.NAME.PID.RANDOM.tmp``), so the
+    next successful write of ``path`` removes what a killed writer (SIGKILL, power loss)
+    left behind, and never a live writer's file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -41,6 +47,37 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
         raise
+    remove_stale_temps(path)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or cannot tell: keep its files
+    return True
+
+
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files of ``path`` whose writer process is gone; returns them."""
+    if os.name == "nt":  # os.kill(pid, 0) does not probe a process there
+        return []
+    path = Path(path)
+    pat = re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.[^.]+\.tmp")
+    gone = []
+    try:
+        names = [n for n in os.listdir(path.parent) if n.startswith(f".{path.name}.") and n.endswith(".tmp")]
+    except OSError:
+        return []
+    for name in names:
+        m = pat.fullmatch(name)
+        if m and int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                (path.parent / name).unlink()
+                gone.append(path.parent / name)
+    return gone
 
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
