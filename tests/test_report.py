@@ -80,3 +80,10 @@ def test_report_bad_input(tmp_path, capsys):
     assert main(["report", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "manifest.json" in err and "Traceback" not in err
+
+
+def test_tokens_without_the_model_come_from_the_exact_map(real_run, tokenizer):  # noqa: F811
+    rd = RunData(real_run.path)
+    pid = rd.exact_pair_ids()[0]
+    want = [tokenizer.decode([i]) for i in rd.pairs_by_id[pid]["clean_ids"]]
+    assert rd.pair_tokens(pid) == want

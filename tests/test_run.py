@@ -7,8 +7,8 @@ import shutil
 
 import pandas as pd
 import pytest
-from _viewruns import XSS_ID, real_run  # noqa: F401 - session fixture
 
+from _viewruns import XSS_ID, real_run  # noqa: F401 - session fixture
 from eclens.cli import main
 from eclens.errors import EclensError
 from eclens.pipeline import STEPS, RunConfig, run_pipeline, spread_pairs
@@ -98,3 +98,27 @@ def test_bad_input_is_one_line(argv, msg, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_choose_sets_prefers_the_changed_token_and_both_kinds(real_run):  # noqa: F811
+    from eclens.pipeline import choose_sets, dims_metric
+
+    cand = pd.read_csv(real_run.path / "candidates.csv")
+    sets = choose_sets(cand, 4, 10)
+    allc = cand[cand["category"] == "all"]
+    offs = [s.offset if s.offset >= 0 else 10**6 for s in sets]
+    for kind in ("stable", "responsive"):
+        ks = [s for s in sets if s.kind == kind]
+        # within a kind, nearer offsets first; each set is the group's best-ranked dims
+        assert [s.offset if s.offset >= 0 else 10**6 for s in ks] == sorted(s.offset if s.offset >= 0 else 10**6
+                                                                          for s in ks)
+        for s in ks:
+            g = allc[(allc["kind"] == kind) & (allc["hook"] == s.hook) & (allc["layer"] == s.layer)
+                     & (allc["offset"] == s.offset)].sort_values("rank")
+            assert s.dims == sorted(g["dim"].head(10).astype(int).tolist())
+        if ks and ((allc["kind"] == kind) & (allc["offset"] == 0)).any():
+            assert ks[0].offset == 0  # the changed token first
+    assert [s.kind for s in sets[:2]] == ["stable", "responsive"] or len({s.kind for s in sets}) == 1
+    assert dims_metric(sets, "logit_diff") == ("logit_diff" if all(o == 0 for o in offs) else "kl")
+    assert dims_metric(sets, "logprob") == "logprob"
+    assert choose_sets(cand.iloc[0:0], 2, 10) == []

@@ -198,3 +198,29 @@ def test_make_server_bad_input(tmp_path):
         assert url_of(srv).startswith("http://127.0.0.1:")
     finally:
         srv.server_close()
+
+
+def test_ec_serve_says_it_binds_loopback(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "eclens", "serve", str(tmp_path), "--port", "0", "--no-model"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    try:
+        lines = []
+        end = time.monotonic() + 60
+        while time.monotonic() < end:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if "JSON API" in line:
+                break
+        text = "".join(lines)
+        assert "serving 0 run(s)" in text and "http://127.0.0.1:" in text
+        assert "bound to loopback only" in text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -50,10 +50,10 @@ class RunConfig:
     min_pairs: int | None = None        # diff's candidate rule: pairs a dimension needs (None: diff's default)
     exact_pairs: int = 2                # pairs with a full exact patching map
     patch_hooks: tuple[str, ...] = ("hook_resid_pre",)  # exact maps; attribution also scores these
-    dims_pairs: int = 16                # pairs the candidate sets are tested on
-    max_sets: int = 4                   # candidate sets tested
+    dims_pairs: int = 8                 # pairs the candidate sets are tested on
+    max_sets: int = 2                   # candidate sets tested (stable and responsive in turn)
     top_k: int = 10                     # dimensions per candidate set
-    n_controls: int = 50                # random sets per tested set
+    n_controls: int = 50                # random sets per tested set: p >= 1/51, so with 2 sets one can reach BH q < 0.05
     attribution_pairs: int = 16
     verify_top: int = 5                 # attribution components exact-verified per pair (+ as many random)
     metric: str = "logit_diff"
@@ -288,33 +288,28 @@ def _step_dims(run: Path, model, cfg: RunConfig, pairs, *, progress: bool, log) 
 
     t0 = time.perf_counter()
     cand = pd.read_csv(run / "candidates.csv") if (run / "candidates.csv").stat().st_size > 1 else pd.DataFrame()
-    if cand.empty or "kind" not in cand.columns:
+    sets = choose_sets(cand, cfg.max_sets, cfg.top_k)
+    if not sets:
         summary = {"metric": cfg.metric, "n_sets": 0, "n_tests": 0, "n_significant": 0,
-                   "verdict": "null: diff found no candidate dimensions, so there is nothing to test"}
+                   "verdict": "null: diff found no candidate dimensions over all pairs, so there is nothing to test"}
         _record_patch(run, "dims", {"mode": "dims"}, time.perf_counter() - t0, [], summary)
         return "empty", [], summary["verdict"], None
-    # Half the sets from each kind (stable first), so both claims get a causal test.
-    sets: list = []
-    kinds = [k for k in ("stable", "responsive") if (cand["kind"] == k).any()]
-    per = {k: P.candidate_sets(cand, kind=k, top_k=cfg.top_k) for k in kinds}
-    while len(sets) < cfg.max_sets and any(per.values()):
-        for k in kinds:
-            if per[k] and len(sets) < cfg.max_sets:
-                sets.append(per[k].pop(0))
     chosen = spread_pairs(pairs, cfg.dims_pairs)
+    m = dims_metric(sets, cfg.metric)
+    if m != cfg.metric:
+        log(f"      no {cfg.metric}-visible candidates at the changed token; judging sets after it by {m}")
     res = P.dims_interventions(model, chosen, sets, method="patch", n_controls=cfg.n_controls, seed=cfg.seed,
-                               direction="denoise", metric=cfg.metric, batch_size=cfg.patch_batch_size,
+                               direction="denoise", metric=m, batch_size=cfg.patch_batch_size,
                                progress=progress)
     write_table(res.table, run / "patch_dims.csv")
     write_table(res.controls, run / "patch_dims_controls.csv")
     t = res.table
     n_sig = int(t["significant"].sum())
-    m = cfg.metric
     summary = {
         "method": "patch", "metric": m, "alpha": 0.05, "n_controls": cfg.n_controls, "n_sets": len(sets),
         "n_tests": int(len(t)), "n_significant": n_sig, "n_pairs": len(chosen),
-        "verdict": (f"{n_sig} of {len(t)} set tests beat their random controls (BH q < 0.05)" if n_sig else
-                    f"null: no set beats its random controls at BH q < 0.05 ({len(t)} tests)"),
+        "verdict": (f"{n_sig} of {len(t)} set tests beat their random controls on {m} (BH q < 0.05)" if n_sig else
+                    f"null: no set beats its random controls on {m} at BH q < 0.05 ({len(t)} tests)"),
         "sets": t[["set", "direction", "n_pairs", f"{m}_effect", f"{m}_control_mean", f"{m}_z", f"{m}_p", f"{m}_q",
                    "verdict"]].to_dict(orient="records"),
     }
@@ -324,6 +319,43 @@ def _step_dims(run: Path, model, cfg: RunConfig, pairs, *, progress: bool, log) 
                                 "pairs": [a.id for a in chosen], "seed": cfg.seed},
                   time.perf_counter() - t0, files, summary)
     return "done", files, summary["verdict"], None
+
+
+def choose_sets(cand, max_sets: int, top_k: int) -> list:
+    """The candidate sets worth a causal test, over all pairs: one (hook, layer, offset) group
+    per set, groups at the changed token first (offset 0: every metric reads at or after it),
+    then the nearest later offsets; within an offset groups with ``top_k`` candidates before
+    smaller ones, and the most consistent first —
+    stable by the lowest mean ``absz_q90`` of its ``top_k`` best dims, responsive by the
+    highest mean ``absz_median`` — alternating kinds so both claims get a test."""
+    from .patch import DimSet
+
+    if cand.empty or not {"kind", "hook", "layer", "offset", "dim", "rank"} <= set(cand.columns):
+        return []
+    pool = cand[cand["category"] == "all"] if "category" in cand.columns else cand
+    ranked: dict[str, list] = {}
+    for kind, score, asc in (("stable", "absz_q90", True), ("responsive", "absz_median", False)):
+        groups = []
+        for (h, L, off), d in pool[pool["kind"] == kind].groupby(["hook", "layer", "offset"], sort=True):
+            d = d.sort_values("rank").drop_duplicates("dim").head(top_k)
+            val = float(d[score].mean()) if score in d.columns else float(d["rank"].mean())
+            off_key = int(off) if int(off) >= 0 else 10**6  # the last token after every p+k
+            # full sets of top_k dims before groups with fewer candidates
+            groups.append(((off_key, len(d) < top_k, val if asc else -val, str(h), int(L)),
+                           DimSet(str(h), int(L), d["dim"].astype(int).tolist(), int(off), kind)))
+        ranked[kind] = [g for _, g in sorted(groups, key=lambda x: x[0])]
+    sets: list = []
+    while len(sets) < max_sets and any(ranked.values()):
+        for kind in ("stable", "responsive"):
+            if ranked[kind] and len(sets) < max_sets:
+                sets.append(ranked[kind].pop(0))
+    return sets
+
+
+def dims_metric(sets, metric: str) -> str:
+    """``logit_diff`` is read at the changed token, so a patch after it cannot move it; sets
+    after ``p`` are judged by the downstream KL, which reads every position from ``p`` on."""
+    return metric if metric != "logit_diff" or all(s.offset == 0 for s in sets) else "kl"
 
 
 def _step_attribution(run: Path, model, cfg: RunConfig, pairs, *, progress: bool, log) -> tuple:

@@ -218,7 +218,13 @@ class RunData:
         return list(dict.fromkeys(df[col].astype(str))) if col else []
 
     def pair_tokens(self, pair_id: str) -> list[str] | None:
-        """Clean token strings of a pair from ``pairs.csv`` (written by diff), if it has them."""
+        """Clean token strings of a pair without the model: from ``patch_exact.csv`` (one row per
+        position holds its token) or a ``tokens`` column of ``pairs.csv``, if either has them."""
+        ex = self.patch_exact
+        if ex is not None and {"pair_id", "position", "token"} <= set(ex.columns):
+            rows = ex[ex["pair_id"].astype(str) == str(pair_id)].drop_duplicates("position").sort_values("position")
+            if len(rows) and list(rows["position"]) == list(range(len(rows))):
+                return [str(t) if isinstance(t, str) else "" for t in rows["token"]]
         df = self.pair_metrics
         if df is None or "tokens" not in df.columns:
             return None
@@ -306,7 +312,11 @@ def html_table(df: pd.DataFrame, *, max_rows: int = 30, floatfmt: str = "{:.4g}"
             elif isinstance(v, (int,)) and not isinstance(v, bool):
                 cells.append(f'<td class="num">{v}</td>')
             else:
-                cells.append(f"<td>{esc(v)}</td>")
+                txt = str(v)
+                if len(txt) > 120:  # long lists (e.g. a set's dimensions): the whole text on hover
+                    cells.append(f'<td title="{esc(txt)}">{esc(txt[:117])}…</td>')
+                else:
+                    cells.append(f"<td>{esc(txt)}</td>")
         rows.append("<tr>" + "".join(cells) + "</tr>")
     more = f'<p class="muted">showing {max_rows} of {len(df)} rows</p>' if len(df) > max_rows else ""
     return f'<div class="tablewrap"><table class="{esc(cls)}"><thead><tr>{head}</tr></thead><tbody>' \
@@ -349,7 +359,7 @@ section{margin:26px 0}h2{font-size:18px;border-bottom:2px solid var(--line);padd
 .muted{color:var(--muted)}.note{background:#fff8e1;border-left:4px solid #f0b400;padding:8px 12px;margin:10px 0}
 table{border-collapse:collapse;font-size:12.5px}th,td{border-bottom:1px solid var(--line);padding:3px 8px;text-align:left;vertical-align:top}
 td.num{text-align:right;font-variant-numeric:tabular-nums}thead th{background:var(--soft);position:sticky;top:0}
-.tablewrap{max-height:460px;overflow:auto;border:1px solid var(--line);margin:6px 0}
+.tablewrap{max-height:460px;overflow:auto;border:1px solid var(--line);margin:6px 0}.tablewrap td{white-space:nowrap}
 table.kv th{width:220px;color:var(--muted);font-weight:500}
 .tokens{font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:13px;margin:6px 0;line-height:2}
 .tok{border:1px solid var(--line);border-radius:3px;padding:1px 3px;margin:0 1px;white-space:pre}
@@ -599,6 +609,10 @@ def _candidates_section(page: _Page, run: RunData) -> None:
             d = df[df["kind"] == kind]
             if "category" in d.columns and (d["category"] == "all").any():
                 d = d[d["category"] == "all"]
+            # most consistent first: stable by the 90th percentile of |Δ|/σ, responsive by its median
+            score = "absz_q90" if kind == "stable" else "absz_median"
+            if score in d.columns:
+                d = d.sort_values(score, ascending=kind == "stable", kind="stable")
             page.add(f"<h3>{esc(title)} ({len(d)})</h3>" + html_table(d, max_rows=25))
     else:
         page.add(html_table(df, max_rows=40))
@@ -612,8 +626,13 @@ def _causal_section(page: _Page, run: RunData) -> None:
         page.add("</section>")
         return
     if run.patch_summary:
-        flat = {k: v for k, v in run.patch_summary.items() if not isinstance(v, (dict, list))}
-        page.add(kv_table(flat or run.patch_summary))
+        rows = []
+        for mode, v in run.patch_summary.items():
+            if isinstance(v, dict):
+                # the scalar headline numbers; per-set and per-cell lists are in the tables below
+                rows.append({"mode": mode, **{k: x for k, x in v.items() if not isinstance(x, (dict, list))}})
+        if rows:
+            page.add(html_table(pd.DataFrame(rows).astype(object).where(lambda d: d.notna(), "")))
     if run.patch_dims is not None:
         page.add("<h3>Candidate dimensions vs random dimension sets</h3>"
                  "<p>Each row patches or ablates a candidate set of dimensions and compares the effect with the "
@@ -747,7 +766,8 @@ def _examples_section(page: _Page, run: RunData, model, model_note: str | None, 
         if metrics is not None and mcol:
             row = metrics[metrics[mcol].astype(str) == pid]
             if not row.empty:
-                page.add(kv_table({k: v for k, v in row.iloc[0].items() if k not in (mcol, "tokens")}))
+                # the per-position KL list is drawn as coloured tokens below
+                page.add(kv_table({k: v for k, v in row.iloc[0].items() if k not in (mcol, "tokens", "kl")}))
         if run.patch_exact is not None and pid in run.exact_pair_ids():
             toks = view.clean_tokens if view else run.pair_tokens(pid)
             page.add('<div class="grid2">')
