@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -117,3 +118,55 @@ def test_resample_refused_when_sharded():
     with pytest.raises(EclensError, match="cannot be sharded"):
         dims_interventions(model, pairs, [DimSet("hook_resid_post", 1, [1, 2], 0)], method="resample",
                            n_controls=5, dist=Dist(0, 2, "gloo"))
+
+
+def test_ec_diff_under_torchrun_equals_one_process(tmp_path):
+    """The CLI itself: `torchrun --nproc-per-node 2 ec diff` writes the same tables as `ec diff`."""
+    import shutil
+    import subprocess
+    import sys
+
+    import pandas as pd
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from eclens.model import _embedded_hf_dir
+    from eclens.pairs import write_jsonl
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun not installed next to this python")
+    tok = AutoTokenizer.from_pretrained(_embedded_hf_dir())
+    folder = tmp_path / "tiny-llama"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, architectures=["LlamaForCausalLM"])
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    pairs_file = tmp_path / "pairs.jsonl"
+    write_jsonl(pairs_file, [MinimalPair(f"p{i}", a, b, ("grammar/x" if i % 2 else "meaning/y"))
+                             for i, (a, b) in enumerate(SENTENCES)])
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    ec = str(Path(sys.executable).parent / "ec")
+    common = ["diff", str(pairs_file), "--model", str(folder), "--batch-size", "3"]
+    r1 = subprocess.run([ec, *common, "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env,
+                        timeout=600)
+    assert r1.returncode == 0, r1.stderr[-2000:]
+    r2 = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "--no-python", ec,
+                         *common, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env,
+                        timeout=600)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    one = pd.read_csv(tmp_path / "one" / "layers.csv")
+    two = pd.read_csv(tmp_path / "two" / "layers.csv")
+    assert len(one) == len(two) > 0
+    for col in ("rel_l2_mean", "cos_mean", "l2_mean", "dir_consistency"):
+        if col in one:
+            a, b = one[col].to_numpy(float), two[col].to_numpy(float)
+            ok = ~np.isnan(a)
+            assert np.array_equal(ok, ~np.isnan(b))
+            assert np.allclose(b[ok], a[ok], rtol=1e-5, atol=1e-9), col
+    import json
+
+    man = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert man["world_size"] == 2
+    assert not list((tmp_path / "two").glob("*.tmp"))

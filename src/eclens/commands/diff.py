@@ -98,22 +98,39 @@ def diff(
             from ..errors import EclensError
 
             raise EclensError(f"{pairs}: no such file or folder")
+        from .. import distributed as D
+
+        ctx = D.init(device)  # under torchrun: this process's rank and the world size
+        device = D.local_device(device, ctx)
         run = _run_folder(pairs, out_dir)
         m = load(model, device, dtype, device_map, load_in_8bit, load_in_4bit)
         model_entry = _check_model(run, m)
-        from ..diff import prepare_run_pairs, run_diff
+        from ..diff import prepare_run_pairs, resolve_categories, run_diff
 
-        aligned, check = prepare_run_pairs(m, pairs, run, fmt)
-        _report_rejections(check)
+        if ctx.is_main:  # rank 0 aligns and writes pairs.jsonl; the others read it
+            aligned, check = prepare_run_pairs(m, pairs, run, fmt)
+            _report_rejections(check)
+        D.barrier(ctx)
+        if not ctx.is_main:
+            from ..pairs import load_aligned
+
+            aligned = load_aligned(run / "pairs.jsonl")
         if not aligned:
             from ..errors import EclensError
 
             raise EclensError(f"{pairs}: no valid pairs under this model's tokenizer (see {run / 'rejected.jsonl'})")
-        update_manifest(run, model=model_entry)
+        if ctx.is_main:
+            update_manifest(run, model=model_entry, world_size=ctx.world_size)
+        categories = by_category
+        if ctx.active:  # every rank must keep the same category rows, whatever its shard holds
+            mode, labels = resolve_categories(aligned, by_category)
+            categories = labels if mode != "none" else "none"
         try:
-            res = run_diff(m, aligned, hooks=hooks, max_offset=max_offset, batch_size=batch_size,
-                           categories=by_category, include_last=last, sample_size=sample_size, seed=seed, run=run,
-                           checkpoint_every=checkpoint_every, progress=True, **rule)
+            res = run_diff(m, D.shard(aligned, ctx), hooks=hooks, max_offset=max_offset, batch_size=batch_size,
+                           categories=categories, include_last=last, sample_size=sample_size, seed=seed,
+                           run=run / f"rank{ctx.rank}of{ctx.world_size}" if ctx.active else run,
+                           checkpoint_every=checkpoint_every, progress=ctx.is_main, **rule)
+            res = D.merge_diff(res, ctx)
         except KeyboardInterrupt:
             # click would turn this into "Aborted!"; say what was kept instead.
             console.print(f"interrupted: the statistics so far are saved in {run / 'diff_stats.safetensors'}; "
@@ -121,6 +138,10 @@ def diff(
             raise typer.Exit(130) from None
         if res.timing.get("resumed_from"):
             console.print(f"resumed: {res.timing['resumed_from']} pairs were already done")
+        if not ctx.is_main:  # only rank 0 writes
+            D.shutdown(ctx)
+            return
+        D.shutdown(ctx)
     files = res.save(run)
     update_manifest(run, model=model_entry, steps={"diff": {
         "hooks": res.config.hooks, "offsets": res.offsets, "categories": res.categories,
