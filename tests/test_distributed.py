@@ -120,21 +120,12 @@ def test_resample_refused_when_sharded():
                            n_controls=5, dist=Dist(0, 2, "gloo"))
 
 
-def test_ec_diff_under_torchrun_equals_one_process(tmp_path):
-    """The CLI itself: `torchrun --nproc-per-node 2 ec diff` writes the same tables as `ec diff`."""
-    import shutil
-    import subprocess
-    import sys
-
-    import pandas as pd
+def _tiny_folder_and_pairs(tmp_path):
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from eclens.model import _embedded_hf_dir
     from eclens.pairs import write_jsonl
 
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-    if torchrun is None:
-        pytest.skip("torchrun not installed next to this python")
     tok = AutoTokenizer.from_pretrained(_embedded_hf_dir())
     folder = tmp_path / "tiny-llama"
     torch.manual_seed(0)
@@ -146,27 +137,62 @@ def test_ec_diff_under_torchrun_equals_one_process(tmp_path):
     pairs_file = tmp_path / "pairs.jsonl"
     write_jsonl(pairs_file, [MinimalPair(f"p{i}", a, b, ("grammar/x" if i % 2 else "meaning/y"))
                              for i, (a, b) in enumerate(SENTENCES)])
+    return folder, pairs_file
+
+
+def _ec_one_and_two(tmp_path, args):
+    """Run `ec ARGS --out one` in one process and under `torchrun --nproc-per-node 2 ... --out two`."""
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    if torchrun is None:
+        pytest.skip("torchrun not installed next to this python")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     ec = str(Path(sys.executable).parent / "ec")
-    common = ["diff", str(pairs_file), "--model", str(folder), "--batch-size", "3"]
-    r1 = subprocess.run([ec, *common, "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env,
+    r1 = subprocess.run([ec, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env,
                         timeout=600)
     assert r1.returncode == 0, r1.stderr[-2000:]
     r2 = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "--no-python", ec,
-                         *common, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env,
-                        timeout=600)
+                         *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
     assert r2.returncode == 0, r2.stderr[-3000:]
-    one = pd.read_csv(tmp_path / "one" / "layers.csv")
-    two = pd.read_csv(tmp_path / "two" / "layers.csv")
+    assert not list((tmp_path / "two").glob("*.tmp"))
+
+
+def _same_columns(one, two, cols):
     assert len(one) == len(two) > 0
-    for col in ("rel_l2_mean", "cos_mean", "l2_mean", "dir_consistency"):
+    for col in cols:
         if col in one:
             a, b = one[col].to_numpy(float), two[col].to_numpy(float)
             ok = ~np.isnan(a)
-            assert np.array_equal(ok, ~np.isnan(b))
+            assert np.array_equal(ok, ~np.isnan(b)), col
             assert np.allclose(b[ok], a[ok], rtol=1e-5, atol=1e-9), col
+
+
+def test_ec_diff_under_torchrun_equals_one_process(tmp_path):
+    """The CLI itself: `torchrun --nproc-per-node 2 ec diff` writes the same tables as `ec diff`."""
     import json
 
+    import pandas as pd
+
+    folder, pairs_file = _tiny_folder_and_pairs(tmp_path)
+    _ec_one_and_two(tmp_path, ["diff", str(pairs_file), "--model", str(folder), "--batch-size", "3"])
+    one = pd.read_csv(tmp_path / "one" / "layers.csv")
+    two = pd.read_csv(tmp_path / "two" / "layers.csv")
+    _same_columns(one, two, ("rel_l2_mean", "cos_mean", "l2_mean", "dir_consistency"))
     man = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert man["world_size"] == 2
-    assert not list((tmp_path / "two").glob("*.tmp"))
+
+
+def test_ec_patch_dims_under_torchrun_equals_one_process(tmp_path):
+    import pandas as pd
+
+    folder, pairs_file = _tiny_folder_and_pairs(tmp_path)
+    _ec_one_and_two(tmp_path, ["patch", str(pairs_file), "--model", str(folder), "--mode", "dims",
+                               "--hooks", "resid_post", "--layer", "1", "--dims", "1,5,9", "--n-controls", "20",
+                               "--ablation", "mean"])
+    one = pd.read_csv(tmp_path / "one" / "patch_dims.csv")
+    two = pd.read_csv(tmp_path / "two" / "patch_dims.csv")
+    _same_columns(one, two, [c for c in one.columns if c.endswith(("_effect", "_control_mean", "_z", "_p"))])
+    assert list(one["n_pairs"]) == list(two["n_pairs"])

@@ -208,8 +208,20 @@ def patch(
         raise EclensError(f"{cpath}: no candidates file; run `ec diff` first, pass --candidates FILE, "
                           "or test one set with --dims")
     raw = preflight_pairs(source)
+    from .. import distributed as D
+
+    ctx = D.init(device)  # under torchrun: shard the pairs over ranks, rank 0 writes
+    if ctx.active and mode == "attribution":
+        raise EclensError("under torchrun, ec patch shards --mode dims and --mode exact; "
+                          "run --mode attribution in one process")
+    device = D.local_device(device, ctx)
     m = load(model, device, dtype)
-    run, pairs = open_run(source, out_dir, m, max_pairs, raw)
+    if ctx.is_main:
+        run, pairs = open_run(source, out_dir, m, max_pairs, raw)
+    D.barrier(ctx)
+    if not ctx.is_main:  # read what rank 0 wrote
+        run, pairs = open_run(out_dir or source, None, m, max_pairs)
+    all_pairs, pairs = pairs, D.shard(pairs, ctx)
     from .. import patch as P
 
     hook_list = P.parse_hooks(hooks, m) if hooks else []
@@ -217,11 +229,24 @@ def patch(
     ids = [p.id for p in pairs]
     t0 = time.perf_counter()
     params = {"mode": mode, "hooks": hook_list, "heads": heads, "direction": direction, "metric": metric,
-              "seed": seed, "n_pairs": len(pairs), "batch_size": batch_size}
+              "seed": seed, "n_pairs": len(all_pairs), "batch_size": batch_size}
     if mode == "exact":
         df = P.exact_patch(m, pairs, hooks=hook_list, direction=direction, heads=heads, layers=layer_list,
-                           batch_size=batch_size, progress=True)
+                           batch_size=batch_size, progress=ctx.is_main)
         base = P.pair_baselines(m, pairs)
+        if ctx.active:  # every pair is patched independently: the ranks' rows, back in pair order
+            import pandas as pd
+
+            order = {p.id: i for i, p in enumerate(all_pairs)}
+            parts = D.all_gather((df, base), ctx)
+            df = pd.concat([d for d, _ in parts], ignore_index=True)
+            df = df.iloc[df["pair_id"].map(order).argsort(kind="stable")].reset_index(drop=True)
+            base = pd.concat([b for _, b in parts], ignore_index=True)
+            base = base.iloc[base["pair_id"].map(order).argsort(kind="stable")].reset_index(drop=True)
+            ids = [p.id for p in all_pairs]
+            if not ctx.is_main:
+                D.shutdown(ctx)
+                return
         write_table(df, run / "patch_exact.csv")
         write_table(base, run / "patch_baselines.csv")
         tensors = {}
@@ -242,7 +267,10 @@ def patch(
             params["candidates"] = str(cpath)
         res = P.dims_interventions(m, pairs, sets, method=ablation, n_controls=n_controls, seed=seed,
                                    direction=direction, metric=metric, alpha=alpha, batch_size=batch_size,
-                                   progress=True)
+                                   progress=ctx.is_main, dist=ctx)
+        if not ctx.is_main:
+            D.shutdown(ctx)
+            return
         write_table(res.table, run / "patch_dims.csv")
         write_table(res.controls, run / "patch_dims_controls.csv")
         t = res.table
@@ -274,7 +302,9 @@ def patch(
         _print_attribution(df, summary)
     files.append("patch_summary.json")
     _merge_json(run / "patch_summary.json", mode, summary)
+    params["world_size"] = ctx.world_size
     _record_step(run, mode, {"params": params, "seconds": round(time.perf_counter() - t0, 2), "files": files})
+    D.shutdown(ctx)
     console.print(f"wrote {', '.join(files)} to {run}")
 
 
