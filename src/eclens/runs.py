@@ -177,8 +177,12 @@ def update_manifest(run: str | os.PathLike, **fields: Any) -> dict:
 
 
 def check_manifest_model(run: str | os.PathLike, model_id: str, weights_hash: str | None) -> None:
-    """Refuse to mix results of another model into a run folder."""
+    """Refuse to mix results of another model, or of another eclens version, into a run folder."""
     man = read_manifest(run)
+    made_by, this = man.get("eclens_version"), versions()["eclens"]
+    if made_by is not None and made_by != this:
+        raise EclensError(f"{Path(run) / MANIFEST}: run was made by eclens {made_by}, this is eclens {this}; its "
+                          "files may differ in format or method: use another --out folder")
     m = man.get("model") or {}
     if m and (m.get("name") != model_id or (weights_hash and m.get("weights_hash") not in (None, weights_hash))):
         raise EclensError(

@@ -9,7 +9,18 @@ import typer
 from rich.table import Table
 
 from ..cli import app
-from ._common import DeviceMapOpt, DeviceOpt, DtypeOpt, Load4Opt, Load8Opt, ModelOpt, console, load, out
+from ._common import (
+    DeviceMapOpt,
+    DeviceOpt,
+    DtypeOpt,
+    Load4Opt,
+    Load8Opt,
+    ModelOpt,
+    console,
+    load,
+    out,
+    preflight_pairs,
+)
 
 HooksOpt = typer.Option(None, "--hooks", help="default (resid_pre, attn_out, resid_mid, mlp_out, resid_post), all, "
                         "or comma-separated names/globs, e.g. 'default,mlp.hook_post,attn.hook_z'")
@@ -35,6 +46,16 @@ def _check_model(run: Path, m) -> dict:
     entry = manifest_model_entry(m)
     check_manifest_model(run, entry["name"], entry["weights_hash"])
     return entry
+
+
+def _require_valid(raw, source: Path, m) -> None:
+    """A pairs file without one valid pair is an error before anything is written into the run."""
+    if raw is not None:
+        from ..pairs import check_with_model
+
+        chk = check_with_model(raw, m)
+        if not chk.valid:
+            raise chk.none_valid_error(source)
 
 
 def _report_rejections(res) -> None:
@@ -98,6 +119,7 @@ def diff(
             from ..errors import EclensError
 
             raise EclensError(f"{pairs}: no such file or folder")
+        raw = preflight_pairs(pairs, fmt)  # a bad file fails now, not after the model loads
         from .. import distributed as D
 
         ctx = D.init(device)  # under torchrun: this process's rank and the world size
@@ -105,6 +127,7 @@ def diff(
         run = _run_folder(pairs, out_dir)
         m = load(model, device, dtype, device_map, load_in_8bit, load_in_4bit)
         model_entry = _check_model(run, m)
+        _require_valid(raw, pairs, m)
         from ..diff import prepare_run_pairs, resolve_categories, run_diff
 
         if ctx.is_main:  # rank 0 aligns and writes pairs.jsonl; the others read it
@@ -207,9 +230,11 @@ def cache(
         from ..errors import EclensError
 
         raise EclensError(f"{pairs}: no such file or folder")
+    raw = preflight_pairs(pairs, fmt)  # a bad file fails now, not after the model loads
     run = _run_folder(pairs, out_dir)
     m = load(model, device, dtype, device_map, load_in_8bit, load_in_4bit)
     entry = _check_model(run, m)
+    _require_valid(raw, pairs, m)
     aligned, check = prepare_run_pairs(m, pairs, run, fmt)
     _report_rejections(check)
     update_manifest(run, model=entry)
