@@ -43,7 +43,7 @@ class RunConfig:
     with the embedded model (measured; see the README)."""
 
     pairs_file: str | None = None       # None: template pairs
-    n_per_category: int = 25            # template pairs per category (8 categories)
+    n_per_category: int = 25            # template pairs per category (9 categories)
     seed: int = 0
     hooks: str | None = None            # diff hooks (None: residual, attention and MLP outputs)
     batch_size: int = 16                # pairs per forward pass in diff

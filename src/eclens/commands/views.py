@@ -67,7 +67,7 @@ def run(
     model: str = ModelOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
-    n_per_category: int = typer.Option(25, "--n", help="template pairs per category (8 categories)"),
+    n_per_category: int = typer.Option(25, "--n", help="template pairs per category (9 categories)"),
     seed: int = typer.Option(0, "--seed", help="seed for templates, samples and random controls"),
     hooks: str = typer.Option(None, "--hooks", help="diff hooks: default, all, or comma-separated names/globs"),
     batch_size: int = typer.Option(16, "--batch-size", help="pairs per forward pass in diff"),
