@@ -512,11 +512,15 @@ def make_server(runs_dir: str | Path, host: str = "127.0.0.1", port: int = 5000,
     """A ready-to-serve server (``port=0`` picks a free port: ``server.server_address[1]``)."""
     app = RunsApp(runs_dir, model_loader=model_loader, load_models=load_models)
     handler = type("EclensHandler", (Handler,), {"app": app, "check_host": is_loopback(host), "quiet": quiet})
-    cls = ThreadingHTTPServer
-    if ":" in host:
-        import socket
+    import socket
 
-        cls = type("ThreadingHTTPServerV6", (ThreadingHTTPServer,), {"address_family": socket.AF_INET6})
+    # socketserver's default listen backlog is 5: with more clients connecting at once the
+    # kernel drops their SYNs and they retry after 1, 3, 7, ... s (measured: p99 4.4 s, max 55 s
+    # at 50 concurrent). A full-size backlog lets the threads take them as they come.
+    attrs = {"request_queue_size": socket.SOMAXCONN}
+    if ":" in host:
+        attrs["address_family"] = socket.AF_INET6
+    cls = type("EclensHTTPServer", (ThreadingHTTPServer,), attrs)
     try:
         srv = cls((host, port), handler)
     except OSError as e:
