@@ -190,8 +190,7 @@ def write_cache(
                         t = torch.nn.functional.pad(t, (0, Tmax - t.shape[-1]))
                     parts[n]["clean"].append(t[:N])
                     parts[n]["corrupt"].append(t[N:])
-                mets = pair_metrics(logits, batch.tokens, [a.position for a in batch.pairs],
-                                    [a.length for a in batch.pairs], [0])
+                mets = pair_metrics(logits, batch.tokens, batch.pairs, [0])
                 del logits
                 for a, mrow, (s, n) in zip(batch.pairs, mets, spans):
                     rows_meta.append({**pair_info(a), **mrow})

@@ -7,9 +7,9 @@ combine into the statistics of the whole.
 
 * :class:`PowerSums` — what the streaming loop updates: the count, and the sums
   of ``x - K`` and ``(x - K)^2`` per cell, in float64, about a per-cell shift ``K``
-  fixed at the first update. One update is an ``index_add`` of a batch into the
-  group rows it touches (no per-batch pass over the whole state, which would cost
-  ``n_groups`` times more than the batch), and two accumulators with the same shift
+  fixed at the first update. One update adds a batch into its groups' rows with
+  one matrix product by the one-hot group matrix (:func:`group_add`; on the CPU
+  ``index_add_`` is ~100x slower), and two accumulators with the same shift
   merge by plain addition, so ``torch.distributed.all_reduce(SUM)`` merges ranks
   once they agree on ``K`` (:meth:`PowerSums.set_shift`). The shift keeps the sums
   of squares from cancelling catastrophically (a "massive" dimension has a mean of
