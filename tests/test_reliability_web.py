@@ -57,6 +57,9 @@ def runs(tmp_path_factory) -> Path:
     (leaky / "manifest.json").write_text("{}", encoding="utf-8")
     for name in ("pairs.jsonl", "candidates.csv", "report.html"):
         os.symlink(outside / name, leaky / name)
+    broken = root / "broken"                                  # a run whose manifest was cut short
+    broken.mkdir()
+    (broken / "manifest.json").write_text('{"eclens_version": "0.1', encoding="utf-8")
     return root
 
 
@@ -236,3 +239,14 @@ def test_listen_backlog_takes_a_burst_of_clients(tmp_path):
         assert srv.request_queue_size >= min(128, so.SOMAXCONN)
     finally:
         srv.server_close()
+
+
+def test_one_unreadable_run_does_not_hide_the_others(served):
+    status, _, body = request(served, "/api/runs")
+    assert status == 200
+    runs = {r["name"]: r for r in json.loads(body)["runs"]}
+    assert RUN in runs and "leaky" in runs and "error" not in runs[RUN]
+    assert "manifest.json: not valid JSON" in runs["broken"]["error"] and runs["broken"]["steps"] == []
+    status, headers, body = request(served, "/api/runs/broken")
+    assert status == 422 and headers["content-type"].startswith("application/json")
+    assert "manifest.json: not valid JSON" in json.loads(body)["error"]

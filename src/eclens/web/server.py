@@ -150,6 +150,14 @@ class RunsApp:
             "has_report": rd.file(REPORT) is not None,
         }
 
+    def _summary_or_error(self, name: str) -> dict:
+        # One unreadable run (a manifest cut short, a hand-edited file) must not hide the others.
+        try:
+            return self.run_summary(name)
+        except EclensError as e:
+            return {"name": name, "created": None, "model": None, "n_pairs": None, "n_rejected": None,
+                    "steps": [], "has_report": False, "error": str(e)}
+
     # -------------------------------------------------------------- models
     def _default_loader(self, rd: RunData):
         from ..report import model_for_run
@@ -206,7 +214,7 @@ class RunsApp:
     def api(self, parts: list[str], query: dict[str, str]) -> tuple[Any, str]:
         """Dispatch ``/api/...``; returns (payload, content type). JSON unless a .csv is asked for."""
         if parts == ["runs"]:
-            return {"runs": [self.run_summary(n) for n in self.run_names()]}, "json"
+            return {"runs": [self._summary_or_error(n) for n in self.run_names()]}, "json"
         if len(parts) < 2 or parts[0] != "runs":
             raise NotFound("/".join(parts))
         rd = self.run(parts[1])
