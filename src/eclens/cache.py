@@ -135,7 +135,7 @@ def write_cache(
     index: dict[str, Any]
     ipath = folder / INDEX
     if ipath.exists():
-        index = json.loads(ipath.read_text(encoding="utf-8"))
+        index = _read_index(ipath)
         old = {k: index.get(k) for k in params}
         if old != params:
             diff = [k for k in params if old[k] != params[k]]
@@ -153,6 +153,14 @@ def write_cache(
     gat = _RowGatherer(names, patterns, sdt)
     pid = pad_id(model)
     n_shards = (len(pairs) + shard_size - 1) // shard_size
+    # A finished shard must still read whole: one cut short (disk full, an interrupted copy) is
+    # refused, never skipped as done; one the user deleted is written again.
+    index["shards"] = [s for s in index["shards"] if (folder / s["file"]).is_file()]
+    for s in index["shards"]:
+        why = shard_problem(folder / s["file"])
+        if why:
+            raise EclensError(f"{folder / s['file']}: unreadable cache shard ({why}); delete it and rerun the same "
+                              "`ec cache` command to write it again")
     done = {s["index"] for s in index["shards"]}
     from .diff import _progress
 
@@ -291,12 +299,18 @@ class ActivationStore:
             if k not in self._done_shards:
                 raise EclensError(f"{self.folder}: shard {k} was not written yet; rerun `ec cache` to finish it")
             fname = next(s["file"] for s in self.index["shards"] if s["index"] == k)
-            f = safe_open(str(self.folder / fname), framework="pt", device="cpu")
+            try:
+                f = safe_open(str(self.folder / fname), framework="pt", device="cpu")
+                rows, pos_start = f.get_tensor("rows"), f.get_tensor("pos_start")
+                meta = json.loads((f.metadata() or {})["pairs"])
+            except Exception as e:  # noqa: BLE001 - missing, cut short or not a shard: the same advice
+                raise EclensError(f"{self.folder / fname}: unreadable cache shard ({_short(e)}); delete it and rerun "
+                                  "`ec cache` (the same command) to write it again") from None
             self._handles[k] = f
-            self._shard_rows[k] = f.get_tensor("rows")
+            self._shard_rows[k] = rows
             self._pos_start = getattr(self, "_pos_start", {})
-            self._pos_start[k] = f.get_tensor("pos_start")
-            self._shard_meta[k] = json.loads((f.metadata() or {})["pairs"])
+            self._pos_start[k] = pos_start
+            self._shard_meta[k] = meta
         return self._handles[k]
 
     def locate(self, pair: str | int) -> CachedPair:
@@ -354,11 +368,37 @@ def open_cache(run: str | Path) -> ActivationStore:
     ipath = folder / INDEX
     if not ipath.exists():
         raise EclensError(f"{run}: no activation cache here (no {CACHE_DIR}/{INDEX}); run `ec cache` first")
+    return ActivationStore(folder, _read_index(ipath))
+
+
+def _read_index(ipath: Path) -> dict:
     try:
         index = json.loads(ipath.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise EclensError(f"{ipath}: not valid JSON ({e.msg}); delete the cache folder and rerun `ec cache`") from None
-    return ActivationStore(folder, index)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EclensError(f"{ipath}: not valid JSON ({getattr(e, 'msg', e)}); delete the cache folder and rerun "
+                          "`ec cache`") from None
+    if not isinstance(index, dict) or index.get("format") != 1 or not isinstance(index.get("shards"), list):
+        raise EclensError(f"{ipath}: not an eclens cache index (format 1); delete the cache folder and rerun "
+                          "`ec cache`")
+    return index
+
+
+def _short(e: Exception) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:200]
+
+
+def shard_problem(path: Path) -> str | None:
+    """Why a cache shard cannot be read (missing, cut short, not a shard), or ``None``: reads only its header."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            json.loads((f.metadata() or {})["pairs"])
+            if not {"rows", "pos_start"} <= set(f.keys()):
+                return "no rows/pos_start tensors"
+    except Exception as e:  # noqa: BLE001 - any failure to read is the answer
+        return _short(e)
+    return None
 
 
 def diff_from_cache(
@@ -413,7 +453,7 @@ def diff_from_cache(
         g.names.append(n)
         g.layers.append(-1 if layer is None else layer)
     glist = list(groups.values())
-    acc = DiffAccumulator(cfg, glist, "cpu", sample_dtype)
+    acc = DiffAccumulator(cfg, glist, "cpu", sample_dtype, n_pairs=len(store.pairs))
     bs = int(batch_size or store.index.get("batch_size") or 16)
     offs = cfg.offsets
     t0 = time.perf_counter()
