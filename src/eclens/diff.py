@@ -659,13 +659,16 @@ def exact_fp32_matmul():
 class DiffAccumulator:
     """The whole streaming state: one :class:`_GroupAcc` per hook group, counts, the pair sample, pair rows."""
 
-    def __init__(self, cfg: DiffConfig, groups: list[HookGroup], device, sample_dtype=torch.float16):
+    def __init__(self, cfg: DiffConfig, groups: list[HookGroup], device, sample_dtype=torch.float16,
+                 n_pairs: int | None = None):
         self.cfg = cfg
         self.groups = groups
         self.device = torch.device(device)
         self.C = max(1, len(cfg.categories))
         self.O = len(cfg.offsets)
-        S = cfg.sample_size
+        # A sample slot per pair at most: with fewer pairs than sample_size every pair is kept
+        # anyway, and a full-size buffer would cost memory, checkpoint and transfer time for nothing.
+        S = min(cfg.sample_size, n_pairs) if n_pairs else cfg.sample_size
         self.cat_index = {c: i for i, c in enumerate(cfg.categories)}
         self.acc = {g.suffix: _GroupAcc(g, self.C, self.O, S, self.device, sample_dtype) for g in groups}
         shared: dict = {}
@@ -1524,7 +1527,7 @@ def run_diff(
     device = _device(model)
     from .model import manifest_model_entry
 
-    acc = DiffAccumulator(cfg, groups, device, sample_dtype)
+    acc = DiffAccumulator(cfg, groups, device, sample_dtype, n_pairs=len(aligned_pairs))
     acc.model_entry = manifest_model_entry(model)
     if run is not None and (Path(run) / STATS_FILE).exists():
         _resume(acc, Path(run), cfg, set(ids))
