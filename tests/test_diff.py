@@ -254,9 +254,11 @@ def test_two_halves_merged_equal_the_whole(model, pairs):
     # Split at a batch boundary of the length-sorted order, so both runs see the same batches.
     order = sorted(pairs, key=lambda a: a.length)
     cats = sorted({a.category for a in pairs})
-    whole = run_diff(model, order, hooks=HOOKS, batch_size=4, sample_size=5, categories=cats)
-    a = run_diff(model, order[:4], hooks=HOOKS, batch_size=4, sample_size=5, categories=cats)
-    b = run_diff(model, order[4:], hooks=HOOKS, batch_size=4, sample_size=5, categories=cats)
+    hooks = ["blocks.1.hook_resid_post", "blocks.15.mlp.hook_post", "blocks.15.attn.hook_z",
+             "blocks.29.hook_attn_out"]
+    whole = run_diff(model, order, hooks=hooks, batch_size=4, sample_size=5, categories=cats)
+    a = run_diff(model, order[:4], hooks=hooks, batch_size=4, sample_size=5, categories=cats)
+    b = run_diff(model, order[4:], hooks=hooks, batch_size=4, sample_size=5, categories=cats)
     m = merge_results(a, b)
     assert sorted(m.meta["sample_ids"]) == sorted(whole.meta["sample_ids"])  # bottom-k merges exactly
     for h in whole.hooks:
