@@ -28,7 +28,7 @@ from eclens.pairs import write_jsonl
 from llm_server import LLMServer
 
 ROOT = Path(__file__).resolve().parents[1]
-N = 32  # pairs
+N = 24  # pairs
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "COLUMNS": "160",
        "PYTHONPATH": str(ROOT / "src")}
 
@@ -55,7 +55,7 @@ def tiny_dir(tmp_path_factory, tok):
 
 @pytest.fixture(scope="module")
 def pairs_file(tmp_path_factory, tok) -> Path:
-    """32 distinct single-token pairs of a few lengths and two categories."""
+    """24 distinct single-token pairs of a few lengths and two categories."""
     from eclens.pairs import MinimalPair, check_pairs
 
     nouns = ["dog", "cat", "bird", "horse", "man", "girl", "boy", "child", "car", "tree", "fish", "cow"]
