@@ -39,7 +39,7 @@ def smoke(tmp_path_factory, model, blimp_dir):
 def test_smoke_study_writes_every_result(smoke):
     rs, out, doc = smoke
     R = out / "results"
-    for f in ("study.json", "datasets.csv", "blimp_yield.csv", "layers_all.csv", "layers_by_category_at_p.csv",
+    for f in ("study.json", "datasets.csv", "blimp_yield.csv", "layers_all.csv", "layers_by_category.csv",
               "candidate_counts.csv", "candidate_consistency.csv", "massive_dims.csv", "contrasts_summary.csv",
               "causal_sets.csv", "attribution_vs_exact.csv", "decay_kl.csv", "decay_exact_patching.csv",
               "blimp_accuracy.csv", "blimp_accuracy_terms.csv", "report.html"):
@@ -57,7 +57,7 @@ def test_smoke_study_writes_every_result(smoke):
     bl = ds[ds["dataset"] == "blimp"]
     assert bl["valid"].sum() == rs.SMOKE["blimp_pairs"] and bl["category"].str.startswith("blimp/").all()
     # The diff ran per category and overall, at p, later positions and the last token.
-    lay = pd.read_csv(R / "layers_by_category_at_p.csv")
+    lay = pd.read_csv(R / "layers_by_category.csv")
     assert {"all", "grammar/agreement", "meaning/subject", "typo"} <= set(lay["category"])
     la = pd.read_csv(R / "layers_all.csv")
     assert set(la["offset"]) == {0, 1, 2, 3, -1} and la["layer"].nunique() == 30
@@ -79,7 +79,8 @@ def test_readme_numbers_come_from_the_results(smoke):
     causal = pd.read_csv(out / "results" / "causal_sets.csv")
     for r in causal.to_dict("records"):
         assert f"| {r['test']} | {r['kind']} " in text
-    assert f"none of the {len(causal) * 2} tests" in text  # 2 metrics per row; the smoke run is null
+    n_tests = int(causal["kl_p"].notna().sum() + causal["logit_diff_p"].notna().sum())
+    assert f"none of the {n_tests} tests" in text  # the smoke run is null: 5 controls cannot reach q < 0.05
     # --readme-only regenerates the same file from results/
     before = text
     assert rs.main(["--readme-only", "--out", str(out)]) == 0
@@ -115,8 +116,11 @@ def test_blimp_accuracy_checked_by_hand(smoke, model, blimp_dir):
 def test_causal_sets_against_their_controls(smoke):
     rs, out, doc = smoke
     causal = pd.read_csv(out / "results" / "causal_sets.csv")
-    assert set(causal["test"]) == {"restore: patch clean→corrupt", "ablate: mean in clean run"}
-    assert len(causal) == 2 * causal["set"].nunique() and causal["set"].nunique() <= rs.SMOKE["max_sets"]
+    # each set gets the intervention that tests its claim: stable -> mean-ablate in the clean run,
+    # responsive -> patch clean values into the corrupt run
+    assert len(causal) == causal["set"].nunique() and 1 <= len(causal) <= rs.SMOKE["max_sets"]
+    want = {"stable": ("mean", "noise"), "responsive": ("patch", "denoise")}
+    assert all((r["method"], r["direction"]) == want[r["kind"]] for r in causal.to_dict("records"))
     assert (causal["n_controls"] == rs.SMOKE["n_controls"]).all()
     for m in ("logit_diff", "kl"):
         ok = causal[f"{m}_p"].notna()
@@ -126,8 +130,17 @@ def test_causal_sets_against_their_controls(smoke):
         # with 5 controls the smallest empirical p is 1/6: nothing can pass BH at 0.05
         assert (causal.loc[ok, f"{m}_p"] >= 1 / 6 - 1e-12).all()
     assert doc["findings"]["causal"]["n_beats"] == 0
-    ctrl = pd.read_csv(out / "runs" / "templates" / "patch_dims_mean_controls.csv")
+    # stable sets are also ablated against sigma-matched random sets: the same candidate effect, its own controls
+    matched = pd.read_csv(out / "runs" / "templates" / "patch_dims_matched.csv")
+    stable = causal[causal["kind"] == "stable"]
+    assert set(matched["set"]) == set(stable["set"])
+    for r in matched[matched["metric"] == "kl"].to_dict("records"):
+        s = stable[stable["set"] == r["set"]].iloc[0]
+        assert r["effect"] == pytest.approx(s["kl_effect"], rel=1e-4, abs=1e-9)  # deterministic rerun
+        assert r["n_matched"] == rs.SMOKE["matched_controls"] and r["p_matched"] >= 1 / 4 - 1e-12
+    ctrl = pd.read_csv(out / "runs" / "templates" / "patch_dims_controls.csv")
     assert ctrl.groupby("set").size().eq(rs.SMOKE["n_controls"]).all()
+    assert set(ctrl["set"]) == set(causal["set"])
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium (apt-get install -y chromium)")

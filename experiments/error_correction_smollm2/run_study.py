@@ -43,6 +43,7 @@ import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,9 @@ class StudyConfig:
     dtype: str = "float32"
     seed: int = 0
     n_per_category: int = 100          # template pairs per category
-    hooks: str = "default,mlp.hook_post,attn.hook_z"  # diff: residual, attn/MLP outputs, neurons, heads
+    # diff: the residual stream (resid_post; resid_pre of layer L+1 is the same tensor), attention and MLP outputs,
+    # MLP neurons and per-head attention outputs
+    hooks: str = "hook_resid_post,hook_attn_out,hook_mlp_out,mlp.hook_post,attn.hook_z"
     batch_size: int = 16
     min_pairs: int | None = None       # diff's candidate rule (None: its default, 10)
     blimp_pairs: int = 300             # single-token BLiMP pairs for the diff, spread over paradigms
@@ -91,6 +94,7 @@ class StudyConfig:
     max_sets: int = 6                  # candidate sets (kinds interleaved: 3 stable, 3 responsive)
     top_k: int = 10
     n_controls: int = 100
+    matched_controls: int = 50         # σ-matched random sets per stable set (a second, stricter control)
     attribution_pairs: int = 4
     verify_top: int = 10
     report_examples: int = 3
@@ -105,7 +109,7 @@ class StudyConfig:
 
 SMOKE = dict(n_per_category=3, hooks="hook_resid_post", min_pairs=3, batch_size=16,
              blimp_pairs=10, blimp_accuracy_n=5, blimp_paradigms=2, exact_pairs=1, patch_hooks=("hook_resid_pre",),
-             dims_pairs=2, max_sets=2, top_k=5, n_controls=5, attribution_pairs=2, verify_top=3, report_examples=1)
+             dims_pairs=2, max_sets=2, top_k=5, n_controls=5, matched_controls=3, attribution_pairs=2, verify_top=3, report_examples=1)
 
 
 @dataclass
@@ -180,8 +184,9 @@ class _Timer:
 
     def __exit__(self, *exc):
         secs = round(time.perf_counter() - self.t0, 1)
-        status = "failed" if exc[0] else self.study.timing.get(self.step, {}).get("status", "done")
-        self.study.timing[self.step] = {"seconds": secs, "status": status}
+        prev = self.study.timing.get(self.step, {})
+        status = "failed" if exc[0] else prev.get("status", "done")
+        self.study.timing[self.step] = {**prev, "seconds": secs, "status": status}
         self.study.log(f"[study] {self.step}: {status} in {secs:.1f} s")
         return False
 
@@ -193,59 +198,289 @@ def _skipped(study: Study, step: str) -> None:
 # ------------------------------------------------------------------------------ steps
 
 
-def step_templates(study: Study, model) -> None:
-    """``ec run`` on the template pairs: pairs, diff, exact, dims (patch), attribution, report."""
-    from eclens.pipeline import RunConfig, run_pipeline
+def _run_config(cfg: StudyConfig, pairs_file: str | None = None):
+    from eclens.pipeline import RunConfig
 
-    cfg = study.cfg
-    rc = RunConfig(n_per_category=cfg.n_per_category, seed=cfg.seed, hooks=cfg.hooks, batch_size=cfg.batch_size,
-                   min_pairs=cfg.min_pairs, exact_pairs=cfg.exact_pairs, patch_hooks=tuple(cfg.patch_hooks),
-                   dims_pairs=cfg.dims_pairs, max_sets=cfg.max_sets, top_k=cfg.top_k, n_controls=cfg.n_controls,
-                   attribution_pairs=cfg.attribution_pairs, verify_top=cfg.verify_top, metric="logit_diff",
-                   report_examples=cfg.report_examples)
-    res = run_pipeline(study.templates_run, model, rc, log=study.log, progress=not study.quiet)
-    study.timing["templates"] = {"status": "skipped (done earlier)" if all(s.status == "skipped" for s in res.steps)
-                                 else "done",
-                                 "pipeline": {s.step: {"status": s.status, "seconds": s.seconds} for s in res.steps}}
+    return RunConfig(pairs_file=pairs_file, n_per_category=cfg.n_per_category, seed=cfg.seed, hooks=cfg.hooks,
+                     batch_size=cfg.batch_size, min_pairs=cfg.min_pairs, exact_pairs=cfg.exact_pairs,
+                     patch_hooks=tuple(cfg.patch_hooks), dims_pairs=cfg.dims_pairs, max_sets=cfg.max_sets,
+                     top_k=cfg.top_k, n_controls=cfg.n_controls, attribution_pairs=cfg.attribution_pairs,
+                     verify_top=cfg.verify_top, metric="logit_diff", report_examples=cfg.report_examples)
 
 
-def _dim_sets_from_table(t: pd.DataFrame):
-    from eclens.patch import DimSet
+CONTRAST_OFFSETS = [0, -1]  # the changed token, and the last token (the whole sentence read)
 
-    sets = []
-    for r in t.drop_duplicates("set").to_dict("records"):
-        dims = [int(x) for x in str(r["dims"]).split()]
-        kind = r.get("kind") if isinstance(r.get("kind"), str) else None
-        sets.append(DimSet(str(r["hook"]), int(r["layer"]), dims, int(r["offset"]), kind, str(r["set"])))
+
+def diff_step(run: Path, model, rc, pairs, *, progress: bool, log) -> tuple:
+    """``ec diff`` as ``ec run`` does it (:func:`eclens.pipeline._step_diff`), plus category contrasts at the
+    last token as well as at ``p``: at ``p`` the contrast also reflects *which kind of token* changed."""
+    from eclens.diff import run_diff
+    from eclens.runs import update_manifest
+
+    rule: dict[str, Any] = {"contrast_offsets": CONTRAST_OFFSETS}
+    if rc.min_pairs is not None:
+        rule["min_pairs"] = rc.min_pairs
+    res = run_diff(model, pairs, hooks=rc.hooks, batch_size=rc.batch_size, seed=rc.seed, run=run,
+                   progress=progress, **rule)
+    files = res.save(run)
+    s = res.summary
+    update_manifest(run, steps={"diff": {
+        "hooks": res.config.hooks, "offsets": res.offsets, "categories": res.categories,
+        "by_category": res.config.by_category, "sample_size": res.config.sample_size, "seed": res.config.seed,
+        "rule": s["rule"], "contrast_offsets": CONTRAST_OFFSETS, "batch_size": rc.batch_size, "from_cache": None,
+        "n_pairs": res.n_pairs, "timing": res.timing, "seconds": res.timing.get("seconds"), "outputs": files}})
+    nc = s.get("n_candidates") or {}
+    head = f"{nc.get('stable', 0)} stable and {nc.get('responsive', 0)} responsive candidates (all pairs)"
+    return "done", files, head, None
+
+
+def choose_study_sets(run: Path, top_k: int, max_sets: int) -> list[tuple[Any, str | None]]:
+    """The candidate sets to test, as ``(DimSet, category of the pairs to test it on or None for all)``.
+
+    Not simply the best-ranked cells: a dimension that does not change at ``p+k`` of an early layer is stable
+    only because the change has not reached that position yet, and one that changes at ``p`` of layer 0 is
+    responsive only because the input token differs. So:
+
+    * **stable** (over all pairs): cells ranked by how much the *rest* of their layer moves there (the
+      layer's mean median |Δ|/σ from ``layers.csv``): dims that stay put while their layer changes; at most
+      one set per hook, so the sets span the model's parts;
+    * **responsive** (per category: over all pairs, signs disagree between categories, so few or none pass):
+      cells after ``p`` first (the change's effect carried forward along the sentence: the last token, then
+      ``p+1`` ...), then ``p``; ranked by the mean median |Δ|/σ of the set; one set per category, categories
+      taken in turn, each tested on pairs of its own category.
+
+    Cells with at least ``min(top_k, 5)`` passing dims come first of each kind (a 1-dim set has little power).
+    """
+    from eclens.patch import NOT_PATCHABLE, DimSet
+
+    cand = _read_csv(run / "candidates.csv")
+    lay = _read_csv(run / "layers.csv")
+    if cand.empty:
+        return []
+    cand = cand[~cand["hook"].isin(NOT_PATCHABLE)]
+    groups = ["category", "hook", "layer", "offset"]
+    min_size = min(top_k, 5)
+    out_stable, out_resp = [], []
+    st = cand[(cand["kind"] == "stable") & (cand["category"] == "all")]
+    if not st.empty:
+        move = lay.set_index(groups)["absz_median"] if not lay.empty else pd.Series(dtype=float)
+        scored = []
+        for key, g in st.groupby(groups):
+            g = g.sort_values("rank").drop_duplicates("dim").head(top_k)
+            scored.append((float(move.get(key, np.nan)), key, g))
+        # Sets of at least min_size dims first (a test of 1-2 dims has little power), then by movement.
+        scored.sort(key=lambda x: (len(x[2]) < min_size, -x[0] if np.isfinite(x[0]) else np.inf))
+        seen_hooks: set[str] = set()
+        for score, (_cat, h, L, o), g in scored:
+            if h in seen_hooks or not np.isfinite(score):
+                continue
+            seen_hooks.add(h)
+            out_stable.append((DimSet(h, int(L), g["dim"].astype(int).tolist(), int(o), "stable",
+                                      f"{h}/L{int(L)}/o{int(o)}/stable[all]/k{len(g)}"), None))
+    rs = cand[cand["kind"] == "responsive"]
+    if not rs.empty:
+        by_cat: dict[str, list] = {}
+        for (cat, h, L, o), g in rs.groupby(groups):
+            g = g.sort_values("rank").drop_duplicates("dim").head(top_k)
+            pref = 0 if o == -1 else int(o) if o > 0 else 100  # last token, p+1, p+2, ..., then p
+            by_cat.setdefault(cat, []).append(((len(g) < min_size, pref, -float(g["absz_median"].mean())),
+                                               (cat, h, L, o), g))
+        for v in by_cat.values():
+            v.sort(key=lambda x: x[0])
+        # categories whose best set is strongest go first
+        cats = sorted(by_cat, key=lambda c: by_cat[c][0][0])
+        for cat in cats:
+            _, (c, h, L, o), g = by_cat[cat][0]
+            out_resp.append((DimSet(h, int(L), g["dim"].astype(int).tolist(), int(o), "responsive",
+                                    f"{h}/L{int(L)}/o{int(o)}/responsive[{c}]/k{len(g)}"),
+                             None if c == "all" else c))
+    sets: list = []
+    while len(sets) < max_sets and (out_stable or out_resp):
+        for q in (out_stable, out_resp):
+            if q and len(sets) < max_sets:
+                sets.append(q.pop(0))
     return sets
 
 
-def step_ablation(study: Study, model) -> None:
-    """Mean-ablate the tested candidate sets in the clean run, against random sets of the same size."""
+TEST_OF_KIND = {
+    # stable dims: does the model use what stays put? Replace them by their dataset mean in the clean run.
+    "stable": ("mean", "noise", "ablate: mean in clean run"),
+    # responsive dims: do they carry the change's effect? Patch their clean values into the corrupt run.
+    "responsive": ("patch", "denoise", "restore: patch clean→corrupt"),
+}
+
+
+def sets_step(run: Path, model, rc, pairs, *, progress: bool, log) -> tuple:
+    """Each chosen set against ``n_controls`` random sets of the same size at the same hook, layer and position,
+    with the intervention that tests its claim (:data:`TEST_OF_KIND`); written as ``ec patch --mode dims``
+    writes (``patch_dims.csv``, ``patch_dims_controls.csv``, ``patch_summary.json``) so the report shows it."""
     from eclens import patch as P
-    from eclens.pairs import load_aligned
+    from eclens.pipeline import _record_patch, spread_pairs
+
+    t0 = time.perf_counter()
+    sets = choose_study_sets(run, rc.top_k, rc.max_sets)
+    files = ["patch_dims.csv", "patch_dims_controls.csv"]
+    if not sets:
+        write_table(pd.DataFrame(), run / files[0])
+        write_table(pd.DataFrame(), run / files[1])
+        summary = {"n_sets": 0, "verdict": "null: diff found no candidate sets to test"}
+        _record_patch(run, "dims", {"mode": "dims"}, time.perf_counter() - t0, files, summary)
+        return "empty", files, summary["verdict"], None
+    tables, controls, used = [], [], {}
+    # One call per (test, pairs): sets that share both share their forward passes.
+    calls: dict[tuple, list] = {}
+    for s, cat in sets:
+        calls.setdefault((s.kind, cat), []).append(s)
+    for i, ((kind, cat), ss) in enumerate(calls.items()):
+        method, direction, _ = TEST_OF_KIND[kind]
+        pool = [a for a in pairs if cat is None or a.category == cat]
+        chosen = spread_pairs(pool, rc.dims_pairs)
+        metric = "logit_diff" if all(s.offset == 0 for s in ss) else "kl"
+        res = P.dims_interventions(model, chosen, ss, method=method, n_controls=rc.n_controls, seed=rc.seed + i,
+                                   direction=direction, metric=metric, batch_size=rc.patch_batch_size,
+                                   progress=progress)
+        t = res.table.assign(pairs_category=cat or "all", decided_by=metric)
+        tables.append(t)
+        controls.append(res.controls)
+        used[f"{kind}:{cat or 'all'}"] = [a.id for a in chosen]
+    table = pd.concat(tables, ignore_index=True)
+    write_table(table, run / files[0])
+    write_table(pd.concat(controls, ignore_index=True), run / files[1])
+    summary = {"method": "mean (stable) / patch (responsive)", "n_controls": rc.n_controls, "n_sets": len(sets),
+               "n_tests": int(len(table)), "note": "q-values per call; BH over every test: results/causal_sets.csv"}
+    _record_patch(run, "dims", {"mode": "dims", "tests": {k: list(v[:3]) for k, v in TEST_OF_KIND.items()},
+                                "n_controls": rc.n_controls, "top_k": rc.top_k, "pairs": used, "seed": rc.seed},
+                  time.perf_counter() - t0, files, summary)
+    return "done", files, f"{len(sets)} sets tested against {rc.n_controls} random sets each", None
+
+
+def matched_sets(s, cell: pd.DataFrame, n: int, rng: np.random.Generator, neighbours: int = 20) -> list:
+    """``n`` random sets of the size of ``s`` whose dims match the spread σ of ``s``'s dims one by one: each of
+    its dims is replaced by one of its ``neighbours`` nearest dims in log σ (outside ``s``, not massive).
+
+    The stable rule (|Δ|/σ small) favours large-σ dims, and uniform random sets rarely hold one; these controls
+    ask whether a stable set matters more than *equally variable* dims, not just more than typical ones.
+    """
+    from eclens.patch import DimSet
+
+    pool = cell[~cell["dim"].isin(s.dims) & (cell["sigma_clean"] > 0) & ~cell["massive"].astype(bool)]
+    if len(pool) < len(s.dims) + neighbours:
+        return []
+    logs = np.log(pool["sigma_clean"].to_numpy())
+    pdims = pool["dim"].to_numpy()
+    sig = cell.set_index("dim")["sigma_clean"]
+    near = []
+    for d in s.dims:
+        sd = float(sig.get(d, np.nan))
+        if not sd > 0:
+            return []
+        near.append(pdims[np.argsort(np.abs(logs - math.log(sd)), kind="stable")[:neighbours]])
+    out = []
+    for j in range(n):
+        chosen: list[int] = []
+        for cand in near:
+            free = [int(x) for x in cand if int(x) not in chosen]
+            chosen.append(int(rng.choice(free)))
+        out.append(DimSet(s.hook, s.layer, chosen, s.offset, "matched", f"{s.label}/matched{j}"))
+    return out
+
+
+def matched_step(run: Path, model, rc, pairs, *, progress: bool, log, n_matched: int) -> pd.DataFrame:
+    """The stable sets' ablation again, against σ-matched random sets (:func:`matched_sets`)."""
+    import pyarrow.parquet as pq
+
+    from eclens import patch as P
     from eclens.pipeline import spread_pairs
 
+    t = _read_csv(run / "patch_dims.csv")
+    if t.empty or n_matched < 1:
+        return pd.DataFrame()
+    from eclens.patch import DimSet
+
+    rows = []
+    for i, r in enumerate(t[t["kind"] == "stable"].to_dict("records")):
+        s = DimSet(r["hook"], int(r["layer"]), [int(x) for x in str(r["dims"]).split()], int(r["offset"]),
+                   "stable", r["set"])
+        cell = pq.read_table(run / "dims.parquet", columns=["dim", "sigma_clean", "massive"], filters=[
+            ("category", "==", "all"), ("hook", "==", s.hook), ("layer", "==", s.layer),
+            ("offset", "==", s.offset)]).to_pandas()
+        ms = matched_sets(s, cell, n_matched, np.random.default_rng([rc.seed, 77, i]))
+        if not ms:
+            log(f"[study] {s.label}: too few dims of similar spread for matched controls; skipped")
+            continue
+        cat = r.get("pairs_category", "all")
+        pool = [a for a in pairs if cat in (None, "all") or a.category == cat]
+        chosen = spread_pairs(pool, rc.dims_pairs)
+        # n_controls=1: the uniform controls were run in the sets step; here the matched sets are the controls.
+        res = P.dims_interventions(model, chosen, [s, *ms], method=r["method"], n_controls=1, seed=rc.seed,
+                                   direction=r["direction"], metric=r.get("decided_by", "kl"),
+                                   batch_size=rc.patch_batch_size, progress=progress)
+        tab = res.table
+        for m in METRICS_SHOWN:
+            eff = float(tab.loc[tab["set"] == s.label, f"{m}_effect"].iloc[0])
+            ctrl = tab.loc[tab["kind"] == "matched", f"{m}_effect"].to_numpy(dtype=float)
+            ctrl = ctrl[np.isfinite(ctrl)]
+            b = int((np.abs(ctrl) >= abs(eff)).sum()) if np.isfinite(eff) else 0
+            rows.append({"set": s.label, "metric": m, "effect": eff, "n_matched": int(len(ctrl)),
+                         "matched_mean": float(ctrl.mean()) if len(ctrl) else np.nan,
+                         "matched_std": float(ctrl.std(ddof=1)) if len(ctrl) > 1 else np.nan,
+                         "p_matched": (b + 1) / (len(ctrl) + 1) if len(ctrl) and np.isfinite(eff) else np.nan})
+    out = pd.DataFrame(rows)
+    write_table(out, run / "patch_dims_matched.csv")
+    return out
+
+
+def _matched_step(run: Path, model, rc, pairs, *, progress: bool, log, n_matched: int) -> tuple:
+    out = matched_step(run, model, rc, pairs, progress=progress, log=log, n_matched=n_matched)
+    if out.empty:
+        write_table(out, run / "patch_dims_matched.csv")
+    return "done", ["patch_dims_matched.csv"], f"{out['set'].nunique() if len(out) else 0} stable sets against " \
+        f"{n_matched} σ-matched random sets each", None
+
+
+def step_templates(study: Study, model) -> None:
+    """The template run, step by step as ``ec run`` does it (pipeline step functions), except the set tests."""
+    from eclens.model import manifest_model_entry, model_id, weights_hash
+    from eclens.pairs import load_aligned
+    from eclens.pipeline import _step_attribution, _step_exact, _step_pairs, _step_report
+    from eclens.runs import check_manifest_model, update_manifest
+
     cfg, run = study.cfg, study.templates_run
-    out, out_c = run / "patch_dims_mean.csv", run / "patch_dims_mean_controls.csv"
-    src = run / "patch_dims.csv"
-    if not src.exists() or src.stat().st_size <= 1:
-        study.log("[study] ablation: no candidate sets were tested (diff found none); nothing to ablate")
-        write_table(pd.DataFrame(), out)
-        write_table(pd.DataFrame(), out_c)
-        return
-    table = pd.read_csv(src)
-    key = _key("ablation", cfg.numbers(), _file_hash(src))
-    if study.done("ablation", key, [out, out_c]):
-        _skipped(study, "ablation")
-        return
-    sets = _dim_sets_from_table(table)
-    pairs = spread_pairs(load_aligned(run / "pairs.jsonl"), cfg.dims_pairs)
-    res = P.dims_interventions(model, pairs, sets, method="mean", n_controls=cfg.n_controls, seed=cfg.seed,
-                               direction="noise", metric="kl", progress=not study.quiet)
-    write_table(res.table, out)
-    write_table(res.controls, out_c)
-    study.mark("ablation", key)
+    rc = _run_config(cfg)
+    run.mkdir(parents=True, exist_ok=True)
+    check_manifest_model(run, model_id(model), weights_hash(model))
+    update_manifest(run, model=manifest_model_entry(model), seed=cfg.seed)
+    steps = [
+        ("pairs", _step_pairs, ("n_per_category", "seed"), ["pairs.jsonl", "check.csv"]),
+        ("diff", diff_step, ("hooks", "batch_size", "min_pairs", "seed"),
+         ["layers.csv", "candidates.csv", "contrasts.parquet", "dims.parquet", "pairs.csv", "summary.json"]),
+        ("exact", _step_exact, ("exact_pairs", "patch_hooks"), ["patch_exact.csv"]),
+        ("sets", sets_step, ("dims_pairs", "max_sets", "top_k", "n_controls", "seed"), ["patch_dims.csv"]),
+        ("matched", partial(_matched_step, n_matched=cfg.matched_controls), ("matched_controls",),
+         ["patch_dims_matched.csv"]),
+        ("attribution", _step_attribution, ("attribution_pairs", "verify_top", "patch_hooks", "seed"),
+         ["patch_attribution.csv"]),
+        ("report", _step_report, ("report_examples",), ["report.html"]),
+    ]
+    chain, pairs, info = model_id(model), None, {}
+    for name, fn, keys, files in steps:
+        chain = _key(chain, name, {k: getattr(cfg, k) for k in keys})
+        if study.done(f"templates/{name}", chain, [run / f for f in files]):
+            info[name] = {"status": "skipped (done earlier)", "seconds": 0.0}
+            study.log(f"[study] templates/{name}: done earlier, skipped")
+        else:
+            t0 = time.perf_counter()
+            if pairs is None and name != "pairs":
+                pairs = load_aligned(run / "pairs.jsonl")
+            _, _, head, extra = fn(run, model, rc, pairs or [], progress=not study.quiet, log=study.log)
+            if name == "pairs":
+                pairs = extra
+            secs = round(time.perf_counter() - t0, 1)
+            info[name] = {"status": "done", "seconds": secs}
+            study.log(f"[study] templates/{name}: {head} ({secs:.1f} s)")
+            study.mark(f"templates/{name}", chain)
+    skipped = all(v["status"].startswith("skipped") for v in info.values())
+    study.timing["templates"] = {"status": "skipped (done earlier)" if skipped else "done", "steps": info}
 
 
 def _file_hash(path: Path) -> str:
@@ -308,7 +543,7 @@ def select_blimp_pairs(cfg: StudyConfig, tokenizer, prepend_bos: bool) -> tuple[
 def step_blimp_diff(study: Study, model) -> None:
     from eclens.model import manifest_model_entry, model_id, weights_hash
     from eclens.pairs import write_jsonl
-    from eclens.pipeline import RunConfig, _step_diff, _step_pairs
+    from eclens.pipeline import _step_pairs
     from eclens.runs import check_manifest_model, update_manifest
 
     cfg, run = study.cfg, study.blimp_run
@@ -326,11 +561,10 @@ def step_blimp_diff(study: Study, model) -> None:
     src = run / "input_pairs.jsonl"
     write_jsonl(src, pairs)
     # The same steps `ec run` uses for a pairs file: align (pairs.jsonl, rejected.jsonl, check.csv), then diff.
-    rc = RunConfig(pairs_file=str(src), seed=cfg.seed, hooks=cfg.hooks, batch_size=cfg.batch_size,
-                   min_pairs=cfg.min_pairs)
+    rc = _run_config(cfg, pairs_file=str(src))
     _, _, head, aligned = _step_pairs(run, model, rc, [], progress=not study.quiet, log=study.log)
     study.log(f"[study] blimp pairs: {head}")
-    _, _, head, _ = _step_diff(run, model, rc, aligned, progress=not study.quiet, log=study.log)
+    _, _, head, _ = diff_step(run, model, rc, aligned, progress=not study.quiet, log=study.log)
     study.log(f"[study] blimp diff: {head}")
     study.mark("blimp_diff", key)
 
@@ -438,9 +672,9 @@ def analyse_layers(runs: dict[str, Path]) -> tuple[pd.DataFrame, pd.DataFrame, d
         a = lay[lay["category"] == "all"][["hook", "layer", "offset", *cols]].copy()
         a.insert(0, "dataset", name)
         alls.append(a)
-        c = lay[lay["offset"] == 0][["category", "hook", "layer", *[x for x in ("n", "rel_l2_mean", "absz_median",
-                                                                                  "n_stable", "n_responsive")
-                                                                      if x in lay.columns]]].copy()
+        keep = ("n", "rel_l2_mean", "absz_median", "n_stable", "n_responsive", "dir_consistency", "loo_cos_median")
+        c = lay[lay["offset"].isin([0, -1])][["category", "hook", "layer", "offset",
+                                              *[x for x in keep if x in lay.columns]]].copy()
         c.insert(0, "dataset", name)
         cats.append(c)
         f: dict = {}
@@ -589,7 +823,8 @@ def analyse_massive(runs: dict[str, Path]) -> tuple[pd.DataFrame, dict]:
 
 
 def analyse_contrasts(run: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
-    """Per-dimension grammar / meaning / typo contrasts (Mann–Whitney U, BH over every test of a measure)."""
+    """Per-dimension grammar / meaning / typo contrasts (Mann–Whitney U, BH over every test of a measure),
+    at the changed token and at the last token."""
     p = run / "contrasts.parquet"
     if not p.exists():
         return pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), {}
@@ -598,87 +833,122 @@ def analyse_contrasts(run: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFra
         return pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), {"n_tests": 0}
     con = con.dropna(subset=["p"])
     con["significant"] = con["q"] <= ALPHA
-    summ = (con.groupby(["contrast", "measure", "hook"])
+    con["position"] = con["offset"].map(_offset_name)
+    keys = ["contrast", "measure", "position"]
+    summ = (con.groupby([*keys, "hook"])
             .agg(n_tests=("p", "size"), n_significant=("significant", "sum"), min_q=("q", "min"),
                  n_a=("n_a", "max"), n_b=("n_b", "max")).reset_index())
     summ["frac_significant"] = summ["n_significant"] / summ["n_tests"]
-    by_layer = (con.groupby(["contrast", "measure", "hook", "layer"])
+    by_layer = (con.groupby([*keys, "hook", "layer"])
                 .agg(n_tests=("p", "size"), n_significant=("significant", "sum")).reset_index())
-    top = (con[con["significant"]].sort_values("q", kind="stable").groupby(["contrast", "measure"]).head(15)
-           [["contrast", "measure", "hook", "layer", "dim", "unit", "head", "n_a", "n_b", "median_a", "median_b",
-             "effect", "p", "q"]])
-    find: dict = {"alpha": ALPHA}
-    for (contrast, measure), g in con.groupby(["contrast", "measure"]):
+    top = (con[con["significant"]].sort_values("q", kind="stable").groupby(keys).head(10)
+           [[*keys, "hook", "layer", "dim", "unit", "head", "n_a", "n_b", "median_a", "median_b", "effect", "p",
+             "q"]])
+    find: dict = {"alpha": ALPHA, "rows": []}
+    for (contrast, measure, pos), g in con.groupby(keys):
         sig = g[g["significant"]]
-        e = {"n_tests": int(len(g)), "n_significant": int(len(sig)), "min_q": _f(g["q"].min()),
+        e = {"contrast": contrast, "measure": measure, "position": pos, "n_tests": int(len(g)),
+             "n_significant": int(len(sig)), "frac_significant": _f(len(sig) / len(g)), "min_q": _f(g["q"].min()),
              "n_a": int(g["n_a"].max()), "n_b": int(g["n_b"].max())}
         if len(sig):
             bl = sig.groupby(["hook", "layer"]).size().sort_values(ascending=False)
             e["top_hook_layer"] = [str(bl.index[0][0]), int(bl.index[0][1]), int(bl.iloc[0])]
             e["share_higher_in_a"] = _f((sig["effect"] > 0).mean())
             e["median_abs_effect"] = _f(sig["effect"].abs().median())
-            e["by_hook"] = {h: int(v) for h, v in sig.groupby("hook").size().items()}
-        find.setdefault(contrast, {})[measure] = e
+        find["rows"].append(e)
     return summ, by_layer, top, find
 
 
+def test_label(method: str) -> str:
+    return next((lab for m, _d, lab in TEST_OF_KIND.values() if m == method), str(method))
+
+
 def analyse_causal(run: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """The candidate sets against their random controls, both tests, with BH over every test shown."""
+    """The candidate sets against their random controls, with BH over every test shown (sets x metrics)."""
     from eclens.stats import bh_qvalues
 
-    tests = [("restore: patch clean→corrupt", "patch_dims.csv", "patch_dims_controls.csv"),
-             ("ablate: mean in clean run", "patch_dims_mean.csv", "patch_dims_mean_controls.csv")]
-    rows, ctrl_rows = [], []
-    for test, f, fc in tests:
-        t, c = _read_csv(run / f), _read_csv(run / fc)
-        if t.empty:
-            continue
-        for r in t.to_dict("records"):
-            row = {"test": test, "set": r["set"], "kind": r.get("kind"), "hook": r["hook"], "layer": int(r["layer"]),
-                   "offset": int(r["offset"]), "size": int(r["size"]), "dims": str(r["dims"]),
-                   "method": r["method"], "direction": r["direction"], "n_pairs": int(r["n_pairs"]),
-                   "n_controls": int(r["n_controls"])}
-            for m in METRICS_SHOWN:
-                for k in ("effect", "control_mean", "control_std", "z", "p", "q"):
-                    row[f"{m}_{k}"] = r.get(f"{m}_{k}")
-            rows.append(row)
-        if not c.empty:
-            c = c.copy()
-            c.insert(0, "test", test)
-            ctrl_rows.append(c)
+    t, c = _read_csv(run / "patch_dims.csv"), _read_csv(run / "patch_dims_controls.csv")
+    if t.empty:
+        return pd.DataFrame(), pd.DataFrame(), {"n_sets": 0, "n_tests": 0, "n_beats": 0}
+    rows = []
+    for r in t.to_dict("records"):
+        row = {"test": test_label(r["method"]), "set": r["set"], "kind": r.get("kind"),
+               "pairs_category": r.get("pairs_category", "all"), "hook": r["hook"], "layer": int(r["layer"]),
+               "offset": int(r["offset"]), "size": int(r["size"]), "dims": str(r["dims"]), "method": r["method"],
+               "direction": r["direction"], "n_pairs": int(r["n_pairs"]), "n_controls": int(r["n_controls"])}
+        for m in METRICS_SHOWN:
+            for k in ("effect", "control_mean", "control_std", "z", "p", "q"):
+                row[f"{m}_{k}"] = r.get(f"{m}_{k}")
+        rows.append(row)
     df = pd.DataFrame(rows)
-    find: dict = {}
-    if df.empty:
-        return df, pd.DataFrame(), {"n_sets": 0}
-    # q over everything shown (sets x tests x metrics): the family the write-up's claims are made over.
+    # A logit difference is read at p: a set after p cannot move it (its p is 1 by construction), so only
+    # the KL is a test there. q over every remaining test in the table: the family the claims are made over.
+    for m in METRICS_SHOWN:
+        if m == "logit_diff":
+            df.loc[df["offset"] != 0, [f"{m}_{k}" for k in ("z", "p", "q")]] = np.nan
     pcols = [f"{m}_p" for m in METRICS_SHOWN]
     flat = df[pcols].to_numpy(dtype=float).reshape(-1)
-    q_all = np.asarray(bh_qvalues(flat)).reshape(len(df), len(pcols))
+    q_all = np.asarray(bh_qvalues(flat), dtype=float).reshape(len(df), len(pcols))
     for i, m in enumerate(METRICS_SHOWN):
         df[f"{m}_q_all"] = q_all[:, i]
         df[f"{m}_beats_controls"] = df[f"{m}_q_all"] < ALPHA
-        # |effect| relative to the controls' mean |effect|: 1 = like a random set
         df[f"{m}_ratio_to_controls"] = np.nan
-    for (test, label), g in pd.concat(ctrl_rows).groupby(["test", "set"]) if ctrl_rows else []:
-        i = df.index[(df["test"] == test) & (df["set"] == label)]
-        for m in METRICS_SHOWN:
-            denom = g[f"{m}_effect"].abs().mean()
-            if len(i) and denom > 0:
-                df.loc[i, f"{m}_ratio_to_controls"] = df.loc[i, f"{m}_effect"].abs() / denom
-    find["n_sets"] = int(df["set"].nunique())
-    find["n_tests"] = int(len(df) * len(METRICS_SHOWN))
-    find["n_beats"] = int(sum(df[f"{m}_beats_controls"].sum() for m in METRICS_SHOWN))
-    find["n_controls"] = int(df["n_controls"].max())
-    find["n_pairs"] = int(df["n_pairs"].max())
-    find["by_test"] = {}
+    if not c.empty:
+        for (label, direction), g in c.groupby(["set", "direction"]):
+            i = df.index[(df["set"] == label) & (df["direction"] == direction)]
+            for m in METRICS_SHOWN:
+                denom = g[f"{m}_effect"].abs().mean()
+                if len(i) and denom > 0:
+                    df.loc[i, f"{m}_ratio_to_controls"] = df.loc[i, f"{m}_effect"].abs() / denom
+    # Random sets are drawn uniformly from the layer, but the stable rule (|Δ|/σ small) favours dims with a large
+    # spread σ, and ablating a high-variance or large dim does more: say how the set compares with its layer.
+    dims_pq = run / "dims.parquet"
+    df["sigma_ratio"] = np.nan
+    df["size_ratio"] = np.nan
+    if dims_pq.exists():
+        import pyarrow.parquet as pq
+
+        for i, r in df.iterrows():
+            cell = pq.read_table(dims_pq, columns=["dim", "sigma_clean", "rms_ratio"], filters=[
+                ("category", "==", "all"), ("hook", "==", r["hook"]), ("layer", "==", int(r["layer"])),
+                ("offset", "==", int(r["offset"]))]).to_pandas()
+            if cell.empty:
+                continue
+            mine = cell[cell["dim"].isin([int(x) for x in r["dims"].split()])]
+            med = cell["sigma_clean"].median()
+            if med > 0:
+                df.loc[i, "sigma_ratio"] = mine["sigma_clean"].median() / med
+            df.loc[i, "size_ratio"] = mine["rms_ratio"].median()  # rms |a| over the cell's median dim's
+    # The stricter control for stable sets: σ-matched random sets (matched_step), BH over those tests.
+    mt = _read_csv(run / "patch_dims_matched.csv")
+    for m in METRICS_SHOWN:
+        for k in ("matched_mean", "p_matched", "q_matched"):
+            df[f"{m}_{k}"] = np.nan
+        if mt.empty:
+            continue
+        g = mt[mt["metric"] == m].set_index("set")
+        has = df["set"].isin(g.index) & df[f"{m}_p"].notna()
+        if has.any():
+            df.loc[has, f"{m}_matched_mean"] = df.loc[has, "set"].map(g["matched_mean"]).astype(float)
+            df.loc[has, f"{m}_p_matched"] = df.loc[has, "set"].map(g["p_matched"]).astype(float)
+    mflat = df[[f"{m}_p_matched" for m in METRICS_SHOWN]].to_numpy(dtype=float)
+    mq = np.asarray(bh_qvalues(mflat.reshape(-1)), dtype=float).reshape(mflat.shape)
+    for i, m in enumerate(METRICS_SHOWN):
+        df[f"{m}_q_matched"] = mq[:, i]
+        df[f"{m}_beats_matched"] = df[f"{m}_q_matched"] < ALPHA
+    n_tests = int(np.isfinite(flat).sum())
+    find: dict = {"n_sets": int(df["set"].nunique()), "n_tests": n_tests,
+                  "n_matched_tests": int(np.isfinite(mflat).sum()),
+                  "n_beats_matched": int(sum(df[f"{m}_beats_matched"].sum() for m in METRICS_SHOWN)),
+                  "n_matched": int(mt["n_matched"].max()) if not mt.empty else 0,
+                  "n_beats": int(sum(df[f"{m}_beats_controls"].sum() for m in METRICS_SHOWN)),
+                  "n_controls": int(df["n_controls"].max()), "n_pairs": int(df["n_pairs"].max()), "by_test": {}}
     for test, g in df.groupby("test", sort=False):
-        e = {}
-        for m in METRICS_SHOWN:
-            e[m] = {"n_beats": int(g[f"{m}_beats_controls"].sum()), "n": int(len(g)),
-                    "min_q_all": _f(g[f"{m}_q_all"].min()), "min_p": _f(g[f"{m}_p"].min())}
-        find["by_test"][test] = e
-    controls = pd.concat(ctrl_rows, ignore_index=True) if ctrl_rows else pd.DataFrame()
-    return df, controls, find
+        find["by_test"][test] = {m: {"n_beats": int(g[f"{m}_beats_controls"].sum()),
+                                     "n": int(g[f"{m}_p"].notna().sum()),
+                                     "min_q_all": _f(g[f"{m}_q_all"].min()), "min_p": _f(g[f"{m}_p"].min())}
+                                 for m in METRICS_SHOWN}
+    return df, c, find
 
 
 def analyse_attribution(run: Path) -> tuple[pd.DataFrame, dict]:
@@ -801,7 +1071,7 @@ def analyse(study: Study, model_entry: dict) -> dict:
                                                                    "mean_kl_0", "mean_logprob_diff")}
     la, lc, f = analyse_layers(runs)
     write_table(la, R / "layers_all.csv")
-    write_table(lc, R / "layers_by_category_at_p.csv")
+    write_table(lc, R / "layers_by_category.csv")
     find["layers"] = f
     counts, tops, cons, f = analyse_candidates(runs)
     write_table(counts, R / "candidate_counts.csv")
@@ -921,48 +1191,51 @@ def build_figures(study: Study) -> dict[str, Any]:
                 height=330 * len(dims_m) + 80, width=1000)
     cbl = _read_csv(R / "contrasts_by_layer.csv")
     if not cbl.empty:
-        fig = make_subplots(rows=1, cols=2, subplot_titles=("|Δ|/σ (size of the change)", "Δ/σ (signed)"))
-        for j, measure in enumerate(("abs", "signed"), start=1):
-            for (contrast, hook), g in cbl[cbl["measure"] == measure].groupby(["contrast", "hook"]):
-                if g["n_significant"].sum() == 0:
-                    continue
-                fig.add_trace(go.Scatter(x=g["layer"], y=g["n_significant"], mode="lines",
-                                         name=f"{contrast}: {hook}", legendgroup=f"{contrast}{hook}",
-                                         showlegend=True), row=1, col=j)
-        fig.update_xaxes(title="layer")
-        fig.update_yaxes(title=f"dims with BH q ≤ {ALPHA}", row=1, col=1)
-        figs["contrasts_by_layer"] = viz._layout(fig, "Category contrasts at p: significant dimensions per layer",
-                                                 height=440, legend=dict(font=dict(size=9)))
+        cbl = cbl[cbl["measure"] == "abs"]
+        contrasts = list(dict.fromkeys(cbl["contrast"]))
+        positions = [x for x in ("p", "last") if x in set(cbl["position"])]
+        fig = make_subplots(rows=len(contrasts), cols=len(positions), shared_yaxes=True, vertical_spacing=0.12,
+                            subplot_titles=[f"{c} — at {x}" for c in contrasts for x in positions])
+        palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"]
+        hooks = sorted(set(cbl["hook"]))
+        for i, c in enumerate(contrasts, start=1):
+            for j, x in enumerate(positions, start=1):
+                for k, h in enumerate(hooks):
+                    g = cbl[(cbl["contrast"] == c) & (cbl["position"] == x) & (cbl["hook"] == h)].sort_values("layer")
+                    fig.add_trace(go.Scatter(x=g["layer"], y=g["n_significant"] / g["n_tests"], mode="lines",
+                                             name=h, legendgroup=h, showlegend=(i == 1 and j == 1),
+                                             line=dict(color=palette[k % len(palette)])), row=i, col=j)
+            fig.update_yaxes(title="share of dims, q ≤ 0.05", row=i, col=1)
+        fig.update_xaxes(title="layer", row=len(contrasts))
+        figs["contrasts_by_layer"] = viz._layout(
+            fig, "Category contrasts of |Δ|/σ: share of dimensions with BH q ≤ 0.05, per layer",
+            height=260 * len(contrasts) + 120, width=1000)
     causal = _read_csv(R / "causal_sets.csv")
-    ctrl = pd.DataFrame()
-    for f in ("patch_dims_controls.csv", "patch_dims_mean_controls.csv"):
-        c = _read_csv(T / f)
-        if not c.empty:
-            c.insert(0, "test", "restore: patch clean→corrupt" if "mean" not in f else "ablate: mean in clean run")
-            ctrl = pd.concat([ctrl, c], ignore_index=True)
+    ctrl = _read_csv(T / "patch_dims_controls.csv")
     if not causal.empty and not ctrl.empty:
-        tests = list(dict.fromkeys(causal["test"]))
-        fig = make_subplots(rows=len(METRICS_SHOWN), cols=len(tests), shared_xaxes=False,
-                            subplot_titles=[f"{t} — {m}" for m in METRICS_SHOWN for t in tests],
-                            vertical_spacing=0.2)
-        for i, m in enumerate(METRICS_SHOWN, start=1):
-            for j, t in enumerate(tests, start=1):
-                cs = causal[causal["test"] == t]
-                labels = [f"{r['kind']} {r['hook'].replace('hook_', '')} L{r['layer']} "
-                          f"{viz.offset_label(r['offset'])}" for r in cs.to_dict("records")]
-                for lab, r in zip(labels, cs.to_dict("records")):
-                    g = ctrl[(ctrl["test"] == t) & (ctrl["set"] == r["set"])]
-                    fig.add_trace(go.Box(y=g[f"{m}_effect"], name=lab, marker_color="#9aa5b1", boxpoints=False,
-                                         showlegend=False), row=i, col=j)
-                    sig = bool(r[f"{m}_q_all"] < ALPHA) if pd.notna(r[f"{m}_q_all"]) else False
-                    fig.add_trace(go.Scatter(x=[lab], y=[r[f"{m}_effect"]], mode="markers", showlegend=False,
-                                             marker=dict(symbol="diamond", size=11,
-                                                         color="#d62728" if sig else "#1f77b4")), row=i, col=j)
-                fig.update_yaxes(title=f"Δ {m}", row=i, col=j)
-        fig.update_xaxes(tickangle=-30, tickfont=dict(size=9))
+        shown = [m for m in METRICS_SHOWN if causal[f"{m}_p"].notna().any()]
+        fig = make_subplots(rows=1, cols=len(shown), subplot_titles=[
+            f"{m} (mean change over pairs)" for m in shown], horizontal_spacing=0.08)
+        for j, m in enumerate(shown, start=1):
+            for r in causal.to_dict("records"):
+                if pd.isna(r[f"{m}_p"]):
+                    continue
+                lab = (f"{r['kind']} {r['hook'].replace('hook_', '')} L{r['layer']} {viz.offset_label(r['offset'])}"
+                       + (f" [{r['pairs_category']}]" if r["pairs_category"] != "all" else "")
+                       + (" (ablate)" if r["method"] == "mean" else " (restore)"))
+                g = ctrl[(ctrl["set"] == r["set"]) & (ctrl["direction"] == r["direction"])]
+                fig.add_trace(go.Box(y=g[f"{m}_effect"], name=lab, marker_color="#9aa5b1", boxpoints="all",
+                                     jitter=0.4, pointpos=0, marker=dict(size=3), line=dict(width=1),
+                                     showlegend=False), row=1, col=j)
+                sig = bool(r[f"{m}_q_all"] < ALPHA) if pd.notna(r[f"{m}_q_all"]) else False
+                fig.add_trace(go.Scatter(x=[lab], y=[r[f"{m}_effect"]], mode="markers", showlegend=False,
+                                         marker=dict(symbol="diamond", size=13, line=dict(width=1, color="white"),
+                                                     color="#d62728" if sig else "#1f77b4")), row=1, col=j)
+            fig.update_yaxes(title=f"change in {m}", row=1, col=j)
+        fig.update_xaxes(tickangle=-35, tickfont=dict(size=9))
         figs["causal_sets"] = viz._layout(
-            fig, "Candidate sets (diamonds; red = beats random sets at BH q < 0.05) vs random sets (boxes)",
-            height=780, width=1100)
+            fig, "Candidate sets (diamonds; red = beats random sets at BH q < 0.05) vs random sets (grey)",
+            height=560, width=560 * len(shown) + 100)
     att = _read_csv(T / "patch_attribution.csv")
     if not att.empty and att["verified"].any():
         figs["attribution_vs_exact"] = viz.attribution_scatter(att, title="Attribution patching vs exact patching")
@@ -1125,7 +1398,7 @@ def parse_args(argv: list[str] | None) -> tuple[StudyConfig, argparse.Namespace]
             continue
         setattr(cfg, f.name, tuple(x.strip() for x in v.split(",") if x.strip()) if f.name == "patch_hooks" else v)
     for name in ("n_per_category", "blimp_pairs", "blimp_accuracy_n", "exact_pairs", "dims_pairs", "max_sets",
-                 "top_k", "n_controls", "attribution_pairs"):
+                 "top_k", "n_controls", "attribution_pairs", "matched_controls"):
         if getattr(cfg, name) < 1:
             raise EclensError(f"--{name.replace('_', '-')} must be at least 1")
     return cfg, a
@@ -1154,8 +1427,6 @@ def run_study(cfg: StudyConfig, out: str | Path, *, model=None, quiet: bool = Fa
         torch.set_grad_enabled(False)
     with _Timer(study, "templates"):
         step_templates(study, model)
-    with _Timer(study, "ablation"):
-        step_ablation(study, model)
     with _Timer(study, "blimp_diff"):
         step_blimp_diff(study, model)
     with _Timer(study, "blimp_accuracy"):

@@ -269,6 +269,31 @@ shared), responsive Jaccard {fmt((cross.get('responsive') or {}).get('jaccard'))
 """
 
 
+def section_directions(s: dict, root: Path) -> str:
+    lc = _csv(root / "results" / "layers_by_category.csv")
+    if lc.empty or "loo_cos_median" not in lc:
+        return ""
+    d = lc[(lc["hook"] == "hook_resid_post")]
+    if d.empty:
+        return ""
+    L = int(d["layer"].max())
+    pick = sorted({round(i * L / 5) for i in range(6)})
+    parts = []
+    for o in (0, -1):
+        x = d[(d["offset"] == o) & d["layer"].isin(pick)]
+        if x.empty:
+            continue
+        piv = x.pivot_table(index=["dataset", "category"], columns="layer", values="loo_cos_median").reset_index()
+        piv.columns = ["dataset", "category", *[f"L{int(c)}" for c in piv.columns[2:]]]
+        piv = piv.assign(_k=piv["category"] != "all").sort_values(["dataset", "_k", "category"]).drop(columns="_k")
+        parts.append(f"At {'the changed token `p`' if o == 0 else 'the last token'}:\n\n{table(piv, max_rows=60)}")
+    return ("### Directions, not just dimensions\n\nThe residual stream has no privileged basis, so the same question "
+            "is asked of directions: the median over pairs of the cosine between a pair's Δ of `resid_post` and the "
+            "mean Δ of the *other* pairs of its category (leave-one-out; 1 = every pair moves the same way, about 0 "
+            "for unrelated directions; `results/layers_by_category.csv`, which also has `dir_consistency`).\n\n"
+            + "\n".join(parts))
+
+
 def section_massive(s: dict, root: Path) -> str:
     m = _csv(root / "results" / "massive_dims.csv")
     if m.empty:
@@ -318,43 +343,50 @@ MLP neurons and attention-head dimensions that pass the same criterion (counts; 
 def section_contrasts(s: dict, root: Path) -> str:
     R = root / "results"
     top = _csv(R / "contrasts_top.csv")
-    con = (s["findings"].get("contrasts") or {})
-    rows = []
-    for contrast, by in con.items():
-        if not isinstance(by, dict):
-            continue
-        for measure, e in by.items():
-            if not isinstance(e, dict):
-                continue
-            rows.append({"contrast": contrast, "measure": measure, "pairs (a, b)": f"{e['n_a']}, {e['n_b']}",
-                         "tests": e["n_tests"], "q ≤ 0.05": e["n_significant"], "min q": e["min_q"],
-                         "where most (hook, layer, dims)": ", ".join(map(str, e.get("top_hook_layer", []))) or "–",
-                         "share larger in a": e.get("share_higher_in_a"),
-                         "median |effect|": e.get("median_abs_effect")})
-    t = pd.DataFrame(rows)
-    gm = [r for r in rows if r["contrast"] == "grammar vs meaning"]
-    n_gm = sum(r["q ≤ 0.05"] for r in gm)
-    verdict = (f"**Grammar versus meaning: {fmt(n_gm)} of {fmt(sum(r['tests'] for r in gm))} per-dimension tests "
-               f"are significant after Benjamini–Hochberg at q ≤ {ALPHA}.**" if gm else
-               "No grammar-versus-meaning contrast could be tested (too few pairs per group).")
-    if gm and n_gm == 0:
-        verdict += " This is a null result: no dimension changes differently for grammar errors and meaning changes."
+    con = (s["findings"].get("contrasts") or {}).get("rows") or []
+    t = pd.DataFrame(con)
+    if t.empty:
+        return "## 3. Grammar versus meaning\n\nNo contrast could be tested (too few pairs per group).\n"
+    t["pairs (a, b)"] = [f"{a}, {b}" for a, b in zip(t["n_a"], t["n_b"])]
+    t["where most (hook, layer, dims)"] = [", ".join(map(str, x)) if isinstance(x, list) else "–"
+                                           for x in t.get("top_hook_layer", [None] * len(t))]
+    gm = t[t["contrast"] == "grammar vs meaning"]
+    lines = []
+    for r in gm.to_dict("records"):
+        lines.append(f"at {'the changed token' if r['position'] == 'p' else 'the last token'} ({r['measure']}): "
+                     f"{fmt(r['n_significant'])} of {fmt(r['n_tests'])} ({pct(r['frac_significant'])})")
+    null = [r for r in gm.to_dict("records") if r["n_significant"] == 0]
+    verdict = ("**Grammar versus meaning, dimensions with BH q ≤ 0.05:** " + "; ".join(lines) + "."
+               if lines else "No grammar-versus-meaning contrast could be tested.")
+    if null:
+        verdict += (" Null where the count is 0: " + ", ".join(f"{r['measure']} at {r['position']}" for r in null)
+                    + " — no dimension changes differently for grammar errors and meaning changes there.")
     return f"""## 3. Grammar versus meaning
 
-Per (hook, layer, dimension) at the changed token, a two-sided Mann–Whitney U test compares the normalised change
-of two groups of categories (`grammar/*`, `meaning/*`, `typo`), on its size (`abs`: |Δ|/σ) and on its direction
-(`signed`: Δ/σ); Benjamini–Hochberg q-values over every test of a measure (all contrasts, hooks, layers and
-dimensions at once). Effect: rank-biserial correlation, positive when group a changes more
-(`results/contrasts_summary.csv`, `results/contrasts_by_layer.csv`).
+Per (hook, layer, dimension), a two-sided Mann–Whitney U test compares the normalised change of two groups of
+categories (`grammar/*`, `meaning/*`, `typo`), on its size (`abs`: |Δ|/σ) and on its direction (`signed`: Δ/σ),
+at the changed token `p` and at the last token; Benjamini–Hochberg q-values over every test of a measure (all
+contrasts, positions, hooks, layers and dimensions at once). Effect: rank-biserial correlation, positive when group a
+changes more (`results/contrasts_summary.csv`, `results/contrasts_by_layer.csv`). Pairs: the diff's uniform sample
+(at most 512 pairs), so the groups hold what that sample holds.
 
 {verdict}
 
-{table(t, formats={"share larger in a": pct})}
-Most significant dimensions (`results/contrasts_top.csv`):
+One caution on reading the changed token: grammar pairs swap function words and inflections (*is/are*, *a/an*,
+*in/on*, *himself/herself*), meaning pairs swap content words and typos produce rare word pieces, so a contrast at
+`p` also says *which kind of token* changed, not only how the model treats errors. The last token, which every pair
+has and where the whole sentence has been read, is the cleaner comparison.
 
-{table(top, {"contrast": "contrast", "measure": "measure", "hook": "hook", "layer": "layer", "dim": "dim",
-             "median_a": "median a", "median_b": "median b", "effect": "effect", "q": "q"},
-       {"hook": hook_name, "layer": lambda v: str(int(v)), "dim": lambda v: str(int(v))}, max_rows=20)}
+{table(t, {"contrast": "contrast", "measure": "measure", "position": "at", "pairs (a, b)": "pairs (a, b)",
+           "n_tests": "tests", "n_significant": "q ≤ 0.05", "frac_significant": "share", "min_q": "min q",
+           "where most (hook, layer, dims)": "where most (hook, layer, count)",
+           "share_higher_in_a": "share larger in a", "median_abs_effect": "median |effect|"},
+       {"share_higher_in_a": pct, "frac_significant": pct})}
+Most significant dimensions per contrast, measure and position (`results/contrasts_top.csv`):
+
+{table(top, {"contrast": "contrast", "measure": "measure", "position": "at", "hook": "hook", "layer": "layer",
+             "dim": "dim", "median_a": "median a", "median_b": "median b", "effect": "effect", "q": "q"},
+       {"hook": hook_name, "layer": lambda v: str(int(v)), "dim": lambda v: str(int(v))}, max_rows=24)}
 {fig(s, 'contrasts_by_layer', 'significant contrast dimensions per layer')}
 """
 
@@ -364,52 +396,78 @@ def section_causal(s: dict, root: Path) -> str:
     f = s["findings"].get("causal") or {}
     if c.empty:
         return ("## 4. Do the candidates matter? Candidate sets versus random sets\n\n"
-                "No candidate set was tested (the diff found no candidates over all pairs): null by absence.\n")
+                "No candidate set was tested (the diff found no candidates): null by absence.\n")
     rows = []
     for r in c.to_dict("records"):
         rows.append({"test": r["test"], "set": f"{r['kind']} {hook_name(r['hook'])} L{r['layer']} {off(r['offset'])}",
-                     "dims": r["size"],
+                     "pairs from": r["pairs_category"], "dims": r["size"],
                      "Δ logit diff": r["logit_diff_effect"], "random mean": r["logit_diff_control_mean"],
                      "p": r["logit_diff_p"], "q": r["logit_diff_q_all"],
                      "Δ KL": r["kl_effect"], "random mean ": r["kl_control_mean"], "p ": r["kl_p"],
-                     "q ": r["kl_q_all"],
-                     "|Δ KL| / random": r["kl_ratio_to_controls"]})
+                     "q ": r["kl_q_all"], "|Δ KL| / random": r["kl_ratio_to_controls"],
+                     "σ / layer's": r.get("sigma_ratio"), "|a| / layer's": r.get("size_ratio"),
+                     "σ-matched mean": r.get("kl_matched_mean"), "p (σ-matched)": r.get("kl_p_matched"),
+                     "q (σ-matched)": r.get("kl_q_matched")})
     t = pd.DataFrame(rows)
     n_beats, n_tests = f.get("n_beats", 0), f.get("n_tests", 0)
     beats = c[(c["logit_diff_beats_controls"] == True) | (c["kl_beats_controls"] == True)]  # noqa: E712
     if n_beats == 0:
-        verdict = (f"**Null result: none of the {fmt(n_tests)} tests ({f.get('n_sets')} sets × 2 interventions × 2 "
-                   f"metrics) beats its random controls after Benjamini–Hochberg over all of them (q < {ALPHA}).** "
-                   "The candidate dimensions, chosen for how consistently they change (or do not), are not shown to "
-                   "matter more for the model's predictions than random dimensions of the same layer.")
+        verdict = (f"**Null result: none of the {fmt(n_tests)} tests ({f.get('n_sets')} sets; KL for every set, the "
+                   f"logit difference for sets at `p`) beats its random controls after Benjamini–Hochberg over all "
+                   f"of them (q < {ALPHA}).** The candidate dimensions, chosen for how consistently they change (or "
+                   "do not), are not shown to matter more for the model's predictions than random dimensions of "
+                   "the same layer and position.")
     else:
-        names = "; ".join(f"{r['test']}: {r['kind']} {hook_name(r['hook'])} L{r['layer']} {off(r['offset'])}"
+        names = "; ".join(f"{r['kind']} {hook_name(r['hook'])} L{r['layer']} {off(r['offset'])} ({r['test']})"
                           for r in beats.to_dict("records"))
-        verdict = (f"**{fmt(n_beats)} of {fmt(n_tests)} tests beat their random controls after Benjamini–Hochberg over "
-                   f"all of them (q < {ALPHA}):** {names}. Every other test is null.")
+        verdict = (f"**{fmt(n_beats)} of {fmt(n_tests)} tests beat their random controls after Benjamini–Hochberg "
+                   f"over all of them (q < {ALPHA}):** {names}. Every other test is null.")
+    nm, nbm = f.get("n_matched_tests", 0), f.get("n_beats_matched", 0)
+    if not nm:
+        matched_text = "no stable set was tested against matched sets"
+    elif nbm == 0:
+        matched_text = f"none of the {fmt(nm)} beats its σ-matched controls (null)"
+    else:
+        bm = c[(c.get("kl_beats_matched") == True) | (c.get("logit_diff_beats_matched") == True)]  # noqa: E712
+        matched_text = (f"{fmt(nbm)} of {fmt(nm)} beat their σ-matched controls ("
+                        + "; ".join(f"{hook_name(r['hook'])} L{r['layer']} {off(r['offset'])}"
+                                    for r in bm.to_dict("records")) + ")")
     return f"""## 4. Do the candidates matter? Candidate sets versus random sets
 
-Each set (the {s['config']['top_k']} best dimensions of one hook, layer and position) gets two interventions on
-{f.get('n_pairs')} pairs, each compared with the same intervention on {f.get('n_controls')} random sets of the same
-size at the same hook, layer and position:
+Which sets: not simply the best-ranked cells. A dimension that does not change at `p+k` of an early layer is
+"stable" only because the change has not reached that position yet, and one that changes at `p` of layer 0 is
+"responsive" only because the input token differs. So the **stable** sets (over all pairs) come from the cells where
+the *rest of the layer moves most* (dimensions that stay put while their layer changes; one set per hook), and the
+**responsive** sets come from each category's own candidates (over all pairs the categories' signs disagree),
+positions after `p` first (the change's effect carried forward), one set per category, each tested on pairs of
+that category. Each set holds up to {s['config']['top_k']} dimensions of one hook, layer and position.
 
-- **restore**: patch the set's clean values into the corrupt run (does the set carry the change's effect?);
-  the change is the mean over pairs of `metric(patched) − metric(corrupt)`;
-- **ablate**: replace the set by its mean over the dataset in the clean run (does the model use it?);
-  the change is `metric(ablated) − metric(clean)`.
+Each set gets the intervention that tests its claim, on {f.get('n_pairs')} pairs, compared with the same
+intervention on {f.get('n_controls')} random sets of the same size at the same hook, layer and position:
 
-Metrics: the logit difference between the clean and the corrupt run's top next tokens at `p`, and the KL divergence
-of the next-token distributions from `p` on (KL(clean ‖ run)). Two-sided empirical p = (b+1)/(n+1) with b the random
-sets whose |change| is at least the candidate's; **q: Benjamini–Hochberg over every test in this table**
-(`results/causal_sets.csv`; the per-call q-values of `ec patch` are there too). `|Δ KL| / random` is the candidate's
-|change| over the random sets' mean |change|: 1 means "like a random set".
+- **stable → ablate**: replace the set by its mean over the dataset in the *clean* run: does the model use what
+  stays put? The change is `metric(ablated) − metric(clean)`;
+- **responsive → restore**: patch the set's clean values into the *corrupt* run: do these dimensions carry the
+  change's effect? The change is `metric(patched) − metric(corrupt)`.
+
+Metrics: KL(clean ‖ run) of the next-token distributions from `p` on, and, for sets at `p` only, the logit
+difference between the clean and the corrupt run's top next tokens at `p` (read at `p`, so a set after `p` cannot
+move it). Two-sided empirical p = (b+1)/(n+1) with b the random sets whose |change| is at least the candidate's;
+**q: Benjamini–Hochberg over every test in this table** (`results/causal_sets.csv`, which also has the per-call
+q-values). `|Δ KL| / random`: the candidate's |change| over the random sets' mean |change| (1 = like a random set).
+The smallest possible p with {f.get('n_controls')} controls is {fmt(1 / (f.get('n_controls', 1) + 1))}.
+The random sets are drawn uniformly from the layer, so the last two columns say how the set's dimensions compare
+with the layer's median dimension at that position: their spread σ over the clean sentences and their root mean
+square size. The stable rule (|Δ|/σ small) favours dimensions with a large σ, and ablating a large or
+high-variance dimension moves more than ablating a typical one, so an ablation effect beyond random sets is a claim
+about *those dimensions*, not yet about stability as such, unless these ratios are near 1. So each stable set is
+also ablated against {f.get('n_matched')} **σ-matched** random sets (each of its dimensions swapped for one of the 20
+dimensions of the same cell nearest in σ, massive ones excluded; `patch_dims_matched.csv` in the run folder), with
+Benjamini–Hochberg over those {fmt(f.get('n_matched_tests'))} tests: {matched_text}.
 
 {verdict}
 
 {table(t, formats={"dims": lambda v: str(int(v))})}
-A logit difference read at `p` cannot move when a set after `p` is patched, so for sets at later positions only KL
-speaks. The smallest possible p with {f.get('n_controls')} controls is {fmt(1 / (f.get('n_controls', 1) + 1))}.
-
 {fig(s, 'causal_sets', 'candidate sets versus random sets')}
 """
 
@@ -464,11 +522,8 @@ def section_decay(s: dict, root: Path) -> str:
         gp.columns = ["dataset", "group", *[off(c) for c in gp.columns[2:]]]
     t = f.get("templates") or {}
     exd = (f.get("exact") or {}).get("denoise/hook_resid_pre") or {}
-    fl = exd.get("first_layer_last_beats_p")
-    moved = (f"patching the last token alone restores more than patching `p` from layer {fl} on — by then the "
-             "change's effect on the predictions has been copied forward along the sequence"
-             if fl is not None else "patching the last token never restores more than patching `p` in these pairs")
-    fb = exd.get("first_layer_p_below_half")
+    a0, aL = exd.get("kl_restored_at_p_first_layer"), exd.get("kl_restored_at_p_last_layer")
+    left = fmt(1 - aL) if aL is not None else "–"
     return f"""## 6. How the one-token perturbation decays
 
 **Along the sequence, in the predictions.** Mean KL(clean ‖ corrupt) of the next-token distribution at position
@@ -485,11 +540,14 @@ By group of categories (templates) and for BLiMP:
 
 {table(lt)}
 **Causally.** Exact patching of one position of `resid_pre`, clean→corrupt, on {f.get('exact_pairs', 0)} pairs
-(`results/decay_exact_patching.csv`), measured by the downstream KL (which reads every position from `p` on):
-patching `p` restores {fmt(exd.get('kl_restored_at_p_first_layer'))} of it at layer 0 and
-{fmt(exd.get('kl_restored_at_p_last_layer'))} at the last layer (below one half from layer {fmt(fb)} on); {moved}.
-(The logit difference is read at `p` itself, so patching `p` restores all of it at every layer; it says nothing about
-the spread.)
+(`results/decay_exact_patching.csv`), measured by the downstream KL (the mean over the predictions from `p` on, so
+the prediction at `p`, the largest, weighs most). Patching `p` at layer L restores the prediction at `p` and
+whatever later positions read from `p` at layers ≥ L, but not what they had already read below L. It restores
+{fmt(a0)} of the downstream KL at layer 0 and {fmt(aL)} at the last layer: the remaining {left} is the share of the
+change's downstream effect that had moved off the changed token, into later positions, by then. Patching the last
+token restores {fmt(exd.get('kl_restored_at_last_last_layer'))} at the last layer: its own prediction's share. (The
+logit difference is read at `p`, so patching `p` restores all of it at every layer; it says nothing about the
+spread.)
 
 {fig(s, 'decay_kl', 'KL by position after the change')}
 {fig(s, 'decay_layers_offsets', 'relative L2 change by layer and position')}
@@ -563,9 +621,9 @@ def headline(s: dict) -> str:
     f = s["findings"]
     c = f.get("causal") or {}
     b = f.get("blimp_accuracy") or {}
-    con = (f.get("contrasts") or {}).get("grammar vs meaning") or {}
-    n_gm = sum((e or {}).get("n_significant", 0) for e in con.values() if isinstance(e, dict))
-    t_gm = sum((e or {}).get("n_tests", 0) for e in con.values() if isinstance(e, dict))
+    con = [r for r in ((f.get("contrasts") or {}).get("rows") or []) if r["contrast"] == "grammar vs meaning"
+           and r["measure"] == "abs"]
+    gm = "; ".join(f"{fmt(r['n_significant'])} of {fmt(r['n_tests'])} at {r['position']}" for r in con) or "not tested"
     cand = (f.get("candidates") or {}).get("templates") or {}
     dec = (f.get("decay") or {}).get("templates") or {}
     lines = [
@@ -576,8 +634,7 @@ def headline(s: dict) -> str:
          f"Benjamini–Hochberg (q < {ALPHA})" if c.get("n_tests") and not c.get("n_beats") else
          f"- **Causal tests:** {fmt(c.get('n_beats'))} of {fmt(c.get('n_tests'))} set-versus-random tests survive "
          f"Benjamini–Hochberg (q < {ALPHA})") + " (section 4).",
-        f"- **Grammar vs meaning:** {fmt(n_gm)} of {fmt(t_gm)} per-dimension tests significant at q ≤ {ALPHA} "
-        "(section 3).",
+        f"- **Grammar vs meaning** (size of the change, per dimension, BH q ≤ {ALPHA}): {gm} (section 3).",
         f"- **Decay:** the next-token KL falls from {fmt(dec.get('kl_mean_at_p'))} nats at the changed token to "
         f"{fmt(dec.get('kl_mean_at_p+3'))} three tokens later (section 6).",
         f"- **BLiMP:** {fmt(b.get('accuracy'))} (95 % CI {fmt(b.get('ci_low'))}–{fmt(b.get('ci_high'))}) on "
@@ -607,6 +664,7 @@ def render(root: Path) -> str:
         discussion(s, root),
         section_setup(s, root),
         section_layers(s, root),
+        section_directions(s, root),
         section_massive(s, root),
         section_contrasts(s, root),
         section_causal(s, root),
