@@ -49,6 +49,10 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# OpenMP threads that spin while waiting steal the CPU from each other when the machine is shared: measured
+# here, 2 spinning threads ran a batch 5-7x slower than 1 thread under load, passive ones as fast or faster.
+# (Set before torch is imported: OpenMP reads it once.)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
@@ -98,18 +102,21 @@ class StudyConfig:
     attribution_pairs: int = 4
     verify_top: int = 10
     report_examples: int = 3
+    threads: int = 0                   # torch CPU threads (0: torch's default)
     png: bool = True
     smoke: bool = False
 
     def numbers(self) -> dict:
         d = asdict(self)
         d.pop("png")
+        d.pop("threads")
         return d
 
 
 SMOKE = dict(n_per_category=3, hooks="hook_resid_post", min_pairs=3, batch_size=16,
              blimp_pairs=10, blimp_accuracy_n=5, blimp_paradigms=2, exact_pairs=1, patch_hooks=("hook_resid_pre",),
-             dims_pairs=2, max_sets=2, top_k=5, n_controls=5, matched_controls=3, attribution_pairs=2, verify_top=3, report_examples=1)
+             dims_pairs=2, max_sets=2, top_k=5, n_controls=5, matched_controls=3, attribution_pairs=2,
+             verify_top=3, report_examples=1)
 
 
 @dataclass
@@ -416,12 +423,19 @@ def matched_step(run: Path, model, rc, pairs, *, progress: bool, log, n_matched:
                                    direction=r["direction"], metric=r.get("decided_by", "kl"),
                                    batch_size=rc.patch_batch_size, progress=progress)
         tab = res.table
+        # How well the matching worked: the matched sets' σ over the candidate set's (1 = perfect). Outlier dims
+        # have few neighbours of similar σ, so their matched sets fall short.
+        sig = cell.set_index("dim")["sigma_clean"]
+        own = float(np.median([sig[d] for d in s.dims]))
+        match_ratio = float(np.median([np.median([sig[d] for d in x.dims]) / own for x in ms])) if own > 0 \
+            else np.nan
         for m in METRICS_SHOWN:
             eff = float(tab.loc[tab["set"] == s.label, f"{m}_effect"].iloc[0])
             ctrl = tab.loc[tab["kind"] == "matched", f"{m}_effect"].to_numpy(dtype=float)
             ctrl = ctrl[np.isfinite(ctrl)]
             b = int((np.abs(ctrl) >= abs(eff)).sum()) if np.isfinite(eff) else 0
             rows.append({"set": s.label, "metric": m, "effect": eff, "n_matched": int(len(ctrl)),
+                         "matched_sigma_ratio": match_ratio,
                          "matched_mean": float(ctrl.mean()) if len(ctrl) else np.nan,
                          "matched_std": float(ctrl.std(ddof=1)) if len(ctrl) > 1 else np.nan,
                          "p_matched": (b + 1) / (len(ctrl) + 1) if len(ctrl) and np.isfinite(eff) else np.nan})
@@ -822,6 +836,94 @@ def analyse_massive(runs: dict[str, Path]) -> tuple[pd.DataFrame, dict]:
     return pd.DataFrame(rows), find
 
 
+def analyse_stable_heads(run: Path, model, n_sentences: int = 64, share: float = 0.9) -> tuple[pd.DataFrame, dict]:
+    """Whole attention heads whose output does not change at any aligned position (at least ``share`` of their
+    ``attn.hook_z`` dims pass the stable share ``frac_under >= 0.9``), and where they look: their mean attention,
+    from the changed token on, to the first token and to the changed token, on clean template sentences."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from eclens.pairs import load_aligned
+    from eclens.pipeline import spread_pairs
+
+    p = run / "dims.parquet"
+    if not p.exists() or model is None:
+        return pd.DataFrame(), {}
+    try:
+        d = pq.read_table(p, columns=["hook", "layer", "offset", "head", "frac_under"],
+                          filters=[("category", "==", "all"), ("hook", "==", "attn.hook_z")]).to_pandas()
+    except Exception:  # noqa: BLE001 - no attn.hook_z in this run (e.g. the smoke hooks)
+        return pd.DataFrame(), {}
+    if d.empty:
+        return pd.DataFrame(), {}
+    d["stable"] = d["frac_under"] >= 0.9
+    g = d.groupby(["layer", "head", "offset"])["stable"].mean().unstack()
+    whole = g[(g >= share).all(axis=1)]
+    if whole.empty:
+        return pd.DataFrame(), {"n_heads": 0}
+    pairs = spread_pairs(load_aligned(run / "pairs.jsonl"), n_sentences, shortest=False)
+    layers = sorted({int(L) for L, _ in whole.index})
+    names = [f"blocks.{L}.attn.hook_pattern" for L in layers]
+    to_first: dict[int, list] = {L: [] for L in layers}
+    to_p: dict[int, list] = {L: [] for L in layers}
+    dev = next(model.parameters()).device
+    with torch.inference_mode():
+        for a in pairs:
+            toks = torch.tensor([a.clean_ids], device=dev)
+            _, cache = model.run_with_cache(toks, names_filter=lambda n: n in names)
+            for L, n in zip(layers, names):
+                pat = cache[n][0].float()  # [head, q, k]
+                q = slice(a.position, a.length)
+                to_first[L].append(pat[:, q, 0].mean(-1).cpu())
+                to_p[L].append(pat[:, q, a.position].mean(-1).cpu())
+    rows = []
+    for L in layers:
+        f1 = torch.stack(to_first[L]).mean(0)
+        fp = torch.stack(to_p[L]).mean(0)
+        for h in range(len(f1)):
+            rows.append({"layer": L, "head": h, "whole_head_stable": (L, h) in whole.index,
+                         "stable_share_min": _f(g.loc[(L, h)].min()) if (L, h) in g.index else None,
+                         "attn_to_first_token": float(f1[h]), "attn_to_changed_token": float(fp[h]),
+                         "n_sentences": len(pairs)})
+    df = pd.DataFrame(rows)
+    st = df[df["whole_head_stable"]]
+    others = df[~df["whole_head_stable"]]
+    find = {"n_heads": int(len(st)), "heads": [f"L{r['layer']}.H{r['head']}" for r in st.to_dict("records")],
+            "attn_to_first_token": _f(st["attn_to_first_token"].mean()),
+            "attn_to_changed_token": _f(st["attn_to_changed_token"].mean()),
+            "others_same_layer_attn_to_first_token": _f(others["attn_to_first_token"].mean()) if len(others)
+            else None, "n_sentences": len(pairs)}
+    return df, find
+
+
+def stable_breakdown(la: pd.DataFrame, heads: dict, d_head: int | None) -> dict:
+    """Where the stable dims of the template run (all pairs) sit: in cells the change has barely reached (the
+    residual stream's relative change there below 0.1), in whole heads that never change, or elsewhere."""
+    t = la[(la["dataset"] == "templates")] if not la.empty else la
+    if t.empty or "n_stable" not in t:
+        return {}
+    rel = t[t["hook"] == MAIN_HOOK].set_index(["layer", "offset"])["rel_l2_mean"]
+    sink = {}
+    for h in heads.get("heads", []):
+        L = int(h.split(".")[0][1:])
+        sink[L] = sink.get(L, 0) + 1
+    out = {"total": 0, "barely_reached": 0, "whole_stable_heads": 0, "elsewhere": 0, "at_p_elsewhere": 0}
+    for r in t[t["n_stable"] > 0].to_dict("records"):
+        n = int(r["n_stable"])
+        out["total"] += n
+        if float(rel.get((r["layer"], r["offset"]), np.nan)) < 0.1:
+            out["barely_reached"] += n
+            continue
+        if r["hook"] == "attn.hook_z" and r["layer"] in sink and d_head:
+            k = min(n, sink[int(r["layer"])] * d_head)
+            out["whole_stable_heads"] += k
+            n -= k
+        out["elsewhere"] += n
+        if r["offset"] == 0:
+            out["at_p_elsewhere"] += n
+    return out
+
+
 def analyse_contrasts(run: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
     """Per-dimension grammar / meaning / typo contrasts (Mann–Whitney U, BH over every test of a measure),
     at the changed token and at the last token."""
@@ -877,8 +979,13 @@ def analyse_causal(run: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
                "offset": int(r["offset"]), "size": int(r["size"]), "dims": str(r["dims"]), "method": r["method"],
                "direction": r["direction"], "n_pairs": int(r["n_pairs"]), "n_controls": int(r["n_controls"])}
         for m in METRICS_SHOWN:
-            for k in ("effect", "control_mean", "control_std", "z", "p", "q"):
+            for k in ("effect", "control_mean", "control_std", "z", "p", "q", "restored"):
                 row[f"{m}_{k}"] = r.get(f"{m}_{k}")
+        # The share of the clean-vs-corrupt gap the intervention moves: towards clean for a restore (restored),
+        # towards corrupt for an ablation in the clean run (1 - restored).
+        kr = r.get("kl_restored")
+        row["kl_gap_moved"] = (kr if r["direction"] == "denoise" else 1 - kr) if kr is not None and \
+            np.isfinite(kr) else np.nan
         rows.append(row)
     df = pd.DataFrame(rows)
     # A logit difference is read at p: a set after p cannot move it (its p is 1 by construction), so only
@@ -921,6 +1028,10 @@ def analyse_causal(run: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
             df.loc[i, "size_ratio"] = mine["rms_ratio"].median()  # rms |a| over the cell's median dim's
     # The stricter control for stable sets: σ-matched random sets (matched_step), BH over those tests.
     mt = _read_csv(run / "patch_dims_matched.csv")
+    df["matched_sigma_ratio"] = np.nan
+    if not mt.empty and "matched_sigma_ratio" in mt:
+        df["matched_sigma_ratio"] = df["set"].map(mt.drop_duplicates("set").set_index("set")["matched_sigma_ratio"]
+                                                  ).astype(float)
     for m in METRICS_SHOWN:
         for k in ("matched_mean", "p_matched", "q_matched"):
             df[f"{m}_{k}"] = np.nan
@@ -1040,7 +1151,7 @@ def analyse_decay(runs: dict[str, Path], max_k: int = 8) -> tuple[pd.DataFrame, 
     return kl, exact, find
 
 
-def analyse(study: Study, model_entry: dict) -> dict:
+def analyse(study: Study, model_entry: dict, model=None) -> dict:
     """Write the small result tables of ``results/`` and return the findings for ``study.json``."""
     R = study.results
     runs = {"templates": study.templates_run, "blimp": study.blimp_run}
@@ -1090,6 +1201,11 @@ def analyse(study: Study, model_entry: dict) -> dict:
         causal, controls, f = analyse_causal(runs["templates"])
         write_table(causal, R / "causal_sets.csv")
         find["causal"] = f
+        heads, f = analyse_stable_heads(runs["templates"], model)
+        write_table(heads, R / "stable_heads.csv")
+        find["stable_heads"] = f
+        d_head = int(model.cfg.d_head) if model is not None and getattr(model.cfg, "d_head", None) else None
+        find["stable_breakdown"] = stable_breakdown(la, f, d_head)
         att, f = analyse_attribution(runs["templates"])
         write_table(att, R / "attribution_vs_exact.csv")
         find["attribution"] = f
@@ -1289,8 +1405,10 @@ def build_figures(study: Study) -> dict[str, Any]:
                                  name="y = x", hoverinfo="skip"))
         fig.update_xaxes(title="GPT-2 (published, 1,000 pairs per paradigm)", range=[0, 1.02])
         fig.update_yaxes(title=f"this model (first {int(acc['n'].max())} pairs, Wilson 95% CI)", range=[0, 1.02])
+        import plotly.express as px
+
         figs["blimp_accuracy"] = viz._layout(fig, "BLiMP accuracy per paradigm", height=560, width=820,
-                                             legend=dict(font=dict(size=9)))
+                                             legend=dict(font=dict(size=9)), colorway=px.colors.qualitative.Dark24)
     return figs
 
 
@@ -1377,6 +1495,9 @@ def parse_args(argv: list[str] | None) -> tuple[StudyConfig, argparse.Namespace]
         if f.name in ("blimp", "model", "device", "dtype", "seed", "smoke", "png"):
             continue
         flag = "--" + f.name.replace("_", "-")
+        if f.name == "threads":
+            ap.add_argument(flag, type=int, default=None, help="torch CPU threads (default: torch's own)")
+            continue
         if f.name == "patch_hooks":
             ap.add_argument(flag, default=None, help=f"comma-separated (default {','.join(d.patch_hooks)})")
         elif f.name == "hooks":
@@ -1408,9 +1529,6 @@ def run_study(cfg: StudyConfig, out: str | Path, *, model=None, quiet: bool = Fa
     """Run every step into ``out``; returns the ``study.json`` document."""
     import torch
 
-    from eclens.model import manifest_model_entry
-    from eclens.runs import versions
-
     t_start = time.perf_counter()
     study = Study(Path(out).resolve(), cfg, quiet=quiet)
     blimp_files(cfg)  # fail early, before minutes of work, on a wrong --blimp
@@ -1419,6 +1537,21 @@ def run_study(cfg: StudyConfig, out: str | Path, *, model=None, quiet: bool = Fa
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
+    threads_before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_study(study, cfg, model, t_start)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_study(study: Study, cfg: StudyConfig, model, t_start: float) -> dict:
+    import torch
+
+    from eclens.model import manifest_model_entry
+    from eclens.runs import versions
+
     with _Timer(study, "load_model"):
         if model is None:
             from eclens import load_model
@@ -1433,7 +1566,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, model=None, quiet: bool = Fa
         step_blimp_accuracy(study, model)
     with _Timer(study, "analysis"):
         entry = manifest_model_entry(model)
-        findings = analyse(study, entry)
+        findings = analyse(study, entry, model)
     with _Timer(study, "figures"):
         figs = step_figures(study)
     total = round(time.perf_counter() - t_start, 1)
@@ -1445,6 +1578,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, model=None, quiet: bool = Fa
         "model": entry,
         "versions": versions(),
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "cpu_count": os.cpu_count(),
         "timing": {"total_seconds": total, "all_steps_ran": all_ran, "steps": study.timing},
         "findings": findings,
