@@ -1248,21 +1248,26 @@ def build_figures(study: Study) -> dict[str, Any]:
             lay, hook=MAIN_HOOK, title="Relative L2 change ‖Δ‖/‖a‖ of resid_post by layer and position (templates)")
         figs["layers_by_category"] = viz.category_curves(
             lay, hook=MAIN_HOOK, offset=0, title="‖Δ‖/‖a‖ of resid_post at the changed token, per category")
-    la = _read_csv(R / "layers_all.csv")
-    if not la.empty:
-        fig = make_subplots(rows=1, cols=2, subplot_titles=("stable dims per layer", "responsive dims per layer"))
-        d = la[(la["dataset"] == "templates")]
-        for j, kind in enumerate(("stable", "responsive"), start=1):
-            for (hook, off), g in d.groupby(["hook", "offset"]):
-                if off not in (0, -1) or g[f"n_{kind}"].sum() == 0:
-                    continue
-                fig.add_trace(go.Scatter(x=g["layer"], y=g[f"n_{kind}"], mode="lines",
-                                         name=f"{hook} @ {viz.offset_label(off)}", legendgroup=f"{hook}{off}",
-                                         showlegend=j == 1), row=1, col=j)
+    if not lay.empty and "n_stable" in lay:
+        fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.12, subplot_titles=(
+            "stable, all pairs: by position (all hooks)", "responsive, per category (all hooks and positions)"))
+        a = lay[lay["category"] == "all"]
+        for off_, g in sorted(a.groupby("offset"), key=lambda kv: (kv[0] < 0, kv[0])):
+            g = g.groupby("layer")["n_stable"].sum()
+            fig.add_trace(go.Scatter(x=g.index, y=g.values, mode="lines+markers", marker=dict(size=4),
+                                     name=f"stable at {viz.offset_label(off_)}", legendgroup="s"), row=1, col=1)
+        r = lay[lay["category"] != "all"]
+        for cat, g in r.groupby("category"):
+            g = g.groupby("layer")["n_responsive"].sum()
+            if g.sum() == 0:
+                continue
+            fig.add_trace(go.Scatter(x=g.index, y=g.values, mode="lines+markers", marker=dict(size=4),
+                                     name=f"responsive: {viz.esc(cat)}", legendgroup="r"), row=1, col=2)
         fig.update_xaxes(title="layer")
-        fig.update_yaxes(title="dimensions passing the rule", row=1, col=1)
-        figs["candidates_by_layer"] = viz._layout(fig, "Candidate dimensions per layer (templates, all pairs)",
-                                                  height=420, legend=dict(font=dict(size=9)))
+        fig.update_yaxes(title="dimensions passing the rule", type="log", row=1, col=1)
+        fig.update_yaxes(type="log", row=1, col=2)
+        figs["candidates_by_layer"] = viz._layout(fig, "Candidate dimensions per layer (templates)", height=440,
+                                                  width=1100, legend=dict(font=dict(size=9)))
     rd = RunData(T) if T.exists() else None
     if rd is not None and rd.file("dims.parquet"):
         dims = rd.dims_slice(category="all", hook=MAIN_HOOK, offset=0)
@@ -1530,6 +1535,7 @@ def run_study(cfg: StudyConfig, out: str | Path, *, model=None, quiet: bool = Fa
     import torch
 
     t_start = time.perf_counter()
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # other jobs slow a timed run
     study = Study(Path(out).resolve(), cfg, quiet=quiet)
     blimp_files(cfg)  # fail early, before minutes of work, on a wrong --blimp
     study.results.mkdir(parents=True, exist_ok=True)
@@ -1541,14 +1547,15 @@ def run_study(cfg: StudyConfig, out: str | Path, *, model=None, quiet: bool = Fa
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _run_study(study, cfg, model, t_start)
+        return _run_study(study, cfg, model, t_start, load_start)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run_study(study: Study, cfg: StudyConfig, model, t_start: float) -> dict:
+def _run_study(study: Study, cfg: StudyConfig, model, t_start: float, load_start: float | None = None) -> dict:
     import torch
 
+    from_cli = model is None
     from eclens.model import manifest_model_entry
     from eclens.runs import versions
 
@@ -1570,17 +1577,26 @@ def _run_study(study: Study, cfg: StudyConfig, model, t_start: float) -> dict:
     with _Timer(study, "figures"):
         figs = step_figures(study)
     total = round(time.perf_counter() - t_start, 1)
-    all_ran = all(not str(v.get("status", "")).startswith("skipped") for v in study.timing.values())
+    statuses = [str(v.get("status", "")) for v in study.timing.values()]
+    statuses += [str(x.get("status", "")) for x in (study.timing.get("templates", {}).get("steps") or {}).values()]
+    all_ran = not any(x.startswith("skipped") for x in statuses)
+    load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    timing = {"total_seconds": total, "all_steps_ran": all_ran, "steps": study.timing,
+              "load_average": {"start": load_start, "end": load_end}}
+    # A rerun that skips finished steps keeps the timing of the last run that did everything (same settings).
+    prev = _read_json(study.results / "study.json")
+    full = timing if all_ran else (prev.get("timing_full_run") if prev.get("config") == cfg.numbers() else None)
     doc = {
         "study": "does SmolLM2 have consistent error-correction dimensions?",
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if model is None else None,
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]) if from_cli else None,
         "config": cfg.numbers(),
         "model": entry,
         "versions": versions(),
         "torch_threads": torch.get_num_threads(),
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "cpu_count": os.cpu_count(),
-        "timing": {"total_seconds": total, "all_steps_ran": all_ran, "steps": study.timing},
+        "timing": timing,
+        "timing_full_run": full,
         "findings": findings,
         **figs,
     }

@@ -116,7 +116,10 @@ def fig(study: dict, name: str, alt: str) -> str:
 
 
 def section_run(s: dict, root: Path) -> str:
-    t = s["timing"]
+    t = s.get("timing_full_run") or s["timing"]
+    la = t.get("load_average") or {}
+    load = (f" (1-minute load average {fmt(la['start'])} when it started, {fmt(la['end'])} when it ended)"
+            if la.get("start") is not None and la.get("end") is not None else "")
     steps = t["steps"]
     rows = []
     for k, v in steps.items():
@@ -146,7 +149,9 @@ The Llama-3-8B command has not been run here (no weights or hub access on this m
 path with another model name, and the template pairs are regenerated under that model's tokenizer.
 
 **This run** ({mode}): {fmt(t['total_seconds'])} s wall time in all ({fmt(t['total_seconds'] / 60, 2)} minutes)
-on a {s.get('cpu_count')}-core CPU with {s.get('torch_threads')} torch threads; {ran}.
+on a {s.get('cpu_count')}-core CPU{load}, {s.get('torch_threads')} torch threads,
+`OMP_WAIT_POLICY={s.get('omp_wait_policy')}`; {ran}. (The script sets `OMP_WAIT_POLICY=PASSIVE` unless it is set:
+OpenMP threads that spin while they wait take the CPU from each other and from other jobs on a shared machine.)
 
 {table(pd.DataFrame(rows), {"step": "step", "seconds": "seconds", "status": "status"})}
 """
@@ -425,10 +430,18 @@ def section_causal(s: dict, root: Path) -> str:
                    "do not), are not shown to matter more for the model's predictions than random dimensions of "
                    "the same layer and position.")
     else:
-        names = "; ".join(f"{r['kind']} {hook_name(r['hook'])} L{r['layer']} {off(r['offset'])} ({r['test']})"
+        def how(r):
+            g = r.get("kl_gap_moved")
+            if g is None or not math.isfinite(g):
+                return r["test"]
+            if r["method"] == "patch":
+                return f"{r['test']}; moves the KL {'towards' if g > 0 else 'away from'} the clean run"
+            return f"{r['test']}; moves the KL {'towards' if g > 0 else 'away from'} the corrupt run"
+
+        names = "; ".join(f"{r['kind']} {hook_name(r['hook'])} L{r['layer']} {off(r['offset'])} ({how(r)})"
                           for r in beats.to_dict("records"))
-        verdict = (f"**{fmt(n_beats)} of {fmt(n_tests)} tests beat their random controls after Benjamini–Hochberg "
-                   f"over all of them (q < {ALPHA}):** {names}. Every other test is null.")
+        verdict = (f"**{fmt(n_beats)} of {fmt(n_tests)} tests differ from their random controls (two-sided) after "
+                   f"Benjamini–Hochberg over all of them (q < {ALPHA}):** {names}. Every other test is null.")
     nm, nbm = f.get("n_matched_tests", 0), f.get("n_beats_matched", 0)
     if not nm:
         matched_text = "no stable set was tested against matched sets"
@@ -536,7 +549,7 @@ def section_decay(s: dict, root: Path) -> str:
     t = f.get("templates") or {}
     exd = (f.get("exact") or {}).get("denoise/hook_resid_pre") or {}
     a0, aL = exd.get("kl_restored_at_p_first_layer"), exd.get("kl_restored_at_p_last_layer")
-    left = fmt(1 - aL) if aL is not None else "–"
+    left = pct(1 - aL) if aL is not None else "–"
     return f"""## 6. How the one-token perturbation decays
 
 **Along the sequence, in the predictions.** Mean KL(clean ‖ corrupt) of the next-token distribution at position
@@ -556,9 +569,9 @@ By group of categories (templates) and for BLiMP:
 (`results/decay_exact_patching.csv`), measured by the downstream KL (the mean over the predictions from `p` on, so
 the prediction at `p`, the largest, weighs most). Patching `p` at layer L restores the prediction at `p` and
 whatever later positions read from `p` at layers ≥ L, but not what they had already read below L. It restores
-{fmt(a0)} of the downstream KL at layer 0 and {fmt(aL)} at the last layer: the remaining {left} is the share of the
+{pct(a0)} of the downstream KL at layer 0 and {pct(aL)} at the last layer: the remaining {left} is the share of the
 change's downstream effect that had moved off the changed token, into later positions, by then. Patching the last
-token restores {fmt(exd.get('kl_restored_at_last_last_layer'))} at the last layer: its own prediction's share. (The
+token restores {pct(exd.get('kl_restored_at_last_last_layer'))} at the last layer: its own prediction's share. (The
 logit difference is read at `p`, so patching `p` restores all of it at every layer; it says nothing about the
 spread.)
 
@@ -597,6 +610,7 @@ paradigms and below it in {f.get('paradigms_above_gpt2_ci')}; the median differe
 GPT-2's published per-phenomenon figures group some paradigms differently from the data files'
 `linguistics_term` (e.g. `s-selection`), so "same paradigms" — the mean of GPT-2's per-paradigm numbers over the
 paradigms in the row — is the like-for-like column.
+
 {fig(s, 'blimp_accuracy', 'BLiMP accuracy per paradigm versus GPT-2')}
 """
 
@@ -765,10 +779,17 @@ def discussion(s: dict, root: Path) -> str:
     rs = c[c["kind"] == "responsive"] if not c.empty else c
     small = bool(len(rs)) and (rs["kl_gap_moved"].abs() < 0.05).all()
     sig_r = int((rs["kl_beats_controls"] == True).sum()) if len(rs) else 0  # noqa: E712
+    sig_rows = rs[rs["kl_beats_controls"] == True] if len(rs) else rs  # noqa: E712
+    toward = int((sig_rows["kl_gap_moved"] > 0).sum()) if len(sig_rows) else 0
     paras.append(claim(small and sig_r > 0, (
         f"**Responsive dimensions carry a detectable but tiny share of the change.** Patching the clean values of a "
-        f"category's responsive set into the corrupt run beats random sets in {sig_r} of {len(rs)} tests, yet moves "
-        f"at most {pct(rs['kl_gap_moved'].abs().max())} of the clean–corrupt KL gap: the effect of a one-token "
+        f"category's responsive set into the corrupt run differs from patching random sets in {sig_r} of {len(rs)} "
+        f"tests ({toward} of them towards the clean run"
+        + ("" if toward == sig_r else
+           f"; {'the other makes' if sig_r - toward == 1 else 'the others make'} the corrupt run diverge further, "
+           "as patching a few units out of their context can")
+        + "), yet moves at most "
+        f"{pct(rs['kl_gap_moved'].abs().max())} of the clean–corrupt KL gap: the effect of a one-token "
         "change is spread over many dimensions, not concentrated in a handful of error detectors."),
         "the responsive sets' restoration results"))
     # 4. grammar vs meaning
