@@ -386,6 +386,26 @@ def test_resume_continues_and_refuses_other_settings(tiny, tmp_path):
     pd.testing.assert_frame_equal(again.layers, done.layers)
 
 
+def test_host_sample_equals_device_sample(tiny, tmp_path):
+    """The GPU layout of the pair sample (host memory, rows queued per batch and written oldest first) gives
+    the same state as the in-place one, when the sample overflows (slots overwritten) and across a resume."""
+    pairs = make_pairs(tiny, small_pairs(tiny.tokenizer))
+    ref = run_diff(tiny, pairs, batch_size=4, sample_size=6)
+    run = tmp_path / "run"
+    run_diff(tiny, pairs, batch_size=4, sample_size=6, run=run, max_batches=1, host_sample=True)
+    got = run_diff(tiny, pairs, batch_size=4, sample_size=6, run=run, host_sample=True)
+    assert got.timing["resumed_from"] == 4 and len(pairs) > 2 * 6
+    sample = [k for k in ref.tensors if k.endswith("sample_delta")]
+    assert sample and all(torch.equal(ref.tensors[k], got.tensors[k]) for k in sample)
+    assert got.meta["sample_ids"] == ref.meta["sample_ids"]
+    pd.testing.assert_frame_equal(got.layers, ref.layers, rtol=1e-7)
+    # Fewer pairs than slots: the unfilled slots of the uninitialised host buffer read as zeros.
+    part = run_diff(tiny, pairs, batch_size=4, sample_size=64, max_batches=1, host_sample=True)
+    keys = part.tensors["sample/keys"]
+    assert (~torch.isfinite(keys)).any()
+    assert all(not part.tensors[k][~torch.isfinite(keys)].any() for k in sample)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer):
     """A random-weight 2-layer Llama saved as a local Hugging Face folder (loadable by `--model PATH`)."""
@@ -513,3 +533,19 @@ def test_interrupted_runs_leave_whole_files_and_resume(tiny_dir, tokenizer, tmp_
     res = DiffResult.load(run)
     assert res.n_pairs == 36 and res.meta["complete"]
     assert sorted(x["id"] for x in res.meta["rows"]) == sorted(f"r{i}" for i in range(36))
+
+
+def test_prepare_run_pairs_writes_nothing_without_a_valid_pair(tiny, tmp_path):
+    """The library path (not only the CLI) refuses a file of rejected pairs before writing into the run."""
+    from eclens.diff import prepare_run_pairs
+    from eclens.pipeline import RunConfig, run_pipeline
+
+    src = tmp_path / "bad.jsonl"
+    write_jsonl(src, [{"id": "a", "clean": "The cat sat.", "corrupt": "The cat sat."},
+                      {"id": "b", "clean": "A cat sat on a mat.", "corrupt": "The dog sat on the rug."}])
+    with pytest.raises(EclensError, match="none of the 2 pairs"):
+        prepare_run_pairs(tiny, src, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(EclensError, match="none of the 2 pairs"):
+        run_pipeline(tmp_path / "run2", tiny, RunConfig(pairs_file=str(src)), log=lambda m: None, progress=False)
+    assert not list((tmp_path / "run2").glob("*.jsonl"))

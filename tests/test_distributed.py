@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from pathlib import Path
@@ -58,10 +59,27 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     sets = [DimSet("hook_resid_post", 1, [1, 5, 9], 0, "stable"), DimSet("hook_mlp_out", 0, [2, 3], 1, "responsive")]
     dims = {m: dims_interventions(model, D.shard(pairs, ctx), sets, method=m, n_controls=20, seed=0, dist=ctx).table
             for m in ("patch", "mean")}
+    # ec cache: an interrupted distributed run (one shard per rank), then the rest.
+    from eclens.cache import write_cache
+
+    cache_run = os.path.join(out_dir, "cache_two")
+    part = write_cache(model, pairs, cache_run, hooks=CACHE_HOOKS, shard_size=2, batch_size=2, ctx=ctx, max_shards=1)
+    full = write_cache(model, pairs, cache_run, hooks=CACHE_HOOKS, shard_size=2, batch_size=2, ctx=ctx)
     if ctx.is_main:
         torch.save({"layers": merged.layers, "dims": merged.dims_for("all", 0), "n": merged.n_pairs,
-                    "patch": dims}, os.path.join(out_dir, "dist.pt"))
+                    "patch": dims, "cache_partial": (len(part), part.complete), "cache_full": (len(full), full.complete)},
+                   os.path.join(out_dir, "dist.pt"))
     D.shutdown(ctx)
+
+
+CACHE_HOOKS = ["blocks.0.hook_resid_pre", "blocks.1.hook_resid_post", "blocks.1.attn.hook_z"]
+
+
+def _cache_tensors(run) -> dict:
+    from eclens.cache import open_cache
+
+    store = open_cache(run)
+    return {(a.id, h, w): store.get(h, a.id, w) for a in store.pairs for h in CACHE_HOOKS for w in ("clean", "corrupt")}
 
 
 def test_two_gloo_processes_equal_one(tmp_path):
@@ -105,6 +123,44 @@ def test_two_gloo_processes_equal_one(tmp_path):
         for col in [c for c in one.columns if c.endswith("_p")]:
             assert np.allclose(two[col], one[col], equal_nan=True), f"{method}:{col}"
         assert list(two["n_pairs"]) == list(one["n_pairs"])
+
+    # ec cache: each rank wrote its own shards; rank 0 merged the index; the same activations as one process.
+    from eclens.cache import open_cache, write_cache
+
+    assert got["cache_partial"] == (4, False) and got["cache_full"] == (len(pairs), True)
+    two_dir = tmp_path / "cache_two" / "cache"
+    assert not list(two_dir.glob("index.rank*.json")) and not list(two_dir.glob("*.tmp"))
+    assert json.loads((two_dir / "index.json").read_text())["world_size"] == 2
+    write_cache(model, pairs, tmp_path / "cache_one", hooks=CACHE_HOOKS, shard_size=2, batch_size=2)
+    one_t, two_t = _cache_tensors(tmp_path / "cache_one"), _cache_tensors(tmp_path / "cache_two")
+    assert one_t.keys() == two_t.keys()
+    assert all(torch.allclose(one_t[k], two_t[k], rtol=1e-5, atol=1e-6) for k in one_t)
+    assert [p["id"] for p in open_cache(tmp_path / "cache_two").index["pairs"]] == \
+        [p["id"] for p in open_cache(tmp_path / "cache_one").index["pairs"]]
+
+
+def test_cache_folds_partial_indexes_left_by_a_killed_torchrun(tmp_path):
+    """A rank killed after writing a shard leaves it in index.rankR.json: readers see it, a resume keeps it."""
+    from eclens.cache import open_cache, write_cache
+    from eclens.model import tiny_model
+
+    torch.set_grad_enabled(False)
+    model = tiny_model(seed=0)
+    pairs = _pairs(model.tokenizer)
+    write_cache(model, pairs, tmp_path, hooks=CACHE_HOOKS, shard_size=2, batch_size=2, max_shards=2)
+    folder = tmp_path / "cache"
+    index = json.loads((folder / "index.json").read_text())
+    moved = index["shards"].pop()  # as if rank 1 had written it and been killed before the merge
+    (folder / "index.json").write_text(json.dumps(index))
+    (folder / "index.rank1.json").write_text(json.dumps({"format": 1, "rank": 1, "shards": [moved],
+                                                         "shapes": {}}))
+    assert len(open_cache(tmp_path)) == 4  # the reader merges, without writing
+    assert (folder / "index.rank1.json").exists()
+    stamp = (folder / moved["file"]).stat().st_mtime_ns
+    store = write_cache(model, pairs, tmp_path, hooks=CACHE_HOOKS, shard_size=2, batch_size=2)
+    assert store.complete and len(store) == len(pairs)
+    assert (folder / moved["file"]).stat().st_mtime_ns == stamp  # not written again
+    assert not (folder / "index.rank1.json").exists()
 
 
 def test_resample_refused_when_sharded():
@@ -196,3 +252,16 @@ def test_ec_patch_dims_under_torchrun_equals_one_process(tmp_path):
     two = pd.read_csv(tmp_path / "two" / "patch_dims.csv")
     _same_columns(one, two, [c for c in one.columns if c.endswith(("_effect", "_control_mean", "_z", "_p"))])
     assert list(one["n_pairs"]) == list(two["n_pairs"])
+
+
+def test_ec_cache_under_torchrun_equals_one_process(tmp_path):
+    """The CLI: `torchrun --nproc-per-node 2 ec cache` writes the activations `ec cache` writes, one index."""
+    folder, pairs_file = _tiny_folder_and_pairs(tmp_path)
+    _ec_one_and_two(tmp_path, ["cache", str(pairs_file), "--model", str(folder), "--hooks", ",".join(CACHE_HOOKS),
+                               "--shard-size", "2", "--batch-size", "2"])
+    one, two = _cache_tensors(tmp_path / "one"), _cache_tensors(tmp_path / "two")
+    assert one.keys() == two.keys() and len(one) > 0
+    assert all(torch.allclose(one[k], two[k], rtol=1e-5, atol=1e-6) for k in one)
+    assert not list((tmp_path / "two" / "cache").glob("index.rank*.json"))
+    man = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert man["world_size"] == 2 and man["steps"]["cache"]["world_size"] == 2

@@ -16,6 +16,9 @@ def test_gpu_check_smoke(tmp_path):
     res = json.loads(out.read_text())
     for section in ("forward", "diff", "diff_profile", "patch"):
         assert "error" not in res[section], (section, res[section])
-    assert res["diff"]["pairs"] == 8 and res["diff"]["diff_pairs_per_s"] > 0
+    d = res["diff"]
+    assert d["short"]["pairs"] == 8 and d["long"]["pairs"] == 16
+    assert d["long"]["diff_pairs_per_s"] > 0 and d["short"]["device_sample_diff_s"] > 0
+    assert d["diff_throughput_ratio"] == d["long"]["diff_throughput_ratio"] > 0
     assert res["patch"]["patched_runs"] > 0
     assert all(row["tokens_per_s"] > 0 for row in res["forward"].values())

@@ -106,13 +106,23 @@ def write_cache(
     batch_size: int = 16,
     progress: bool = False,
     max_shards: int | None = None,
+    ctx=None,
 ) -> ActivationStore:
     """Write (or resume writing) ``RUN/cache``; returns the lazily-read store.
 
     ``max_shards`` stops after writing that many shards (a later call resumes).
+    ``ctx`` (:class:`eclens.distributed.Dist`, under ``torchrun``): every rank passes all the
+    pairs; the unfinished shards are dealt round-robin over the ranks, each rank writes its
+    own shard files and records them in ``index.rank{R}.json`` (a partial index, rewritten
+    after every shard), and rank 0 merges the partial indexes into ``index.json`` at the end
+    and at the start of any later run, whatever its world size, so an interrupted
+    distributed run resumes like a single-process one.
     """
+    from . import distributed as D
     from .diff import _device, expand_hook_spec, pair_info, pair_metrics
     from .model import manifest_model_entry
+
+    ctx = ctx or D.Dist()
 
     if positions not in POSITIONS:
         raise EclensError(f"unknown --positions {positions!r}: use changed, after or all")
@@ -134,6 +144,9 @@ def write_cache(
               "pair_ids": [a.id for a in pairs]}
     index: dict[str, Any]
     ipath = folder / INDEX
+    if ctx.is_main and ipath.exists():
+        _fold_partials(folder, _read_index(ipath))  # shards an interrupted torchrun run left in partial indexes
+    D.barrier(ctx)  # the others read index.json only after rank 0 folded the partials into it
     if ipath.exists():
         index = _read_index(ipath)
         old = {k: index.get(k) for k in params}
@@ -148,6 +161,10 @@ def write_cache(
     else:
         index = {"format": 1, **params, "model": model_entry, "pairs": [a.to_dict() for a in pairs],
                  "shapes": {}, "shards": [], "complete": False, "batch_size": batch_size}
+        if ctx.active:
+            if ctx.is_main:  # written before any shard, so that an interrupted run resumes with its settings
+                write_json(ipath, index)
+            D.barrier(ctx)
     dev = _device(model)
     patterns = {n for n in names if split_hook(n)[1] in ("attn.hook_pattern", "attn.hook_attn_scores")}
     gat = _RowGatherer(names, patterns, sdt)
@@ -162,17 +179,22 @@ def write_cache(
             raise EclensError(f"{folder / s['file']}: unreadable cache shard ({why}); delete it and rerun the same "
                               "`ec cache` command to write it again")
     done = {s["index"] for s in index["shards"]}
+    D.barrier(ctx)  # every rank has read the same finished shards before any rank writes one
+    todo = [k for k in range(n_shards) if k not in done][ctx.rank::ctx.world_size]
+    # Under torchrun a rank records its shards in its own partial index: index.json has one writer.
+    mine: dict[str, Any] = {"format": 1, "rank": ctx.rank, "world_size": ctx.world_size, "shards": [],
+                            "shapes": {}}
+    ppath = folder / f"index.rank{ctx.rank}.json"
     from .diff import _progress
 
-    prog = _progress(progress and len(done) < n_shards)
+    prog = _progress(progress and len(todo) > 0)
     t0 = time.perf_counter()
     with prog as pr, torch.inference_mode(), model.hooks(fwd_hooks=gat.hooks()):
-        task = pr.add_task("cache", total=len(pairs), completed=min(len(pairs), len(done) * shard_size)) \
+        n_todo = sum(len(pairs[k * shard_size:(k + 1) * shard_size]) for k in todo)
+        task = pr.add_task("cache" if not ctx.active else f"cache (rank 0 of {ctx.world_size})", total=n_todo) \
             if pr is not None else None
         written = 0
-        for k in range(n_shards):
-            if k in done:
-                continue
+        for k in todo:
             if max_shards is not None and written >= max_shards:
                 break
             written += 1
@@ -215,20 +237,67 @@ def write_cache(
                     tensors[f"{n}/{which}"] = torch.cat(parts[n][which])
                 if n not in index["shapes"]:
                     t = tensors[f"{n}/clean"]
-                    index["shapes"][n] = list(t.shape[1:2]) if n in patterns else list(t.shape[1:])
+                    index["shapes"][n] = mine["shapes"][n] = list(t.shape[1:2]) if n in patterns \
+                        else list(t.shape[1:])
             fname = f"shard-{k:05d}.safetensors"
             save_tensors(tensors, folder / fname, metadata={"pairs": json.dumps(rows_meta)})
-            index["shards"].append({"index": k, "file": fname, "n_pairs": len(shard),
-                                    "first": k * shard_size})
+            entry = {"index": k, "file": fname, "n_pairs": len(shard), "first": k * shard_size}
+            if ctx.active:
+                mine["shards"].append(entry)
+                write_json(ppath, mine)
+                continue
+            index["shards"].append(entry)
             index["shards"].sort(key=lambda s: s["index"])
             index["complete"] = len(index["shards"]) == n_shards
             index["seconds"] = round(index.get("seconds", 0.0) + time.perf_counter() - t0, 3)
             t0 = time.perf_counter()
             write_json(ipath, index)
-    if not index["complete"]:
-        index["complete"] = len(index["shards"]) == n_shards
-        write_json(ipath, index)
+    D.barrier(ctx)  # every rank's shards and partial index are on disk
+    if ctx.is_main:
+        if ctx.active:
+            index["seconds"] = round(index.get("seconds", 0.0) + time.perf_counter() - t0, 3)
+            index["world_size"] = ctx.world_size
+        index = _fold_partials(folder, index)
+        if not index["complete"]:
+            index["complete"] = len(index["shards"]) == n_shards
+            write_json(ipath, index)
+    D.barrier(ctx)
     return open_cache(run)
+
+
+def _partials(folder: Path) -> list[Path]:
+    return sorted(folder.glob("index.rank*.json"))
+
+
+def _fold_partials(folder: Path, index: dict, write: bool = True) -> dict:
+    """Move the shards recorded in ``index.rank*.json`` (by ranks of a ``torchrun`` run) into ``index.json``;
+    one writer (rank 0 or a single process). Shards whose file is gone are dropped (written again).
+    ``write=False``: only the merged view, for a reader of a run still in progress or interrupted."""
+    parts = _partials(folder)
+    if not parts:
+        return index
+    index = {**index, "shards": list(index["shards"]), "shapes": dict(index["shapes"])}
+    have = {s["index"] for s in index["shards"]}
+    for p in parts:
+        try:
+            part = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            continue  # a partial index is rewritten atomically; one that does not read adds nothing
+        for s in part.get("shards", []):
+            if s["index"] not in have and (folder / s["file"]).is_file():
+                index["shards"].append(s)
+                have.add(s["index"])
+        for n, shape in (part.get("shapes") or {}).items():
+            index["shapes"].setdefault(n, shape)
+    index["shards"].sort(key=lambda s: s["index"])
+    n_shards = (len(index["pairs"]) + int(index["shard_size"]) - 1) // int(index["shard_size"])
+    index["complete"] = len(index["shards"]) == n_shards
+    if not write:
+        return index
+    write_json(folder / INDEX, index)
+    for p in parts:  # only after index.json holds their shards
+        p.unlink(missing_ok=True)
+    return index
 
 
 @dataclass
@@ -368,7 +437,7 @@ def open_cache(run: str | Path) -> ActivationStore:
     ipath = folder / INDEX
     if not ipath.exists():
         raise EclensError(f"{run}: no activation cache here (no {CACHE_DIR}/{INDEX}); run `ec cache` first")
-    return ActivationStore(folder, _read_index(ipath))
+    return ActivationStore(folder, _fold_partials(folder, _read_index(ipath), write=False))
 
 
 def _read_index(ipath: Path) -> dict:

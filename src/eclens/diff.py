@@ -490,7 +490,8 @@ class _GroupAcc:
     agree with a float64 brute force to ~1e-7 relative (see the tests).
     """
 
-    def __init__(self, g: HookGroup, C: int, n_off: int, S: int, device, sample_dtype=torch.float16):
+    def __init__(self, g: HookGroup, C: int, n_off: int, S: int, device, sample_dtype=torch.float16,
+                 host_sample: bool = False):
         L, D, O = len(g.layers), g.width, n_off  # noqa: E741
         self.g = g
         self.C, self.O, self.L, self.D = C, O, L, D
@@ -507,7 +508,15 @@ class _GroupAcc:
         self.scalars = PowerSums.zeros(C, (len(SCALARS), O, L), None, device)
         H = g.n_heads
         self.heads = PowerSums.zeros(C, (len(HEAD_SCALARS), O, L, H), None, device) if H else None
-        self.sample_delta = torch.zeros((S, O, L, D), dtype=sample_dtype, device=device)
+        # The pair sample is the largest part of the state (float16 [S, O, L, D]: 3.4 GB for Llama-3-8B's
+        # default hooks). On a GPU it lives in host memory, filled by asynchronous copies of each batch's
+        # sampled rows from pinned buffers: a device copy would cost its allocation plus one blocking
+        # device-to-host transfer of the whole sample at the end of every call. Unfilled slots are
+        # zeroed only when the state is read (DiffAccumulator.state_dict), not page by page up front.
+        self.host_sample = host_sample
+        self.sample_delta = (torch.empty((S, O, L, D), dtype=sample_dtype) if host_sample
+                             else torch.zeros((S, O, L, D), dtype=sample_dtype, device=device))
+        self._sample_queue: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
         self.sample_scalars = {k: torch.full((S, O, L), float("nan"), dtype=torch.float32, device=device)
                                for k in ("rel_l2", "cos")}
         self.shared_buffers: dict = {}
@@ -541,10 +550,11 @@ class _GroupAcc:
         self._shift_w.copy_(self.shift)
 
     def update(self, X: torch.Tensor, cat: torch.Tensor, W: torch.Tensor, Wo: torch.Tensor, m3: torch.Tensor,
-               new_shift: list[tuple[int, int]], slots: torch.Tensor | None, items: torch.Tensor | None) -> None:
+               new_shift: list[tuple[int, int]], slots: torch.Tensor | None, items: torch.Tensor | None,
+               slots_cpu: torch.Tensor | None = None) -> None:
         """``X`` ``[2B, O, L, *rest]``; ``W`` one-hot ``[C, B]`` (float64), ``Wo`` ``[O, C, B]`` = ``W`` x validity
         (work dtype), ``m3`` validity ``[B, O, 1]`` (float64); ``new_shift``: the (offset, category) cells
-        seen for the first time."""
+        seen for the first time; ``slots``/``items``: which batch items enter which sample slots."""
         B = X.shape[0] // 2
         O, L = self.O, self.L  # noqa: E741
         x = X.flatten(3) if X.ndim > 4 else X.reshape(2 * B, O, L, self.D)  # a view for the gatherer's layout
@@ -600,11 +610,42 @@ class _GroupAcc:
             mk = torch.stack([hv[k][1] for k in HEAD_SCALARS], 1) * m3[:, None, :, :, None]
             self.heads.update(torch.where(mk > 0, v, torch.zeros_like(v)), cat, mk, onehot=W)
         if slots is not None:
-            self.sample_delta.index_copy_(0, slots, d.index_select(0, items).to(self.sample_delta.dtype))
+            rows = d.index_select(0, items).to(self.sample_delta.dtype)
+            if self.host_sample:
+                self._queue_sample(rows, slots_cpu if slots_cpu is not None else slots.cpu())
+            else:
+                self.sample_delta.index_copy_(0, slots, rows)
             for k in ("rel_l2", "cos"):
                 v, ok = vals[k]
                 v = torch.where(ok > 0, v, torch.full_like(v, float("nan")))
                 self.sample_scalars[k].index_copy_(0, slots, v.index_select(0, items).float())
+
+    # Copies in flight before the Python thread waits for the oldest (pinned buffers of a batch's sampled rows).
+    max_sample_queue = 4
+
+    def _queue_sample(self, rows: torch.Tensor, slots_cpu: torch.Tensor) -> None:
+        if rows.device.type == "cuda":
+            host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+            host.copy_(rows, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(rows.device))
+        else:  # host_sample on a CPU model (tests): the same queue, nothing to wait for
+            host, done = rows, None
+        self._sample_queue.append((done, host, slots_cpu))
+        self.drain_sample(wait=False)
+
+    def drain_sample(self, wait: bool = True) -> None:
+        """Write arrived rows into the host sample, oldest first (a later batch may overwrite a slot).
+        ``wait=False`` stops at the first copy still in flight, unless too many are queued."""
+        q = self._sample_queue
+        while q:
+            done, host, slots = q[0]
+            if done is not None and not done.query():
+                if not wait and len(q) <= self.max_sample_queue:
+                    return
+                done.synchronize()
+            self.sample_delta.index_copy_(0, slots, host)
+            q.pop(0)
 
     @staticmethod
     def _scalars(dd, cc, xx):
@@ -617,6 +658,7 @@ class _GroupAcc:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Call :meth:`flush` first."""
+        self.drain_sample()
         s = self.g.suffix
         out = {f"{s}/feat": self.feat, f"{s}/shift": self.shift, f"{s}/shift_set": self.shift_set}
         out.update(self.scalars.state_dict(f"{s}/scalars/"))
@@ -638,6 +680,7 @@ class _GroupAcc:
         self.scalars = PowerSums.from_state_dict(d, f"{s}/scalars/", dev)
         if self.heads is not None:
             self.heads = PowerSums.from_state_dict(d, f"{s}/head_scalars/", dev)
+        self._sample_queue = []
         self.sample_delta = d[f"{s}/sample_delta"].to(dev).clone()
         for k in self.sample_scalars:
             self.sample_scalars[k] = d[f"{s}/sample_{k}"].to(dev).clone()
@@ -660,7 +703,7 @@ class DiffAccumulator:
     """The whole streaming state: one :class:`_GroupAcc` per hook group, counts, the pair sample, pair rows."""
 
     def __init__(self, cfg: DiffConfig, groups: list[HookGroup], device, sample_dtype=torch.float16,
-                 n_pairs: int | None = None):
+                 n_pairs: int | None = None, host_sample: bool | None = None):
         self.cfg = cfg
         self.groups = groups
         self.device = torch.device(device)
@@ -670,7 +713,10 @@ class DiffAccumulator:
         # anyway, and a full-size buffer would cost memory, checkpoint and transfer time for nothing.
         S = min(cfg.sample_size, n_pairs) if n_pairs else cfg.sample_size
         self.cat_index = {c: i for i, c in enumerate(cfg.categories)}
-        self.acc = {g.suffix: _GroupAcc(g, self.C, self.O, S, self.device, sample_dtype) for g in groups}
+        # The pair sample in host memory on a GPU (see _GroupAcc); host_sample=True forces it (tests).
+        self.host_sample = self.device.type == "cuda" if host_sample is None else bool(host_sample)
+        self.acc = {g.suffix: _GroupAcc(g, self.C, self.O, S, self.device, sample_dtype, self.host_sample)
+                    for g in groups}
         shared: dict = {}
         for a in self.acc.values():
             a.shared_buffers = shared
@@ -733,9 +779,10 @@ class DiffAccumulator:
         m3 = vf[:, :, None]
         keys = [item_key(self.cfg.seed, a.id) for a in pairs]
         slots_l, items_l = self.sample.offer(keys)
-        slots = items = None
+        slots = items = slots_cpu = None
         if slots_l:
-            slots = torch.tensor(slots_l, dtype=torch.long, device=self.device)
+            slots_cpu = torch.tensor(slots_l, dtype=torch.long)
+            slots = slots_cpu.to(self.device, non_blocking=True)
             items = torch.tensor(items_l, dtype=torch.long, device=self.device)
             self.sample_valid.index_copy_(0, slots, ix_valid.index_select(0, items))
             self.sample_cat.index_copy_(0, slots, cat.index_select(0, items))
@@ -749,7 +796,7 @@ class DiffAccumulator:
             a = self.acc[g.suffix]
             if a.wd not in Wo_w:
                 Wo_w[a.wd] = Wo64.to(a.wd)
-            a.update(X, cat, W, Wo_w[a.wd], m3, new_shift, slots, items)
+            a.update(X, cat, W, Wo_w[a.wd], m3, new_shift, slots, items, slots_cpu)
         in_sample = set(items_l)
         if isinstance(rows, dict):
             self._pending.append((list(pairs), rows, in_sample))
@@ -770,8 +817,11 @@ class DiffAccumulator:
         self.flush()
         out = {"count": self.count, "sample/keys": self.sample.keys, "sample/valid": self.sample_valid,
                "sample/category": self.sample_cat}
+        empty = ~torch.isfinite(self.sample.keys)
         for a in self.acc.values():
             out.update(a.state_dict())
+            if a.host_sample and bool(empty.any()):  # host samples start uninitialised
+                a.sample_delta[empty] = 0
         return out
 
     def meta(self, complete: bool) -> dict:
@@ -1516,10 +1566,11 @@ def run_diff(
     names = select_hooks(model, expand_hook_spec(hooks))
     groups = hook_groups(model, names)
     by, cats = resolve_categories(aligned_pairs, categories)
-    unknown = set(rule) - {f for f in DiffConfig.__dataclass_fields__} - {"sample_dtype"}
+    unknown = set(rule) - {f for f in DiffConfig.__dataclass_fields__} - {"sample_dtype", "host_sample"}
     if unknown:
         raise TypeError(f"run_diff() got unexpected keyword(s): {', '.join(sorted(unknown))}")
     sample_dtype = rule.pop("sample_dtype", torch.float16)
+    host_sample = rule.pop("host_sample", None)
     cfg = DiffConfig(hooks=names, max_offset=max_offset, include_last=include_last, categories=cats, by_category=by,
                      sample_size=sample_size, seed=seed, **rule)
     if max_offset < 0:
@@ -1527,7 +1578,7 @@ def run_diff(
     device = _device(model)
     from .model import manifest_model_entry
 
-    acc = DiffAccumulator(cfg, groups, device, sample_dtype, n_pairs=len(aligned_pairs))
+    acc = DiffAccumulator(cfg, groups, device, sample_dtype, n_pairs=len(aligned_pairs), host_sample=host_sample)
     acc.model_entry = manifest_model_entry(model)
     if run is not None and (Path(run) / STATS_FILE).exists():
         _resume(acc, Path(run), cfg, set(ids))
@@ -1665,7 +1716,7 @@ def prepare_run_pairs(model, source: str | Path, run: str | Path, fmt: str | Non
     its ``dataset`` entry. Returns ``(aligned_pairs, check_result_or_None)``.
     """
     from .pairs import check_with_model, load_aligned, load_pairs, write_jsonl
-    from .runs import file_sha256, update_manifest, write_table
+    from .runs import file_sha256
 
     source, run = Path(source), Path(run)
     if source.is_dir():
@@ -1677,14 +1728,24 @@ def prepare_run_pairs(model, source: str | Path, run: str | Path, fmt: str | Non
         if source.resolve() != run.resolve():
             write_jsonl(run / "pairs.jsonl", aligned)
         return aligned, None
-    pairs = load_pairs(source, fmt=fmt)
-    res = check_with_model(pairs, model)
+    res = check_with_model(load_pairs(source, fmt=fmt), model)
+    save_check(run, res, source, {"path": str(source), "sha256": file_sha256(source)})
+    return res.valid, res
+
+
+def save_check(run: str | Path, res, source, dataset: dict, **manifest) -> None:
+    """Write a pairs check into ``run`` (``pairs.jsonl``, ``rejected.jsonl``, ``check.csv``, the manifest's
+    ``dataset``); with no valid pair, the one-line error instead and nothing written."""
+    from .pairs import write_jsonl
+    from .runs import update_manifest, write_table
+
+    if not res.valid:
+        raise res.none_valid_error(source)
+    run = Path(run)
     write_jsonl(run / "pairs.jsonl", res.valid)
     write_jsonl(run / "rejected.jsonl", res.rejected)
     write_table(res.by_category(), run / "check.csv")
-    update_manifest(run, dataset={"path": str(source), "sha256": file_sha256(source), "n_pairs": res.n_total,
-                                  "n_valid": len(res.valid)})
-    return res.valid, res
+    update_manifest(run, dataset={**dataset, "n_pairs": res.n_total, "n_valid": len(res.valid)}, **manifest)
 
 
 def stream_batches(pairs: Sequence[AlignedPair], batch_size: int, model) -> Iterable:
@@ -1693,4 +1754,5 @@ def stream_batches(pairs: Sequence[AlignedPair], batch_size: int, model) -> Iter
 
 
 __all__ = ["DiffConfig", "DiffResult", "DiffAccumulator", "HookGroup", "run_diff", "merge_results", "hook_groups",
-           "pair_metrics", "pair_metric_tensors", "metric_rows", "aligned_index", "load_stats", "save_stats", "prepare_run_pairs", "DEFAULT_HOOKS"]
+           "pair_metrics", "pair_metric_tensors", "metric_rows", "aligned_index", "load_stats", "save_stats",
+           "prepare_run_pairs", "save_check", "DEFAULT_HOOKS"]

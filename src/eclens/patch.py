@@ -1034,8 +1034,9 @@ def attribution_summary(df: pd.DataFrame, k: int | None = None) -> dict:
     if len(v) < 3:
         out.update(spearman=None, spearman_median_pair=None, topk_overlap=None)
         return out
-    rho = spearmanr(v["attribution"], v["exact"]).statistic
-    out["spearman"] = float(rho)
+    # A constant column (e.g. every verified effect 0) has no rank correlation: None, not scipy's warning and NaN.
+    varies = v["exact"].nunique() > 1 and v["attribution"].nunique() > 1
+    out["spearman"] = float(spearmanr(v["attribution"], v["exact"]).statistic) if varies else None
     per, overlaps = [], []
     for _, g in v.groupby(["pair_id", "direction"]):
         if len(g) >= 3 and g["exact"].nunique() > 1 and g["attribution"].nunique() > 1:

@@ -188,8 +188,9 @@ def run_pipeline(run: str | Path, model, config: RunConfig | None = None, *,
 
 
 def _step_pairs(run: Path, model, cfg: RunConfig, _pairs, *, progress: bool, log) -> tuple:
-    from .pairs import check_with_model, load_pairs, write_jsonl
-    from .runs import file_sha256, update_manifest, write_table
+    from .diff import save_check
+    from .pairs import check_with_model, load_pairs
+    from .runs import file_sha256
 
     if cfg.pairs_file:
         src = Path(cfg.pairs_file)
@@ -204,14 +205,7 @@ def _step_pairs(run: Path, model, cfg: RunConfig, _pairs, *, progress: bool, log
         dataset = {"path": f"templates(n_per_category={cfg.n_per_category}, seed={cfg.seed})",
                    "sha256": hashlib.sha256(blob.encode()).hexdigest()}
     res = check_with_model(raw, model)
-    write_jsonl(run / "pairs.jsonl", res.valid)
-    write_jsonl(run / "rejected.jsonl", res.rejected)
-    write_table(res.by_category(), run / "check.csv")
-    dataset.update(n_pairs=res.n_total, n_valid=len(res.valid))
-    update_manifest(run, dataset=dataset, seed=cfg.seed)
-    if not res.valid:
-        raise EclensError(f"{dataset['path']}: none of the {res.n_total} pairs is valid under the model's tokenizer; "
-                          f"see {run / 'rejected.jsonl'} or `ec pairs check`")
+    save_check(run, res, dataset["path"], dataset, seed=cfg.seed)
     cats = len({a.category for a in res.valid})
     head = f"{len(res.valid)} valid pairs in {cats} categories, {len(res.rejected)} rejected"
     return "done", ["pairs.jsonl", "rejected.jsonl", "check.csv"], head, res.valid

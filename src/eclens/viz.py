@@ -340,7 +340,8 @@ def attribution_scatter(attr: pd.DataFrame, *, attribution: str | None = None, e
         return _empty(title, "no component has both an attribution and an exact score")
     from scipy.stats import spearmanr
 
-    rho = float(spearmanr(df[a], df[e]).statistic) if len(df) > 2 else float("nan")
+    varies = len(df) > 2 and df[a].nunique() > 1 and df[e].nunique() > 1
+    rho = float(spearmanr(df[a], df[e]).statistic) if varies else float("nan")
     fig = go.Figure()
     groups = df.groupby(df[color].astype(str)) if color in df.columns else [("components", df)]
     for name, d in groups:

@@ -66,6 +66,26 @@ def _report_rejections(res) -> None:
     print_check(res, show=3)
 
 
+def _aligned_on_every_rank(m, pairs: Path, run: Path, fmt, ctx) -> list:
+    """Rank 0 aligns the pairs and writes pairs.jsonl (and the rejections); the other ranks read that file."""
+    from .. import distributed as D
+    from ..diff import prepare_run_pairs
+
+    if ctx.is_main:
+        aligned, check = prepare_run_pairs(m, pairs, run, fmt)
+        _report_rejections(check)
+    D.barrier(ctx)
+    if not ctx.is_main:
+        from ..pairs import load_aligned
+
+        aligned = load_aligned(run / "pairs.jsonl")
+    if not aligned:
+        from ..errors import EclensError
+
+        raise EclensError(f"{pairs}: no valid pairs under this model's tokenizer (see {run / 'rejected.jsonl'})")
+    return aligned
+
+
 @app.command("diff")
 def diff(
     pairs: Path = typer.Argument(None, help="a pairs file (.jsonl/.csv/.json) or a run folder holding pairs.jsonl"),
@@ -128,20 +148,9 @@ def diff(
         m = load(model, device, dtype, device_map, load_in_8bit, load_in_4bit)
         model_entry = _check_model(run, m)
         _require_valid(raw, pairs, m)
-        from ..diff import prepare_run_pairs, resolve_categories, run_diff
+        from ..diff import resolve_categories, run_diff
 
-        if ctx.is_main:  # rank 0 aligns and writes pairs.jsonl; the others read it
-            aligned, check = prepare_run_pairs(m, pairs, run, fmt)
-            _report_rejections(check)
-        D.barrier(ctx)
-        if not ctx.is_main:
-            from ..pairs import load_aligned
-
-            aligned = load_aligned(run / "pairs.jsonl")
-        if not aligned:
-            from ..errors import EclensError
-
-            raise EclensError(f"{pairs}: no valid pairs under this model's tokenizer (see {run / 'rejected.jsonl'})")
+        aligned = _aligned_on_every_rank(m, pairs, run, fmt, ctx)
         if ctx.is_main:
             update_manifest(run, model=model_entry, world_size=ctx.world_size)
         categories = by_category
@@ -223,7 +232,6 @@ def cache(
 ) -> None:
     """Write the raw activations of both sentences as safetensors shards (resumable); read with eclens.open_cache."""
     from ..cache import write_cache
-    from ..diff import prepare_run_pairs
     from ..runs import update_manifest
 
     if not pairs.exists():
@@ -231,24 +239,33 @@ def cache(
 
         raise EclensError(f"{pairs}: no such file or folder")
     raw = preflight_pairs(pairs, fmt)  # a bad file fails now, not after the model loads
+    from .. import distributed as D
+
+    ctx = D.init(device)  # under torchrun: ranks write shards in turn, rank 0 merges the index
+    device = D.local_device(device, ctx)
     run = _run_folder(pairs, out_dir)
     m = load(model, device, dtype, device_map, load_in_8bit, load_in_4bit)
     entry = _check_model(run, m)
     _require_valid(raw, pairs, m)
-    aligned, check = prepare_run_pairs(m, pairs, run, fmt)
-    _report_rejections(check)
-    update_manifest(run, model=entry)
+    aligned = _aligned_on_every_rank(m, pairs, run, fmt, ctx)
+    if ctx.is_main:
+        update_manifest(run, model=entry, world_size=ctx.world_size)
     t0 = time.perf_counter()
     try:
         store = write_cache(m, aligned, run, hooks=hooks, positions=positions, store_dtype=store_dtype or dtype,
-                            shard_size=shard_size, batch_size=batch_size, progress=True)
+                            shard_size=shard_size, batch_size=batch_size, progress=ctx.is_main, ctx=ctx)
     except KeyboardInterrupt:
         console.print(f"interrupted: finished shards are kept in {run / 'cache'}; rerun the same command to resume")
         raise typer.Exit(130) from None
+    finally:
+        D.shutdown(ctx)
+    if not ctx.is_main:
+        return
     size = sum(f.stat().st_size for f in store.folder.glob("shard-*.safetensors"))
     update_manifest(run, steps={"cache": {"hooks": store.hooks, "positions": positions, "store_dtype": store.dtype,
                                           "shard_size": shard_size, "batch_size": batch_size, "n_pairs": len(store),
-                                          "bytes": size, "seconds": round(time.perf_counter() - t0, 3),
+                                          "world_size": ctx.world_size, "bytes": size,
+                                          "seconds": round(time.perf_counter() - t0, 3),
                                           "outputs": ["cache/index.json", "cache/shard-*.safetensors"]}})
     out.print(f"cached {len(store)} pairs, {len(store.hooks)} hook points, positions={positions}, "
               f"{store.dtype}: {size / 2**20:.1f} MiB in {store.folder}")
