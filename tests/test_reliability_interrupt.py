@@ -77,7 +77,10 @@ def pairs_file(tmp_path_factory, tok) -> Path:
 def signal_when(cmd: list[str], ready: Callable[[], bool], sig: int, cwd: Path | None = None,
                 timeout: float = 180) -> tuple[int, str, bool]:
     """Run ``cmd``; once ``ready()`` holds, send ``sig``. Returns (exit code, stderr, still running when signalled)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell that starts pytest in the background (`cmd &`) leaves SIGINT ignored, and an ignored signal stays
+    # ignored across exec: Python then installs no KeyboardInterrupt handler. The child gets the default back.
+    proc = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
         try:
