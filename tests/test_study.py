@@ -172,3 +172,32 @@ def test_missing_blimp_folder_is_one_line_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "nope" in err and "--blimp" in err
     assert not out.exists()
+
+
+def test_the_script_runs_unchanged_on_another_model(tmp_path, blimp_dir):
+    """`--model PATH` (here a random-weight 2-layer Llama saved as a Hugging Face folder, standing in for
+    Meta-Llama-3-8B) takes the same path: its own tokenizer's pairs, its own sizes, a write-up that names it
+    and makes no claim its numbers do not support."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from eclens.model import _embedded_hf_dir
+
+    tok = AutoTokenizer.from_pretrained(_embedded_hf_dir())
+    folder = tmp_path / "other-llama"
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                 tie_word_embeddings=True, architectures=["LlamaForCausalLM"])).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    out = tmp_path / "study"
+    proc = subprocess.run([sys.executable, str(STUDY / "run_study.py"), "--smoke", "--blimp", str(blimp_dir),
+                           "--model", str(folder), "--out", str(out), "--no-png", "--quiet"],
+                          capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((out / "results" / "study.json").read_text(encoding="utf-8"))
+    assert doc["model"]["n_layers"] == 2 and doc["model"]["d_model"] == 64
+    text = (out / "README.md").read_text(encoding="utf-8")
+    assert text.startswith(f"# Does `{folder}` have") and "SmolLM2" not in text and "135M" not in text
+    n_stable = doc["findings"]["candidates"]["templates"]["stable"]
+    assert ("**Stable dimensions: none (null).**" in text) == (n_stable == 0)

@@ -88,6 +88,14 @@ def table(df: pd.DataFrame, cols: dict[str, str] | None = None, formats: dict[st
     return "\n".join(lines) + "\n"
 
 
+def model_names(s: dict) -> tuple[str, str]:
+    """(short, full) name of the studied model for the prose: the embedded model by its family name."""
+    name = (s.get("model") or {}).get("name") or "the model"
+    if name == "smollm2-135m":
+        return "SmolLM2", "SmolLM2-135M-Instruct"
+    return f"`{name}`", f"`{name}`"
+
+
 def claim(ok: bool, text: str, what: str) -> str:
     """Interpretive prose that holds only while its premise does."""
     if ok:
@@ -146,7 +154,9 @@ Every size is a flag (`--n-per-category`, `--blimp-pairs`, `--blimp-accuracy-n`,
 `--max-sets`, `--dims-pairs`, `--attribution-pairs`, `--verify-top`, `--hooks`, ...; `--help` lists them);
 `--readme-only` regenerates this file from `results/`. Seeds are fixed (`--seed`, default 0).
 The Llama-3-8B command has not been run here (no weights or hub access on this machine); it uses the same code
-path with another model name, and the template pairs are regenerated under that model's tokenizer.
+path with another model name, and the template pairs are regenerated under that model's tokenizer. The test suite
+runs the smoke version unchanged on another model too (a random-weight Llama saved as a local folder, `--model PATH`;
+`tests/test_study.py`).
 
 **This run** ({mode}): {fmt(t['total_seconds'])} s wall time in all ({fmt(t['total_seconds'] / 60, 2)} minutes)
 on a {s.get('cpu_count')}-core CPU{load}, {s.get('torch_threads')} torch threads,
@@ -617,11 +627,16 @@ paradigms in the row — is the like-for-like column.
 
 def section_limits(s: dict) -> str:
     m = s["model"]
+    if m.get("name") == "smollm2-135m":
+        one = (f"- **One small model.** `{m.get('name')}` has 135M parameters and ships as a 4-bit (Q4_1) GGUF that "
+               "eclens\n  dequantizes to float32: the weights are a quantized approximation of the released model, and "
+               "nothing here says\n  what a larger model (e.g. Llama-3-8B) does — run the command above for that.")
+    else:
+        one = (f"- **One model.** `{m.get('name')}` ({m.get('n_layers')} layers, d_model {m.get('d_model')}, "
+               f"{m.get('dtype')} on {m.get('device')}): nothing here says what another model does.")
     return f"""## Limits
 
-- **One small model.** `{m.get('name')}` has 135M parameters and ships as a 4-bit (Q4_1) GGUF that eclens
-  dequantizes to float32: the weights are a quantized approximation of the released model, and nothing here says
-  what a larger model (e.g. Llama-3-8B) does — run the command above for that.
+{one}
 - **English only**, and narrow English: template sentences from a few hundred frames, and the BLiMP pairs that happen
   to be single-token changes under this tokenizer (lexical and morphological paradigms, not word-order ones).
 - **Single-token changes only**: a change of one token at one position, aligned position by position; phenomena
@@ -691,25 +706,47 @@ def headline(s: dict) -> str:
     cand = (f.get("candidates") or {}).get("templates") or {}
     dec = (f.get("decay") or {}).get("templates") or {}
     lay = (((f.get("layers") or {}).get("templates") or {}).get(MAIN) or {})
+    # Every verdict in bold follows from the numbers next to it, for whatever model the script ran.
+    n_st, n_rs = cand.get("stable") or 0, cand.get("responsive") or 0
+    if not n_st:
+        stable = ("- **Stable dimensions: none (null).** No (hook, layer, position, dimension) cell passes the stable "
+                  "rule over all template pairs (section 1).")
+    else:
+        trivial = br.get("total") and (br["barely_reached"] + (br.get("whole_stable_heads") or 0)) > br["total"] / 2
+        stable = (f"- **Stable dimensions exist{', but mostly trivially' if trivial else ''}.** {fmt(n_st)} (hook, "
+                  "layer, position, dimension) cells pass the stable rule over all template pairs"
+                  + (f"; {pct(br['barely_reached'] / br['total'])} of them sit where the change has not yet arrived "
+                     f"and {fmt(br.get('whole_stable_heads'))} in attention heads that only read the first token; "
+                     f"{fmt(br.get('elsewhere'))} remain" if br.get("total") else "") + " (section 1).")
+    cc = _csv(Path(s["_root"]) / "results" / "candidate_counts.csv")
+    cats = list(((f.get("datasets") or {}).get("templates") or {}).get("categories") or {})
+    own = sorted(set(cc[(cc["dataset"] == "templates") & (cc["category"] != "all") & (cc["kind"] == "responsive")
+                        & (cc["n_dims"] > 0)]["category"])) if not cc.empty else []
+    if n_rs:
+        responsive = (f"- **Responsive dimensions exist:** {fmt(n_rs)} cells pass the responsive rule over all template "
+                      "pairs (section 1).")
+    else:
+        responsive = ("- **No dimension responds consistently to every kind of change**: none passes the responsive "
+                      "rule over all pairs; " + (f"{len(own)} of {len(cats)} categories have their own"
+                                                 if own else "nor within any single category (null)")
+                      + " (section 1).")
+    first, last = _first_last(s, "1")
+    k0, k3 = dec.get("kl_mean_at_p"), dec.get("kl_mean_at_p+3")
+    kl_verb = "falls" if k0 is not None and k3 is not None and k3 < k0 else "goes"
+    grows = "grows" if first is not None and last is not None and last > first else "falls"
     lines = [
-        f"- **Stable dimensions exist and recur, but mostly trivially.** {fmt(cand.get('stable'))} (hook, layer, "
-        f"position, dimension) cells pass the stable rule over all template pairs; "
-        + (f"{pct(br['barely_reached'] / br['total'])} of them sit where the change has not yet arrived and "
-           f"{fmt(br.get('whole_stable_heads'))} in attention heads that only read the first token; "
-           f"{fmt(br.get('elsewhere'))} remain" if br.get("total") else "")
-        + " (section 1).",
-        f"- **No dimension responds consistently to every kind of change**: {fmt(cand.get('responsive'))} pass the "
-        "responsive rule over all pairs; each category has its own (section 1).",
+        stable,
+        responsive,
         (f"- **Causal tests: null.** None of {fmt(c.get('n_tests'))} set-versus-random tests survives "
          f"Benjamini–Hochberg (q < {ALPHA})" if c.get("n_tests") and not c.get("n_beats") else
          f"- **Causal tests:** {fmt(c.get('n_beats'))} of {fmt(c.get('n_tests'))} set-versus-random tests survive "
          f"Benjamini–Hochberg (q < {ALPHA}); {fmt(c.get('n_beats_matched'))} of {fmt(c.get('n_matched_tests'))} "
          "stable-set tests also beat σ-matched random sets") + " (section 4).",
         f"- **Grammar vs meaning** (size of the change, BH q ≤ {ALPHA}): {gm} (section 3).",
-        f"- **Decay:** along the sentence the next-token KL falls from {fmt(dec.get('kl_mean_at_p'))} nats at the "
+        f"- **Decay:** along the sentence the next-token KL {kl_verb} from {fmt(dec.get('kl_mean_at_p'))} nats at the "
         f"changed token to {fmt(dec.get('kl_mean_at_p+3'))} three tokens later and {fmt(dec.get('kl_mean_at_last'))} "
-        "at the last token; through the layers the residual change at `p+1` grows from "
-        f"{fmt(_first_last(s, '1')[0])} to {fmt(_first_last(s, '1')[1])} (‖Δ‖/‖a‖, first to last layer) "
+        f"at the last token; through the layers the residual change at `p+1` {grows} from "
+        f"{fmt(first)} to {fmt(last)} (‖Δ‖/‖a‖, first to last layer) "
         "(section 6)." if lay else "",
         f"- **BLiMP:** {fmt(b.get('accuracy'))} (95 % CI {fmt(b.get('ci_low'))}–{fmt(b.get('ci_high'))}) on "
         f"{fmt(b.get('n'))} pairs, versus GPT-2's published {fmt(b.get('gpt2_published_overall'))} (section 7).",
@@ -771,7 +808,7 @@ def discussion(s: dict, root: Path) -> str:
         f"**The stable sets that matter are the layer's biggest dimensions.** Ablating {len(beats_both)} of the "
         f"{len(st)} stable sets moves the predictions far more than random sets do, even σ-matched ones — but their "
         "dimensions have several times the spread and size of the layer's median dimension, and even the matched "
-        "sets fall short of their σ (there are few dimensions that large). So these tests show that SmolLM2 relies "
+        f"sets fall short of their σ (there are few dimensions that large). So these tests show that {model_names(s)[0]} relies "
         "on a few large, high-variance dimensions that the one-token change leaves alone; they do not show that "
         "stability itself marks an error-correcting feature. The stable sets whose dimensions are of ordinary "
         "size are null."), "the stable sets' ablation results"))
@@ -828,12 +865,12 @@ def render(root: Path) -> str:
     smoke = ("\n> **This is a smoke run** (a handful of pairs, few controls): its numbers test the plumbing, not the "
              "science.\n" if cfg.get("smoke") else "")
     parts = [
-        "# Does SmolLM2 have consistent error-correction dimensions?\n",
+        f"# Does {model_names(s)[0]} have consistent error-correction dimensions?\n",
         "<!-- Generated by write_readme.py from results/ — edit that script, not this file. -->\n" + smoke,
         "When one token of a sentence changes — a grammar error, a typo, a different word — which layers and which "
         "dimensions of a language model's activations change *consistently little* (candidates for robust, "
         "error-correcting features) and which change *consistently much* (error detectors), and does intervening on "
-        "them change what the model does? This study asks it of SmolLM2-135M-Instruct with eclens.\n",
+        f"them change what the model does? This study asks it of {model_names(s)[1]} with eclens.\n",
         "## Findings at a glance\n\n" + headline(s) + "\n",
         discussion(s, root),
         section_setup(s, root),
