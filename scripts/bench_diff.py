@@ -267,7 +267,7 @@ def memory_child(n: int) -> tuple[int, float, int]:
     """Peak memory of one streaming run of ``n`` pairs, measured in a child process with this one's options."""
     import subprocess
 
-    argv = [a for a in sys.argv[1:]]
+    argv = list(sys.argv[1:])
     if "--json" in argv:  # the child reports on stdout only
         i = argv.index("--json")
         del argv[i:i + 2]

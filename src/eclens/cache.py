@@ -142,13 +142,14 @@ def write_cache(
     model_entry = manifest_model_entry(model)
     params = {"hooks": names, "positions": positions, "store_dtype": _dtype_name(sdt), "shard_size": shard_size,
               "pair_ids": [a.id for a in pairs]}
-    index: dict[str, Any]
+    index: dict[str, Any] | None = None
     ipath = folder / INDEX
     if ctx.is_main and ipath.exists():
-        _fold_partials(folder, _read_index(ipath))  # shards an interrupted torchrun run left in partial indexes
+        index = _fold_partials(folder, _read_index(ipath))  # shards an interrupted torchrun run left in partials
     D.barrier(ctx)  # the others read index.json only after rank 0 folded the partials into it
-    if ipath.exists():
+    if index is None and ipath.exists():
         index = _read_index(ipath)
+    if index is not None:
         old = {k: index.get(k) for k in params}
         if old != params:
             diff = [k for k in params if old[k] != params[k]]

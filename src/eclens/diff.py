@@ -400,35 +400,29 @@ def pair_metric_tensors(logits: Float[torch.Tensor, "two_b seq vocab"], tokens: 
     # a few pairs at a time on the CPU: the [k, T, V] log-probs stay in cache and their memory is reused,
     # where one [2B, T, V] tensor (190 MB for 32 SmolLM2 pairs) ran half as fast. One block on a GPU.
     k = B if dev.type != "cpu" else max(1, (8 << 20) // max(1, T * logits.shape[-1] * 4))
-    sent, tok_lp, kls = [], [], []
+    out: dict[str, list[torch.Tensor]] = {name: [] for name in ("clean_logprob", "corrupt_logprob", "kl",
+                                                                "clean_token_logprob", "corrupt_token_logprob")}
     for s in range(0, B, k):
         e = min(B, s + k)
-        rows = torch.arange(e - s)
-        ri = torch.repeat_interleave(rows, cnt[s:e])
         c = cnt[s:e]
+        ri = torch.repeat_interleave(torch.arange(e - s), c)
         ti = torch.arange(int(c.sum())) - torch.repeat_interleave(c.cumsum(0) - c, c) + p_cpu[s:e][ri]
+        ri, ti = ri.to(dev, non_blocking=True), ti.to(dev, non_blocking=True)
         mask = tmask[s:e].to(dev, non_blocking=True)
-        prev = (p_cpu[s:e] - 1).clamp_min(0).to(dev, non_blocking=True)
-        ri, ti, rows = (x.to(dev, non_blocking=True) for x in (ri, ti, rows))
         lp = {}
-        for side, off in (("clean", 0), ("corrupt", B)):
-            x = torch.log_softmax(logits[off + s:off + e].float(), dim=-1)  # [k, T, V]
-            t = tok[off + s:off + e]
-            sent.append((side, s, (x[:, :-1].gather(-1, t[:, 1:, None]).squeeze(-1) * mask).sum(-1)))
-            lp[side] = x
+        for side, o in (("clean", 0), ("corrupt", B)):
+            lp[side] = torch.log_softmax(logits[o + s:o + e].float(), dim=-1)  # [k, T, V]
+            tl = lp[side][:, :-1].gather(-1, tok[o + s:o + e, 1:, None]).squeeze(-1)
+            out[f"{side}_logprob"].append((tl * mask).sum(-1))
         # log p of the clean and of the corrupt token at p under the clean run's prediction at p-1
         pos = p_cpu[s:e].to(dev, non_blocking=True)
-        lc_prev = lp["clean"][rows, prev]  # [k, V]
-        tok_lp.append((lc_prev.gather(-1, tok[s:e][rows, pos][:, None]).squeeze(-1),
-                       lc_prev.gather(-1, tok[B + s:B + e][rows, pos][:, None]).squeeze(-1)))
+        before = lp["clean"][torch.arange(e - s, device=dev), (pos - 1).clamp_min(0)]  # [k, V]
+        for side, o in (("clean", 0), ("corrupt", B)):
+            out[f"{side}_token_logprob"].append(before.gather(-1, tok[o + s:o + e].gather(1, pos[:, None])))
         lc, lx = lp["clean"][ri, ti], lp["corrupt"][ri, ti]
-        kls.append((lc.exp() * (lc - lx)).sum(-1))
-        del lp, lc, lx, lc_prev
-    clean = torch.cat([v for side, _, v in sent if side == "clean"])
-    corrupt = torch.cat([v for side, _, v in sent if side == "corrupt"])
-    return {"clean_logprob": clean, "corrupt_logprob": corrupt,
-            "clean_token_logprob": torch.cat([a for a, _ in tok_lp]),
-            "corrupt_token_logprob": torch.cat([b for _, b in tok_lp]), "kl": torch.cat(kls)}
+        out["kl"].append((lc.exp() * (lc - lx)).sum(-1))
+        del lp, lc, lx, before
+    return {key: torch.cat(v).reshape(-1) for key, v in out.items()}
 
 
 def metric_rows(batches: Sequence[tuple[Sequence[AlignedPair], dict[str, torch.Tensor]]],
