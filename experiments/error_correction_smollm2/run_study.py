@@ -60,6 +60,8 @@ import pandas as pd  # noqa: E402
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from write_readme import read_table  # noqa: E402
+
 from eclens.errors import EclensError  # noqa: E402
 from eclens.runs import atomic_write, write_json, write_table  # noqa: E402
 
@@ -231,11 +233,9 @@ def diff_step(run: Path, model, rc, pairs, *, progress: bool, log) -> tuple:
                    progress=progress, **rule)
     files = res.save(run)
     s = res.summary
-    update_manifest(run, steps={"diff": {
-        "hooks": res.config.hooks, "offsets": res.offsets, "categories": res.categories,
-        "by_category": res.config.by_category, "sample_size": res.config.sample_size, "seed": res.config.seed,
-        "rule": s["rule"], "contrast_offsets": CONTRAST_OFFSETS, "batch_size": rc.batch_size, "from_cache": None,
-        "n_pairs": res.n_pairs, "timing": res.timing, "seconds": res.timing.get("seconds"), "outputs": files}})
+    update_manifest(run, steps={"diff": res.manifest_step(files, batch_size=rc.batch_size,
+                                                          seconds=res.timing.get("seconds"),
+                                                          contrast_offsets=CONTRAST_OFFSETS)})
     nc = s.get("n_candidates") or {}
     head = f"{nc.get('stable', 0)} stable and {nc.get('responsive', 0)} responsive candidates (all pairs)"
     return "done", files, head, None
@@ -260,8 +260,8 @@ def choose_study_sets(run: Path, top_k: int, max_sets: int) -> list[tuple[Any, s
     """
     from eclens.patch import NOT_PATCHABLE, DimSet
 
-    cand = _read_csv(run / "candidates.csv")
-    lay = _read_csv(run / "layers.csv")
+    cand = read_table(run / "candidates.csv")
+    lay = read_table(run / "layers.csv")
     if cand.empty:
         return []
     cand = cand[~cand["hook"].isin(NOT_PATCHABLE)]
@@ -399,7 +399,7 @@ def matched_step(run: Path, model, rc, pairs, *, progress: bool, log, n_matched:
     from eclens import patch as P
     from eclens.pipeline import spread_pairs
 
-    t = _read_csv(run / "patch_dims.csv")
+    t = read_table(run / "patch_dims.csv")
     if t.empty or n_matched < 1:
         return pd.DataFrame()
     from eclens.patch import DimSet
@@ -646,15 +646,6 @@ def step_blimp_accuracy(study: Study, model) -> None:
 # ----------------------------------------------------------------------------- analysis
 
 
-def _read_csv(path: Path) -> pd.DataFrame:
-    if not path.exists() or path.stat().st_size <= 1:
-        return pd.DataFrame()
-    try:
-        return pd.read_csv(path)
-    except pd.errors.EmptyDataError:
-        return pd.DataFrame()
-
-
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
@@ -679,7 +670,7 @@ def analyse_layers(runs: dict[str, Path]) -> tuple[pd.DataFrame, pd.DataFrame, d
     """Per-layer profiles (category all at every offset; every category at p) and their headline numbers."""
     alls, cats, find = [], [], {}
     for name, run in runs.items():
-        lay = _read_csv(run / "layers.csv")
+        lay = read_table(run / "layers.csv")
         if lay.empty:
             continue
         cols = [c for c in LAYER_COLS if c in lay.columns]
@@ -725,7 +716,7 @@ def analyse_candidates(runs: dict[str, Path]) -> tuple[pd.DataFrame, pd.DataFram
     cands: dict[str, pd.DataFrame] = {}
     find: dict = {}
     for name, run in runs.items():
-        c = _read_csv(run / "candidates.csv")
+        c = read_table(run / "candidates.csv")
         cands[name] = c
         if c.empty:
             find[name] = {"stable": 0, "responsive": 0}
@@ -969,7 +960,7 @@ def analyse_causal(run: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """The candidate sets against their random controls, with BH over every test shown (sets x metrics)."""
     from eclens.stats import bh_qvalues
 
-    t, c = _read_csv(run / "patch_dims.csv"), _read_csv(run / "patch_dims_controls.csv")
+    t, c = read_table(run / "patch_dims.csv"), read_table(run / "patch_dims_controls.csv")
     if t.empty:
         return pd.DataFrame(), pd.DataFrame(), {"n_sets": 0, "n_tests": 0, "n_beats": 0}
     rows = []
@@ -1027,7 +1018,7 @@ def analyse_causal(run: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
                 df.loc[i, "sigma_ratio"] = mine["sigma_clean"].median() / med
             df.loc[i, "size_ratio"] = mine["rms_ratio"].median()  # rms |a| over the cell's median dim's
     # The stricter control for stable sets: σ-matched random sets (matched_step), BH over those tests.
-    mt = _read_csv(run / "patch_dims_matched.csv")
+    mt = read_table(run / "patch_dims_matched.csv")
     df["matched_sigma_ratio"] = np.nan
     if not mt.empty and "matched_sigma_ratio" in mt:
         df["matched_sigma_ratio"] = df["set"].map(mt.drop_duplicates("set").set_index("set")["matched_sigma_ratio"]
@@ -1065,7 +1056,7 @@ def analyse_causal(run: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
 def analyse_attribution(run: Path) -> tuple[pd.DataFrame, dict]:
     from eclens.patch import attribution_summary
 
-    att = _read_csv(run / "patch_attribution.csv")
+    att = read_table(run / "patch_attribution.csv")
     if att.empty:
         return pd.DataFrame(), {}
     ps = _read_json(run / "patch_summary.json").get("attribution", {})
@@ -1092,7 +1083,7 @@ def analyse_decay(runs: dict[str, Path], max_k: int = 8) -> tuple[pd.DataFrame, 
     patching restoration per layer at p versus later positions."""
     rows, find = [], {}
     for name, run in runs.items():
-        pr = _read_csv(run / "pairs.csv")
+        pr = read_table(run / "pairs.csv")
         if pr.empty or "kl" not in pr:
             continue
         kls = [json.loads(s) for s in pr["kl"]]
@@ -1120,7 +1111,7 @@ def analyse_decay(runs: dict[str, Path], max_k: int = 8) -> tuple[pd.DataFrame, 
                     f[f"n_at_{'last' if k == -1 else f'p+{k}'}"] = int(dk["n"].iloc[0])
             find[name] = f
     kl = pd.DataFrame(rows)
-    ex = _read_csv(runs["templates"] / "patch_exact.csv") if "templates" in runs else pd.DataFrame()
+    ex = read_table(runs["templates"] / "patch_exact.csv") if "templates" in runs else pd.DataFrame()
     exact = pd.DataFrame()
     if not ex.empty:
         ex = ex[(ex["position_kind"] != "before") & (ex["head"] == -1)].copy()
@@ -1160,7 +1151,7 @@ def analyse(study: Study, model_entry: dict, model=None) -> dict:
     # datasets
     ds = []
     for name, run in runs.items():
-        c = _read_csv(run / "check.csv")
+        c = read_table(run / "check.csv")
         if not c.empty:
             c.insert(0, "dataset", name)
             ds.append(c)
@@ -1169,7 +1160,7 @@ def analyse(study: Study, model_entry: dict, model=None) -> dict:
     find["datasets"] = {name: {"n_valid": int(g["valid"].sum()), "n_total": int(g["total"].sum()),
                                "categories": {r["category"]: int(r["valid"]) for r in g.to_dict("records")}}
                         for name, g in datasets.groupby("dataset")} if not datasets.empty else {}
-    y = _read_csv(R / "blimp_yield.csv")
+    y = read_table(R / "blimp_yield.csv")
     if not y.empty:
         find["blimp_yield"] = {"paradigms_read": int(len(y)), "paradigms_with_single_token_pairs": int((y["valid"] > 0)
                                                                                                      .sum()),
@@ -1213,10 +1204,10 @@ def analyse(study: Study, model_entry: dict, model=None) -> dict:
     write_table(kl, R / "decay_kl.csv")
     write_table(exact, R / "decay_exact_patching.csv")
     find["decay"] = f
-    acc = _read_csv(R / "blimp_accuracy_terms.csv")
+    acc = read_table(R / "blimp_accuracy_terms.csv")
     if not acc.empty:
         o = acc[acc["linguistics_term"] == "overall"].iloc[0]
-        per = _read_csv(R / "blimp_accuracy.csv")
+        per = read_table(R / "blimp_accuracy.csv")
         diff = (per["accuracy"] - per["gpt2"]).dropna()
         find["blimp_accuracy"] = {
             "n_per_paradigm": study.cfg.blimp_accuracy_n, "paradigms": int(o["paradigms"]), "n": int(o["n"]),
@@ -1242,7 +1233,7 @@ def build_figures(study: Study) -> dict[str, Any]:
 
     R, T = study.results, study.templates_run
     figs: dict[str, Any] = {}
-    lay = _read_csv(T / "layers.csv")
+    lay = read_table(T / "layers.csv")
     if not lay.empty:
         figs["decay_layers_offsets"] = viz.layer_offset_heatmap(
             lay, hook=MAIN_HOOK, title="Relative L2 change ‖Δ‖/‖a‖ of resid_post by layer and position (templates)")
@@ -1274,7 +1265,7 @@ def build_figures(study: Study) -> dict[str, Any]:
         figs["dims_heatmap"] = viz.layer_dim_heatmap(
             dims, hook=MAIN_HOOK, massive=rd.massive_dims(dims), max_dims=576,
             title="Median |Δ|/σ per dimension of resid_post at p (templates; massive dims in red)")
-    mass = _read_csv(R / "massive_dims.csv")
+    mass = read_table(R / "massive_dims.csv")
     if not mass.empty and rd is not None:
         import pyarrow.parquet as pq
 
@@ -1310,7 +1301,7 @@ def build_figures(study: Study) -> dict[str, Any]:
             figs["massive_dims"] = viz._layout(
                 fig, "Massive dimensions of resid_post (templates): size and normalised change, per position",
                 height=330 * len(dims_m) + 80, width=1000)
-    cbl = _read_csv(R / "contrasts_by_layer.csv")
+    cbl = read_table(R / "contrasts_by_layer.csv")
     if not cbl.empty:
         cbl = cbl[cbl["measure"] == "abs"]
         contrasts = list(dict.fromkeys(cbl["contrast"]))
@@ -1331,8 +1322,8 @@ def build_figures(study: Study) -> dict[str, Any]:
         figs["contrasts_by_layer"] = viz._layout(
             fig, "Category contrasts of |Δ|/σ: share of dimensions with BH q ≤ 0.05, per layer",
             height=260 * len(contrasts) + 120, width=1000)
-    causal = _read_csv(R / "causal_sets.csv")
-    ctrl = _read_csv(T / "patch_dims_controls.csv")
+    causal = read_table(R / "causal_sets.csv")
+    ctrl = read_table(T / "patch_dims_controls.csv")
     if not causal.empty and not ctrl.empty:
         shown = [m for m in METRICS_SHOWN if causal[f"{m}_p"].notna().any()]
         fig = make_subplots(rows=1, cols=len(shown), subplot_titles=[
@@ -1357,10 +1348,10 @@ def build_figures(study: Study) -> dict[str, Any]:
         figs["causal_sets"] = viz._layout(
             fig, "Candidate sets (diamonds; red = beats random sets at BH q < 0.05) vs random sets (grey)",
             height=560, width=560 * len(shown) + 100)
-    att = _read_csv(T / "patch_attribution.csv")
+    att = read_table(T / "patch_attribution.csv")
     if not att.empty and att["verified"].any():
         figs["attribution_vs_exact"] = viz.attribution_scatter(att, title="Attribution patching vs exact patching")
-    kl = _read_csv(R / "decay_kl.csv")
+    kl = read_table(R / "decay_kl.csv")
     if not kl.empty:
         fig = go.Figure()
         for (ds, grp), g in kl.groupby(["dataset", "group"]):
@@ -1375,7 +1366,7 @@ def build_figures(study: Study) -> dict[str, Any]:
         fig.update_yaxes(title="mean KL(clean ‖ corrupt), nats", type="log")
         figs["decay_kl"] = viz._layout(fig, "How far the one-token change moves the predictions downstream",
                                        height=420)
-    ex = _read_csv(R / "decay_exact_patching.csv")
+    ex = read_table(R / "decay_exact_patching.csv")
     if not ex.empty:
         fig = go.Figure()
         order = {"p": 0, "p+1": 1, "p+2 .. last-1": 2, "last": 3}
@@ -1389,7 +1380,7 @@ def build_figures(study: Study) -> dict[str, Any]:
         figs["decay_exact"] = viz._layout(
             fig, f"Exact patching clean→corrupt of one position of resid_pre ({n} pairs): where the effect sits",
             height=420)
-    ex_full = _read_csv(T / "patch_exact.csv")
+    ex_full = read_table(T / "patch_exact.csv")
     if not ex_full.empty and rd is not None:
         pid = str(ex_full["pair_id"].iloc[0])
         pair = rd.pairs_by_id.get(pid)
@@ -1397,7 +1388,7 @@ def build_figures(study: Study) -> dict[str, Any]:
             ex_full, pair_id=pid, direction="denoise", hook="hook_resid_pre", metric="logit_diff_restored",
             tokens=rd.pair_tokens(pid), changed=int(pair["position"]) if pair else None,
             title=f"Exact patching map, one pair ({pair['category'] if pair else pid}): resid_pre, clean→corrupt")
-    acc = _read_csv(R / "blimp_accuracy.csv")
+    acc = read_table(R / "blimp_accuracy.csv")
     if not acc.empty:
         fig = go.Figure()
         for term, g in acc.groupby("linguistics_term"):

@@ -104,7 +104,8 @@ def claim(ok: bool, text: str, what: str) -> str:
             "the numbers; the tables above are authoritative.)_")
 
 
-def _csv(path: Path) -> pd.DataFrame:
+def read_table(path: Path) -> pd.DataFrame:
+    """A results CSV, or an empty frame when the file is missing or empty (a step that found nothing)."""
     if not path.exists() or path.stat().st_size <= 1:
         return pd.DataFrame()
     try:
@@ -171,7 +172,7 @@ def section_setup(s: dict, root: Path) -> str:
     f = s["findings"]
     cfg = s["config"]
     m = s["model"]
-    ds = _csv(root / "results" / "datasets.csv")
+    ds = read_table(root / "results" / "datasets.csv")
     tpl = ds[ds["dataset"] == "templates"] if not ds.empty else ds
     bl = ds[ds["dataset"] == "blimp"] if not ds.empty else ds
     y = f.get("blimp_yield") or {}
@@ -211,7 +212,7 @@ BLiMP pairs per phenomenon (diff):
 def section_layers(s: dict, root: Path) -> str:
     f = s["findings"]
     R = root / "results"
-    counts = _csv(R / "candidate_counts.csv")
+    counts = read_table(R / "candidate_counts.csv")
     lay = (f.get("layers") or {}).get("templates") or {}
     rows = []
     for hook, offs in lay.items():
@@ -225,12 +226,12 @@ def section_layers(s: dict, root: Path) -> str:
                          "most responsive at": (f"L{e['most_responsive_layer']} ({e['most_responsive_count']})"
                                                 if "most_responsive_layer" in e else "–")})
     tab = pd.DataFrame(rows)
-    cons = _csv(R / "candidate_consistency.csv")
+    cons = read_table(R / "candidate_consistency.csv")
     cand = f.get("candidates") or {}
     tc = cand.get("templates") or {}
     bc = cand.get("blimp") or {}
     cross = cand.get("across_datasets") or {}
-    tops = _csv(R / "candidates_top.csv")
+    tops = read_table(R / "candidates_top.csv")
     resp = tops[(tops["dataset"] == "templates") & (tops["kind"] == "responsive")] if not tops.empty else tops
     resp = resp.sort_values("absz_median", ascending=False).head(12) if not resp.empty else resp
     stab = tops[(tops["dataset"] == "templates") & (tops["kind"] == "stable") & (tops["offset"] == 0)] \
@@ -282,7 +283,7 @@ shared), responsive Jaccard {fmt((cross.get('responsive') or {}).get('jaccard'))
 
 
 def section_directions(s: dict, root: Path) -> str:
-    lc = _csv(root / "results" / "layers_by_category.csv")
+    lc = read_table(root / "results" / "layers_by_category.csv")
     if lc.empty or "loo_cos_median" not in lc:
         return ""
     d = lc[(lc["hook"] == "hook_resid_post")]
@@ -309,7 +310,7 @@ def section_directions(s: dict, root: Path) -> str:
 
 
 def section_massive(s: dict, root: Path) -> str:
-    m = _csv(root / "results" / "massive_dims.csv")
+    m = read_table(root / "results" / "massive_dims.csv")
     if m.empty:
         return "## 2. Massive dimensions\n\nNo dimension passed the massive-activation criterion.\n"
     resid = m[~m["hook"].isin(["mlp.hook_post", "attn.hook_z"])]
@@ -356,7 +357,7 @@ MLP neurons and attention-head dimensions that pass the same criterion (counts; 
 
 def section_contrasts(s: dict, root: Path) -> str:
     R = root / "results"
-    top = _csv(R / "contrasts_top.csv")
+    top = read_table(R / "contrasts_top.csv")
     con = (s["findings"].get("contrasts") or {}).get("rows") or []
     t = pd.DataFrame(con)
     if t.empty:
@@ -406,7 +407,7 @@ Most significant dimensions per contrast, measure and position (`results/contras
 
 
 def section_causal(s: dict, root: Path) -> str:
-    c = _csv(root / "results" / "causal_sets.csv")
+    c = read_table(root / "results" / "causal_sets.csv")
     f = s["findings"].get("causal") or {}
     if c.empty:
         return ("## 4. Do the candidates matter? Candidate sets versus random sets\n\n"
@@ -509,7 +510,7 @@ What the stable sets are, and the σ-matched test:
 
 
 def section_attribution(s: dict, root: Path) -> str:
-    a = _csv(root / "results" / "attribution_vs_exact.csv")
+    a = read_table(root / "results" / "attribution_vs_exact.csv")
     f = s["findings"].get("attribution") or {}
     if a.empty:
         return "## 5. Attribution patching versus exact patching\n\nNot run.\n"
@@ -532,7 +533,7 @@ overlap {fmt(al.get('topk_overlap'))} (`results/attribution_vs_exact.csv`):
 
 def section_decay(s: dict, root: Path) -> str:
     R = root / "results"
-    kl = _csv(R / "decay_kl.csv")
+    kl = read_table(R / "decay_kl.csv")
     f = s["findings"].get("decay") or {}
     lay = ((s["findings"].get("layers") or {}).get("templates") or {}).get("hook_resid_post") or {}
     rows = []
@@ -594,7 +595,7 @@ spread.)
 
 def section_blimp(s: dict, root: Path) -> str:
     R = root / "results"
-    terms = _csv(R / "blimp_accuracy_terms.csv")
+    terms = read_table(R / "blimp_accuracy_terms.csv")
     f = s["findings"].get("blimp_accuracy") or {}
     if terms.empty:
         return "## 7. BLiMP check\n\nNot run.\n"
@@ -718,7 +719,7 @@ def headline(s: dict) -> str:
                   + (f"; {pct(br['barely_reached'] / br['total'])} of them sit where the change has not yet arrived "
                      f"and {fmt(br.get('whole_stable_heads'))} in attention heads that only read the first token; "
                      f"{fmt(br.get('elsewhere'))} remain" if br.get("total") else "") + " (section 1).")
-    cc = _csv(Path(s["_root"]) / "results" / "candidate_counts.csv")
+    cc = read_table(Path(s["_root"]) / "results" / "candidate_counts.csv")
     cats = list(((f.get("datasets") or {}).get("templates") or {}).get("categories") or {})
     own = sorted(set(cc[(cc["dataset"] == "templates") & (cc["category"] != "all") & (cc["kind"] == "responsive")
                         & (cc["n_dims"] > 0)]["category"])) if not cc.empty else []
@@ -759,7 +760,7 @@ MAIN = "hook_resid_post"
 
 def _first_last(s: dict, off: str) -> tuple:
     """``resid_post`` relative L2 change at an offset: (first layer, last layer), from ``layers_all.csv``."""
-    la = _csv(Path(s["_root"]) / "results" / "layers_all.csv")
+    la = read_table(Path(s["_root"]) / "results" / "layers_all.csv")
     if la.empty:
         return None, None
     d = la[(la["dataset"] == "templates") & (la["hook"] == MAIN) & (la["offset"] == int(off))].sort_values("layer")
@@ -773,7 +774,7 @@ def discussion(s: dict, root: Path) -> str:
     f = s["findings"]
     if s["config"].get("smoke"):
         return ""
-    c = _csv(root / "results" / "causal_sets.csv")
+    c = read_table(root / "results" / "causal_sets.csv")
     br = f.get("stable_breakdown") or {}
     con = (f.get("contrasts") or {}).get("rows") or []
     gm_last = _row(con, contrast="grammar vs meaning", measure="abs", position="last")
@@ -783,7 +784,7 @@ def discussion(s: dict, root: Path) -> str:
     at_p = _first_last(s, "0")
     paras = []
     # 1. the answer on stability
-    cons = _csv(root / "results" / "candidate_consistency.csv")
+    cons = read_table(root / "results" / "candidate_consistency.csv")
     ct = cons[cons["dataset"] == "templates"] if not cons.empty else cons
     cx = cons[cons["dataset"].astype(str).str.contains("&")] if not cons.empty else cons
     recur = (len(ct) > 0 and (ct["frac_in_half_of_categories"] > 0.5).all() and len(cx) > 0

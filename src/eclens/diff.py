@@ -1353,6 +1353,15 @@ class DiffResult:
         return s
 
     # ---- files
+    def manifest_step(self, files: list[str], *, batch_size: int | None, seconds: float | None,
+                      from_cache: str | None = None, **extra: Any) -> dict:
+        """The manifest's ``steps.diff`` entry, the same from ``ec diff``, ``ec run`` and the study."""
+        return {"hooks": self.config.hooks, "offsets": self.offsets, "categories": self.categories,
+                "by_category": self.config.by_category, "sample_size": self.config.sample_size,
+                "seed": self.config.seed, "rule": self.summary["rule"], **extra, "batch_size": batch_size,
+                "from_cache": from_cache, "n_pairs": self.n_pairs, "timing": self.timing, "seconds": seconds,
+                "outputs": files}
+
     def save(self, run: str | Path, *, stats: bool = True) -> list[str]:
         """Write every output of the diff step into ``run`` (atomically); returns the file names."""
         from .runs import save_tensors, write_json, write_table

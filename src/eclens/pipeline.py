@@ -220,12 +220,8 @@ def _step_diff(run: Path, model, cfg: RunConfig, pairs, *, progress: bool, log) 
                    progress=progress, **rule)
     files = res.save(run)
     s = res.summary
-    # The same manifest entry as `ec diff` (eclens.commands.diff).
-    update_manifest(run, steps={"diff": {
-        "hooks": res.config.hooks, "offsets": res.offsets, "categories": res.categories,
-        "by_category": res.config.by_category, "sample_size": res.config.sample_size, "seed": res.config.seed,
-        "rule": s["rule"], "batch_size": cfg.batch_size, "from_cache": None, "n_pairs": res.n_pairs,
-        "timing": res.timing, "seconds": res.timing.get("seconds"), "outputs": files}})
+    update_manifest(run, steps={"diff": res.manifest_step(files, batch_size=cfg.batch_size,
+                                                          seconds=res.timing.get("seconds"))})
     nc = s.get("n_candidates") or {}
     con = s.get("contrasts") or {}
     nsig = sum((con.get("n_significant") or {}).values())

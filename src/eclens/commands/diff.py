@@ -175,12 +175,9 @@ def diff(
             return
         D.shutdown(ctx)
     files = res.save(run)
-    update_manifest(run, model=model_entry, steps={"diff": {
-        "hooks": res.config.hooks, "offsets": res.offsets, "categories": res.categories,
-        "by_category": res.config.by_category, "sample_size": res.config.sample_size, "seed": res.config.seed,
-        "rule": res.summary["rule"], "batch_size": batch_size if from_cache is None else res.timing.get("batch_size"),
-        "from_cache": str(from_cache) if from_cache else None, "n_pairs": res.n_pairs, "timing": res.timing,
-        "seconds": round(time.perf_counter() - t0, 3), "outputs": files}})
+    update_manifest(run, model=model_entry, steps={"diff": res.manifest_step(
+        files, batch_size=batch_size if from_cache is None else res.timing.get("batch_size"),
+        seconds=round(time.perf_counter() - t0, 3), from_cache=str(from_cache) if from_cache else None)})
     print_summary(res, run)
 
 
