@@ -123,16 +123,9 @@ def test_changed_only_cache_gives_offset_zero(tiny, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from eclens.model import save_tiny_model
 
-    d = tmp_path_factory.mktemp("tiny-llama-cache")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      rope_theta=100000.0, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama-cache"), vocab_from=tokenizer, max_positions=256)
 
 
 def test_cli_cache_then_diff_from_cache(tiny_dir, tmp_path, capsys):

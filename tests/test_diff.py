@@ -409,16 +409,9 @@ def test_host_sample_equals_device_sample(tiny, tmp_path):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tokenizer):
     """A random-weight 2-layer Llama saved as a local Hugging Face folder (loadable by `--model PATH`)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from eclens.model import save_tiny_model
 
-    d = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      rope_theta=100000.0, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tokenizer.save_pretrained(d)
-    return d
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), vocab_from=tokenizer, max_positions=256)
 
 
 def _write_raw(path: Path, tokenizer, n=24):

@@ -177,19 +177,10 @@ def test_resample_refused_when_sharded():
 
 
 def _tiny_folder_and_pairs(tmp_path):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from eclens.model import _embedded_hf_dir
+    from eclens.model import save_tiny_model
     from eclens.pairs import write_jsonl
 
-    tok = AutoTokenizer.from_pretrained(_embedded_hf_dir())
-    folder = tmp_path / "tiny-llama"
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      tie_word_embeddings=True, architectures=["LlamaForCausalLM"])
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = save_tiny_model(tmp_path / "tiny-llama", max_positions=256)
     pairs_file = tmp_path / "pairs.jsonl"
     write_jsonl(pairs_file, [MinimalPair(f"p{i}", a, b, ("grammar/x" if i % 2 else "meaning/y"))
                              for i, (a, b) in enumerate(SENTENCES)])

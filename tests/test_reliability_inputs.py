@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import torch
 
 from eclens.cli import main
 
@@ -164,16 +163,9 @@ def tok():
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tok):
     """A random-weight 2-layer Llama with SmolLM2's tokenizer and a 64-token context, as a local folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from eclens.model import save_tiny_model
 
-    d = tmp_path_factory.mktemp("tiny-llama-ctx64")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=N_CTX,
-                      rope_theta=100000.0, tie_word_embeddings=True)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama-ctx64"), vocab_from=tok, max_positions=N_CTX)
 
 
 @pytest.fixture(scope="module")

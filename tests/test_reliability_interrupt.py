@@ -42,15 +42,9 @@ def tok():
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory, tok):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from eclens.model import save_tiny_model
 
-    d = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                 tie_word_embeddings=True)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), vocab_from=tok, max_positions=128)
 
 
 @pytest.fixture(scope="module")

@@ -140,19 +140,9 @@ def test_invalid_base_url(url, env_key, tmp_path, capsys):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A random-weight 2-layer Llama with SmolLM2's tokenizer, as a local model folder."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from eclens.model import save_tiny_model
 
-    from eclens.model import load_tokenizer
-
-    tok = load_tokenizer("smollm2-135m")
-    d = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                 tie_word_embeddings=True)).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama"), max_positions=64)
 
 
 def test_model_steps_with_the_key_set_write_no_key(env_key, tiny_dir, tmp_path, capsys):

@@ -178,18 +178,9 @@ def test_the_script_runs_unchanged_on_another_model(tmp_path, blimp_dir):
     """`--model PATH` (here a random-weight 2-layer Llama saved as a Hugging Face folder, standing in for
     Meta-Llama-3-8B) takes the same path: its own tokenizer's pairs, its own sizes, a write-up that names it
     and makes no claim its numbers do not support."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from eclens.model import save_tiny_model
 
-    from eclens.model import _embedded_hf_dir
-
-    tok = AutoTokenizer.from_pretrained(_embedded_hf_dir())
-    folder = tmp_path / "other-llama"
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                                 tie_word_embeddings=True, architectures=["LlamaForCausalLM"])).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = save_tiny_model(tmp_path / "other-llama", max_positions=256)
     out = tmp_path / "study"
     proc = subprocess.run([sys.executable, str(STUDY / "run_study.py"), "--smoke", "--blimp", str(blimp_dir),
                            "--model", str(folder), "--out", str(out), "--no-png", "--quiet"],

@@ -401,14 +401,10 @@ def manifest_model_entry(model) -> dict:
     }
 
 
-def tiny_model(n_layers: int = 2, d_model: int = 64, n_heads: int = 4, n_kv_heads: int = 2, d_mlp: int = 128,
-               vocab_from=None, seed: int = 0, compat: bool = True, device: str = "cpu",
-               dtype: torch.dtype = torch.float32):
-    """A random-weight Llama-architecture bridge built from a config (no download).
-
-    Uses the embedded model's tokenizer (``vocab_from``: a tokenizer; default the
-    embedded one) so pairs align the same way. For fast unit tests of shapes and plumbing.
-    """
+def tiny_hf_model(n_layers: int = 2, d_model: int = 64, n_heads: int = 4, n_kv_heads: int = 2, d_mlp: int = 128,
+                  vocab_from=None, seed: int = 0, max_positions: int = 512):
+    """``(LlamaForCausalLM, tokenizer)``: random weights from a config (no download), with the embedded
+    model's tokenizer (``vocab_from``: another tokenizer) so that pairs align the same way."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = vocab_from
@@ -421,10 +417,31 @@ def tiny_model(n_layers: int = 2, d_model: int = 64, n_heads: int = 4, n_kv_head
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
-        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=512,
+        num_attention_heads=n_heads, num_key_value_heads=n_kv_heads, max_position_embeddings=max_positions,
         rope_theta=100000.0, tie_word_embeddings=True,
     )
-    hf = LlamaForCausalLM(cfg).to(device=device, dtype=dtype).eval()
+    return LlamaForCausalLM(cfg).eval(), tok
+
+
+def save_tiny_model(folder: str | os.PathLike, **kw) -> Path:
+    """:func:`tiny_hf_model` saved as a local Hugging Face folder (weights and tokenizer), loadable as
+    ``--model FOLDER``; ``kw`` as for :func:`tiny_hf_model`."""
+    hf, tok = tiny_hf_model(**kw)
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return Path(folder)
+
+
+def tiny_model(n_layers: int = 2, d_model: int = 64, n_heads: int = 4, n_kv_heads: int = 2, d_mlp: int = 128,
+               vocab_from=None, seed: int = 0, compat: bool = True, device: str = "cpu",
+               dtype: torch.dtype = torch.float32):
+    """A random-weight Llama-architecture bridge built from a config (no download).
+
+    Uses the embedded model's tokenizer (``vocab_from``: a tokenizer; default the
+    embedded one) so pairs align the same way. For fast unit tests of shapes and plumbing.
+    """
+    hf, tok = tiny_hf_model(n_layers, d_model, n_heads, n_kv_heads, d_mlp, vocab_from, seed)
+    hf = hf.to(device=device, dtype=dtype)
     bridge = _boot(EMBEDDED_HF_NAME, hf_model=hf, tokenizer=tok, device=device, dtype=dtype)
     bridge.eval()
     if compat:
