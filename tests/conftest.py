@@ -13,6 +13,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 BLIMP_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "blimp"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require(ok: bool, reason: str) -> None:
+    """Skip when a prerequisite is missing, except under ``CI=true``: there setup installs
+    every prerequisite, so a missing one is a broken setup and must fail, not skip."""
+    if ok:
+        return
+    if IN_CI:
+        pytest.fail(f"CI=true and a prerequisite is missing: {reason}", pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
@@ -37,6 +48,5 @@ def tiny():
 
 @pytest.fixture(scope="session")
 def blimp_dir():
-    if not BLIMP_DIR.is_dir():
-        pytest.skip(f"BLiMP data not found at {BLIMP_DIR}")
+    require(BLIMP_DIR.is_dir(), f"BLiMP data not found at {BLIMP_DIR}")
     return BLIMP_DIR
