@@ -220,25 +220,19 @@ def _run_config(cfg: StudyConfig, pairs_file: str | None = None):
 CONTRAST_OFFSETS = [0, -1]  # the changed token, and the last token (the whole sentence read)
 
 
-def diff_step(run: Path, model, rc, pairs, *, progress: bool, log) -> tuple:
-    """``ec diff`` as ``ec run`` does it (:func:`eclens.pipeline._step_diff`), plus category contrasts at the
-    last token as well as at ``p``: at ``p`` the contrast also reflects *which kind of token* changed."""
-    from eclens.diff import run_diff
-    from eclens.runs import update_manifest
+def diff_config(rc):
+    """``ec run``'s diff settings, plus category contrasts at the last token as well as at ``p``: at ``p``
+    the contrast also reflects *which kind of token* changed."""
+    from eclens.diff import DiffConfig
 
-    rule: dict[str, Any] = {"contrast_offsets": CONTRAST_OFFSETS}
-    if rc.min_pairs is not None:
-        rule["min_pairs"] = rc.min_pairs
-    res = run_diff(model, pairs, hooks=rc.hooks, batch_size=rc.batch_size, seed=rc.seed, run=run,
-                   progress=progress, **rule)
-    files = res.save(run)
-    s = res.summary
-    update_manifest(run, steps={"diff": res.manifest_step(files, batch_size=rc.batch_size,
-                                                          seconds=res.timing.get("seconds"),
-                                                          contrast_offsets=CONTRAST_OFFSETS)})
-    nc = s.get("n_candidates") or {}
-    head = f"{nc.get('stable', 0)} stable and {nc.get('responsive', 0)} responsive candidates (all pairs)"
-    return "done", files, head, None
+    rule = {"min_pairs": rc.min_pairs} if rc.min_pairs is not None else {}
+    return DiffConfig(hooks=rc.hooks, seed=rc.seed, contrast_offsets=CONTRAST_OFFSETS, **rule)
+
+
+def diff_step(run: Path, model, pairs, *, rc, progress: bool, log):
+    from eclens.steps import diff_step as run_diff_step
+
+    return run_diff_step(run, model, pairs, diff_config(rc), batch_size=rc.batch_size, progress=progress)
 
 
 def choose_study_sets(run: Path, top_k: int, max_sets: int) -> list[tuple[Any, str | None]]:
@@ -317,48 +311,20 @@ TEST_OF_KIND = {
 }
 
 
-def sets_step(run: Path, model, rc, pairs, *, progress: bool, log) -> tuple:
-    """Each chosen set against ``n_controls`` random sets of the same size at the same hook, layer and position,
-    with the intervention that tests its claim (:data:`TEST_OF_KIND`); written as ``ec patch --mode dims``
-    writes (``patch_dims.csv``, ``patch_dims_controls.csv``, ``patch_summary.json``) so the report shows it."""
-    from eclens import patch as P
-    from eclens.pipeline import _record_patch, spread_pairs
+def sets_step(run: Path, model, pairs, *, rc, progress: bool, log):
+    """Each chosen set (:func:`choose_study_sets`) against ``n_controls`` random sets of the same size at the same
+    hook, layer and position, with the intervention that tests its claim (:data:`TEST_OF_KIND`), on the pairs of
+    its category: the library's dims step (``patch_dims.csv``, ``patch_dims_controls.csv``, ``patch_summary.json``)
+    with the study's set chooser and tests."""
+    from eclens.steps import DimsConfig, dims_step
 
-    t0 = time.perf_counter()
-    sets = choose_study_sets(run, rc.top_k, rc.max_sets)
-    files = ["patch_dims.csv", "patch_dims_controls.csv"]
-    if not sets:
-        write_table(pd.DataFrame(), run / files[0])
-        write_table(pd.DataFrame(), run / files[1])
-        summary = {"n_sets": 0, "verdict": "null: diff found no candidate sets to test"}
-        _record_patch(run, "dims", {"mode": "dims"}, time.perf_counter() - t0, files, summary)
-        return "empty", files, summary["verdict"], None
-    tables, controls, used = [], [], {}
-    # One call per (test, pairs): sets that share both share their forward passes.
-    calls: dict[tuple, list] = {}
-    for s, cat in sets:
-        calls.setdefault((s.kind, cat), []).append(s)
-    for i, ((kind, cat), ss) in enumerate(calls.items()):
-        method, direction, _ = TEST_OF_KIND[kind]
-        pool = [a for a in pairs if cat is None or a.category == cat]
-        chosen = spread_pairs(pool, rc.dims_pairs)
-        metric = "logit_diff" if all(s.offset == 0 for s in ss) else "kl"
-        res = P.dims_interventions(model, chosen, ss, method=method, n_controls=rc.n_controls, seed=rc.seed + i,
-                                   direction=direction, metric=metric, batch_size=rc.patch_batch_size,
-                                   progress=progress)
-        t = res.table.assign(pairs_category=cat or "all", decided_by=metric)
-        tables.append(t)
-        controls.append(res.controls)
-        used[f"{kind}:{cat or 'all'}"] = [a.id for a in chosen]
-    table = pd.concat(tables, ignore_index=True)
-    write_table(table, run / files[0])
-    write_table(pd.concat(controls, ignore_index=True), run / files[1])
-    summary = {"method": "mean (stable) / patch (responsive)", "n_controls": rc.n_controls, "n_sets": len(sets),
-               "n_tests": int(len(table)), "note": "q-values per call; BH over every test: results/causal_sets.csv"}
-    _record_patch(run, "dims", {"mode": "dims", "tests": {k: list(v[:3]) for k, v in TEST_OF_KIND.items()},
-                                "n_controls": rc.n_controls, "top_k": rc.top_k, "pairs": used, "seed": rc.seed},
-                  time.perf_counter() - t0, files, summary)
-    return "done", files, f"{len(sets)} sets tested against {rc.n_controls} random sets each", None
+    cfg = DimsConfig(tests={k: v[:2] for k, v in TEST_OF_KIND.items()}, metric="logit_diff", auto_metric=True,
+                     n_controls=rc.n_controls, seed=rc.seed, batch_size=rc.patch_batch_size, n_pairs=rc.dims_pairs,
+                     record={"top_k": rc.top_k, "max_sets": rc.max_sets, "chooser": "choose_study_sets"})
+    out = dims_step(run, model, pairs, lambda r: choose_study_sets(r, rc.top_k, rc.max_sets), cfg, progress=progress)
+    if out.status == "done":
+        out.headline = f"{out.value['set'].nunique()} sets tested against {rc.n_controls} random sets each"
+    return out
 
 
 def matched_sets(s, cell: pd.DataFrame, n: int, rng: np.random.Generator, neighbours: int = 20) -> list:
@@ -392,18 +358,17 @@ def matched_sets(s, cell: pd.DataFrame, n: int, rng: np.random.Generator, neighb
     return out
 
 
-def matched_step(run: Path, model, rc, pairs, *, progress: bool, log, n_matched: int) -> pd.DataFrame:
-    """The stable sets' ablation again, against σ-matched random sets (:func:`matched_sets`)."""
+def matched_step(run: Path, model, pairs, *, rc, progress: bool, log, n_matched: int) -> pd.DataFrame:
+    """The stable sets' ablation again, against σ-matched random sets (:func:`matched_sets`) as the controls."""
     import pyarrow.parquet as pq
 
     from eclens import patch as P
-    from eclens.pipeline import spread_pairs
+    from eclens.patch import DimSet
+    from eclens.steps import spread_pairs
 
     t = read_table(run / "patch_dims.csv")
     if t.empty or n_matched < 1:
         return pd.DataFrame()
-    from eclens.patch import DimSet
-
     rows = []
     for i, r in enumerate(t[t["kind"] == "stable"].to_dict("records")):
         s = DimSet(r["hook"], int(r["layer"]), [int(x) for x in str(r["dims"]).split()], int(r["offset"]),
@@ -418,11 +383,10 @@ def matched_step(run: Path, model, rc, pairs, *, progress: bool, log, n_matched:
         cat = r.get("pairs_category", "all")
         pool = [a for a in pairs if cat in (None, "all") or a.category == cat]
         chosen = spread_pairs(pool, rc.dims_pairs)
-        # n_controls=1: the uniform controls were run in the sets step; here the matched sets are the controls.
-        res = P.dims_interventions(model, chosen, [s, *ms], method=r["method"], n_controls=1, seed=rc.seed,
-                                   direction=r["direction"], metric=r.get("decided_by", "kl"),
-                                   batch_size=rc.patch_batch_size, progress=progress)
-        tab = res.table
+        res = P.dims_interventions(model, chosen, [s], method=r["method"], seed=rc.seed, direction=r["direction"],
+                                   metric=r.get("decided_by", "kl"), batch_size=rc.patch_batch_size,
+                                   progress=progress, control_sets=[[x.dims for x in ms]])
+        tab, ctl = res.table.iloc[0], res.controls
         # How well the matching worked: the matched sets' σ over the candidate set's (1 = perfect). Outlier dims
         # have few neighbours of similar σ, so their matched sets fall short.
         sig = cell.set_index("dim")["sigma_clean"]
@@ -430,69 +394,65 @@ def matched_step(run: Path, model, rc, pairs, *, progress: bool, log, n_matched:
         match_ratio = float(np.median([np.median([sig[d] for d in x.dims]) / own for x in ms])) if own > 0 \
             else np.nan
         for m in METRICS_SHOWN:
-            eff = float(tab.loc[tab["set"] == s.label, f"{m}_effect"].iloc[0])
-            ctrl = tab.loc[tab["kind"] == "matched", f"{m}_effect"].to_numpy(dtype=float)
-            ctrl = ctrl[np.isfinite(ctrl)]
-            b = int((np.abs(ctrl) >= abs(eff)).sum()) if np.isfinite(eff) else 0
-            rows.append({"set": s.label, "metric": m, "effect": eff, "n_matched": int(len(ctrl)),
-                         "matched_sigma_ratio": match_ratio,
-                         "matched_mean": float(ctrl.mean()) if len(ctrl) else np.nan,
-                         "matched_std": float(ctrl.std(ddof=1)) if len(ctrl) > 1 else np.nan,
-                         "p_matched": (b + 1) / (len(ctrl) + 1) if len(ctrl) and np.isfinite(eff) else np.nan})
+            n_ok = int(np.isfinite(ctl[f"{m}_effect"].to_numpy(dtype=float)).sum()) if len(ctl) else 0
+            rows.append({"set": s.label, "metric": m, "effect": float(tab[f"{m}_effect"]), "n_matched": n_ok,
+                         "matched_sigma_ratio": match_ratio, "matched_mean": float(tab[f"{m}_control_mean"]),
+                         "matched_std": float(tab[f"{m}_control_std"]), "p_matched": float(tab[f"{m}_p"])})
     out = pd.DataFrame(rows)
     write_table(out, run / "patch_dims_matched.csv")
     return out
 
 
-def _matched_step(run: Path, model, rc, pairs, *, progress: bool, log, n_matched: int) -> tuple:
-    out = matched_step(run, model, rc, pairs, progress=progress, log=log, n_matched=n_matched)
+def _matched_step(run: Path, model, pairs, *, rc, progress: bool, log, n_matched: int):
+    from eclens.steps import StepOutcome
+
+    out = matched_step(run, model, pairs, rc=rc, progress=progress, log=log, n_matched=n_matched)
     if out.empty:
         write_table(out, run / "patch_dims_matched.csv")
-    return "done", ["patch_dims_matched.csv"], f"{out['set'].nunique() if len(out) else 0} stable sets against " \
-        f"{n_matched} σ-matched random sets each", None
+    return StepOutcome("done", ["patch_dims_matched.csv"], f"{out['set'].nunique() if len(out) else 0} stable sets "
+                       f"against {n_matched} σ-matched random sets each")
 
 
 def step_templates(study: Study, model) -> None:
-    """The template run, step by step as ``ec run`` does it (pipeline step functions), except the set tests."""
-    from eclens.model import manifest_model_entry, model_id, weights_hash
-    from eclens.pairs import load_aligned
-    from eclens.pipeline import _step_attribution, _step_exact, _step_pairs, _step_report
-    from eclens.runs import check_manifest_model, update_manifest
+    """The template run: ``ec run``'s steps (:mod:`eclens.steps`) chained by its resume engine
+    (:func:`eclens.pipeline.run_steps`), with the study's diff contrasts, set chooser and tests, and the
+    σ-matched controls as one more step."""
+    from eclens.pipeline import Step, run_steps
+    from eclens.steps import (
+        AttributionConfig,
+        ExactConfig,
+        attribution_step,
+        exact_step,
+        pairs_step,
+        report_step,
+    )
 
     cfg, run = study.cfg, study.templates_run
     rc = _run_config(cfg)
-    run.mkdir(parents=True, exist_ok=True)
-    check_manifest_model(run, model_id(model), weights_hash(model))
-    update_manifest(run, model=manifest_model_entry(model), seed=cfg.seed)
-    steps = [
-        ("pairs", _step_pairs, ("n_per_category", "seed"), ["pairs.jsonl", "check.csv"]),
-        ("diff", diff_step, ("hooks", "batch_size", "min_pairs", "seed"),
-         ["layers.csv", "candidates.csv", "contrasts.parquet", "dims.parquet", "pairs.csv", "summary.json"]),
-        ("exact", _step_exact, ("exact_pairs", "patch_hooks"), ["patch_exact.csv"]),
-        ("sets", sets_step, ("dims_pairs", "max_sets", "top_k", "n_controls", "seed"), ["patch_dims.csv"]),
-        ("matched", partial(_matched_step, n_matched=cfg.matched_controls), ("matched_controls",),
-         ["patch_dims_matched.csv"]),
-        ("attribution", _step_attribution, ("attribution_pairs", "verify_top", "patch_hooks", "seed"),
-         ["patch_attribution.csv"]),
-        ("report", _step_report, ("report_examples",), ["report.html"]),
-    ]
-    chain, pairs, info = model_id(model), None, {}
-    for name, fn, keys, files in steps:
-        chain = _key(chain, name, {k: getattr(cfg, k) for k in keys})
-        if study.done(f"templates/{name}", chain, [run / f for f in files]):
-            info[name] = {"status": "skipped (done earlier)", "seconds": 0.0}
-            study.log(f"[study] templates/{name}: done earlier, skipped")
-        else:
-            t0 = time.perf_counter()
-            if pairs is None and name != "pairs":
-                pairs = load_aligned(run / "pairs.jsonl")
-            _, _, head, extra = fn(run, model, rc, pairs or [], progress=not study.quiet, log=study.log)
-            if name == "pairs":
-                pairs = extra
-            secs = round(time.perf_counter() - t0, 1)
-            info[name] = {"status": "done", "seconds": secs}
-            study.log(f"[study] templates/{name}: {head} ({secs:.1f} s)")
-            study.mark(f"templates/{name}", chain)
+    exact_cfg = ExactConfig(hooks=list(cfg.patch_hooks), direction="both", batch_size=rc.patch_batch_size,
+                            n_pairs=cfg.exact_pairs)
+    attr_cfg = AttributionConfig(hooks=list(cfg.patch_hooks), direction="denoise", verify_top=cfg.verify_top,
+                                 seed=cfg.seed, batch_size=rc.patch_batch_size, n_pairs=cfg.attribution_pairs)
+    fns = {
+        "pairs": lambda run, model, pairs, progress, log: pairs_step(
+            run, model, n_per_category=cfg.n_per_category, seed=cfg.seed, manifest={"seed": cfg.seed}),
+        "diff": partial(diff_step, rc=rc),
+        "exact": lambda run, model, pairs, progress, log: exact_step(run, model, pairs, exact_cfg, progress=progress),
+        "sets": partial(sets_step, rc=rc),
+        "matched": partial(_matched_step, rc=rc, n_matched=cfg.matched_controls),
+        "attribution": lambda run, model, pairs, progress, log: attribution_step(run, model, pairs, attr_cfg,
+                                                                                 progress=progress),
+        "report": lambda run, model, pairs, progress, log: report_step(run, model, n_examples=cfg.report_examples),
+    }
+    params = {"pairs": ("n_per_category", "seed"), "diff": ("hooks", "batch_size", "min_pairs", "seed"),
+              "exact": ("exact_pairs", "patch_hooks"), "sets": ("dims_pairs", "max_sets", "top_k", "n_controls", "seed"),
+              "matched": ("matched_controls",), "attribution": ("attribution_pairs", "verify_top", "patch_hooks", "seed"),
+              "report": ("report_examples",)}
+    steps = [Step(name, fns[name], {k: getattr(cfg, k) for k in keys}) for name, keys in params.items()]
+    res = run_steps(run, model, steps, config=cfg.numbers(), log=lambda m: study.log(f"[study] templates {m}"),
+                    progress=not study.quiet, manifest={"seed": cfg.seed})
+    info = {s.step: {"status": "skipped (done earlier)" if s.status == "skipped" else s.status, "seconds": s.seconds}
+            for s in res.steps}
     skipped = all(v["status"].startswith("skipped") for v in info.values())
     study.timing["templates"] = {"status": "skipped (done earlier)" if skipped else "done", "steps": info}
 
@@ -555,32 +515,34 @@ def select_blimp_pairs(cfg: StudyConfig, tokenizer, prepend_bos: bool) -> tuple[
 
 
 def step_blimp_diff(study: Study, model) -> None:
-    from eclens.model import manifest_model_entry, model_id, weights_hash
+    """A seeded BLiMP sample (:func:`select_blimp_pairs`), aligned and diffed by the library's pairs and diff
+    steps, chained by the same resume engine as the template run."""
     from eclens.pairs import write_jsonl
-    from eclens.pipeline import _step_pairs
-    from eclens.runs import check_manifest_model, update_manifest
+    from eclens.pipeline import Step, run_steps
+    from eclens.steps import pairs_step
 
     cfg, run = study.cfg, study.blimp_run
-    outs = [run / f for f in ("pairs.jsonl", "layers.csv", "candidates.csv", "summary.json", "pairs.csv")]
-    key = _key("blimp_diff", cfg.numbers(), model_id(model))
+    rc = _run_config(cfg)
     yield_csv = study.results / "blimp_yield.csv"
-    if study.done("blimp_diff", key, [*outs, yield_csv]):
+
+    def blimp_pairs(run: Path, model, _pairs, *, progress: bool, log):
+        pairs, report = select_blimp_pairs(cfg, model.tokenizer, bool(model.cfg.default_prepend_bos))
+        write_table(report, yield_csv)
+        src = run / "input_pairs.jsonl"
+        write_jsonl(src, pairs)
+        out = pairs_step(run, model, src, manifest={"seed": cfg.seed})
+        # the yield table lives with the study's results; a rerun redoes this step when it is gone
+        out.files += ["input_pairs.jsonl", os.path.relpath(yield_csv, run)]
+        return out
+
+    keys = ("blimp", "seed", "blimp_pairs", "blimp_paradigms")
+    steps = [Step("pairs", blimp_pairs, {k: getattr(cfg, k) for k in keys}),
+             Step("diff", partial(diff_step, rc=rc), {k: getattr(cfg, k) for k in ("hooks", "batch_size", "min_pairs",
+                                                                                    "seed")})]
+    res = run_steps(run, model, steps, config=cfg.numbers(), log=lambda m: study.log(f"[study] blimp {m}"),
+                    progress=not study.quiet, manifest={"seed": cfg.seed})
+    if all(s.status == "skipped" for s in res.steps):
         _skipped(study, "blimp_diff")
-        return
-    run.mkdir(parents=True, exist_ok=True)
-    check_manifest_model(run, model_id(model), weights_hash(model))
-    update_manifest(run, model=manifest_model_entry(model), seed=cfg.seed)
-    pairs, report = select_blimp_pairs(cfg, model.tokenizer, bool(model.cfg.default_prepend_bos))
-    write_table(report, yield_csv)
-    src = run / "input_pairs.jsonl"
-    write_jsonl(src, pairs)
-    # The same steps `ec run` uses for a pairs file: align (pairs.jsonl, rejected.jsonl, check.csv), then diff.
-    rc = _run_config(cfg, pairs_file=str(src))
-    _, _, head, aligned = _step_pairs(run, model, rc, [], progress=not study.quiet, log=study.log)
-    study.log(f"[study] blimp pairs: {head}")
-    _, _, head, _ = diff_step(run, model, rc, aligned, progress=not study.quiet, log=study.log)
-    study.log(f"[study] blimp diff: {head}")
-    study.mark("blimp_diff", key)
 
 
 def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
@@ -835,7 +797,7 @@ def analyse_stable_heads(run: Path, model, n_sentences: int = 64, share: float =
     import torch
 
     from eclens.pairs import load_aligned
-    from eclens.pipeline import spread_pairs
+    from eclens.steps import spread_pairs
 
     p = run / "dims.parquet"
     if not p.exists() or model is None:

@@ -119,8 +119,8 @@ def write_cache(
     distributed run resumes like a single-process one.
     """
     from . import distributed as D
-    from .diff import _device, expand_hook_spec, pair_info, pair_metrics
-    from .model import manifest_model_entry
+    from .diff import expand_hook_spec, pair_info, pair_metrics
+    from .model import manifest_model_entry, model_device
 
     ctx = ctx or D.Dist()
 
@@ -166,7 +166,7 @@ def write_cache(
             if ctx.is_main:  # written before any shard, so that an interrupted run resumes with its settings
                 write_json(ipath, index)
             D.barrier(ctx)
-    dev = _device(model)
+    dev = model_device(model)
     patterns = {n for n in names if split_hook(n)[1] in ("attn.hook_pattern", "attn.hook_attn_scores")}
     gat = _RowGatherer(names, patterns, sdt)
     pid = pad_id(model)
@@ -186,9 +186,9 @@ def write_cache(
     mine: dict[str, Any] = {"format": 1, "rank": ctx.rank, "world_size": ctx.world_size, "shards": [],
                             "shapes": {}}
     ppath = folder / f"index.rank{ctx.rank}.json"
-    from .diff import _progress
+    from .diff import progress_bar
 
-    prog = _progress(progress and len(todo) > 0)
+    prog = progress_bar(progress and len(todo) > 0)
     t0 = time.perf_counter()
     with prog as pr, torch.inference_mode(), model.hooks(fwd_hooks=gat.hooks()):
         n_todo = sum(len(pairs[k * shard_size:(k + 1) * shard_size]) for k in todo)
@@ -527,9 +527,9 @@ def diff_from_cache(
     bs = int(batch_size or store.index.get("batch_size") or 16)
     offs = cfg.offsets
     t0 = time.perf_counter()
-    from .diff import _progress
+    from .diff import progress_bar
 
-    with _progress(progress) as pr:
+    with progress_bar(progress) as pr:
         task = pr.add_task("diff", total=len(store)) if pr is not None else None
         for k, pairs, tensors in store.iter_shards():
             rows_all = tensors["rows"]

@@ -4,9 +4,7 @@ turns :class:`~eclens.errors.EclensError` into a one-line message and an exit co
 
 from __future__ import annotations
 
-import importlib
 import os
-import pkgutil
 import sys
 
 import typer
@@ -19,21 +17,14 @@ app = typer.Typer(
     add_completion=False,
     rich_markup_mode="rich",
 )
-model_app = typer.Typer(help="Load and describe models.", no_args_is_help=True)
-pairs_app = typer.Typer(help="Check and import minimal pairs.", no_args_is_help=True)
-app.add_typer(model_app, name="model")
-app.add_typer(pairs_app, name="pairs")
 
+# Each command module defines its commands on a typer app of its own; they are gathered here, explicitly.
+from .commands import diff, model, pairs, patch, sources, views  # noqa: E402
 
-def _register_commands() -> None:
-    from . import commands
-
-    for mod in sorted(m.name for m in pkgutil.iter_modules(commands.__path__)):
-        if not mod.startswith("_"):
-            importlib.import_module(f"{commands.__name__}.{mod}")
-
-
-_register_commands()
+for _mod in (diff, patch, sources, views):
+    app.registered_commands += _mod.app.registered_commands
+app.add_typer(model.model_app, name="model")
+app.add_typer(pairs.pairs_app, name="pairs")
 
 
 def main(argv: list[str] | None = None) -> int:

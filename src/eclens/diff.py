@@ -138,6 +138,7 @@ from jaxtyping import Float
 from .errors import EclensError
 from .hooks import DEFAULT_HOOKS, iter_batches, pad_id, select_hooks, split_hook
 from .pairs import AlignedPair
+from .runs import prepare_run_pairs, save_check  # noqa: F401 - their home is the run-folder module
 from .stats import (
     F64,
     BottomK,
@@ -166,9 +167,12 @@ def position_kind(offset: int) -> str:
 
 @dataclass
 class DiffConfig:
-    """Everything that determines the numbers (stored in the stats file; a resume must match)."""
+    """Everything that determines the numbers (stored in the stats file; a resume must match).
 
-    hooks: list[str]
+    As ``run_diff(config=...)``: ``hooks`` may be a spec (``None``: the default hooks, a string, globs)
+    and ``categories`` ``[]`` means "group by ``by_category``"; the result's config holds them resolved."""
+
+    hooks: list[str] | str | None = None
     max_offset: int = 3
     include_last: bool = True
     categories: list[str] = field(default_factory=list)  # state rows; [] = one row, "all" only
@@ -1525,7 +1529,8 @@ def expand_hook_spec(spec: str | Sequence[str] | None) -> str | list[str] | None
     return out
 
 
-def _progress(enabled: bool):
+def progress_bar(enabled: bool, label: str = "diff"):
+    """A rich progress bar on stderr (pairs/s, time left), or a null context when not ``enabled``."""
     if not enabled:
         return contextlib.nullcontext(None)
     from rich.progress import (
@@ -1544,11 +1549,15 @@ def _progress(enabled: bool):
             sp = task.finished_speed or task.speed
             return Text(f"{sp:.1f} pairs/s" if sp else "… pairs/s", style="progress.data.speed")
 
-    from .commands._common import console
+    from rich.console import Console
 
-    prog = Progress(TextColumn("[bold]diff"), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
-                    TimeRemainingColumn(), console=console, transient=False)
+    prog = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), Rate(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=Console(stderr=True), transient=False)
     return prog
+
+
+# DiffConfig fields that run_diff takes as its own keywords; the rest are the candidate rule.
+_SETUP_FIELDS = ("hooks", "max_offset", "include_last", "categories", "by_category", "sample_size", "seed")
 
 
 def run_diff(
@@ -1566,6 +1575,7 @@ def run_diff(
     checkpoint_every: int = 50,
     progress: bool = False,
     max_batches: int | None = None,
+    config: DiffConfig | None = None,
     **rule: Any,
 ) -> DiffResult:
     """Stream the pairs through ``model`` and return the statistics (see the module docstring).
@@ -1577,7 +1587,16 @@ def run_diff(
     caller writes the tables with :meth:`DiffResult.save`). ``max_batches`` stops
     after that many batches (leaving a resumable checkpoint); ``rule`` overrides the
     candidate-rule fields of :class:`DiffConfig` (``threshold``, ``stable_frac``, ...).
+    ``config``: a :class:`DiffConfig` that gives all of these at once (then ``hooks``, ``max_offset``,
+    ``categories``, ``include_last``, ``sample_size``, ``seed`` and ``rule`` are taken from it).
     """
+    if config is not None:
+        if set(rule) - {"sample_dtype", "host_sample"}:
+            raise TypeError("run_diff(): give the candidate rule in config or as keywords, not both")
+        hooks, max_offset, include_last = config.hooks, config.max_offset, config.include_last
+        sample_size, seed = config.sample_size, config.seed
+        categories = list(config.categories) or config.by_category
+        rule = {**{f: getattr(config, f) for f in DiffConfig.__dataclass_fields__ if f not in _SETUP_FIELDS}, **rule}
     if not aligned_pairs:
         raise EclensError("no valid pairs to diff")
     ids = [a.id for a in aligned_pairs]
@@ -1610,7 +1629,7 @@ def run_diff(
     pid = pad_id(model)
     n_batches = 0
     complete = not todo
-    prog = _progress(progress and bool(todo))
+    prog = progress_bar(progress and bool(todo))
     with prog as pr, _Interrupt() as intr, torch.inference_mode(), model.hooks(fwd_hooks=gat.hooks()):
         task = pr.add_task("diff", total=len(aligned_pairs), completed=n_done0) if pr is not None else None
         for batch in iter_batches(todo, batch_size, pid, device):
@@ -1727,46 +1746,6 @@ def merge_results(a: DiffResult, b: DiffResult) -> DiffResult:
     inside = set(i for i in meta["sample_ids"] if i is not None)
     meta["rows"] = [{**r, "in_sample": r["id"] in inside} for r in meta["rows"]]
     return DiffResult(meta, out, a.model, {})
-
-
-def prepare_run_pairs(model, source: str | Path, run: str | Path, fmt: str | None = None):
-    """Aligned pairs for a run: from a run folder's ``pairs.jsonl``, or a raw pairs file aligned now.
-
-    A raw file is checked with :func:`eclens.pairs.check_with_model`; ``pairs.jsonl``,
-    ``rejected.jsonl`` and ``check.csv`` are written into ``run`` and the manifest gets
-    its ``dataset`` entry. Returns ``(aligned_pairs, check_result_or_None)``.
-    """
-    from .pairs import check_with_model, load_aligned, load_pairs, write_jsonl
-    from .runs import file_sha256
-
-    source, run = Path(source), Path(run)
-    if source.is_dir():
-        p = source / "pairs.jsonl"
-        if not p.exists():
-            raise EclensError(f"{source}: a folder without pairs.jsonl; give a pairs file or a run folder made by "
-                              "`ec generate`/`ec pairs`/`ec diff`")
-        aligned = load_aligned(p)
-        if source.resolve() != run.resolve():
-            write_jsonl(run / "pairs.jsonl", aligned)
-        return aligned, None
-    res = check_with_model(load_pairs(source, fmt=fmt), model)
-    save_check(run, res, source, {"path": str(source), "sha256": file_sha256(source)})
-    return res.valid, res
-
-
-def save_check(run: str | Path, res, source, dataset: dict, **manifest) -> None:
-    """Write a pairs check into ``run`` (``pairs.jsonl``, ``rejected.jsonl``, ``check.csv``, the manifest's
-    ``dataset``); with no valid pair, the one-line error instead and nothing written."""
-    from .pairs import write_jsonl
-    from .runs import update_manifest, write_table
-
-    if not res.valid:
-        raise res.none_valid_error(source)
-    run = Path(run)
-    write_jsonl(run / "pairs.jsonl", res.valid)
-    write_jsonl(run / "rejected.jsonl", res.rejected)
-    write_table(res.by_category(), run / "check.csv")
-    update_manifest(run, dataset={**dataset, "n_pairs": res.n_total, "n_valid": len(res.valid)}, **manifest)
 
 
 def stream_batches(pairs: Sequence[AlignedPair], batch_size: int, model) -> Iterable:

@@ -23,6 +23,9 @@ from .errors import EclensError, PairFileError
 from .runs import atomic_path
 
 FIELDS = ("id", "clean", "corrupt", "category", "source", "meta")
+# What eclens adds when it writes aligned pairs (RUN/pairs.jsonl): accepted and ignored on input, since the
+# pairs are aligned again under the model they are used with.
+ALIGNED_FIELDS = ("position", "length", "clean_token", "corrupt_token", "clean_ids", "corrupt_ids")
 REASONS = ("empty", "identical", "different_length", "multiple_differences", "too_long")
 
 
@@ -122,7 +125,7 @@ def is_text(obj: Any) -> bool:
 # --------------------------------------------------------------------------- loading
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     if not path.exists():
         raise PairFileError(path, "no such file")
     if path.is_dir():
@@ -138,10 +141,10 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def _pair_from_record(rec: Any, path: Path, line: int, defaults: dict[str, str]) -> MinimalPair:
+def pair_from_record(rec: Any, path: Path, line: int, defaults: dict[str, str]) -> MinimalPair:
     if not isinstance(rec, dict):
         raise PairFileError(path, f"expected a JSON object, got {type(rec).__name__}", line)
-    unknown = sorted(set(rec) - set(FIELDS))
+    unknown = sorted(set(rec) - set(FIELDS) - set(ALIGNED_FIELDS))
     if unknown:
         raise PairFileError(path, f"unknown field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(FIELDS)} "
                             "(put extra information under \"meta\")", line)
@@ -172,7 +175,7 @@ def _pair_from_record(rec: Any, path: Path, line: int, defaults: dict[str, str])
 
 def load_jsonl(path: str | os.PathLike, *, source: str | None = None) -> list[MinimalPair]:
     path = Path(path)
-    text = _read_text(path)
+    text = read_text(path)
     out: list[tuple[int, MinimalPair]] = []
     defaults = {"source": source or "user"}
     for i, line in enumerate(text.splitlines(), start=1):
@@ -182,7 +185,7 @@ def load_jsonl(path: str | os.PathLike, *, source: str | None = None) -> list[Mi
             rec = json.loads(line)
         except json.JSONDecodeError as e:
             raise PairFileError(path, f"invalid JSON ({e.msg}, column {e.colno})", i) from None
-        out.append((i, _pair_from_record(rec, path, i, defaults)))
+        out.append((i, pair_from_record(rec, path, i, defaults)))
     return _check_unique(path, out)
 
 
@@ -207,7 +210,7 @@ def load_csv(
     delimiter: str | None = None,
 ) -> list[MinimalPair]:
     path = Path(path)
-    text = _read_text(path)
+    text = read_text(path)
     if delimiter is None:
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
@@ -249,7 +252,7 @@ def load_csv(
 def load_study_json(path: str | os.PathLike, *, source: str | None = None) -> list[MinimalPair]:
     """The original study's format: ``{"metadata", "diff_token_type": {type: {subtype: {"sentence_pairs": [...]}}}}``."""
     path = Path(path)
-    text = _read_text(path)
+    text = read_text(path)
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
@@ -257,7 +260,7 @@ def load_study_json(path: str | os.PathLike, *, source: str | None = None) -> li
     if "\\u" in text and not is_text(doc):
         raise PairFileError(path, f"the document {NOT_TEXT}")
     if isinstance(doc, list):  # a plain JSON list of pair records
-        items = [(i + 1, _pair_from_record(r, path, i + 1, {"source": source or "user"})) for i, r in enumerate(doc)]
+        items = [(i + 1, pair_from_record(r, path, i + 1, {"source": source or "user"})) for i, r in enumerate(doc)]
         if not items:
             raise PairFileError(path, "the list is empty; it needs at least one pair")
         return _check_unique(path, items)
@@ -311,7 +314,7 @@ def load_pairs(path: str | os.PathLike, fmt: str | None = None, **kwargs: Any) -
 def load_aligned(path: str | os.PathLike) -> list[AlignedPair]:
     """Read a ``pairs.jsonl`` written by :func:`write_aligned` (ids and position included)."""
     path = Path(path)
-    text = _read_text(path)
+    text = read_text(path)
     out: list[AlignedPair] = []
     seen: dict[str, int] = {}
     for i, line in enumerate(text.splitlines(), start=1):

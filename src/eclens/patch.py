@@ -549,6 +549,7 @@ def dims_interventions(
     min_delta: float = DEFAULT_MIN_DELTA,
     progress: bool = False,
     dist=None,
+    control_sets: Sequence[Sequence[Sequence[int]]] | None = None,
 ) -> DimsResult:
     """Intervene on each dimension set and on ``n_controls`` random sets of the same size.
 
@@ -560,7 +561,13 @@ def dims_interventions(
     clean for ``noise``). The base run is the corrupt run for ``denoise`` and the clean
     run for ``noise``. Controls are the same for every pair (seeded by ``seed`` and the
     set's index). ``metric`` picks the column that decides ``significant`` (q < alpha).
+    ``control_sets``: per set, the caller's own control sets (e.g. dims matched in spread) instead of
+    random ones; each set needs as many, and that number is ``n_controls``.
     """
+    if control_sets is not None:
+        if len(control_sets) != len(sets) or len({len(c) for c in control_sets}) > 1:
+            raise EclensError("control_sets: give one list of control sets per set, the same number for each")
+        n_controls = len(control_sets[0]) if control_sets else n_controls
     _check_pairs(pairs)
     if method not in ABLATIONS:
         raise EclensError(f"unknown ablation {method!r}: use {', '.join(ABLATIONS)}")
@@ -608,8 +615,16 @@ def dims_interventions(
                               f"(0..{n_feat[s.name] - 1})")
 
     # Unit tables per hook: the candidate set then its controls, for every set at that hook.
-    controls = [_control_sets(s.dims, n_feat[s.name], n_controls, np.random.default_rng([seed, j]))
-                for j, s in enumerate(sets)]
+    if control_sets is not None:
+        controls = [np.asarray([sorted({int(d) for d in c}) for c in control_sets[j]], dtype=int).reshape(n_controls, -1)
+                    for j in range(len(sets))]
+        for j, s in enumerate(sets):
+            if controls[j].shape[1] != len(s.dims) or ((controls[j] < 0) | (controls[j] >= n_feat[s.name])).any():
+                raise EclensError(f"set {s.label}: each control set needs {len(s.dims)} distinct dimensions "
+                                  f"in 0..{n_feat[s.name] - 1}")
+    else:
+        controls = [_control_sets(s.dims, n_feat[s.name], n_controls, np.random.default_rng([seed, j]))
+                    for j, s in enumerate(sets)]
     tables: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     first_unit = []
     for j, s in enumerate(sets):

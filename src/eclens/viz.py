@@ -25,13 +25,11 @@ import plotly.graph_objects as go
 from jaxtyping import Float
 
 from .errors import EclensError
+from .runs import DEFAULT_HOOK, DIM_COLS, PAIR_COLS  # noqa: F401 - the readers' names, re-exported for figures
 
-DEFAULT_HOOK = "hook_resid_post"
 # Column names accepted for each quantity, first match wins; the diff and patch steps
 # own the exact names, so figures take what is there rather than one spelling.
 REL_L2_COLS = ("rel_l2_mean", "rel_l2_median", "rel_l2")
-DIM_COLS = ("absz_median", "abs_z_median", "absz_mean", "abs_z_mean", "z_abs_median", "z_abs_mean")
-PAIR_COLS = ("pair_id", "pair", "id")
 _PLOT_FONT = dict(family="system-ui, -apple-system, Segoe UI, Roboto, sans-serif", size=12)
 
 

@@ -45,3 +45,30 @@ def preflight_pairs(path: Path | None, fmt: str | None = None):
     if path is None or not path.is_file():
         return None
     return load_pairs_arg(path, fmt)
+
+
+def aligned_pairs(m, source: Path, run: Path, ctx=None, *, fmt: str | None = None, raw=None,
+                  manifest: dict | None = None, say=None) -> list:
+    """The run's aligned pairs, aligned and written once (:func:`eclens.runs.prepare_run_pairs`, by rank 0
+    under torchrun; the other ranks read what it wrote). ``say(check)`` reports a fresh check."""
+    from .. import distributed as D
+    from ..errors import EclensError
+    from ..pairs import check_with_model, load_aligned
+    from ..runs import prepare_run_pairs
+
+    main = ctx is None or ctx.is_main
+    if main:
+        aligned, chk = prepare_run_pairs(m, source, run, fmt, raw=raw, **(manifest or {}))
+        if chk is not None and say is not None:
+            say(chk)
+    elif raw is not None:  # fail with rank 0 on a file without one valid pair rather than wait for it
+        chk = check_with_model(raw, m)
+        if not chk.valid:
+            raise chk.none_valid_error(source)
+    if ctx is not None:
+        D.barrier(ctx)
+    if not main:
+        aligned = load_aligned(run / "pairs.jsonl")
+    if not aligned:
+        raise EclensError(f"{source}: no valid pairs under this model's tokenizer (see {run / 'rejected.jsonl'})")
+    return aligned

@@ -8,7 +8,6 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..cli import app
 from ._common import (
     DeviceMapOpt,
     DeviceOpt,
@@ -16,11 +15,14 @@ from ._common import (
     Load4Opt,
     Load8Opt,
     ModelOpt,
+    aligned_pairs,
     console,
     load,
     out,
     preflight_pairs,
 )
+
+app = typer.Typer()  # its commands are registered on `ec` by eclens.cli
 
 HooksOpt = typer.Option(None, "--hooks", help="default (resid_pre, attn_out, resid_mid, mlp_out, resid_post), all, "
                         "or comma-separated names/globs, e.g. 'default,mlp.hook_post,attn.hook_z'")
@@ -39,51 +41,20 @@ def _run_folder(pairs: Path | None, out_dir: Path | None) -> Path:
     return Path("runs") / pairs.stem
 
 
-def _check_model(run: Path, m) -> dict:
+def _say_check(res) -> None:
+    from .pairs import print_check
+
+    print_check(res, show=3)
+
+
+def _model_entry(run: Path, m) -> dict:
+    """The model's manifest entry, after refusing a run folder made with another model."""
     from ..model import manifest_model_entry
     from ..runs import check_manifest_model
 
     entry = manifest_model_entry(m)
     check_manifest_model(run, entry["name"], entry["weights_hash"])
     return entry
-
-
-def _require_valid(raw, source: Path, m) -> None:
-    """A pairs file without one valid pair is an error before anything is written into the run."""
-    if raw is not None:
-        from ..pairs import check_with_model
-
-        chk = check_with_model(raw, m)
-        if not chk.valid:
-            raise chk.none_valid_error(source)
-
-
-def _report_rejections(res) -> None:
-    if res is None:
-        return
-    from .pairs import print_check
-
-    print_check(res, show=3)
-
-
-def _aligned_on_every_rank(m, pairs: Path, run: Path, fmt, ctx) -> list:
-    """Rank 0 aligns the pairs and writes pairs.jsonl (and the rejections); the other ranks read that file."""
-    from .. import distributed as D
-    from ..diff import prepare_run_pairs
-
-    if ctx.is_main:
-        aligned, check = prepare_run_pairs(m, pairs, run, fmt)
-        _report_rejections(check)
-    D.barrier(ctx)
-    if not ctx.is_main:
-        from ..pairs import load_aligned
-
-        aligned = load_aligned(run / "pairs.jsonl")
-    if not aligned:
-        from ..errors import EclensError
-
-        raise EclensError(f"{pairs}: no valid pairs under this model's tokenizer (see {run / 'rejected.jsonl'})")
-    return aligned
 
 
 @app.command("diff")
@@ -114,11 +85,11 @@ def diff(
     load_in_4bit: bool = Load4Opt,
 ) -> None:
     """Stream position-aligned, normalised activation differences; write layers, dims, candidates, contrasts."""
-    from ..runs import update_manifest
+    from ..diff import DiffConfig
+    from ..steps import diff_step, save_diff
 
     rule = dict(threshold=threshold, stable_frac=stable_frac, responsive_z=responsive_z,
                 responsive_sign=responsive_sign)
-    t0 = time.perf_counter()
     if from_cache is not None:
         from ..cache import diff_from_cache, open_cache
 
@@ -132,52 +103,43 @@ def diff(
             from ..runs import check_manifest_model
 
             check_manifest_model(run, model_entry.get("name"), model_entry.get("weights_hash"))
-    else:
-        if pairs is None:
-            raise typer.BadParameter("give a PAIRS file or run folder, or --from-cache RUN")
-        if not pairs.exists():
-            from ..errors import EclensError
+        save_diff(run, res, batch_size=res.timing.get("batch_size"), from_cache=str(from_cache),
+                  manifest={"model": model_entry})
+        print_summary(res, run)
+        return
+    if pairs is None:
+        raise typer.BadParameter("give a PAIRS file or run folder, or --from-cache RUN")
+    if not pairs.exists():
+        from ..errors import EclensError
 
-            raise EclensError(f"{pairs}: no such file or folder")
-        raw = preflight_pairs(pairs, fmt)  # a bad file fails now, not after the model loads
-        from .. import distributed as D
+        raise EclensError(f"{pairs}: no such file or folder")
+    raw = preflight_pairs(pairs, fmt)  # a bad file fails now, not after the model loads
+    from .. import distributed as D
 
-        ctx = D.init(device)  # under torchrun: this process's rank and the world size
-        device = D.local_device(device, ctx)
-        run = _run_folder(pairs, out_dir)
-        m = load(model, device, dtype, device_map, load_in_8bit, load_in_4bit)
-        model_entry = _check_model(run, m)
-        _require_valid(raw, pairs, m)
-        from ..diff import resolve_categories, run_diff
-
-        aligned = _aligned_on_every_rank(m, pairs, run, fmt, ctx)
-        if ctx.is_main:
-            update_manifest(run, model=model_entry, world_size=ctx.world_size)
-        categories = by_category
-        if ctx.active:  # every rank must keep the same category rows, whatever its shard holds
-            mode, labels = resolve_categories(aligned, by_category)
-            categories = labels if mode != "none" else "none"
-        try:
-            res = run_diff(m, D.shard(aligned, ctx), hooks=hooks, max_offset=max_offset, batch_size=batch_size,
-                           categories=categories, include_last=last, sample_size=sample_size, seed=seed,
-                           run=run / f"rank{ctx.rank}of{ctx.world_size}" if ctx.active else run,
-                           checkpoint_every=checkpoint_every, progress=ctx.is_main, **rule)
-            res = D.merge_diff(res, ctx)
-        except KeyboardInterrupt:
-            # click would turn this into "Aborted!"; say what was kept instead.
-            console.print(f"interrupted: the statistics so far are saved in {run / 'diff_stats.safetensors'}; "
-                          "rerun the same command to resume")
-            raise typer.Exit(130) from None
-        if res.timing.get("resumed_from"):
-            console.print(f"resumed: {res.timing['resumed_from']} pairs were already done")
-        if not ctx.is_main:  # only rank 0 writes
-            D.shutdown(ctx)
-            return
+    ctx = D.init(device)  # under torchrun: this process's rank and the world size
+    device = D.local_device(device, ctx)
+    run = _run_folder(pairs, out_dir)
+    m = load(model, device, dtype, device_map, load_in_8bit, load_in_4bit)
+    entry = _model_entry(run, m)
+    aligned = aligned_pairs(m, pairs, run, ctx, fmt=fmt, raw=raw, say=_say_check,
+                            manifest={"model": entry, "world_size": ctx.world_size})
+    cfg = DiffConfig(hooks=hooks, max_offset=max_offset, include_last=last, by_category=by_category,
+                     sample_size=sample_size, seed=seed, **rule)
+    try:
+        done = diff_step(run, m, aligned, cfg, batch_size=batch_size, checkpoint_every=checkpoint_every,
+                         ctx=ctx if ctx.active else None, progress=True)
+    except KeyboardInterrupt:
+        # click would turn this into "Aborted!"; say what was kept instead.
+        console.print(f"interrupted: the statistics so far are saved in {run / 'diff_stats.safetensors'}; "
+                      "rerun the same command to resume")
+        raise typer.Exit(130) from None
+    finally:
         D.shutdown(ctx)
-    files = res.save(run)
-    update_manifest(run, model=model_entry, steps={"diff": res.manifest_step(
-        files, batch_size=batch_size if from_cache is None else res.timing.get("batch_size"),
-        seconds=round(time.perf_counter() - t0, 3), from_cache=str(from_cache) if from_cache else None)})
+    if done.status == "worker":  # only rank 0 writes
+        return
+    res = done.value
+    if res.timing.get("resumed_from"):
+        console.print(f"resumed: {res.timing['resumed_from']} pairs were already done")
     print_summary(res, run)
 
 
@@ -229,7 +191,7 @@ def cache(
 ) -> None:
     """Write the raw activations of both sentences as safetensors shards (resumable); read with eclens.open_cache."""
     from ..cache import write_cache
-    from ..runs import update_manifest
+    from ..runs import record_step
 
     if not pairs.exists():
         from ..errors import EclensError
@@ -242,11 +204,9 @@ def cache(
     device = D.local_device(device, ctx)
     run = _run_folder(pairs, out_dir)
     m = load(model, device, dtype, device_map, load_in_8bit, load_in_4bit)
-    entry = _check_model(run, m)
-    _require_valid(raw, pairs, m)
-    aligned = _aligned_on_every_rank(m, pairs, run, fmt, ctx)
-    if ctx.is_main:
-        update_manifest(run, model=entry, world_size=ctx.world_size)
+    entry = _model_entry(run, m)
+    aligned = aligned_pairs(m, pairs, run, ctx, fmt=fmt, raw=raw, say=_say_check,
+                            manifest={"model": entry, "world_size": ctx.world_size})
     t0 = time.perf_counter()
     try:
         store = write_cache(m, aligned, run, hooks=hooks, positions=positions, store_dtype=store_dtype or dtype,
@@ -259,10 +219,10 @@ def cache(
     if not ctx.is_main:
         return
     size = sum(f.stat().st_size for f in store.folder.glob("shard-*.safetensors"))
-    update_manifest(run, steps={"cache": {"hooks": store.hooks, "positions": positions, "store_dtype": store.dtype,
+    record_step(run, "cache", {"hooks": store.hooks, "positions": positions, "store_dtype": store.dtype,
                                           "shard_size": shard_size, "batch_size": batch_size, "n_pairs": len(store),
                                           "world_size": ctx.world_size, "bytes": size,
                                           "seconds": round(time.perf_counter() - t0, 3),
-                                          "outputs": ["cache/index.json", "cache/shard-*.safetensors"]}})
+                                          "outputs": ["cache/index.json", "cache/shard-*.safetensors"]})
     out.print(f"cached {len(store)} pairs, {len(store.hooks)} hook points, positions={positions}, "
               f"{store.dtype}: {size / 2**20:.1f} MiB in {store.folder}")

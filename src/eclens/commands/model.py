@@ -8,8 +8,9 @@ from dataclasses import asdict
 import typer
 from rich.table import Table
 
-from ..cli import model_app
 from ._common import DeviceMapOpt, DeviceOpt, DtypeOpt, Load4Opt, Load8Opt, ModelOpt, load, out
+
+model_app = typer.Typer(help="Load and describe models.", no_args_is_help=True)  # `ec model`, added by eclens.cli
 
 
 @model_app.command("info")

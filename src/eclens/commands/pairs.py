@@ -7,8 +7,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..cli import pairs_app
 from ._common import ModelOpt, console, out
+
+pairs_app = typer.Typer(help="Check and import minimal pairs.", no_args_is_help=True)  # `ec pairs`, added by eclens.cli
 
 
 @pairs_app.command("check")

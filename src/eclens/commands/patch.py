@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import typer
 from rich.table import Table
 
-from ..cli import app
 from ._common import DeviceOpt, DtypeOpt, ModelOpt, console, out
+
+app = typer.Typer()  # its commands are registered on `ec` by eclens.cli
 
 MODES = ("exact", "dims", "attribution")
 
@@ -49,110 +48,36 @@ def _parse_dims(spec: str) -> list[int]:
     return dims
 
 
-def open_run(source: Path, out_dir: Path | None, model, max_pairs: int | None, raw=None):
-    """The run folder and its aligned pairs: from ``RUN/pairs.jsonl``, or a raw pairs file aligned now
-    (``pairs.jsonl``, ``rejected.jsonl`` and ``check.csv`` written into ``--out``; ``raw``: its pairs,
-    already read). A raw file without one valid pair is an error before anything is written."""
+def open_patch_run(source: Path, out_dir: Path | None, m, raw=None, ctx=None) -> tuple[Path, list]:
+    """The run folder and its aligned pairs: ``RUN/pairs.jsonl``, or a raw pairs file aligned and written
+    into ``--out`` once (``raw``: its pairs, already read). Refuses another model's run folder."""
     from ..errors import EclensError
-    from ..model import manifest_model_entry, model_id, weights_hash
-    from ..pairs import check_with_model, load_aligned, load_pairs, write_jsonl
-    from ..runs import check_manifest_model, file_sha256, update_manifest, write_table
+    from ..model import manifest_model_entry
+    from ..runs import check_manifest_model, read_manifest
+    from ._common import aligned_pairs
 
     if not source.exists():
         raise EclensError(f"{source}: no such run folder or pairs file")
     if source.is_dir():
-        run = out_dir or source
-        pairs_file = source / "pairs.jsonl"
-        if not pairs_file.exists():
+        if not (source / "pairs.jsonl").exists():
             raise EclensError(f"{source}: no pairs.jsonl in this run folder; pass a pairs file instead "
                               "(ec patch pairs.jsonl --out RUN)")
-        wh = weights_hash(model)
-        check_manifest_model(source, model_id(model), wh)
-        pairs = load_aligned(pairs_file)
-        if run != source:
-            check_manifest_model(run, model_id(model), wh)
-            write_jsonl(run / "pairs.jsonl", pairs)
-        n_total = len(pairs)
-        dataset = None
+        run = out_dir or source
+    elif out_dir is None:
+        raise EclensError(f"{source} is a pairs file: give --out RUN, the folder to write results into")
     else:
-        if out_dir is None:
-            raise EclensError(f"{source} is a pairs file: give --out RUN, the folder to write results into")
         run = out_dir
-        check_manifest_model(run, model_id(model), weights_hash(model))
-        if raw is None:
-            raw = load_pairs(source)
-        res = check_with_model(raw, model)
-        if not res.valid:
-            raise res.none_valid_error(source)
-        run.mkdir(parents=True, exist_ok=True)
-        write_jsonl(run / "pairs.jsonl", res.valid)
-        write_jsonl(run / "rejected.jsonl", res.rejected)
-        write_table(res.by_category(), run / "check.csv")
-        pairs = res.valid
-        n_total = res.n_total
-        dataset = {"path": str(source), "sha256": file_sha256(source), "n_pairs": res.n_total,
-                   "n_valid": len(res.valid)}
-        if res.rejected:
-            console.print(f"[yellow]{len(res.rejected)} of {res.n_total} pairs rejected[/yellow] "
+    entry = manifest_model_entry(m)
+    for folder in dict.fromkeys((source, run) if source.is_dir() else (run,)):
+        check_manifest_model(folder, entry["name"], entry["weights_hash"])
+    new = {} if read_manifest(run).get("model") else {"model": entry}
+
+    def say(chk) -> None:
+        if chk.rejected:
+            console.print(f"[yellow]{len(chk.rejected)} of {chk.n_total} pairs rejected[/yellow] "
                           f"(reasons in {run / 'rejected.jsonl'})")
-    if not pairs:
-        raise EclensError(f"{source}: no valid pairs (of {n_total}); see `ec pairs check`")
-    if max_pairs is not None:
-        if max_pairs < 1:
-            raise EclensError("--max-pairs must be at least 1")
-        pairs = pairs[:max_pairs]
-    fields: dict = {}
-    from ..runs import read_manifest
 
-    man = read_manifest(run)
-    if not man.get("model"):
-        fields["model"] = manifest_model_entry(model)
-    if dataset is not None:
-        fields["dataset"] = dataset
-    if fields:
-        update_manifest(run, **fields)
-    return run, pairs
-
-
-def _save_tensors(run: Path, tensors: dict, meta: dict) -> None:
-    """Merge into ``patch.safetensors`` (other modes' tensors are kept)."""
-    from safetensors import safe_open
-    from safetensors.torch import load_file
-
-    from ..runs import save_tensors
-
-    path = run / "patch.safetensors"
-    old, old_meta = {}, {}
-    if path.exists():
-        old = load_file(str(path))
-        with safe_open(str(path), framework="pt") as fh:
-            old_meta = fh.metadata() or {}
-    prefixes = {k.split("/", 1)[0] for k in tensors}
-    old = {k: v for k, v in old.items() if k.split("/", 1)[0] not in prefixes}  # a rerun replaces its mode
-    old.update(tensors)
-    old_meta.update({k: json.dumps(v) if not isinstance(v, str) else v for k, v in meta.items()})
-    save_tensors(old, path, metadata=old_meta)
-
-
-def _merge_json(path: Path, key: str, value: dict) -> None:
-    from ..runs import write_json
-
-    doc = {}
-    if path.exists():
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            doc = {}
-    doc[key] = value
-    write_json(path, doc)
-
-
-def _record_step(run: Path, mode: str, entry: dict) -> None:
-    from ..runs import read_manifest, update_manifest
-
-    steps = (read_manifest(run).get("steps") or {}).get("patch") or {}
-    steps[mode] = entry
-    update_manifest(run, steps={"patch": steps})
+    return run, aligned_pairs(m, source, run, ctx, raw=raw, manifest=new, say=say)
 
 
 @app.command("patch")
@@ -190,7 +115,6 @@ def patch(
     (denoise) or break it in the clean run (noise)."""
     from ..errors import EclensError
     from ..metrics import METRICS
-    from ..runs import write_table
     from ._common import load, preflight_pairs
 
     if mode not in MODES:
@@ -209,6 +133,7 @@ def patch(
                           "or test one set with --dims")
     raw = preflight_pairs(source)
     from .. import distributed as D
+    from .. import steps as S
 
     ctx = D.init(device)  # under torchrun: shard the pairs over ranks, rank 0 writes
     if ctx.active and mode == "attribution":
@@ -216,96 +141,52 @@ def patch(
                           "run --mode attribution in one process")
     device = D.local_device(device, ctx)
     m = load(model, device, dtype)
-    if ctx.is_main:
-        run, pairs = open_run(source, out_dir, m, max_pairs, raw)
-    D.barrier(ctx)
-    if not ctx.is_main:  # read what rank 0 wrote
-        run, pairs = open_run(out_dir or source, None, m, max_pairs)
-    all_pairs, pairs = pairs, D.shard(pairs, ctx)
+    run, pairs = open_patch_run(source, out_dir, m, raw, ctx)
+    if max_pairs is not None:
+        if max_pairs < 1:
+            raise EclensError("--max-pairs must be at least 1")
+        pairs = pairs[:max_pairs]
     from .. import patch as P
 
     hook_list = P.parse_hooks(hooks, m) if hooks else []
     layer_list = _parse_layers(layers, m.cfg.n_layers)
-    ids = [p.id for p in pairs]
-    t0 = time.perf_counter()
-    params = {"mode": mode, "hooks": hook_list, "heads": heads, "direction": direction, "metric": metric,
-              "seed": seed, "n_pairs": len(all_pairs), "batch_size": batch_size}
-    if mode == "exact":
-        df = P.exact_patch(m, pairs, hooks=hook_list, direction=direction, heads=heads, layers=layer_list,
-                           batch_size=batch_size, progress=ctx.is_main)
-        base = P.pair_baselines(m, pairs)
-        if ctx.active:  # every pair is patched independently: the ranks' rows, back in pair order
-            import pandas as pd
-
-            order = {p.id: i for i, p in enumerate(all_pairs)}
-            parts = D.all_gather((df, base), ctx)
-            df = pd.concat([d for d, _ in parts], ignore_index=True)
-            df = df.iloc[df["pair_id"].map(order).argsort(kind="stable")].reset_index(drop=True)
-            base = pd.concat([b for _, b in parts], ignore_index=True)
-            base = base.iloc[base["pair_id"].map(order).argsort(kind="stable")].reset_index(drop=True)
-            ids = [p.id for p in all_pairs]
-            if not ctx.is_main:
-                D.shutdown(ctx)
-                return
-        write_table(df, run / "patch_exact.csv")
-        write_table(base, run / "patch_baselines.csv")
-        tensors = {}
-        for m_name in METRICS:
-            tensors.update(P.exact_tensors(df, ids, m.cfg.n_layers, f"{m_name}_restored"))
-        _save_tensors(run, tensors, {"exact_pair_ids": ids})
-        summary = P.exact_summary(df, metric)
-        summary["seconds"] = round(time.perf_counter() - t0, 2)
-        files = ["patch_exact.csv", "patch_baselines.csv", "patch.safetensors"]
-        _print_exact(summary)
-    elif mode == "dims":
-        if dims:
-            if len(hook_list) != 1 or layer is None:
-                raise EclensError("--dims needs exactly one --hooks entry and --layer")
-            sets = [P.DimSet(hook_list[0], layer, _parse_dims(dims), offset, "manual")]
+    dist = ctx if ctx.active else None
+    try:
+        if mode == "exact":
+            done = S.exact_step(run, m, pairs, S.ExactConfig(hooks=hook_list, direction=direction, heads=heads,
+                                                             layers=layer_list, metric=metric,
+                                                             batch_size=batch_size), ctx=dist)
+            if done.status == "done":
+                _print_exact(read_summary(run)["exact"])
+        elif mode == "dims":
+            record = {"top_k": top_k, "kind": kind, "max_sets": max_sets}
+            if dims:
+                if len(hook_list) != 1 or layer is None:
+                    raise EclensError("--dims needs exactly one --hooks entry and --layer")
+                sets = [P.DimSet(hook_list[0], layer, _parse_dims(dims), offset, "manual")]
+            else:
+                sets = P.candidate_sets(str(cpath), kind=kind, top_k=top_k, max_sets=max_sets)
+                record["candidates"] = str(cpath)
+            done = S.dims_step(run, m, pairs, sets, S.DimsConfig(
+                method=ablation, direction=direction, metric=metric, n_controls=n_controls, alpha=alpha, seed=seed,
+                batch_size=batch_size, record=record), ctx=dist)
+            if done.status == "done":
+                _print_dims(done.value, metric, read_summary(run)["dims"]["verdict"])
         else:
-            sets = P.candidate_sets(str(cpath), kind=kind, top_k=top_k, max_sets=max_sets)
-            params["candidates"] = str(cpath)
-        res = P.dims_interventions(m, pairs, sets, method=ablation, n_controls=n_controls, seed=seed,
-                                   direction=direction, metric=metric, alpha=alpha, batch_size=batch_size,
-                                   progress=ctx.is_main, dist=ctx)
-        if not ctx.is_main:
-            D.shutdown(ctx)
-            return
-        write_table(res.table, run / "patch_dims.csv")
-        write_table(res.controls, run / "patch_dims_controls.csv")
-        t = res.table
-        n_sig = int(t["significant"].sum())
-        summary = {
-            "method": ablation, "metric": metric, "alpha": alpha, "n_controls": n_controls,
-            "n_sets": len(sets), "n_tests": int(len(t)), "n_significant": n_sig,
-            "verdict": (f"{n_sig} of {len(t)} set tests beat their random controls (BH q < {alpha})" if n_sig else
-                        f"null: no set beats its random controls at BH q < {alpha} ({len(t)} tests)"),
-            "sets": t[["set", "direction", "n_pairs", f"{metric}_effect", f"{metric}_control_mean",
-                       f"{metric}_z", f"{metric}_p", f"{metric}_q", "verdict"]].to_dict(orient="records"),
-            "seconds": round(time.perf_counter() - t0, 2),
-        }
-        params.update(ablation=ablation, n_controls=n_controls, top_k=top_k, kind=kind, alpha=alpha)
-        files = ["patch_dims.csv", "patch_dims_controls.csv"]
-        _print_dims(t, metric, summary["verdict"])
-    else:
-        t_attr = time.perf_counter()
-        df, dim_scores = P.attribution_patch(m, pairs, hooks=hook_list, heads=heads, direction=direction,
-                                             metric=metric, verify_top=verify_top, seed=seed,
-                                             exact_batch_size=batch_size, progress=True, return_dims=True)
-        write_table(df, run / "patch_attribution.csv")
-        tensors = {f"attribution_dims/{k}": v for k, v in dim_scores.items()}
-        _save_tensors(run, tensors, {"attribution_pair_ids": ids})
-        summary = P.attribution_summary(df, verify_top or None)
-        summary.update(metric=metric, verify_top=verify_top, seconds=round(time.perf_counter() - t_attr, 2))
-        params["verify_top"] = verify_top
-        files = ["patch_attribution.csv", "patch.safetensors"]
-        _print_attribution(df, summary)
-    files.append("patch_summary.json")
-    _merge_json(run / "patch_summary.json", mode, summary)
-    params["world_size"] = ctx.world_size
-    _record_step(run, mode, {"params": params, "seconds": round(time.perf_counter() - t0, 2), "files": files})
-    D.shutdown(ctx)
-    console.print(f"wrote {', '.join(files)} to {run}")
+            done = S.attribution_step(run, m, pairs, S.AttributionConfig(
+                hooks=hook_list, heads=heads, direction=direction, metric=metric, verify_top=verify_top, seed=seed,
+                batch_size=batch_size))
+            _print_attribution(done.value, read_summary(run)["attribution"])
+    finally:
+        D.shutdown(ctx)
+    if done.status == "done":
+        console.print(f"wrote {', '.join([*done.files, 'patch_summary.json'])} to {run}")
+
+
+def read_summary(run: Path) -> dict:
+    from ..runs import RunData
+
+    return RunData(run).patch_summary or {}
 
 
 def _print_exact(summary: dict) -> None:

@@ -11,8 +11,10 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..cli import app, pairs_app
 from ._common import ModelOpt, console, out
+from .pairs import pairs_app
+
+app = typer.Typer()  # its commands are registered on `ec` by eclens.cli
 
 import_app = typer.Typer(help="Import pairs from other formats (BLiMP, CSV) as eclens JSONL.", no_args_is_help=True)
 pairs_app.add_typer(import_app, name="import")

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import typer
 
-from ..cli import app
 from ._common import DeviceOpt, DtypeOpt, ModelOpt, console, out
+
+app = typer.Typer()  # its commands are registered on `ec` by eclens.cli
 
 
 @app.command("report")
@@ -24,11 +25,12 @@ def report(
                                   "browser from 2023 or later)"),
 ) -> None:
     """One self-contained HTML report of a run (opens with no network)."""
-    from ..report import build_report, report_size_note
+    from ..report import report_size_note
+    from ..steps import report_step
 
     with console.status(f"building the report of {run}"):
-        path = build_report(run, out_file, n_examples=examples, layer=layer, pair_views=pair_views,
-                            compress=compress)
+        path = report_step(run, n_examples=examples, out=out_file, layer=layer, pair_views=pair_views,
+                           compress=compress).value
     out.print(f"report: {path} ({report_size_note(path)})")
 
 

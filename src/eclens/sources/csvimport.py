@@ -13,12 +13,12 @@ import os
 from pathlib import Path
 
 from ..errors import PairFileError
-from ..pairs import MinimalPair, _read_text, check_pairs, load_csv
+from ..pairs import MinimalPair, check_pairs, load_csv, read_text
 
 
 def csv_header(path: str | os.PathLike, delimiter: str | None = None) -> list[str]:
     path = Path(path)
-    text = _read_text(path)
+    text = read_text(path)
     if delimiter is None:
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     try:

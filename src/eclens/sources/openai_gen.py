@@ -37,7 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import EclensError, PairFileError
-from ..pairs import AlignedPair, MinimalPair, _pair_from_record, align, pair_id
+from ..pairs import AlignedPair, MinimalPair, align, pair_from_record, pair_id
 from ..runs import write_json
 from .categories import CATEGORIES, resolve_categories
 
@@ -338,7 +338,7 @@ def read_existing(path: Path, tokenizer, *, prepend_bos: bool, max_len: int | No
         except json.JSONDecodeError as e:
             raise PairFileError(path, f"invalid JSON ({e.msg}, column {e.colno}) in the file to resume; fix or "
                                 "delete that line, or use a new --out file", i) from None
-        p = _pair_from_record(rec, path, i, {"source": SOURCE})
+        p = pair_from_record(rec, path, i, {"source": SOURCE})
         if p.id in seen_ids:
             raise PairFileError(path, f"duplicate pair id {p.id!r} (first at line {seen_ids[p.id]}); remove the "
                                 "repeat or use a new --out file", i)

@@ -1,0 +1,427 @@
+"""The analysis steps of a run, each computed, written and recorded once.
+
+Every step takes a run folder, the model, the run's aligned pairs and a config dataclass,
+writes its files of ``docs/run-folder.md`` atomically, records itself in the manifest
+(:func:`eclens.runs.record_step`, :func:`eclens.runs.record_patch`) and returns a
+:class:`StepOutcome`. ``ec diff``, ``ec patch``, ``ec report``, ``ec run``
+(:func:`eclens.pipeline.run_pipeline`) and the study in ``experiments/`` all call these,
+so a table means the same thing whichever of them wrote it.
+
+Under ``torchrun`` (``ctx``: an :func:`eclens.distributed.init` context) every rank
+computes its shard and only rank 0 writes; the other ranks get ``status == "worker"``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .diff import DiffConfig
+from .runs import merge_tensors, prepare_run_pairs, record_patch, write_table
+
+
+@dataclass
+class StepOutcome:
+    status: str          # done | empty (nothing to do: recorded as such) | worker (a torchrun rank > 0: wrote nothing)
+    files: list[str]
+    headline: str
+    value: Any = None    # the step's result: the aligned pairs, the DiffResult, the tables ...
+
+
+def _worker() -> StepOutcome:
+    return StepOutcome("worker", [], "")
+
+
+# ----------------------------------------------------------------------------- pairs
+
+
+def pairs_step(run: str | Path, model, source: str | Path | None = None, *, n_per_category: int = 25,
+               seed: int = 0, fmt: str | None = None, raw: Sequence | None = None,
+               manifest: dict | None = None) -> StepOutcome:
+    """Align the run's pairs under ``model`` and write ``pairs.jsonl``, ``rejected.jsonl``, ``check.csv``.
+
+    ``source``: a pairs file (``raw``: its pairs, if already read), a run folder (its ``pairs.jsonl``), or
+    ``None`` for template pairs (``n_per_category``, ``seed``). ``manifest``: further fields to record.
+    """
+    manifest = manifest or {}
+    import hashlib
+    import json
+
+    from .pairs import check_with_model
+    from .runs import save_check
+
+    run = Path(run)
+    if source is None:
+        from .sources.templates import generate_templates
+
+        raw = generate_templates(model.tokenizer, n_per_category=n_per_category, seed=seed,
+                                 prepend_bos=bool(model.cfg.default_prepend_bos))
+        blob = "\n".join(json.dumps(p.to_dict(), sort_keys=True, ensure_ascii=False) for p in raw)
+        dataset = {"path": f"templates(n_per_category={n_per_category}, seed={seed})",
+                   "sha256": hashlib.sha256(blob.encode()).hexdigest()}
+        res = check_with_model(raw, model)
+        save_check(run, res, dataset["path"], dataset, **manifest)
+        aligned = res.valid
+    else:
+        aligned, res = prepare_run_pairs(model, source, run, fmt, raw=raw, **manifest)
+    if res is None:
+        return StepOutcome("done", ["pairs.jsonl"], f"{len(aligned)} aligned pairs from {Path(source) / 'pairs.jsonl'}",
+                           aligned)
+    cats = len({a.category for a in res.valid})
+    head = f"{len(res.valid)} valid pairs in {cats} categories, {len(res.rejected)} rejected"
+    return StepOutcome("done", ["pairs.jsonl", "rejected.jsonl", "check.csv"], head, res.valid)
+
+
+def spread_pairs(pairs: Sequence, n: int | None, shortest: bool = True) -> list:
+    """``n`` pairs taken from the categories in turn (shortest sentences first: patching cost
+    grows with the tokens after the change), deterministic; ``None``: every pair, in order."""
+    if n is None:
+        return list(pairs)
+    by_cat: dict[str, list] = {}
+    for a in pairs:
+        by_cat.setdefault(a.category, []).append(a)
+    for v in by_cat.values():
+        if shortest:
+            v.sort(key=lambda a: (a.length - a.position, a.length, a.id))
+    out: list = []
+    # Categories whose best pair is cheapest go first, so n=1 takes the cheapest pair overall.
+    cats = sorted(by_cat, key=lambda c: ((by_cat[c][0].length - by_cat[c][0].position) if shortest else 0, c))
+    while len(out) < n and any(by_cat.values()):
+        for cat in cats:
+            if by_cat[cat] and len(out) < n:
+                out.append(by_cat[cat].pop(0))
+    return out
+
+
+# ------------------------------------------------------------------------------ diff
+
+
+def diff_step(run: str | Path, model, pairs: Sequence, config: DiffConfig | None = None, *, batch_size: int = 16,
+              checkpoint_every: int = 50, ctx=None, progress: bool = True) -> StepOutcome:
+    """:func:`eclens.diff.run_diff` over ``pairs`` (resuming the run's checkpoint), its tables written
+    (:func:`save_diff`). Under torchrun every rank streams its shard and rank 0 merges and writes."""
+    from . import distributed as D
+    from .diff import resolve_categories, run_diff
+
+    run = Path(run)
+    cfg = config or DiffConfig()
+    if ctx is not None and ctx.active:  # every rank must keep the same category rows, whatever its shard holds
+        mode, labels = resolve_categories(pairs, list(cfg.categories) or cfg.by_category)
+        cfg = replace(cfg, categories=labels if mode != "none" else [],
+                      by_category=cfg.by_category if mode != "none" else "none")
+        res = run_diff(model, D.shard(pairs, ctx), batch_size=batch_size, run=run / f"rank{ctx.rank}of{ctx.world_size}",
+                       checkpoint_every=checkpoint_every, progress=ctx.is_main, config=cfg)
+        res = D.merge_diff(res, ctx)
+        if not ctx.is_main:
+            return _worker()
+    else:
+        res = run_diff(model, pairs, batch_size=batch_size, run=run, checkpoint_every=checkpoint_every,
+                       progress=progress, config=cfg)
+    files = save_diff(run, res, batch_size=batch_size)
+    s = res.summary
+    nc = s.get("n_candidates") or {}
+    con = s.get("contrasts") or {}
+    nsig = sum((con.get("n_significant") or {}).values())
+    head = (f"{nc.get('stable', 0)} stable and {nc.get('responsive', 0)} responsive candidates (all pairs); "
+            f"{nsig} significant category contrasts")
+    return StepOutcome("done", files, head, res)
+
+
+def save_diff(run: str | Path, res, *, batch_size: int | None, from_cache: str | None = None,
+              manifest: dict | None = None) -> list[str]:
+    """Write a :class:`~eclens.diff.DiffResult` into ``run`` and record the ``diff`` step (``manifest``:
+    further fields to record with it); returns the files."""
+    from .runs import update_manifest
+
+    files = res.save(run)
+    step = res.manifest_step(files, batch_size=batch_size, seconds=res.timing.get("seconds"),
+                             from_cache=from_cache, contrast_offsets=res.config.contrast_offsets)
+    update_manifest(run, **(manifest or {}), steps={"diff": step})
+    return files
+
+
+# ----------------------------------------------------------------------------- exact
+
+
+@dataclass
+class ExactConfig:
+    hooks: Sequence[str] | str | None = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
+    direction: str = "both"              # denoise | noise | both
+    heads: bool = False                  # also patch attention heads one at a time
+    layers: list[int] | None = None      # None: every layer
+    metric: str = "logit_diff"           # ranks the summary's top cells
+    batch_size: int = 64
+    n_pairs: int | None = None           # None: every pair given; else spread_pairs(pairs, n_pairs)
+
+
+def exact_step(run: str | Path, model, pairs: Sequence, config: ExactConfig | None = None, *, ctx=None,
+               progress: bool = True) -> StepOutcome:
+    """Exact patching maps: ``patch_exact.csv``, ``patch_baselines.csv``, ``patch.safetensors``."""
+    from . import distributed as D
+    from . import patch as P
+    from .metrics import METRICS
+
+    run, cfg, t0 = Path(run), config or ExactConfig(), time.perf_counter()
+    active = ctx is not None and ctx.active
+    all_pairs = spread_pairs(pairs, cfg.n_pairs)
+    mine = D.shard(all_pairs, ctx) if active else all_pairs
+    hooks = P.parse_hooks(cfg.hooks, model) if cfg.hooks else []
+    df = P.exact_patch(model, mine, hooks=hooks, direction=cfg.direction, heads=cfg.heads, layers=cfg.layers,
+                       batch_size=cfg.batch_size, progress=progress and (ctx is None or ctx.is_main))
+    base = P.pair_baselines(model, mine)
+    if active:  # every pair is patched independently: the ranks' rows, back in pair order
+        import pandas as pd
+
+        order = {p.id: i for i, p in enumerate(all_pairs)}
+        parts = D.all_gather((df, base), ctx)
+        df = pd.concat([d for d, _ in parts], ignore_index=True)
+        df = df.iloc[df["pair_id"].map(order).argsort(kind="stable")].reset_index(drop=True)
+        base = pd.concat([b for _, b in parts], ignore_index=True)
+        base = base.iloc[base["pair_id"].map(order).argsort(kind="stable")].reset_index(drop=True)
+        if not ctx.is_main:
+            return _worker()
+    ids = [a.id for a in all_pairs]
+    write_table(df, run / "patch_exact.csv")
+    write_table(base, run / "patch_baselines.csv")
+    tensors = {}
+    for m in METRICS:
+        tensors.update(P.exact_tensors(df, ids, model.cfg.n_layers, f"{m}_restored"))
+    merge_tensors(run / "patch.safetensors", tensors, {"exact_pair_ids": ids})
+    summary = P.exact_summary(df, cfg.metric)
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    files = ["patch_exact.csv", "patch_baselines.csv", "patch.safetensors"]
+    _record(run, "exact", {"hooks": hooks, "heads": cfg.heads, "direction": cfg.direction, "metric": cfg.metric,
+                           "layers": cfg.layers, "batch_size": cfg.batch_size, "pairs": ids}, t0, files, summary, ctx)
+    top = (summary.get("top") or [{}])[0]
+    col = f"{cfg.metric}_restored"
+    head = f"maps for {len(ids)} pairs ({len(df)} patched runs)"
+    if top and col in top:
+        head += (f"; strongest: {top['direction']} {top['hook']} L{top['layer']} at {top['position_kind']} "
+                 f"restores {top[col]:.2f}")
+    return StepOutcome("done", files, head, df)
+
+
+def _record(run: Path, mode: str, params: dict, t0: float, files: list[str], summary: dict, ctx) -> None:
+    params = {"mode": mode, **params, "world_size": ctx.world_size if ctx is not None else 1}
+    record_patch(run, mode, {"params": params, "seconds": round(time.perf_counter() - t0, 2),
+                             "files": [*files, "patch_summary.json"]}, summary)
+
+
+# ------------------------------------------------------------------------------ dims
+
+
+@dataclass
+class DimsConfig:
+    method: str = "patch"                # zero | mean | resample | patch
+    direction: str = "denoise"           # denoise | noise | both
+    metric: str = "logit_diff"           # decides `significant`
+    auto_metric: bool = False            # sets after p are judged by kl when metric is logit_diff (dims_metric)
+    n_controls: int = 100
+    alpha: float = 0.05
+    seed: int = 0
+    batch_size: int = 64
+    n_pairs: int | None = None           # None: every pair given; else spread_pairs over the pairs of each test
+    # Per set kind, the test that fits its claim: kind -> (method, direction), instead of method/direction.
+    tests: dict[str, tuple[str, str]] | None = None
+    record: dict = field(default_factory=dict)  # further parameters to record (how the sets were chosen)
+
+
+# A set to test: a DimSet (tested on every pair) or (DimSet, category of the pairs to test it on, None: all).
+SetSpec = Any
+SetChooser = Callable[[Path], Sequence[SetSpec]]
+
+
+def dims_metric(sets, metric: str) -> str:
+    """``logit_diff`` is read at the changed token, so a patch after it cannot move it; sets
+    after ``p`` are judged by the downstream KL, which reads every position from ``p`` on."""
+    return metric if metric != "logit_diff" or all(s.offset == 0 for s in sets) else "kl"
+
+
+def choose_sets(cand, max_sets: int, top_k: int) -> list:
+    """``ec run``'s set chooser: the candidate sets worth a causal test, over all pairs: one (hook, layer,
+    offset) group per set, groups at the changed token first (offset 0: every metric reads at or after it),
+    then the nearest later offsets; within an offset groups with ``top_k`` candidates before
+    smaller ones, and the most consistent first —
+    stable by the lowest mean ``absz_q90`` of its ``top_k`` best dims, responsive by the
+    highest mean ``absz_median`` — alternating kinds so both claims get a test."""
+    from .patch import DimSet
+
+    if cand.empty or not {"kind", "hook", "layer", "offset", "dim", "rank"} <= set(cand.columns):
+        return []
+    pool = cand[cand["category"] == "all"] if "category" in cand.columns else cand
+    ranked: dict[str, list] = {}
+    for kind, score, asc in (("stable", "absz_q90", True), ("responsive", "absz_median", False)):
+        groups = []
+        for (h, L, off), d in pool[pool["kind"] == kind].groupby(["hook", "layer", "offset"], sort=True):
+            d = d.sort_values("rank").drop_duplicates("dim").head(top_k)
+            val = float(d[score].mean()) if score in d.columns else float(d["rank"].mean())
+            off_key = int(off) if int(off) >= 0 else 10**6  # the last token after every p+k
+            # full sets of top_k dims before groups with fewer candidates
+            groups.append(((off_key, len(d) < top_k, val if asc else -val, str(h), int(L)),
+                           DimSet(str(h), int(L), d["dim"].astype(int).tolist(), int(off), kind)))
+        ranked[kind] = [g for _, g in sorted(groups, key=lambda x: x[0])]
+    sets: list = []
+    while len(sets) < max_sets and any(ranked.values()):
+        for kind in ("stable", "responsive"):
+            if ranked[kind] and len(sets) < max_sets:
+                sets.append(ranked[kind].pop(0))
+    return sets
+
+
+def run_candidates(run: str | Path, max_sets: int, top_k: int) -> list:
+    """:func:`choose_sets` over ``RUN/candidates.csv`` (an empty file: no sets)."""
+    import pandas as pd
+
+    path = Path(run) / "candidates.csv"
+    cand = pd.read_csv(path) if path.exists() and path.stat().st_size > 1 else pd.DataFrame()
+    return choose_sets(cand, max_sets, top_k)
+
+
+def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] | SetChooser,
+              config: DimsConfig | None = None, *, ctx=None, progress: bool = True,
+              log: Callable[[str], None] | None = None) -> StepOutcome:
+    """Each dimension set against random sets of the same size at its hook, layer and position:
+    ``patch_dims.csv``, ``patch_dims_controls.csv``.
+
+    ``sets``: the sets (:data:`SetSpec`), or a chooser called with the run folder. Sets that share a test
+    (method, direction) and their pairs share one :func:`eclens.patch.dims_interventions` call (seeded
+    ``seed + i`` for the ``i``-th call); with per-kind ``tests`` or per-category pairs, each row also says
+    which pairs (``pairs_category``) and which metric (``decided_by``) decided it.
+    """
+    import pandas as pd
+
+    from . import distributed as D
+    from . import patch as P
+
+    run, cfg, t0 = Path(run), config or DimsConfig(), time.perf_counter()
+    chosen = sets(run) if callable(sets) else sets
+    specs = [(s, None) if isinstance(s, P.DimSet) else (s[0], s[1]) for s in chosen]
+    files = ["patch_dims.csv", "patch_dims_controls.csv"]
+    if not specs:
+        for f in files:  # tables of earlier sets would describe something this step no longer tests
+            (run / f).unlink(missing_ok=True)
+        summary = {"metric": cfg.metric, "n_sets": 0, "n_tests": 0, "n_significant": 0,
+                   "verdict": "null: diff found no candidate dimensions over all pairs, so there is nothing to test"}
+        _record(run, "dims", {**cfg.record}, t0, [], summary, ctx)
+        return StepOutcome("empty", [], summary["verdict"], None)
+    calls: dict[tuple, list] = {}
+    for s, cat in specs:
+        method, direction = (cfg.tests or {}).get(s.kind, (cfg.method, cfg.direction)) if cfg.tests else \
+            (cfg.method, cfg.direction)
+        calls.setdefault((method, direction, cat), []).append(s)
+    tagged = cfg.tests is not None or any(cat is not None for _, cat in specs)
+    tables, controls, used, metrics = [], [], {}, []
+    for i, ((method, direction, cat), ss) in enumerate(calls.items()):
+        pool = [a for a in pairs if cat is None or a.category == cat]
+        chosen_pairs = spread_pairs(pool, cfg.n_pairs)
+        m = dims_metric(ss, cfg.metric) if cfg.auto_metric else cfg.metric
+        if m != cfg.metric and log is not None:
+            log(f"      no {cfg.metric}-visible candidates at the changed token; judging sets after it by {m}")
+        mine = D.shard(chosen_pairs, ctx) if ctx is not None and ctx.active else chosen_pairs
+        res = P.dims_interventions(model, mine, ss, method=method, n_controls=cfg.n_controls,
+                                   seed=cfg.seed + i, direction=direction, metric=m, alpha=cfg.alpha,
+                                   batch_size=cfg.batch_size, progress=progress and (ctx is None or ctx.is_main),
+                                   dist=ctx)
+        if ctx is not None and not ctx.is_main:
+            continue
+        t = res.table.assign(pairs_category=cat or "all", decided_by=m) if tagged else res.table
+        tables.append(t)
+        controls.append(res.controls)
+        metrics.append(m)
+        used[f"{method}:{direction}:{cat or 'all'}"] = [a.id for a in chosen_pairs]
+    if ctx is not None and not ctx.is_main:
+        return _worker()
+    table = pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
+    write_table(table, run / files[0])
+    write_table(pd.concat(controls, ignore_index=True) if len(controls) > 1 else controls[0], run / files[1])
+    n_sig = int(table["significant"].sum())
+    m = metrics[0] if len(set(metrics)) == 1 else "/".join(dict.fromkeys(metrics))
+    q = f"BH q < {cfg.alpha}" + (" per call" if len(calls) > 1 else "")
+    methods = list(dict.fromkeys(k[0] for k in calls))
+    summary = {
+        "method": methods[0] if len(methods) == 1 else " / ".join(f"{v[0]} ({k})" for k, v in cfg.tests.items()),
+        "metric": m, "alpha": cfg.alpha, "n_controls": cfg.n_controls, "n_sets": len(specs),
+        "n_tests": int(len(table)), "n_significant": n_sig,
+        "n_pairs": len(next(iter(used.values()))) if len(used) == 1 else {k: len(v) for k, v in used.items()},
+        "verdict": (f"{n_sig} of {len(table)} set tests beat their random controls on {m} ({q})" if n_sig else
+                    f"null: no set beats its random controls on {m} at {q} ({len(table)} tests)"),
+    }
+    if len(set(metrics)) == 1:
+        summary["sets"] = table[["set", "direction", "n_pairs", f"{m}_effect", f"{m}_control_mean", f"{m}_z",
+                                 f"{m}_p", f"{m}_q", "verdict"]].to_dict(orient="records")
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    params = {"method": summary["method"], "metric": m, "n_controls": cfg.n_controls, "alpha": cfg.alpha,
+              "seed": cfg.seed, "sets": [s.label for s, _ in specs],
+              "pairs": next(iter(used.values())) if len(used) == 1 else used, **cfg.record}
+    if cfg.tests:
+        params["tests"] = {k: list(v) for k, v in cfg.tests.items()}
+    else:
+        params["direction"] = cfg.direction
+    _record(run, "dims", params, t0, files, summary, ctx)
+    return StepOutcome("done", files, summary["verdict"], table)
+
+
+# ------------------------------------------------------------------------ attribution
+
+
+@dataclass
+class AttributionConfig:
+    hooks: Sequence[str] | str | None = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
+    heads: bool = False
+    direction: str = "denoise"
+    metric: str = "logit_diff"
+    verify_top: int = 0                  # exact-patch the top K (+K random) components per pair
+    seed: int = 0
+    batch_size: int = 64                 # patched copies per forward pass in the verification
+    n_pairs: int | None = None           # None: every pair given; else spread_pairs(pairs, n_pairs)
+
+
+def attribution_step(run: str | Path, model, pairs: Sequence, config: AttributionConfig | None = None, *,
+                     progress: bool = True) -> StepOutcome:
+    """Attribution patching (gradient x activation difference), top components verified by exact
+    patching: ``patch_attribution.csv`` and ``attribution_dims/*`` in ``patch.safetensors``."""
+    from . import patch as P
+
+    run, cfg, t0 = Path(run), config or AttributionConfig(), time.perf_counter()
+    chosen = spread_pairs(pairs, cfg.n_pairs)
+    hooks = P.parse_hooks(cfg.hooks, model) if cfg.hooks else []
+    df, dim_scores = P.attribution_patch(model, chosen, hooks=hooks, heads=cfg.heads, direction=cfg.direction,
+                                         metric=cfg.metric, verify_top=cfg.verify_top, seed=cfg.seed,
+                                         exact_batch_size=cfg.batch_size, progress=progress, return_dims=True)
+    write_table(df, run / "patch_attribution.csv")
+    ids = [a.id for a in chosen]
+    merge_tensors(run / "patch.safetensors", {f"attribution_dims/{k}": v for k, v in dim_scores.items()},
+                  {"attribution_pair_ids": ids})
+    summary = P.attribution_summary(df, cfg.verify_top or None)
+    summary.update(metric=cfg.metric, verify_top=cfg.verify_top, seconds=round(time.perf_counter() - t0, 2))
+    files = ["patch_attribution.csv", "patch.safetensors"]
+    _record(run, "attribution", {"hooks": hooks, "heads": cfg.heads, "direction": cfg.direction,
+                                 "metric": cfg.metric, "verify_top": cfg.verify_top, "seed": cfg.seed,
+                                 "batch_size": cfg.batch_size, "pairs": ids}, t0, files, summary, None)
+    rho = summary.get("spearman")
+    head = f"{len(df)} components scored on {len(chosen)} pairs"
+    if rho is not None:
+        head += f"; Spearman with exact patching {rho:.2f} over {summary['n_verified']} verified"
+    return StepOutcome("done", files, head, df)
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def report_step(run: str | Path, model=None, *, n_examples: int = 4, out: str | Path | None = None,
+                layer: int | None = None, pair_views: bool = True, compress: bool = True) -> StepOutcome:
+    """``report.html`` (or ``out``): every table and figure of the run in one self-contained file
+    (:func:`eclens.report.build_report`)."""
+    from .report import build_report
+
+    path = build_report(run, out, model=model, n_examples=n_examples, layer=layer, pair_views=pair_views,
+                        compress=compress)
+    return StepOutcome("done", [path.name], f"{path} ({path.stat().st_size / 1e6:.1f} MB)", path)
+
+
+__all__ = ["StepOutcome", "pairs_step", "diff_step", "save_diff", "exact_step", "dims_step", "attribution_step",
+           "report_step", "ExactConfig", "DimsConfig", "AttributionConfig", "choose_sets", "run_candidates",
+           "dims_metric", "spread_pairs"]
