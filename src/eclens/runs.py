@@ -45,16 +45,15 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    # mkstemp creates 0600; the renamed file must have the mode a plain open() would give (0644 under umask 022)
-    # so that colleagues on a shared server can read the results.
-    with contextlib.suppress(OSError):
-        os.fchmod(fd, 0o666 & ~_umask())
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         with open(tmp_path, "rb") as fh:
             os.fsync(fh.fileno())
+        # mkstemp makes 0600 (and a writer may recreate the file); the result gets the mode a plain open()
+        # gives, 0644 under umask 022, so that colleagues on a shared server can read it.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
