@@ -161,3 +161,36 @@ def test_run_files_are_readable_under_the_umask_and_pairs_jsonl_is_valid_input(t
             assert stat.S_IMODE(f.stat().st_mode) == want, f.name
     got = load_pairs(run / "pairs.jsonl")  # eclens's own output is valid eclens input
     assert [p.id for p in got] == [a.id for a in three_runs["pairs"]]
+
+
+def test_a_runs_own_pairs_jsonl_loads_as_pairs(tmp_path):
+    from eclens.model import load_tokenizer
+    from eclens.pairs import AlignedPair, align, write_jsonl
+    from eclens.sources.templates import generate_templates
+
+    tok = load_tokenizer("smollm2-135m")
+    raw = generate_templates(tok, n_per_category=1, seed=0)
+    aligned = [a for a in (align(p, tok) for p in raw) if isinstance(a, AlignedPair)]
+    assert len(aligned) >= 5
+    write_jsonl(tmp_path / "pairs.jsonl", aligned)  # what every step writes as RUN/pairs.jsonl
+    assert "clean_ids" in (tmp_path / "pairs.jsonl").read_text()
+    got = load_pairs(tmp_path / "pairs.jsonl")
+    assert [(p.id, p.clean, p.corrupt, p.category, p.meta) for p in got] == \
+        [(a.id, a.pair.clean, a.pair.corrupt, a.category, a.pair.meta) for a in aligned]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o077])
+def test_atomic_writes_honour_the_umask(tmp_path, mask):
+    import torch
+
+    from eclens.runs import atomic_write, save_tensors, write_table
+
+    old = os.umask(mask)
+    try:
+        files = [atomic_write(tmp_path / "a.json", "{}"), write_table(pd.DataFrame({"x": [1]}), tmp_path / "t.csv"),
+                 write_table(pd.DataFrame({"x": [1]}), tmp_path / "t.parquet"),
+                 save_tensors({"x": torch.zeros(2)}, tmp_path / "t.safetensors")]
+    finally:
+        os.umask(old)
+    for f in files:
+        assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~mask, f.name
