@@ -245,7 +245,7 @@ def save_check(run: str | os.PathLike, res, source, dataset: dict, **manifest: A
 
 
 def prepare_run_pairs(model, source: str | os.PathLike, run: str | os.PathLike, fmt: str | None = None,
-                      raw: Sequence | None = None, **manifest: Any):
+                      raw: Sequence | None = None, manifest: dict | None = None):
     """Aligned pairs for a run: from a run folder's ``pairs.jsonl``, or a raw pairs file aligned now.
 
     A raw file (``raw``: its pairs, when the caller has read them already) is checked with
@@ -270,7 +270,7 @@ def prepare_run_pairs(model, source: str | os.PathLike, run: str | os.PathLike, 
     if not source.exists():
         raise EclensError(f"{source}: no such run folder or pairs file")
     res = check_with_model(raw if raw is not None else load_pairs(source, fmt=fmt), model)
-    save_check(run, res, source, {"path": str(source), "sha256": file_sha256(source)}, **manifest)
+    save_check(run, res, source, {"path": str(source), "sha256": file_sha256(source)}, **(manifest or {}))
     return res.valid, res
 
 

@@ -66,7 +66,7 @@ def pairs_step(run: str | Path, model, source: str | Path | None = None, *, n_pe
         save_check(run, res, dataset["path"], dataset, **manifest)
         aligned = res.valid
     else:
-        aligned, res = prepare_run_pairs(model, source, run, fmt, raw=raw, **manifest)
+        aligned, res = prepare_run_pairs(model, source, run, fmt, raw=raw, manifest=manifest)
     if res is None:
         return StepOutcome("done", ["pairs.jsonl"], f"{len(aligned)} aligned pairs from {Path(source) / 'pairs.jsonl'}",
                            aligned)

@@ -58,7 +58,7 @@ def aligned_pairs(m, source: Path, run: Path, ctx=None, *, fmt: str | None = Non
 
     main = ctx is None or ctx.is_main
     if main:
-        aligned, chk = prepare_run_pairs(m, source, run, fmt, raw=raw, **(manifest or {}))
+        aligned, chk = prepare_run_pairs(m, source, run, fmt, raw=raw, manifest=manifest)
         if chk is not None and say is not None:
             say(chk)
     elif raw is not None:  # fail with rank 0 on a file without one valid pair rather than wait for it
