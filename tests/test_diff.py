@@ -132,7 +132,7 @@ def rel_err(a, b):
     return float(np.linalg.norm(a[ok] - b[ok]) / (den if den > 0 else 1.0))
 
 
-def compare_to_brute(res: DiffResult, ref, names, categories, tol, sample_tol):
+def compare_to_brute(res: DiffResult, ref, names, categories, tol, sample_tol, same_batches=True):
     worst = {}
     for n in names:
         layer, suffix = split_hook(n)
@@ -158,8 +158,9 @@ def compare_to_brute(res: DiffResult, ref, names, categories, tol, sample_tol):
                     got = st[k][li, o].numpy()
                     if k in ("mean_delta", "mean_abs_delta", "mean_clean", "std_delta"):
                         got = got.copy()
-                    if k == "frac_under":
-                        # a z within float16 rounding of the threshold may fall on either side
+                    if k == "frac_under" or (k == "sign_consistency" and not same_batches):
+                        # a z within float16 rounding of the threshold may fall on either side; run in
+                        # other batches, a Δ within float32 noise of 0 may change sign (seen: 1 of 8 pairs)
                         e = float(np.nanmax(np.abs(got - v))) if np.isfinite(v).any() else 0.0
                         assert e <= 1.0 / nn + 1e-12, (n, cat, o, k, e)
                         continue
@@ -177,6 +178,7 @@ def compare_to_brute(res: DiffResult, ref, names, categories, tol, sample_tol):
     return worst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batched", [True, False], ids=["same-batches", "one-sentence-at-a-time"])
 def test_streaming_equals_brute_force(model, pairs, batched):
     res = run_diff(model, pairs, hooks=HOOKS, max_offset=2, batch_size=4, sample_size=64)
@@ -187,10 +189,11 @@ def test_streaming_equals_brute_force(model, pairs, batched):
     # run one sentence at a time, float32 matmuls of other shapes change Δ by ~5e-6 relative, so there
     # the exact statistics are held to 1e-4. Sample statistics are float16 (~5e-4 relative).
     tol = 1e-5 if batched else 1e-4
-    worst = compare_to_brute(res, ref, names, cats, tol=tol, sample_tol=5e-3)
+    worst = compare_to_brute(res, ref, names, cats, tol=tol, sample_tol=5e-3, same_batches=batched)
     assert worst["mean_abs_delta"] <= tol and worst["rel_l2_mean"] <= tol
 
 
+@pytest.mark.slow
 def test_pair_metrics_match_brute_force(model, pairs):
     some = pairs[:5]
     res = run_diff(model, some, hooks="blocks.0.hook_resid_post", batch_size=3, sample_size=8)
@@ -230,6 +233,7 @@ def test_identical_sentences_give_exactly_zero(model, pairs):
     assert res.candidates.empty  # nothing is "stable" where nothing can change
 
 
+@pytest.mark.slow
 def test_batch_size_1_and_16_give_the_same_numbers(model, pairs):
     assert len({a.length for a in pairs}) >= 4  # mixed lengths: padding in every batch of 16
     r1 = run_diff(model, pairs, hooks=HOOKS, max_offset=2, batch_size=1, sample_size=64)
@@ -250,6 +254,7 @@ def test_batch_size_1_and_16_give_the_same_numbers(model, pairs):
     assert np.allclose(p1["kl_mean"], p16["kl_mean"], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_halves_merged_equal_the_whole(model, pairs):
     # Split at a batch boundary of the length-sorted order, so both runs see the same batches.
     order = sorted(pairs, key=lambda a: a.length)
@@ -266,7 +271,9 @@ def test_two_halves_merged_equal_the_whole(model, pairs):
             x, y = whole.cell_stats(h, cat), m.cell_stats(h, cat)
             for k in ("mean_delta", "std_delta", "sigma_clean", "mean_abs_delta", "rel_l2_mean", "cos_mean",
                       "absz_median", "frac_under", "loo_cos_mean", "dir_consistency"):
-                assert rel_err(y[k].numpy(), x[k].numpy()) < 1e-6, (h, cat, k)
+                # the leave-one-out cosine subtracts a pair from the float32-accumulated sum of the
+                # others (rest2 = |S|^2 - 2 d.S + |d|^2): cancellation leaves it ~10 eps32 (seen 1.4e-6)
+                assert rel_err(y[k].numpy(), x[k].numpy()) < (1e-5 if k == "loo_cos_mean" else 1e-6), (h, cat, k)
     pd.testing.assert_frame_equal(m.layers, whole.layers, rtol=1e-5, atol=1e-6)
     with pytest.raises(EclensError):
         merge_results(a, a)
@@ -303,6 +310,7 @@ def test_tables_and_candidate_rule(model, pairs):
     assert s["n_pairs"] == len(pairs) and "massive_dims" in s and "contrasts" in s
 
 
+@pytest.mark.slow
 def test_massive_dimensions_are_flagged(model, pairs):
     res = run_diff(model, pairs, hooks="hook_resid_post", max_offset=1, batch_size=8, min_pairs=3)
     st = res.cell_stats("hook_resid_post")
@@ -567,6 +575,7 @@ def _start_and_signal(cmd, env, stats: Path, sig, after_done: int) -> subprocess
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+@pytest.mark.slow
 def test_interrupted_runs_leave_whole_files_and_resume(tiny_dir, tokenizer, tmp_path):
     raw = _write_raw(tmp_path / "raw.jsonl", tokenizer, 36)
     run = tmp_path / "run"
