@@ -12,7 +12,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-BLIMP_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "blimp"
+# ECLENS_BLIMP_DIR: the BLiMP folder elsewhere (a git worktree, a CI cache); default ../shared/data/blimp
+BLIMP_DIR = Path(os.environ.get("ECLENS_BLIMP_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "blimp")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 

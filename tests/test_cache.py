@@ -42,6 +42,7 @@ def tensors_equal(a: dict, b: dict) -> list[str]:
     return [k for k in a if not torch.equal(a[k].nan_to_num(123.0), b[k].nan_to_num(123.0))]
 
 
+@pytest.mark.slow
 def test_from_cache_equals_streaming(model, tmp_path):
     pairs = make_pairs(model)
     stream = run_diff(model, pairs, hooks=HOOKS, max_offset=2, batch_size=4, sample_size=64)

@@ -132,7 +132,7 @@ def rel_err(a, b):
     return float(np.linalg.norm(a[ok] - b[ok]) / (den if den > 0 else 1.0))
 
 
-def compare_to_brute(res: DiffResult, ref, names, categories, tol, sample_tol):
+def compare_to_brute(res: DiffResult, ref, names, categories, tol, sample_tol, same_batches=True):
     worst = {}
     for n in names:
         layer, suffix = split_hook(n)
@@ -158,8 +158,9 @@ def compare_to_brute(res: DiffResult, ref, names, categories, tol, sample_tol):
                     got = st[k][li, o].numpy()
                     if k in ("mean_delta", "mean_abs_delta", "mean_clean", "std_delta"):
                         got = got.copy()
-                    if k == "frac_under":
-                        # a z within float16 rounding of the threshold may fall on either side
+                    if k == "frac_under" or (k == "sign_consistency" and not same_batches):
+                        # a z within float16 rounding of the threshold may fall on either side; run in
+                        # other batches, a Δ within float32 noise of 0 may change sign (seen: 1 of 8 pairs)
                         e = float(np.nanmax(np.abs(got - v))) if np.isfinite(v).any() else 0.0
                         assert e <= 1.0 / nn + 1e-12, (n, cat, o, k, e)
                         continue
@@ -177,6 +178,7 @@ def compare_to_brute(res: DiffResult, ref, names, categories, tol, sample_tol):
     return worst
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("batched", [True, False], ids=["same-batches", "one-sentence-at-a-time"])
 def test_streaming_equals_brute_force(model, pairs, batched):
     res = run_diff(model, pairs, hooks=HOOKS, max_offset=2, batch_size=4, sample_size=64)
@@ -187,10 +189,11 @@ def test_streaming_equals_brute_force(model, pairs, batched):
     # run one sentence at a time, float32 matmuls of other shapes change Δ by ~5e-6 relative, so there
     # the exact statistics are held to 1e-4. Sample statistics are float16 (~5e-4 relative).
     tol = 1e-5 if batched else 1e-4
-    worst = compare_to_brute(res, ref, names, cats, tol=tol, sample_tol=5e-3)
+    worst = compare_to_brute(res, ref, names, cats, tol=tol, sample_tol=5e-3, same_batches=batched)
     assert worst["mean_abs_delta"] <= tol and worst["rel_l2_mean"] <= tol
 
 
+@pytest.mark.slow
 def test_pair_metrics_match_brute_force(model, pairs):
     some = pairs[:5]
     res = run_diff(model, some, hooks="blocks.0.hook_resid_post", batch_size=3, sample_size=8)
@@ -230,6 +233,7 @@ def test_identical_sentences_give_exactly_zero(model, pairs):
     assert res.candidates.empty  # nothing is "stable" where nothing can change
 
 
+@pytest.mark.slow
 def test_batch_size_1_and_16_give_the_same_numbers(model, pairs):
     assert len({a.length for a in pairs}) >= 4  # mixed lengths: padding in every batch of 16
     r1 = run_diff(model, pairs, hooks=HOOKS, max_offset=2, batch_size=1, sample_size=64)
@@ -250,6 +254,7 @@ def test_batch_size_1_and_16_give_the_same_numbers(model, pairs):
     assert np.allclose(p1["kl_mean"], p16["kl_mean"], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_halves_merged_equal_the_whole(model, pairs):
     # Split at a batch boundary of the length-sorted order, so both runs see the same batches.
     order = sorted(pairs, key=lambda a: a.length)
@@ -266,7 +271,9 @@ def test_two_halves_merged_equal_the_whole(model, pairs):
             x, y = whole.cell_stats(h, cat), m.cell_stats(h, cat)
             for k in ("mean_delta", "std_delta", "sigma_clean", "mean_abs_delta", "rel_l2_mean", "cos_mean",
                       "absz_median", "frac_under", "loo_cos_mean", "dir_consistency"):
-                assert rel_err(y[k].numpy(), x[k].numpy()) < 1e-6, (h, cat, k)
+                # the leave-one-out cosine subtracts a pair from the float32-accumulated sum of the
+                # others (rest2 = |S|^2 - 2 d.S + |d|^2): cancellation leaves it ~10 eps32 (seen 1.4e-6)
+                assert rel_err(y[k].numpy(), x[k].numpy()) < (1e-5 if k == "loo_cos_mean" else 1e-6), (h, cat, k)
     pd.testing.assert_frame_equal(m.layers, whole.layers, rtol=1e-5, atol=1e-6)
     with pytest.raises(EclensError):
         merge_results(a, a)
@@ -303,25 +310,42 @@ def test_tables_and_candidate_rule(model, pairs):
     assert s["n_pairs"] == len(pairs) and "massive_dims" in s and "contrasts" in s
 
 
+@pytest.mark.slow
 def test_massive_dimensions_are_flagged(model, pairs):
     res = run_diff(model, pairs, hooks="hook_resid_post", max_offset=1, batch_size=8, min_pairs=3)
     st = res.cell_stats("hook_resid_post")
-    rms = st["rms_clean"]
-    ratio = rms / rms.median(-1, keepdim=True).values
-    assert torch.equal(st["massive"], ratio > 100)  # the documented criterion, at the default ratio
-    # SmolLM2's outlier dimension 507 is the largest at most layers (tens of times the median RMS, above
-    # 100x at p+1 in early layers, short of Sun et al.'s 1000x at the first token, which is not aligned here)
+    g = res.group("hook_resid_post")
+    # The RMS of each dimension's clean activation over the pairs, from run_with_cache, and the rule
+    # (RMS > 100x the median dimension's RMS at that layer and offset) applied to it in numpy.
+    names = [f"blocks.{layer}.hook_resid_post" for layer in g.layers]
+    ref = brute_force(model, pairs, names, res.offsets, batched_with=8)
+    rms = np.stack([[np.sqrt((np.stack([r[1] for r in ref[(n, o)]]) ** 2).mean(0)) for o in range(len(res.offsets))]
+                    for n in names])  # [L, O, D]
+    np.testing.assert_allclose(st["rms_clean"].numpy(), rms, rtol=1e-5)
+    ratio = rms / np.median(rms, -1, keepdims=True)
+    # torch's median of an even count is the lower middle value: cells within 1% of the threshold may differ
+    clear = np.abs(ratio / 100 - 1) > 0.01
+    assert clear.mean() > 0.99
+    assert np.array_equal(st["massive"].numpy()[clear], (ratio > 100)[clear])
+    # SmolLM2 has massive dimensions here (above 100x at p+1 in early layers; short of Sun et al.'s 1000x
+    # at the first token, which is not aligned here), and they are the largest dimension at most layers.
+    assert (ratio > 100).any()
+    top = int(np.bincount(ratio.argmax(-1).ravel()).argmax())
     L = res.layers[(res.layers.category == "all")]
-    assert (L["rms_ratio_dim"] == 507).mean() > 0.5 and L["rms_ratio_max"].max() > 100
+    assert (L["rms_ratio_dim"] == top).mean() > 0.5 and L["rms_ratio_max"].max() > 100
     low = run_diff(model, pairs, hooks="hook_resid_post", max_offset=1, batch_size=8, min_pairs=3,
                    massive_ratio=20)
     D = low.dims
     massive = D[D.massive & (D.category == "all")]
-    assert 507 in set(massive["dim"])
+    clear20 = np.abs(ratio / 20 - 1) > 0.01
+    want = {(g.layers[li], res.offsets[o], d) for li, o, d in zip(*np.nonzero((ratio > 20) & clear20))}
+    got = {(int(r.layer), int(r.offset), int(r.dim)) for r in massive.itertuples()}
+    near = {(g.layers[li], res.offsets[o], d) for li, o, d in zip(*np.nonzero(~clear20))}
+    assert want - near == got - near and top in {d for _, _, d in got}
     # flagged dimensions are never candidates
     C = low.candidates
     assert C.merge(D[D.massive][["category", "hook", "layer", "offset", "dim"]]).empty
-    assert low.summary["massive_dims"]["hook_resid_post"]
+    assert low.summary["massive_dims"]["hook_resid_post"] == sorted({d for _, _, d in got})
 
 
 def test_contrasts_use_bh_over_all_tests(model):
@@ -444,10 +468,60 @@ def test_cli_diff_writes_the_run_folder_and_resumes(tiny_dir, tokenizer, tmp_pat
     assert len(pairs_csv) == 24 and {"clean_logprob", "corrupt_logprob", "kl_0", "kl_last", "kl"} <= set(pairs_csv)
     layers = pd.read_csv(run / "layers.csv")
     assert len(layers) == (1 + 2) * (5 * 2 + 2) * 5  # categories x hook points x offsets
+    _check_directions_and_contrasts(run, tiny_dir)
     # A rerun on the run folder resumes from the complete statistics instead of recomputing.
     capsys.readouterr()
     rc = main(["diff", str(run), "--model", str(tiny_dir), "--batch-size", "4", "--hooks", "default,attn.hook_z"])
     assert rc == 0 and "resumed: 24 pairs" in capsys.readouterr().err
+
+
+def _check_directions_and_contrasts(run: Path, tiny_dir: Path) -> None:
+    """diff_directions.safetensors and contrasts.parquet against numpy/scipy on the model's own
+    activations, taken with ``run_with_cache`` in the run's batches (bit-identical float32)."""
+    from safetensors import safe_open
+    from scipy.stats import mannwhitneyu
+
+    from eclens import load_model
+    from eclens.pairs import load_aligned
+
+    model = load_model(str(tiny_dir))
+    pairs = load_aligned(run / "pairs.jsonl")
+    with safe_open(str(run / "diff_directions.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+        mean_delta = f.get_tensor("hook_resid_post/mean_delta").double().numpy()  # [L, O, D]
+        sigma = f.get_tensor("hook_resid_post/sigma_clean").double().numpy()
+    offsets = json.loads(meta["offsets"])
+    layers = json.loads(meta["layers"])["hook_resid_post"]
+    names = [f"blocks.{layer}.hook_resid_post" for layer in layers]
+    ref = brute_force(model, pairs, names, offsets, batched_with=4)
+    for li, n in enumerate(names):
+        for o in range(len(offsets)):
+            C = np.stack([r[1] for r in ref[(n, o)]])
+            X = np.stack([r[2] for r in ref[(n, o)]])
+            assert rel_err(mean_delta[li, o], (X - C).mean(0)) < 1e-5, (n, offsets[o])
+            assert rel_err(sigma[li, o], C.std(0, ddof=1)) < 1e-5, (n, offsets[o])
+    con = pd.read_parquet(run / "contrasts.parquet")
+    o = offsets.index(0)
+    for li, n in enumerate(names):
+        rows = ref[(n, o)]
+        # the stored sample is Δ in float16; ranks are unchanged by the per-dimension division by sigma
+        d = {r[3]: (torch.from_numpy(r[2]).float() - torch.from_numpy(r[1]).float()).half().double().numpy()
+             for r in rows}
+        grp = {a.id: a.category.split("/")[0] for a in pairs}
+        for measure, f in (("abs", np.abs), ("signed", lambda v: v)):
+            xa = np.stack([f(v) for k, v in d.items() if grp[k] == "grammar"])
+            xb = np.stack([f(v) for k, v in d.items() if grp[k] == "meaning"])
+            want = mannwhitneyu(xa, xb, alternative="two-sided", axis=0)
+            got = con[(con.hook == "hook_resid_post") & (con.layer == layers[li]) & (con.offset == 0)
+                      & (con.measure == measure)].sort_values("dim")
+            assert list(got["dim"]) == list(range(xa.shape[1])) and set(got["contrast"]) == {"grammar vs meaning"}
+            assert (got["n_a"] == len(xa)).all() and (got["n_b"] == len(xb)).all()
+            np.testing.assert_allclose(got["u"], want.statistic, rtol=0, atol=1e-9)
+            np.testing.assert_allclose(got["p"], want.pvalue, rtol=1e-9)
+    from scipy.stats import false_discovery_control
+
+    for _m, g in con.dropna(subset=["p"]).groupby("measure"):  # NaN p: a dimension with sigma 0, not a test
+        assert np.allclose(g["q"], false_discovery_control(g["p"], method="bh"))
 
 
 def test_cli_refuses_a_run_of_another_model(tiny_dir, tokenizer, tmp_path, capsys):
@@ -501,6 +575,7 @@ def _start_and_signal(cmd, env, stats: Path, sig, after_done: int) -> subprocess
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+@pytest.mark.slow
 def test_interrupted_runs_leave_whole_files_and_resume(tiny_dir, tokenizer, tmp_path):
     raw = _write_raw(tmp_path / "raw.jsonl", tokenizer, 36)
     run = tmp_path / "run"
@@ -508,21 +583,23 @@ def test_interrupted_runs_leave_whole_files_and_resume(tiny_dir, tokenizer, tmp_
     cmd = [sys.executable, "-m", "eclens", "diff", str(raw), "--model", str(tiny_dir), "--out", str(run),
            "--batch-size", "1", "--checkpoint-every", "1", "--hooks", "all"]
     stats = run / "diff_stats.safetensors"
-    # Ctrl-C: the loop stops at the end of the batch, saves, and says so.
+    # Ctrl-C: the loop stops at the end of the batch, saves, and says so. The signal goes out once the
+    # checkpoint holds a pair, with 35 one-pair batches still to run: a run that finished first would
+    # prove nothing, so it fails the test.
     r = _start_and_signal(cmd, env, stats, signal.SIGINT, 0)
-    if r.returncode != 0:  # (0 if it finished first)
-        assert r.returncode == 130 and "interrupted" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert r.returncode == 130 and "interrupted" in r.stderr and "Traceback" not in r.stderr, (r.returncode, r.stderr)
     assert _stats_ok(stats)
     n1 = len(load_stats(run)[1]["done"])
+    assert 0 < n1 < 36, n1
     # SIGKILL, possibly in the middle of writing a checkpoint: the old or the new file, never half of one.
     r = _start_and_signal(cmd, env, stats, signal.SIGKILL, n1)
+    assert r.returncode == -signal.SIGKILL, (r.returncode, r.stderr[-2000:])
     assert _stats_ok(stats)
     n2 = len(load_stats(run)[1]["done"])
-    assert n2 >= n1
+    assert n1 < n2 < 36, (n1, n2)  # it had saved more than n1 when killed, and was killed before the end
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    if n2 < 36:
-        assert f"resumed: {n2} pairs" in r.stderr
+    assert f"resumed: {n2} pairs" in r.stderr
     res = DiffResult.load(run)
     assert res.n_pairs == 36 and res.meta["complete"]
     assert sorted(x["id"] for x in res.meta["rows"]) == sorted(f"r{i}" for i in range(36))

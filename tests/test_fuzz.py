@@ -31,6 +31,7 @@ from eclens.pairs import (
     MinimalPair,
     Rejection,
     align,
+    encode,
     load_aligned,
     load_csv,
     load_jsonl,
@@ -300,5 +301,11 @@ def test_align_finds_a_one_word_swap(tok, words, where, new):
     r = align(MinimalPair("x", clean, corrupt), tok)
     if isinstance(r, AlignedPair):
         _aligned_ok([r])
+        # Every word starts with a space, so the tokens before the swapped word are the prefix's own,
+        # and the changed token lies inside the swapped word (its last word may merge with the ".").
+        prefix = encode(tok, "The" + "".join(words[:where]))
+        upto = encode(tok, "The" + "".join(words[:where + 1]) + ("." if where == len(words) - 1 else ""))
+        assert r.clean_ids[:len(prefix)] == prefix
+        assert len(prefix) <= r.position < len(upto), (r.position, len(prefix), len(upto))
     else:
         assert r.reason in ("different_length", "multiple_differences")

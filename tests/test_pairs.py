@@ -61,15 +61,16 @@ def test_too_long(tokenizer):
 
 
 def test_multi_token_word_changes_one_token(tokenizer):
-    # A multi-token word whose pieces differ in one token only is still a valid pair.
-    clean, corrupt = "She visited Constantinople yesterday.", "She visited Constantinopla yesterday."
+    # A multi-token word whose pieces differ in one token only is still a valid pair: under the SmolLM2
+    # tokenizer " Dostoevsky" / " Dostoyevsky" are " D|ost|o|ev|sky" / " D|ost|oy|ev|sky".
+    clean, corrupt = "She read Dostoevsky yesterday.", "She read Dostoyevsky yesterday."
     a, b = encode(tokenizer, clean), encode(tokenizer, corrupt)
+    word = encode(tokenizer, " Dostoevsky")
+    assert len(word) == 5 and len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 1  # the premise
     r = align(P(clean, corrupt), tokenizer)
-    ndiff = sum(x != y for x, y in zip(a, b))
-    if len(a) == len(b) and ndiff == 1:
-        assert isinstance(r, AlignedPair)
-    else:
-        assert isinstance(r, Rejection) and r.reason in ("different_length", "multiple_differences")
+    assert isinstance(r, AlignedPair)
+    start = len(encode(tokenizer, "She read"))
+    assert r.position == start + 2 and (r.clean_token, r.corrupt_token) == ("o", "oy")
     # and a word that is several tokens in one sentence and one in the other is rejected by length
     r2 = align(P("The cat sat.", "The Xylophonist sat."), tokenizer)
     assert isinstance(r2, Rejection) and r2.reason == "different_length"
@@ -87,7 +88,11 @@ def test_leading_space_variants(tokenizer):
 
 def test_japanese(tokenizer):
     r = align(P("猫が座った。", "犬が座った。"), tokenizer)
-    assert isinstance(r, (AlignedPair, Rejection))
+    # 猫 and 犬 are three UTF-8 bytes each, split into byte-level tokens of which two differ: the
+    # pair is counted as a two-token change, as the token ids say
+    a, b = encode(tokenizer, "猫が座った。"), encode(tokenizer, "犬が座った。")
+    assert len(a) == len(b) and sum(x != y for x, y in zip(a, b)) == 2
+    assert isinstance(r, Rejection) and r.reason == "multiple_differences" and r.detail == 2
     assert encode(tokenizer, "猫が座った。")  # tokenizes without error
     same = align(P("猫が座った。", "猫が座った。"), tokenizer)
     assert same.reason == "identical"

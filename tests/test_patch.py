@@ -297,7 +297,12 @@ def test_attribution_heads_sum_to_attn_out_and_verify(tiny, tiny_pairs):
     assert (ver.groupby(["pair_id", "direction"]).size() == 8).all()
     assert (ver["position"] >= ver["pair_id"].map({p.id: p.position for p in pairs})).all()
     s = P.attribution_summary(df, 4)
-    assert s["n_verified"] == len(ver) and s["spearman"] > 0.5 and 0 <= s["topk_overlap"] <= 1
+    assert s["n_verified"] == len(ver) and s["spearman"] > 0.5
+    # The verified "top" rows are each group's 4 largest |attribution|, so the top-4 overlap is the share
+    # of them among the 4 largest |exact| (0.96 here: the linear estimate ranks a tiny model's heads well).
+    overlaps = [len(set(g.index[g.verify_group == "top"]) & set(g["exact"].abs().nlargest(4).index)) / 4
+                for _, g in ver.groupby(["pair_id", "direction"])]
+    assert s["topk_overlap"] == pytest.approx(np.mean(overlaps)) and s["topk_overlap"] > 0.5
     assert dims["denoise/hook_attn_out"].shape == (3, tiny.cfg.n_layers, tiny.cfg.d_model)
     # per-dimension scores at p sum to the component's score at p
     for i, p in enumerate(pairs):
@@ -397,4 +402,6 @@ def test_bench_script_smoke(tmp_path):
     a = res["tl_vs_ec"]
     assert max(a["ec_max_abs_diff"].values()) < 1e-4 and a["patched_runs"] == 2 * a["lengths"][0]
     b = res["attribution_vs_exact"]
-    assert -1 <= b["spearman_pooled"] <= 1 and b["components"] > 0
+    # attribution is a first-order estimate of exact patching: on the tiny model it ranks the 72
+    # components nearly as exact patching does (Spearman 0.88 measured); unrelated rankings give ~0
+    assert b["spearman_pooled"] > 0.5 and b["components"] > 0

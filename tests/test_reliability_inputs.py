@@ -238,14 +238,13 @@ def n_lines(path: Path) -> int:
 
 # ----------------------------------------------------------------------- the table
 
-CELLS = [(c, cmd) for c in CASES for cmd in CMDS]
+# Only the cells that run: a Skip outcome means another cell already covers that path.
+CELLS = [(c, cmd) for c in CASES for cmd in CMDS if not isinstance(c.outcome(cmd), Skip)]
 
 
 @pytest.mark.parametrize("case, cmd", CELLS, ids=[f"{c.name}-{cmd}" for c, cmd in CELLS])
 def test_bad_input_matrix(case: Case, cmd: str, tiny_dir, llm, tmp_path, capsys):
     want = case.outcome(cmd)
-    if isinstance(want, Skip):
-        pytest.skip(want.why)
     src = tmp_path / f"pairs{case.suffix}"
     src.write_bytes(case.content)
     out = tmp_path / "out"

@@ -15,6 +15,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from conftest import require
+
 STUDY = Path(__file__).resolve().parents[1] / "experiments" / "error_correction_smollm2"
 CHROMIUM = Path("/usr/bin/chromium")
 
@@ -46,6 +48,7 @@ def smoke(tmp_path_factory, blimp_dir):
     return rs, out, doc
 
 
+@pytest.mark.slow
 def test_smoke_study_writes_every_result(smoke):
     rs, out, doc = smoke
     R = out / "results"
@@ -77,6 +80,7 @@ def test_smoke_study_writes_every_result(smoke):
     assert at_p["n"].iloc[0] == 27 and at_p["kl_mean"].iloc[0] > 0
 
 
+@pytest.mark.slow
 def test_readme_numbers_come_from_the_results(smoke):
     rs, out, doc = smoke
     wr = _module("write_readme")
@@ -97,6 +101,7 @@ def test_readme_numbers_come_from_the_results(smoke):
     assert (out / "README.md").read_text(encoding="utf-8") == before
 
 
+@pytest.mark.slow
 def test_blimp_accuracy_checked_by_hand(smoke, model, blimp_dir):
     from scipy.stats import binomtest
 
@@ -123,6 +128,7 @@ def test_blimp_accuracy_checked_by_hand(smoke, model, blimp_dir):
     assert o["gpt2_published"] == pytest.approx(0.830, abs=5e-4)
 
 
+@pytest.mark.slow
 def test_causal_sets_against_their_controls(smoke):
     rs, out, doc = smoke
     causal = pd.read_csv(out / "results" / "causal_sets.csv")
@@ -153,9 +159,15 @@ def test_causal_sets_against_their_controls(smoke):
     assert set(ctrl["set"]) == set(causal["set"])
 
 
-@pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium (apt-get install -y chromium)")
-def test_figures_are_real_pngs(smoke):
-    pytest.importorskip("playwright")
+@pytest.fixture
+def png_tools():
+    # checked before `smoke` runs (fixture order), so a missing tool is reported without the long run
+    require(importlib.util.find_spec("playwright") is not None, "playwright not installed (pip install -e '.[dev]')")
+    require(CHROMIUM.exists(), "no /usr/bin/chromium (bash scripts/setup.sh --browser)")
+
+
+@pytest.mark.slow
+def test_figures_are_real_pngs(png_tools, smoke):
     _, out, doc = smoke
     figs = doc["figures"]
     assert {"decay_kl", "causal_sets", "blimp_accuracy", "dims_heatmap"} <= set(figs)
@@ -174,6 +186,7 @@ def test_missing_blimp_folder_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_the_script_runs_unchanged_on_another_model(tmp_path, blimp_dir):
     """`--model PATH` (here a random-weight 2-layer Llama saved as a Hugging Face folder, standing in for
     Meta-Llama-3-8B) takes the same path: its own tokenizer's pairs, its own sizes, a write-up that names it
