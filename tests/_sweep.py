@@ -40,11 +40,9 @@ TEXT_RULES = [
 PROBE_JS = r"""(root) => {
   const r = document.querySelector(root);
   if (!r) return {missing: true};
+  r.querySelectorAll('details').forEach((d) => { d.open = true; });  // folded content is checked too
   const foreign = (e) => e.closest('.js-plotly-plot, .cv, .plot');
   const visible = (e) => { const b = e.getBoundingClientRect(); return b.width > 0 && b.height > 0; };
-  const clone = r.cloneNode(true);
-  clone.querySelectorAll('.js-plotly-plot, .cv, script, style').forEach((e) => e.remove());
-  // innerText of a detached clone ignores CSS; read the live text instead, minus foreign parts
   let text = r.innerText;
   r.querySelectorAll('.js-plotly-plot, .cv').forEach((e) => { const t = e.innerText; if (t) text = text.split(t).join(' '); });
   const cells = [], rows = [];
@@ -61,7 +59,9 @@ PROBE_JS = r"""(root) => {
     const h = tr.getBoundingClientRect().height;
     if (h > 4 * lh) rows.push({h: Math.round(h), lh: Math.round(lh), text: tr.innerText.slice(0, 120)});
   });
-  const hasValues = (t) => ['x', 'y', 'z', 'values', 'r'].some((k) => t[k] && t[k].length > 0);
+  // plotly.py sends numpy arrays as typed-array specs ({dtype, bdata}); plotly.js decodes them itself
+  const filled = (v) => v && ((v.length || 0) > 0 || (typeof v.bdata === 'string' && v.bdata.length > 0));
+  const hasValues = (t) => ['x', 'y', 'z', 'values', 'r'].some((k) => filled(t[k]));
   const plots = [];
   r.querySelectorAll('.plot').forEach((d, i) => {
     const title = (((d.layout || {}).title || {}).text) || ('figure ' + (i + 1));
@@ -145,7 +145,7 @@ class Sweeper:
         ``name#section`` for each section id), screenshot it; returns the page (still open)."""
         page = self.context.new_page()
         w = Watch().attach(page)
-        page.goto(url)
+        page.goto(url, timeout=TIMEOUT_S * 1000)
         problems = [] if wait_drawn(page) else [f"not drawn within {TIMEOUT_S:.0f} s"]
         if sections:
             for sid in sections:

@@ -367,18 +367,19 @@ def table_json(df: pd.DataFrame, limit: int = 5000) -> dict:
 
 
 def table_page(df: pd.DataFrame, query: dict[str, str]) -> dict:
-    """One page of a table, sorted server-side (``sort``: a column, ``desc=1``; ``offset``, ``limit``),
-    so the browser never holds more rows than it shows."""
+    """One page of a table, sorted server-side (``sort``: a column, ``desc=1``; ``start``: the first
+    row, ``limit``: how many), so the browser never holds more rows than it shows. (``offset`` is
+    a column of these tables and filters by it, as ``layer`` does.)"""
     sort = query.get("sort") or ""
     desc = query.get("desc") in ("1", "true")
     if sort:
         if sort not in df.columns:
             raise BadRequest(f"no column {sort!r} to sort by")
         df = df.sort_values(sort, ascending=not desc, kind="stable", na_position="last")
-    offset = _int(query.get("offset"), 0, 0, 10**9)
+    start = _int(query.get("start"), 0, 0, 10**9)
     limit = _int(query.get("limit"), 100, 1, 100000)
-    page = df.iloc[offset: offset + limit]
-    return {"columns": [str(c) for c in df.columns], "total": len(df), "offset": offset, "limit": limit,
+    page = df.iloc[start: start + limit]
+    return {"columns": [str(c) for c in df.columns], "total": len(df), "start": start, "limit": limit,
             "sort": sort or None, "desc": desc, "rows": _records(page)}
 
 

@@ -223,7 +223,7 @@ async function tableTab(name, body, table_, filters, intro) {
   async function load() {
     const qs = Object.entries(state).filter(([, v]) => v).map(([k, v]) => `${k}=${enc(v)}`).join("&");
     link.setAttribute("href", `/api/runs/${enc(name)}/${table_}.csv${qs ? "?" + qs : ""}`);
-    const page = `offset=${offset}&limit=${PAGE}` + (sort ? `&sort=${enc(sort)}&desc=${desc ? 1 : 0}` : "");
+    const page = `start=${offset}&limit=${PAGE}` + (sort ? `&sort=${enc(sort)}&desc=${desc ? 1 : 0}` : "");
     const d = await api(`runs/${enc(name)}/${table_}?${qs ? qs + "&" : ""}${page}`);
     const ths = d.columns.map((c) => el("th", {class: c === sort ? (desc ? "sorted-desc" : "sorted-asc") : null,
       title: "sort by " + c, on: {click: () => { desc = c === sort ? !desc : false; sort = c; offset = 0; load(); }}}, c));
