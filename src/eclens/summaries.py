@@ -96,7 +96,8 @@ def glance(run) -> list[str]:
     if run.pairs is not None:
         out.append(f"{plural(n_valid, 'minimal pair')} in {plural(len(run.categories()), 'category', 'categories')}"
                    + (f" were run through {model}" if model else "")
-                   + f"; {n_rej} more were rejected because clean and corrupt do not differ in exactly one token.")
+                   + f"; {n_rej} more {'was' if n_rej == 1 else 'were'} rejected because clean and corrupt do not "
+                   "differ in exactly one token.")
     s = run.summary or {}
     if s.get("mean_logprob_diff") is not None:
         out.append(f"On average the corrupt sentence's log-probability differs from the clean one's by "

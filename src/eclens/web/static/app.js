@@ -137,9 +137,11 @@ async function runsPage() {
   setCrumbs();
   const data = await api("runs");
   const rows = data.runs.map((r) => ({run: r.name, model: r.model, pairs: r.n_pairs, rejected: r.n_rejected,
-    steps: r.steps.join(", "), created: r.created}));
+    steps: r.steps.join(", "), created: r.created, problem: r.error}));
+  const cols = ["run", "model", "pairs", "rejected", "steps", "created"];
+  if (rows.some((r) => r.problem)) cols.push("problem");  // an unreadable run says why
   main.replaceChildren(el("h2", {}, "Runs"),
-    rows.length ? table(["run", "model", "pairs", "rejected", "steps", "created"], rows,
+    rows.length ? table(cols, rows,
       {onRow: (r) => { location.hash = "#/run/" + enc(r.run); }})
       : note("No runs in this folder yet: make one with `ec run --out RUNS_DIR/NAME`."));
 }
