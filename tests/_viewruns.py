@@ -72,8 +72,11 @@ def get_real_run(tmp_path_factory, tokenizer) -> RealRun:
         runs = Path(reuse)
         out = runs / RUN_NAME
         ok = (out / "report.html").is_file()
-        _CACHE["run"] = RealRun(runs, out, runs.parent / "views-pairs.jsonl", run_argv(runs.parent / "views-pairs.jsonl", out),
-                                0 if ok else 1, "", "" if ok else f"ECLENS_VIEWS_RUNS={reuse}: no finished run {out}", 0.0)
+        logs = [(runs.parent / f"views-run.{k}").read_text() if (runs.parent / f"views-run.{k}").is_file() else ""
+                for k in ("stdout", "stderr")]  # what that `ec run` printed, for the tests that read it
+        _CACHE["run"] = RealRun(runs, out, runs.parent / "views-pairs.jsonl",
+                                run_argv(runs.parent / "views-pairs.jsonl", out), 0 if ok else 1, logs[0],
+                                logs[1] if ok else f"ECLENS_VIEWS_RUNS={reuse}: no finished run {out}", 0.0)
         return _CACHE["run"]
     runs = tmp_path_factory.mktemp("runs")
     pairs_file = write_pairs_file(tokenizer, runs.parent / "views-pairs.jsonl")
