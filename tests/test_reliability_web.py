@@ -224,7 +224,13 @@ def test_load_300_requests_at_20_concurrent(served):
     res = load_test.run_load(served.url, targets, n_requests=300, concurrency=20)
     print("\n".join(res.lines()))
     assert res.requests == 300 and res.errors == 0, res.error_samples
-    assert res.p50_ms <= res.p99_ms < 30_000  # bounded: nothing hangs for the client timeout
+    # every kind of request was made and answered as it should (traversal probes with 404)
+    assert set(res.endpoints) == labels and all(v["n"] >= 300 // len(targets) and v["errors"] == 0
+                                                for v in res.endpoints.values()), res.endpoints
+    # a full listen backlog shows as SYN retries (1, 3, 7, 15 s, measured max 55 s at 50 clients)
+    # and a hung handler as the 60 s client timeout; a healthy server on a loaded 2-core box
+    # stays far below both (measured here: see the report of this change)
+    assert res.max_ms < 15_000, res.lines()
 
 
 def test_listen_backlog_takes_a_burst_of_clients(tmp_path):

@@ -10,6 +10,7 @@ from _viewruns import RUN_NAME, XSS_CATEGORY, XSS_CLEAN, real_run  # noqa: F401 
 from eclens.cli import main
 from eclens.errors import EclensError
 from eclens.report import RunData, build_report, glance
+from eclens.summaries import contrasts_note
 
 
 @pytest.fixture(scope="module")
@@ -44,11 +45,43 @@ def test_report_escapes_untrusted_text(report_html):
 def test_glance_states_null_results(real_run):  # noqa: F811
     lines = glance(RunData(real_run.path))
     text = " ".join(lines)
-    assert "11 valid pairs in 3 categories; 1 rejected" in text
-    assert "Candidates over all pairs" in text and "Spearman" in text
+    assert "11 minimal pairs in 3 categories were run through smollm2-135m; 1 more was rejected" in text
+    assert "change consistently little (stable)" in text and "Spearman ρ" in text
+    assert " nats" in text and "% of the activation's norm" in text  # numbers carry units
+    assert not re.search(r"\b(None|nan|NaN|null|undefined)\b(?! result)", text) and "{" not in text
     con = RunData(real_run.path).summary["contrasts"]
     if not sum((con.get("n_significant") or {}).values()):
         assert "a null result" in text
+
+
+def test_contrasts_note_says_what_the_table_holds(real_run):  # noqa: F811
+    rd = RunData(real_run.path)
+    note = contrasts_note(rd)
+    con = rd.summary["contrasts"]
+    n_tests, n_sig = sum(con["n_tests"].values()), sum((con.get("n_significant") or {}).values())
+    assert f"{n_tests} per-dimension category contrasts were tested (Mann–Whitney U); {n_sig} are significant" in note
+    n_rows_sig = int((rd.contrasts["q"] <= con["alpha"]).sum())
+    assert f"The table holds {len(rd.contrasts)} rows" in note and f"({n_rows_sig} of them with q ≤" in note
+
+
+def test_summaries_never_print_none_nan_or_json():
+    from eclens.summaries import patch_blocks
+
+    ps = {"dims": {"metric": "kl", "n_sets": 1, "n_pairs": 2, "n_controls": 8, "verdict": "null: no set beats it",
+                   "sets": [{"set": "s", "direction": "denoise", "n_pairs": 2, "kl_effect": float("nan"),
+                             "kl_control_mean": None, "kl_z": None, "kl_p": 0.5, "kl_q": 0.5, "verdict": "none"}]},
+          "exact": {"metric": "logit_diff", "n_rows": 4, "n_pairs": 1, "top": [
+              {"direction": "noise", "hook": "h", "layer": 1, "position_kind": "changed", "head": 3,
+               "logit_diff_restored": None}]},
+          "attribution": {"n_rows": 3, "n_verified": 3, "spearman": None},
+          "future_mode": {"score": 1.5, "per_cell": [1, 2], "note": None}}
+    blocks = {b.title: b for b in patch_blocks(ps)}
+    text = " ".join(" ".join(b.sentences) + (b.table.to_csv() if b.table is not None else "") for b in blocks.values())
+    assert not re.search(r"\b(None|nan|NaN|null)\b(?! result)", text) and "{" not in text
+    assert blocks["Candidate dimension sets vs random sets"].sentences[0] == "A null result: no set beats it."
+    assert list(blocks["Exact activation patching"].table["restored"]) == ["—"]
+    assert "effect (nats)" in blocks["Candidate dimension sets vs random sets"].table.columns
+    assert list(blocks["Patching: future_mode"].table["quantity"]) == ["score", "note"]
 
 
 def test_report_without_model_and_uncompressed(real_run, tmp_path):  # noqa: F811

@@ -15,13 +15,13 @@ import pytest
 
 from _viewruns import RUN_NAME, XSS_CLEAN, XSS_ID, real_run  # noqa: F401 - session fixture
 from eclens.errors import EclensError
-from eclens.web.server import make_server, safe_segment, url_of
+from eclens.web.server import NotFound, make_server, safe_segment, url_of
 
 Q = quote(RUN_NAME, safe="")
 
 
 @pytest.fixture(scope="module")
-def server(real_run, model, tmp_path_factory):  # noqa: F811
+def server(real_run, tmp_path_factory):  # noqa: F811
     root = real_run.runs_dir
     # Things that must stay invisible: a file next to RUNS_DIR, a symlinked run pointing
     # outside it, and a run whose table is a symlink to a file outside it.
@@ -37,7 +37,8 @@ def server(real_run, model, tmp_path_factory):  # noqa: F811
     (leaky / "manifest.json").write_text("{}", encoding="utf-8")
     if not (leaky / "candidates.csv").exists():
         os.symlink(outside / "secret.csv", leaky / "candidates.csv")
-    srv = make_server(root, "127.0.0.1", 0, model_loader=lambda rd: model, quiet=True)
+    # the server's own loader: the run's manifest names the embedded model, checked by weights hash
+    srv = make_server(root, "127.0.0.1", 0, quiet=True)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     yield srv
@@ -116,6 +117,34 @@ def test_candidates_json_and_csv(server, real_run):  # noqa: F811
     assert len(rows) == int((want["kind"] == "responsive").sum()) and {r["kind"] for r in rows} == {"responsive"}
 
 
+def test_long_tables_are_paged_and_sorted_by_the_server(server, real_run):  # noqa: F811
+    want = pd.read_csv(real_run.path / "candidates.csv")
+    first = get_json(server, f"/api/runs/{Q}/candidates")
+    assert first["total"] == len(want) and len(first["rows"]) == min(100, len(want)) and first["start"] == 0
+    by = want.sort_values("absz_median", ascending=False, kind="stable")
+    page = get_json(server, f"/api/runs/{Q}/candidates?sort=absz_median&desc=1&start=5&limit=7")
+    assert [r["dim"] for r in page["rows"]] == list(by["dim"].iloc[5:12])
+    assert [r["absz_median"] for r in page["rows"]] == pytest.approx(list(by["absz_median"].iloc[5:12]))
+    asc = get_json(server, f"/api/runs/{Q}/candidates?kind=stable&sort=absz_q90&limit=3")
+    st = want[want["kind"] == "stable"].sort_values("absz_q90", kind="stable")
+    assert asc["total"] == len(st) and [r["absz_q90"] for r in asc["rows"]] == pytest.approx(list(st["absz_q90"][:3]))
+    at1 = get_json(server, f"/api/runs/{Q}/candidates?offset=1&limit=100000")  # a column filter, not paging
+    assert at1["total"] == int((want["offset"] == 1).sum()) and {r["offset"] for r in at1["rows"]} <= {1}
+    status, _, body = get(server, f"/api/runs/{Q}/candidates?sort=nope")
+    assert status == 400 and b"no column 'nope'" in body
+
+
+def test_overview_says_it_in_words(server, real_run):  # noqa: F811
+    ov = get_json(server, f"/api/runs/{Q}")
+    assert ov["glance"] and all(isinstance(x, str) and "{" not in x for x in ov["glance"])
+    blocks = {b["title"]: b for b in ov["causal_summary"]}
+    ex = blocks["Exact activation patching"]
+    assert ex["table"]["columns"] == ["direction", "hook", "layer", "position", "head", "restored"]
+    assert all(r["restored"].endswith(" %") for r in ex["table"]["rows"])
+    assert "Candidate dimension sets vs random sets" in blocks
+    assert "The table holds" in ov["contrasts_note"]
+
+
 def test_figures(server, real_run):  # noqa: F811
     for name in ("layer_offset", "category_curves", "layer_dims", "attribution"):
         fig = get_json(server, f"/api/runs/{Q}/figures/{name}?hook=hook_resid_post")
@@ -184,7 +213,7 @@ def test_safe_segment():
     assert safe_segment("run%20one") == "run one"
     assert safe_segment("demo%3Cimg%3E") == "demo<img>"
     for bad in ("..", "%2e%2e", "%252e%252e", "a%2fb", "a%5cb", ".git", "", "%00"):
-        with pytest.raises(Exception):  # noqa: B017 - NotFound is the server's internal 404
+        with pytest.raises(NotFound):
             safe_segment(bad)
 
 
@@ -221,6 +250,65 @@ def test_ec_serve_says_it_binds_loopback(tmp_path):
         text = "".join(lines)
         assert "serving 0 run(s)" in text and "http://127.0.0.1:" in text
         assert "bound to loopback only" in text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_ec_serve_loads_the_runs_own_model(tmp_path):
+    """`ec serve` without --no-model: the per-pair view loads the model the manifest names (a saved
+    tiny model folder here) and refuses one whose weights differ from the run's."""
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    import torch
+
+    from eclens.model import load_model, save_tiny_model
+    from eclens.pairs import write_jsonl
+    from eclens.pipeline import RunConfig, run_pipeline
+    from eclens.sources.templates import generate_templates
+
+    torch.set_grad_enabled(False)
+    folder = save_tiny_model(tmp_path / "tiny-llama", max_positions=64)
+    model = load_model(str(folder))
+    pairs = generate_templates(model.tokenizer, n_per_category=2, seed=0, categories=["grammar/agreement"])
+    write_jsonl(tmp_path / "pairs.jsonl", [p.to_dict() for p in pairs])
+    runs = tmp_path / "runs"
+    cfg = RunConfig(pairs_file=str(tmp_path / "pairs.jsonl"), hooks="hook_resid_post", min_pairs=1, exact_pairs=1,
+                    dims_pairs=2, max_sets=1, n_controls=4, attribution_pairs=1, verify_top=1, report_examples=1)
+    run_pipeline(runs / "tiny", model, cfg, log=lambda s: None, progress=False)
+    # the same run with another model's weights hash: its views must be refused, not drawn
+    shutil.copytree(runs / "tiny", runs / "other-weights")
+    man = json.loads((runs / "other-weights" / "manifest.json").read_text())
+    man["model"]["weights_hash"] = "0123456789abcdef"
+    (runs / "other-weights" / "manifest.json").write_text(json.dumps(man))
+    pid = pairs[0].id
+
+    proc = subprocess.Popen([sys.executable, "-m", "eclens", "serve", str(runs), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "COLUMNS": "200"})
+    try:
+        url, end = None, time.monotonic() + 120
+        while time.monotonic() < end and url is None:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            url = next((w for w in line.split() if w.startswith("http://127.0.0.1:")), None)
+        assert url, "ec serve printed no URL"
+        threading.Thread(target=proc.stdout.read, daemon=True).start()
+        host, port = url.split("//")[1].rstrip("/").split(":")
+        srv = type("S", (), {"server_address": (host, int(port))})
+
+        d = get_json(srv, f"/api/runs/tiny/pairs/{quote(pid, safe='')}?layer=1")
+        assert "views_error" not in d, d.get("views_error")
+        assert d["layer"] == 1 and d["n_layers"] == 2 and len(d["kl"]) == d["pair"]["length"]
+        assert len(d["attention"]["clean"]["attention"]) == 4  # heads of the tiny model
+        assert d["figures"]["diff"]["data"]
+        bad = get_json(srv, f"/api/runs/other-weights/pairs/{quote(pid, safe='')}")
+        assert "do not match" in bad["views_error"] and "attention" not in bad
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import base64
 import gzip
-import json
 import os
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -24,6 +23,7 @@ import pandas as pd
 from . import viz
 from .errors import EclensError
 from .runs import RunData, atomic_write
+from .summaries import MISSING, cell, contrasts_note, glance, patch_blocks
 
 REPORT = "report.html"
 esc = viz.esc
@@ -99,12 +99,12 @@ def html_table(df: pd.DataFrame, *, max_rows: int = 30, floatfmt: str = "{:.4g}"
         cells = []
         for v in rec:
             if isinstance(v, float):
-                txt = "" if pd.isna(v) else floatfmt.format(v)
+                txt = MISSING if pd.isna(v) else floatfmt.format(v)
                 cells.append(f'<td class="num">{esc(txt)}</td>')
             elif isinstance(v, (int,)) and not isinstance(v, bool):
                 cells.append(f'<td class="num">{v}</td>')
             else:
-                txt = str(v)
+                txt = str(cell(v)) if v is not None and v != "" else MISSING
                 if len(txt) > 120:  # long lists (e.g. a set's dimensions): the whole text on hover
                     cells.append(f'<td title="{esc(txt)}">{esc(txt[:117])}…</td>')
                 else:
@@ -121,11 +121,8 @@ def kv_table(d: dict) -> str:
 
 
 def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    if isinstance(v, (dict, list)):
-        return json.dumps(v, ensure_ascii=False)
-    return str(v)
+    v = cell(v)
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def tokens_html(tokens: list[str], position: int, other: list[str] | None = None) -> str:
@@ -268,12 +265,12 @@ def _manifest_section(page: _Page, run: RunData) -> None:
                           else None)
             params = st.get("params", {k: v for k, v in st.items()
                                        if k not in ("seconds", "timing", "outputs", "files", "rule")})
-            rows.append({"step": name, "seconds": secs if secs is not None else "",
-                         "parameters": json.dumps(params, ensure_ascii=False, default=str)[:400],
+            rows.append({"step": name, "seconds": secs if secs is not None else MISSING,
+                         "parameters": _params_text(params),
                          "files": ", ".join(st.get("outputs") or st.get("files") or [])})
         page.add("<h3>Steps</h3>" + html_table(pd.DataFrame(rows)))
     if isinstance(run_state, dict) and run_state.get("headlines"):
-        rows = [{"step": k, "seconds": (run_state.get("seconds") or {}).get(k, ""), "result": v}
+        rows = [{"step": k, "seconds": (run_state.get("seconds") or {}).get(k, MISSING), "result": v}
                 for k, v in run_state["headlines"].items()]
         page.add("<h3>ec run</h3>" + html_table(pd.DataFrame(rows)))
     if man.get("versions"):
@@ -281,51 +278,19 @@ def _manifest_section(page: _Page, run: RunData) -> None:
     page.add("</section>")
 
 
-def glance(run: RunData) -> list[str]:
-    """The headline findings, one plain sentence each (null results stated as null)."""
+def _params_text(params: Any) -> str:
+    """A step's parameters as ``name=value`` text (lists of many items shortened), never JSON."""
+    if not isinstance(params, dict):
+        return str(cell(params))
     out = []
-    n_valid, n_rej = len(run.pairs or []), len(run.rejected or [])
-    cats = run.categories()
-    if run.pairs is not None:
-        out.append(f"{n_valid} valid pairs in {len(cats)} categories; {n_rej} rejected by the tokenizer check.")
-    s = run.summary or {}
-    top = s.get("max_rel_l2_at_p") or {}
-    if top:
-        out.append("Largest relative change ‖Δ‖/‖a‖ at the changed token: " + "; ".join(
-            f"{h} at layer {v['layer']} ({v['rel_l2_mean']:.2f})" for h, v in top.items()) + ".")
-    nc = s.get("n_candidates")
-    if nc is not None:
-        out.append(f"Candidates over all pairs: {nc.get('stable', 0)} stable (change consistently little) and "
-                   f"{nc.get('responsive', 0)} responsive (change consistently much) dimensions"
-                   + (", massive-activation dimensions excluded: " + "; ".join(
-                       f"{h} {', '.join(map(str, d))}" for h, d in (s.get('massive_dims') or {}).items())
-                      if s.get("massive_dims") else "") + ".")
-    con = s.get("contrasts") or {}
-    if con.get("n_tests"):
-        tests = sum(con["n_tests"].values())
-        sig = sum((con.get("n_significant") or {}).values())
-        out.append(f"Category contrasts: {sig} of {tests} per-dimension tests significant at BH q ≤ "
-                   f"{con.get('alpha', 0.05)}" + (" — a null result." if sig == 0 else "."))
-    ps = run.patch_summary or {}
-    if isinstance(ps.get("dims"), dict) and ps["dims"].get("verdict"):
-        out.append(f"Candidate dimension sets vs random sets of the same size: {ps['dims']['verdict']}.")
-    at = ps.get("attribution") if isinstance(ps.get("attribution"), dict) else None
-    if at and at.get("spearman") is not None:
-        out.append(f"Attribution patching agrees with exact patching: Spearman ρ = {at['spearman']:.2f} over "
-                   f"{at['n_verified']} verified components"
-                   + (f", top-K overlap {at['topk_overlap']:.2f}" if at.get("topk_overlap") is not None else "")
-                   + ".")
-    ex = ps.get("exact") if isinstance(ps.get("exact"), dict) else None
-    if ex and ex.get("top"):
-        m = ex.get("metric", "logit_diff")
-        t = ex["top"][0]
-        val = t.get(f"{m}_restored")
-        if val is not None:
-            n = ex.get("n_pairs")
-            out.append(f"Exact patching ({n} pair{'s' if n != 1 else ''}): the strongest cell is {t['direction']} "
-                       f"{t['hook']} layer {t['layer']} at the {t['position_kind']} position, restoring "
-                       f"{val:.2f} of the clean–corrupt {m} gap.")
-    return out
+    for k, v in params.items():
+        if isinstance(v, dict):
+            out.append(f"{k}: {_params_text(v)}")
+            continue
+        if isinstance(v, (list, tuple)) and len(v) > 6:
+            v = [*v[:5], f"… {len(v) - 5} more"]
+        out.append(f"{k}={cell(v)}")
+    return "; ".join(out)
 
 
 def _glance_section(page: _Page, run: RunData) -> None:
@@ -417,16 +382,12 @@ def _causal_section(page: _Page, run: RunData) -> None:
         _missing(page, "patch results", f"ec patch {run.path}")
         page.add("</section>")
         return
-    if run.patch_summary:
-        rows = []
-        for mode, v in run.patch_summary.items():
-            if isinstance(v, dict):
-                # the scalar headline numbers; per-set and per-cell lists are in the tables below
-                rows.append({"mode": mode, **{k: x for k, x in v.items() if not isinstance(x, (dict, list))}})
-        if rows:
-            page.add(html_table(pd.DataFrame(rows).astype(object).where(lambda d: d.notna(), "")))
+    for block in patch_blocks(run.patch_summary):
+        page.add(f"<h3>{esc(block.title)}</h3>" + "".join(f"<p>{esc(x)}</p>" for x in block.sentences))
+        if block.table is not None:
+            page.add(html_table(block.table, max_rows=20))
     if run.patch_dims is not None:
-        page.add("<h3>Candidate dimensions vs random dimension sets</h3>"
+        page.add("<h3>All candidate-set tests (patch_dims.csv)</h3>"
                  "<p>Each row patches or ablates a candidate set of dimensions and compares the effect with the "
                  "same intervention on random sets of the same size in the same layer (empirical p-value).</p>")
         page.add(html_table(run.patch_dims, max_rows=40))
@@ -483,13 +444,10 @@ def _contrasts_section(page: _Page, run: RunData) -> None:
         _missing(page, "contrasts.csv", f"ec diff {run.path}")
         page.add("</section>")
         return
+    page.add(f"<p>{esc(contrasts_note(run, shown=min(30, len(df))))}</p>")
     qcol = next((c for c in ("q", "q_value", "qvalue") if c in df.columns), None)
     if qcol:
-        n_sig = int((df[qcol] < 0.05).sum())
-        page.add(f"<p>{n_sig} of {len(df)} per-dimension contrasts have a Benjamini–Hochberg q &lt; 0.05"
-                 + (" (a null result: no dimension separates the categories at this FDR)." if n_sig == 0 else ".")
-                 + "</p>")
-        df = df.sort_values(qcol)
+        df = df.sort_values(qcol, kind="stable")
     page.add(html_table(df, max_rows=30))
     page.add("</section>")
 

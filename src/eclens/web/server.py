@@ -38,6 +38,7 @@ import pandas as pd
 from .. import viz
 from ..errors import EclensError
 from ..report import REPORT, RunData, control_figures
+from ..summaries import contrasts_note, glance, patch_blocks
 
 STATIC = Path(__file__).parent / "static"
 STATIC_FILES = {  # name -> (file in static/ or a generator, content type)
@@ -235,7 +236,7 @@ class RunsApp:
                 df = _filter_table(df, query)
                 if csv:
                     return df.to_csv(index=False), "csv"
-                return table_json(df, limit=_int(query.get("limit"), 5000, 1, 100000)), "json"
+                return table_page(df, query), "json"
         raise NotFound("/".join(parts))
 
     def table(self, rd: RunData, name: str) -> pd.DataFrame:
@@ -252,6 +253,12 @@ class RunsApp:
             "manifest": rd.manifest,
             "summary": rd.summary,
             "patch_summary": rd.patch_summary,
+            # what the page shows: sentences and small tables, never the raw JSON above
+            "glance": glance(rd),
+            "causal_summary": [{"title": b.title, "sentences": b.sentences,
+                                "table": table_json(b.table) if b.table is not None else None}
+                               for b in patch_blocks(rd.patch_summary)],
+            "contrasts_note": contrasts_note(rd) if rd.contrasts is not None else None,
             "categories": rd.categories(),
             "check": table_json(check) if check is not None else None,
             "tables": [t for t, (attr, _) in TABLES.items() if getattr(rd, attr) is not None],
@@ -357,6 +364,23 @@ def _records(df: pd.DataFrame) -> list[dict]:
 
 def table_json(df: pd.DataFrame, limit: int = 5000) -> dict:
     return {"columns": [str(c) for c in df.columns], "total": len(df), "rows": _records(df.head(limit))}
+
+
+def table_page(df: pd.DataFrame, query: dict[str, str]) -> dict:
+    """One page of a table, sorted server-side (``sort``: a column, ``desc=1``; ``start``: the first
+    row, ``limit``: how many), so the browser never holds more rows than it shows. (``offset`` is
+    a column of these tables and filters by it, as ``layer`` does.)"""
+    sort = query.get("sort") or ""
+    desc = query.get("desc") in ("1", "true")
+    if sort:
+        if sort not in df.columns:
+            raise BadRequest(f"no column {sort!r} to sort by")
+        df = df.sort_values(sort, ascending=not desc, kind="stable", na_position="last")
+    start = _int(query.get("start"), 0, 0, 10**9)
+    limit = _int(query.get("limit"), 100, 1, 100000)
+    page = df.iloc[start: start + limit]
+    return {"columns": [str(c) for c in df.columns], "total": len(df), "start": start, "limit": limit,
+            "sort": sort or None, "desc": desc, "rows": _records(page)}
 
 
 def _filter_table(df: pd.DataFrame, query: dict[str, str]) -> pd.DataFrame:

@@ -14,11 +14,17 @@ function el(tag, attrs, ...children) {
     else if (k === "class") e.className = v;
     else e.setAttribute(k, v);
   }
-  for (const c of children.flat()) {
+  return add(e, ...children);
+}
+
+// Append children (nested arrays flattened; null/undefined/false skipped). Element.append
+// would turn an array into the text "[object HTMLElement],…", so every page uses this.
+function add(parent, ...children) {
+  for (const c of children.flat(Infinity)) {
     if (c === undefined || c === null || c === false) continue;
-    e.appendChild(c instanceof Node ? c : document.createTextNode(String(c)));
+    parent.appendChild(c instanceof Node ? c : document.createTextNode(String(c)));
   }
-  return e;
+  return parent;
 }
 
 const enc = encodeURIComponent;
@@ -31,11 +37,24 @@ async function api(path) {
   return body;
 }
 
+const MISSING = "\u2014";  // how a missing value reads: never "null", "undefined" or "NaN"
+
+// A value as a person reads it: numbers to 4 significant digits, lists comma-separated,
+// objects as "key value; …" (never JSON), missing as an em dash.
 function fmt(v) {
-  if (v === null || v === undefined) return "";
-  if (typeof v === "number") return Number.isInteger(v) ? String(v) : v.toPrecision(4);
-  if (typeof v === "object") return JSON.stringify(v);
+  if (v === null || v === undefined || v === "") return MISSING;
+  if (typeof v === "number") return !Number.isFinite(v) ? MISSING : Number.isInteger(v) ? String(v) : v.toPrecision(4);
+  if (typeof v === "boolean") return v ? "yes" : "no";
+  if (Array.isArray(v)) return v.length ? v.map(fmt).join(", ") : MISSING;
+  if (typeof v === "object") return Object.entries(v).map(([k, x]) => `${k} ${fmt(x)}`).join("; ") || MISSING;
   return String(v);
+}
+
+// A table cell: long text is cut to one line, the whole of it on hover, so no row grows tall.
+function td(v) {
+  const text = fmt(v);
+  const long = text.length > 60;
+  return el("td", {class: typeof v === "number" ? "num" : long ? "long" : null, title: long ? text : null}, text);
 }
 
 let plotCount = 0;
@@ -57,7 +76,7 @@ function note(text) { return el("p", {class: "note"}, text); }
 
 function kv(obj) {
   const rows = Object.entries(obj || {}).filter(([, v]) => v !== null && v !== undefined)
-    .map(([k, v]) => el("tr", {}, el("th", {}, k), el("td", {}, fmt(v))));
+    .map(([k, v]) => el("tr", {}, el("th", {}, k), td(v)));
   return el("table", {class: "kv"}, el("tbody", {}, rows));
 }
 
@@ -70,7 +89,7 @@ function table(columns, rows, opts) {
   function fill() {
     tbody.replaceChildren(...rows.slice(0, opts.limit || 2000).map((r) => {
       const tr = el("tr", {class: opts.onRow ? "click" : null},
-        columns.map((c) => el("td", {class: typeof r[c] === "number" ? "num" : null}, fmt(r[c]))));
+        columns.map((c) => td(r[c])));
       if (opts.onRow) tr.addEventListener("click", () => opts.onRow(r));
       return tr;
     }));
@@ -118,9 +137,11 @@ async function runsPage() {
   setCrumbs();
   const data = await api("runs");
   const rows = data.runs.map((r) => ({run: r.name, model: r.model, pairs: r.n_pairs, rejected: r.n_rejected,
-    steps: r.steps.join(", "), created: r.created}));
+    steps: r.steps.join(", "), created: r.created, problem: r.error}));
+  const cols = ["run", "model", "pairs", "rejected", "steps", "created"];
+  if (rows.some((r) => r.problem)) cols.push("problem");  // an unreadable run says why
   main.replaceChildren(el("h2", {}, "Runs"),
-    rows.length ? table(["run", "model", "pairs", "rejected", "steps", "created"], rows,
+    rows.length ? table(cols, rows,
       {onRow: (r) => { location.hash = "#/run/" + enc(r.run); }})
       : note("No runs in this folder yet: make one with `ec run --out RUNS_DIR/NAME`."));
 }
@@ -141,12 +162,12 @@ async function runPage(name, tab) {
 
 function overviewTab(name, info, body) {
   const m = info.manifest || {};
-  body.append(
+  add(body,
     info.has_report ? el("p", {}, el("a", {href: `/runs/${enc(name)}/report.html`, target: "_blank", rel: "noopener"}, "open the report")) : null,
+    info.glance && info.glance.length ? [el("h3", {}, "At a glance"), el("ul", {class: "glance"}, info.glance.map((x) => el("li", {}, x)))] : null,
     el("h3", {}, "Run"), kv({created: m.created, command: m.command, seed: m.seed, pairs: info.n_pairs, rejected: info.n_rejected,
       steps: info.steps.join(", ")}),
     el("h3", {}, "Model"), kv(m.model),
-    info.summary ? [el("h3", {}, "Summary"), kv(info.summary)] : null,
     info.check ? [el("h3", {}, "Pairs by category and rejection reason"), table(info.check.columns, info.check.rows)] : null,
   );
 }
@@ -157,7 +178,7 @@ async function pairsTab(name, info, body) {
   const search = el("input", {type: "search", placeholder: "search sentences or id", size: 30});
   let timer = null;
   search.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(() => { q = search.value; offset = 0; load(); }, 250); });
-  body.append(el("div", {class: "controls"},
+  add(body, el("div", {class: "controls"},
     select("category", [["", "all categories"], ...info.categories.map((c) => [c, c])], "", (v) => { category = v; offset = 0; load(); }),
     el("label", {}, "search ", search)), list);
   async function load() {
@@ -175,11 +196,11 @@ async function pairsTab(name, info, body) {
 }
 
 async function layersTab(name, info, body) {
-  if (!info.tables.includes("layers")) { body.append(note("layers.csv not found: run `ec diff` on this run.")); return; }
+  if (!info.tables.includes("layers")) { add(body, note("layers.csv not found: run `ec diff` on this run.")); return; }
   let hook = info.hooks.includes("hook_resid_post") ? "hook_resid_post" : info.hooks[0] || "";
   let category = "all";
   const figs = el("div");
-  body.append(el("div", {class: "controls"},
+  add(body, el("div", {class: "controls"},
     select("hook", info.hooks.map((h) => [h, h]), hook, (v) => { hook = v; draw(); }),
     select("category", [["all", "all"], ...info.categories.map((c) => [c, c])], "all", (v) => { category = v; draw(); })), figs);
   async function draw() {
@@ -192,51 +213,64 @@ async function layersTab(name, info, body) {
   await draw();
 }
 
+// A long table paged and sorted by the server (offset/limit/sort): the page holds one page of rows.
 async function tableTab(name, body, table_, filters, intro) {
-  const state = {};
+  const state = {}, PAGE = 100;
+  let offset = 0, sort = "", desc = false;
   const holder = el("div");
   const link = el("a", {}, "download CSV");
   const controls = el("div", {class: "controls"}, filters.map(([key, options]) =>
-    select(key, [["", "all"], ...options.map((o) => [o, o])], "", (v) => { state[key] = v; load(); })), link);
-  body.append(intro ? el("p", {}, intro) : null, controls, holder);
+    select(key, [["", "all"], ...options.map((o) => [o, o])], "", (v) => { state[key] = v; offset = 0; load(); })), link);
+  add(body, intro ? el("p", {}, intro) : null, controls, holder);
   async function load() {
     const qs = Object.entries(state).filter(([, v]) => v).map(([k, v]) => `${k}=${enc(v)}`).join("&");
     link.setAttribute("href", `/api/runs/${enc(name)}/${table_}.csv${qs ? "?" + qs : ""}`);
-    const d = await api(`runs/${enc(name)}/${table_}${qs ? "?" + qs : ""}`);
-    holder.replaceChildren(el("p", {class: "muted"}, `${d.total} rows`), table(d.columns, d.rows));
+    const page = `start=${offset}&limit=${PAGE}` + (sort ? `&sort=${enc(sort)}&desc=${desc ? 1 : 0}` : "");
+    const d = await api(`runs/${enc(name)}/${table_}?${qs ? qs + "&" : ""}${page}`);
+    const ths = d.columns.map((c) => el("th", {class: c === sort ? (desc ? "sorted-desc" : "sorted-asc") : null,
+      title: "sort by " + c, on: {click: () => { desc = c === sort ? !desc : false; sort = c; offset = 0; load(); }}}, c));
+    const rows = d.rows.map((r) => el("tr", {}, d.columns.map((c) => td(r[c]))));
+    const shown = d.total ? `rows ${offset + 1}\u2013${offset + d.rows.length} of ${d.total}` : "no rows";
+    holder.replaceChildren(el("p", {class: "muted"}, shown + (sort ? ` \u00b7 sorted by ${sort}${desc ? " (descending)" : ""}` : " \u00b7 click a column to sort")),
+      el("div", {class: "tablewrap"}, el("table", {}, el("thead", {}, el("tr", {}, ths)), el("tbody", {}, rows))),
+      el("div", {class: "controls"},
+        offset > 0 ? el("button", {on: {click: () => { offset = Math.max(0, offset - PAGE); load(); }}}, "previous") : null,
+        offset + d.rows.length < d.total ? el("button", {on: {click: () => { offset += PAGE; load(); }}}, "next") : null));
   }
   await load();
 }
 
 async function candidatesTab(name, info, body) {
-  if (!info.tables.includes("candidates")) { body.append(note("candidates.csv not found: run `ec diff` on this run.")); return; }
+  if (!info.tables.includes("candidates")) { add(body, note("candidates.csv not found: run `ec diff` on this run.")); return; }
   await tableTab(name, body, "candidates", [["kind", ["stable", "responsive"]], ["category", ["all", ...info.categories]],
     ["hook", info.hooks]], "Stable: change consistently little across pairs; responsive: change consistently much. Click a column to sort.");
 }
 
 async function contrastsTab(name, info, body) {
-  if (!info.tables.includes("contrasts")) { body.append(note("contrasts.csv not found: run `ec diff` on this run.")); return; }
-  await tableTab(name, body, "contrasts", [["hook", info.hooks]], "Per-dimension category contrasts with Benjamini–Hochberg q values.");
+  if (!info.tables.includes("contrasts")) { add(body, note("contrasts.csv not found: run `ec diff` on this run.")); return; }
+  await tableTab(name, body, "contrasts", [["hook", info.hooks]], info.contrasts_note);
 }
 
 async function causalTab(name, info, body) {
   const has = (t) => info.tables.includes(t);
   if (!has("patch_dims") && !has("patch_attribution") && !has("patch_exact")) {
-    body.append(note("No patching results: run `ec patch` on this run.")); return;
+    add(body, note("No patching results: run `ec patch` on this run.")); return;
   }
-  if (info.patch_summary) body.append(el("h3", {}, "Summary"), kv(info.patch_summary));
+  for (const b of info.causal_summary || []) {
+    add(body, el("h3", {}, b.title), b.sentences.map((x) => el("p", {}, x)), b.table ? table(b.table.columns, b.table.rows) : null);
+  }
   if (has("patch_dims")) {
-    body.append(el("h3", {}, "Candidate sets vs random controls"));
+    add(body, el("h3", {}, "All candidate-set tests (patch_dims.csv)"));
     await tableTab(name, body, "patch_dims", [], null);
     const c = await api(`runs/${enc(name)}/figures/controls`);
-    body.append(...c.figures.map(plot));
+    add(body, c.figures.map(plot));
   }
   if (has("patch_attribution")) {
-    body.append(el("h3", {}, "Attribution vs exact patching"));
-    try { body.append(plot(await api(`runs/${enc(name)}/figures/attribution`))); } catch (e) { body.append(note(e.message)); }
+    add(body, el("h3", {}, "Attribution vs exact patching"));
+    try { add(body, plot(await api(`runs/${enc(name)}/figures/attribution`))); } catch (e) { add(body, note(e.message)); }
   }
   if (info.exact_pairs.length) {
-    body.append(el("h3", {}, "Pairs with an exact patching map"), el("ul", {}, info.exact_pairs.map((p) =>
+    add(body, el("h3", {}, "Pairs with an exact patching map"), el("ul", {}, info.exact_pairs.map((p) =>
       el("li", {}, el("a", {href: `#/run/${enc(name)}/pair/${enc(p)}`}, p)))));
   }
 }
