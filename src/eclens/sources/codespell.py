@@ -50,7 +50,7 @@ def entries() -> tuple[tuple[str, str], ...]:
     for line in (data_dir() / "dictionary.txt").read_text(encoding="utf-8").splitlines():
         wrong, _, right = line.partition("->")
         right = right.strip().rstrip(",")
-        if not right or "," in right or not wrong.isalpha() or not wrong.islower():
+        if not right or "," in right or not wrong.replace(" ", "").isalpha() or not wrong.islower():
             continue
         if not right.replace(" ", "").isalpha() or not right.islower():
             continue
@@ -122,3 +122,36 @@ def codespell_pairs(n: int = 500, seed: int = 0, *, min_len: int = 4, kinds: Seq
 
 def kind_counts(pairs: Sequence[MinimalPair]) -> dict[str, int]:
     return dict(Counter(p.typo_kind for p in pairs if p.role == "error"))
+
+
+def codespell_check(n: int, seed: int, toks: Sequence[tuple[object, bool]]):
+    """``n`` codespell clusters checked under every ``(tokenizer, prepend_bos)``: the clusters whose error and
+    twin both align in span mode under all of them, and a yield table per typo kind (single-token and span)."""
+    import pandas as pd
+
+    from ..pairs import AlignedPair, align
+
+    pairs = codespell_pairs(n, seed)
+    by_cluster: dict[str, list[MinimalPair]] = {}
+    for p in pairs:
+        by_cluster.setdefault(p.cluster_id, []).append(p)
+    rows: dict[str, Counter] = {}
+    kept: list[MinimalPair] = []
+    for recs in by_cluster.values():
+        err = recs[0]
+        row = rows.setdefault(err.typo_kind or "other", Counter())
+        row["errors"] += 1
+        modes = {}
+        for mode in ("single", "span"):
+            modes[mode] = all(isinstance(a, AlignedPair) and a.position >= 1 + int(bos)
+                              for tok, bos in toks for a in [align(err, tok, prepend_bos=bos, mode=mode)])
+            row[f"{mode}_valid"] += modes[mode]
+        ok = modes["span"] and all(isinstance(align(p, tok, prepend_bos=bos, mode="span"), AlignedPair)
+                                   for p in recs[1:] for tok, bos in toks)
+        row["kept_with_twin"] += ok
+        if ok:
+            kept.extend(recs)
+    table = pd.DataFrame([{"typo kind": k, **{c: v.get(c, 0) for c in ("errors", "single_valid", "span_valid",
+                                                                       "kept_with_twin")}}
+                          for k, v in sorted(rows.items())])
+    return kept, table

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import random
 
-from ..codespell import real_words, spelling_variants
 from ..typos import KINDS, misspell
 from .frames import NAMES, Cluster, error_and_twin
 
@@ -41,6 +40,8 @@ VERB_FRAMES = ("It was hard to {X} what happened next.", "Nobody could {X} what 
 def typo(rng: random.Random, kind_index: int, prefer=None) -> Cluster | None:
     """The cluster for one draw; ``kind_index`` picks the kind (cycled by the caller), ``prefer(w)`` favours
     misspellings that pass it (one token under the target tokenizer)."""
+    from ..codespell import real_words, spelling_variants  # here: codespell's module imports this package
+
     kind = KINDS[kind_index % len(KINDS)]
     cls = rng.choices(("noun", "adj", "verb"), weights=(5, 3, 2))[0]
     words, frames = {"noun": (NOUNS, NOUN_FRAMES), "adj": (ADJECTIVES, ADJ_FRAMES),
