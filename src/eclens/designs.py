@@ -36,7 +36,10 @@ class DesignReport:
 
     def lines(self) -> list[str]:
         """The report as short lines for a terminal."""
-        sizes = ", ".join(f"{n} of size {k}" for k, n in sorted(self.cluster_sizes.items()))
+        sizes = ", ".join(f"{n} of size {k}" for k, n in sorted(self.cluster_sizes.items())[:4])
+        if len(self.cluster_sizes) > 4:
+            big = [k for k in self.cluster_sizes if k > sorted(self.cluster_sizes)[3]]
+            sizes += f", {sum(self.cluster_sizes[k] for k in big)} larger (up to {max(big)})"
         out = [f"{self.n_pairs} pairs in {self.n_clusters} clusters ({sizes})"]
         if self.roles:
             out.append("roles: " + ", ".join(f"{k} {v}" for k, v in sorted(self.roles.items())))

@@ -575,6 +575,12 @@ def align(
                         prepend_bos)
 
 
+def _changed_word(clean: str, corrupt: str) -> int:
+    """The index of the word of ``corrupt`` holding its first character that differs from ``clean``."""
+    i = next((k for k, (x, y) in enumerate(zip(clean, corrupt)) if x != y), min(len(clean), len(corrupt)))
+    return len(corrupt[:i].split()) - (0 if i == 0 or corrupt[i - 1].isspace() else 1)
+
+
 def _with_detect(a: AlignedPair, tokenizer, prepend_bos: bool) -> AlignedPair | Rejection:
     """Fill ``detect_position`` from the record's ``detect`` word; a detect word before the change or past the
     sentence is a rejection (``bad_detect``), not a silent ``p``."""
@@ -588,8 +594,9 @@ def _with_detect(a: AlignedPair, tokenizer, prepend_bos: bool) -> AlignedPair | 
     except IndexError:
         return Rejection(a.pair, "bad_detect", d)
     if not a.corrupt_end - 1 <= t < len(a.corrupt_ids):
-        # A detect word inside a multi-token change means its last token.
-        if a.position <= t < a.corrupt_end:
+        # The changed word itself (its first token may be shared, " store" in " store"+"s") means the
+        # change's last token.
+        if a.position <= t < a.corrupt_end or d == _changed_word(a.pair.clean, a.pair.corrupt):
             t = a.corrupt_end - 1
         else:
             return Rejection(a.pair, "bad_detect", d)

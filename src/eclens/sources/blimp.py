@@ -92,9 +92,11 @@ def read_blimp_file(path: str | os.PathLike) -> list[MinimalPair]:
         if rec.get("one_prefix_method") and all(isinstance(rec.get(k), str) for k in ONE_PREFIX):
             meta.update(prefix=rec["one_prefix_prefix"], target_clean=rec["one_prefix_word_good"],
                         target_corrupt=rec["one_prefix_word_bad"])
-            # The error shows at the first word after the shared prefix.
+            # The error shows at the first word after the shared prefix (when that is not before the change:
+            # some prefixes end before the differing word, and then the changed word is where it shows).
             n_prefix = len(rec["one_prefix_prefix"].split())
-            if n_prefix < len(rec["sentence_bad"].split()):
+            first = first_difference(rec["sentence_good"], rec["sentence_bad"])
+            if first <= n_prefix < len(rec["sentence_bad"].split()):
                 detect = n_prefix
         good_w, bad_w = differing_words(rec["sentence_good"], rec["sentence_bad"])
         out.append(MinimalPair(
@@ -119,6 +121,12 @@ def differing_words(good: str, bad: str) -> tuple[str, str]:
             ba.extend(b[j1:j2])
     strip = ".,;:!?\"'"
     return " ".join(w.strip(strip) for w in ga), " ".join(w.strip(strip) for w in ba)
+
+
+def first_difference(good: str, bad: str) -> int:
+    """The index of the first word where two sentences differ."""
+    a, b = good.split(), bad.split()
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def import_blimp(
