@@ -167,15 +167,15 @@ def _category(cat: str, n: int, seed: int, toks, ref):
             rejected["no_misspelling"] += 1
             continue
         recs = _records(c, cat)
-        key = (recs[0].clean, recs[0].corrupt)
-        if key in seen:
+        keys = {(p.clean, p.corrupt) for p in recs}
+        if keys & seen or len(keys) < len(recs):  # any pair of the cluster already made (ids must be unique)
             dupes += 1
             continue
-        seen.add(key)
         aligned, why = _align_all(recs, toks, mode)
         if aligned is None:
             rejected[why] += 1
             continue
+        seen |= keys
         kept.append((recs, aligned))
         units += sum(_is_unit(p, cat) for p in recs)
     dropped = 0

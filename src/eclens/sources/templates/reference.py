@@ -61,16 +61,12 @@ class Reference:
             ids = [m.tokenizer.bos_token_id, *ids]
         return ids
 
-    def _run(self, seqs: Sequence[list[int]], want_resid: bool):
+    def _batch(self, seqs: Sequence[list[int]]) -> torch.Tensor:
         m = self.model
         pad = m.tokenizer.pad_token_id if m.tokenizer.pad_token_id is not None else 0
         n = max(len(s) for s in seqs)
-        toks = torch.tensor([s + [pad] * (n - len(s)) for s in seqs])
-        with torch.no_grad():
-            if want_resid:
-                logits, cache = m.run_with_cache(toks, names_filter=lambda name: name == HOOK)
-                return logits, cache[HOOK]
-            return m(toks), None
+        # Right padding: with causal attention the real tokens never see the pads.
+        return torch.tensor([s + [pad] * (n - len(s)) for s in seqs])
 
     def logprobs(self, sentences: Sequence[str]) -> dict[str, float]:
         """Mean log-probability per predicted token of each sentence (its first token is not predicted)."""
@@ -79,7 +75,8 @@ class Reference:
         for i in range(0, len(todo), self.batch_size):
             chunk = todo[i:i + self.batch_size]
             seqs = [self._tokens(s) for s in chunk]
-            logits, _ = self._run(seqs, False)
+            with torch.no_grad():
+                logits = self.model(self._batch(seqs))
             lp = torch.log_softmax(logits.float(), -1)
             for j, (s, ids) in enumerate(zip(chunk, seqs)):
                 t = torch.tensor(ids[1:])
@@ -104,18 +101,24 @@ class Reference:
                 continue
             todo.append((key, a))
             out[p.id] = None
-        for i in range(0, len(todo), self.batch_size // 2 or 1):
-            chunk = todo[i:i + self.batch_size // 2 or 1]
-            seqs = [s for _, a in chunk for s in (a.clean_ids, a.corrupt_ids)]
-            _, resid = self._run(seqs, True)
-            for j, (key, a) in enumerate(chunk):
-                t_cor = a.detect_position if a.detect_position is not None else a.corrupt_end - 1
-                off = t_cor - (a.corrupt_end - 1)
-                t_clean = a.position_at(off, "clean") if off >= 0 else a.clean_end - 1
-                h0, h1 = resid[2 * j, t_clean].float(), resid[2 * j + 1, t_cor].float()
-                val = round(float((h1 - h0).norm() / h0.norm().clamp_min(1e-12)), 5)
-                self.cache[key] = val
-                self._dirty = True
+        # Each distinct sequence runs once (error and twin share their clean sentence), and only through block 0.
+        seqs = list(dict.fromkeys(tuple(x) for _, a in todo for x in (a.clean_ids, a.corrupt_ids)))
+        rows: dict[tuple[int, ...], torch.Tensor] = {}
+        seqs.sort(key=len)
+        for i in range(0, len(seqs), self.batch_size):
+            chunk = seqs[i:i + self.batch_size]
+            with torch.no_grad():
+                _, cache = self.model.run_with_cache(self._batch([list(x) for x in chunk]),
+                                                     names_filter=lambda name: name == HOOK, stop_at_layer=1)
+            for j, x in enumerate(chunk):
+                rows[x] = cache[HOOK][j, :len(x)].float()
+        for key, a in todo:
+            t_cor = a.detect_position if a.detect_position is not None else a.corrupt_end - 1
+            off = t_cor - (a.corrupt_end - 1)
+            t_clean = a.position_at(off, "clean") if off >= 0 else a.clean_end - 1
+            h0, h1 = rows[tuple(a.clean_ids)][t_clean], rows[tuple(a.corrupt_ids)][t_cor]
+            self.cache[key] = round(float((h1 - h0).norm() / h0.norm().clamp_min(1e-12)), 5)
+            self._dirty = True
         for key, a in todo:
             out[a.id] = self.cache[key]
         return out
