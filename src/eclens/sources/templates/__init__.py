@@ -126,8 +126,8 @@ def generate_templates_with_stats(
         got, row = _category(cat, n_per_category, seed, toks, ref)
         out.extend(got)
         rows.append(row)
-    if ref is not None:
-        ref.save()
+        if ref is not None:
+            ref.save()  # per category: an interrupted run keeps the scores it paid for
     return out, pd.DataFrame(rows)
 
 
