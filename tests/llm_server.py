@@ -36,17 +36,23 @@ PLACES = ("park", "river", "school", "station", "market", "bridge")
 # One adjective swap per category, so no two categories ever produce the same pair.
 SWAPS = (("red", "blue"), ("big", "small"), ("old", "new"), ("hot", "cold"), ("long", "short"), ("dark", "bright"),
          ("cheap", "nice"), ("happy", "sad"), ("fast", "slow"), ("green", "black"))
+# The twin word of each category's swap (an acceptable change of the same slot), used by no swap.
+TWINS = ("white", "large", "young", "warm", "tall", "light", "fine", "quiet", "quick", "brown")
 
 
-def pair_for(category_index: int, i: int) -> dict[str, str]:
+def pair_for(category_index: int, i: int, twins: bool = False) -> dict[str, str]:
     """The ``i``-th valid pair of a category: distinct for every (category, i) up to 3072."""
     s = SUBJECTS[i % 8]
     v = VERBS[(i // 8) % 8]
     n = NOUNS[(i // 64) % 8]
     p = PLACES[(i // 512) % 6]
     a, b = SWAPS[category_index % len(SWAPS)]
+    t = TWINS[category_index % len(TWINS)]
     frame = f"{s} {v} the {{}} {n} near the {p} today."
-    return {"clean": frame.format(a), "corrupt": frame.format(b), "clean_word": a, "corrupt_word": b}
+    out = {"clean": frame.format(a), "corrupt": frame.format(b), "clean_word": a, "corrupt_word": b}
+    if twins:  # the full structure: a twin of the same slot and the word where the change shows
+        out.update(twin=frame.format(t), twin_word=t, twin_kind="acceptable", detect_word=n)
+    return out
 
 
 class LLMServer:
@@ -55,6 +61,7 @@ class LLMServer:
         self.default = "valid"
         self.require_key = require_key
         self.reject_schema = False
+        self.twins = False  # answer with twins and detect words (the full structure)
         self.delay = delay
         self.lock = threading.Lock()
         self.requests: list[dict] = []  # body and the behaviour used, per request
@@ -152,7 +159,7 @@ class LLMServer:
             ci = self.categories.setdefault(category, len(self.categories))
             start = self.counters.get(category, 0)
             self.counters[category] = start + k
-        return [pair_for(ci, i) for i in range(start, start + k)]
+        return [pair_for(ci, i, self.twins) for i in range(start, start + k)]
 
     def _content(self, behaviour: str, category: str, k: int) -> str:
         if behaviour == "malformed":

@@ -38,7 +38,7 @@ import torch
 
 from .errors import EclensError
 from .hooks import iter_batches, pad_id, select_hooks, split_hook
-from .pairs import AlignedPair, MinimalPair
+from .pairs import AlignedPair, aligned_from_dict
 from .runs import save_tensors, write_json
 
 CACHE_DIR = "cache"
@@ -52,10 +52,8 @@ def _dtype_name(dt: torch.dtype) -> str:
 
 
 def _aligned_from_dict(d: dict) -> AlignedPair:
-    pair = MinimalPair(d["id"], d["clean"], d["corrupt"], d.get("category", "uncategorized"), d.get("source", "user"),
-                       d.get("meta") or {})
-    return AlignedPair(pair, list(d["clean_ids"]), list(d["corrupt_ids"]), int(d["position"]), d["clean_token"],
-                       d["corrupt_token"])
+    return aligned_from_dict({**d, "clean_ids": list(d["clean_ids"]), "corrupt_ids": list(d["corrupt_ids"]),
+                              "position": int(d["position"])})
 
 
 def _row_span(a: AlignedPair, positions: str) -> tuple[int, int]:

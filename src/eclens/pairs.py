@@ -2,8 +2,17 @@
 under the model's own tokenizer.
 
 A pair is valid when, under the analysed model's tokenizer, the clean and corrupt
-sentences have the same number of tokens and differ at exactly one position ``p``.
+sentences have the same number of tokens and differ at exactly one position ``p``
+(single-token mode, the default), or, in span mode, differ in one contiguous span of
+tokens whose lengths may differ (" umbrella" against " umb", "rel", "a").
 Pairs that fail are kept as :class:`Rejection` records with a reason, never dropped.
+
+A record may say how it belongs to a design (see "Method, second edition" in DESIGN.md):
+its ``cluster`` (pairs made from one frame; a record without one is its own cluster),
+its ``role`` (``error``, ``twin`` or a 2x2 cell name), ``twin_kind`` and ``twin_of``
+for twins, ``swap_direction``, ``detect`` (the word index, in the changed sentence,
+where the error first becomes detectable; converted to a token position per tokenizer
+by :func:`align`) and ``typo_kind``.
 """
 
 from __future__ import annotations
@@ -22,11 +31,18 @@ from typing import Any
 from .errors import EclensError, PairFileError
 from .runs import atomic_path
 
-FIELDS = ("id", "clean", "corrupt", "category", "source", "meta")
+DESIGN_FIELDS = ("cluster", "role", "twin_kind", "twin_of", "swap_direction", "detect", "typo_kind")
+FIELDS = ("id", "clean", "corrupt", "category", "source", "meta", *DESIGN_FIELDS)
 # What eclens adds when it writes aligned pairs (RUN/pairs.jsonl): accepted and ignored on input, since the
 # pairs are aligned again under the model they are used with.
-ALIGNED_FIELDS = ("position", "length", "clean_token", "corrupt_token", "clean_ids", "corrupt_ids")
+ALIGNED_FIELDS = ("position", "length", "clean_token", "corrupt_token", "clean_ids", "corrupt_ids", "mode",
+                  "clean_end", "corrupt_end", "detect_position")
 REASONS = ("empty", "identical", "different_length", "multiple_differences", "too_long")
+# Span mode's own reasons (it has no different_length): tokens only added, or two separate differences.
+SPAN_REASONS = ("insertion", "multiple_spans", "bad_detect")
+TWIN_KINDS = ("neutral", "acceptable")
+TYPO_KINDS = ("deletion", "insertion", "transposition", "substitution", "split", "other")
+MODES = ("single", "span")
 
 
 @dataclass
@@ -44,14 +60,39 @@ class MinimalPair:
     category: str = "uncategorized"
     source: str = "user"
     meta: dict[str, Any] = field(default_factory=dict)
+    cluster: str | None = None
+    role: str | None = None
+    twin_kind: str | None = None
+    twin_of: str | None = None
+    swap_direction: str | None = None
+    detect: int | None = None
+    typo_kind: str | None = None
+
+    @property
+    def cluster_id(self) -> str:
+        """The cluster this pair counts in: its own ``cluster``, else its id (one cluster per pair)."""
+        return self.cluster or self.id
+
+    @property
+    def is_twin(self) -> bool:
+        return self.role == "twin"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        # Design fields only when set, so files without designs stay as they were.
+        return {k: v for k, v in asdict(self).items() if k not in DESIGN_FIELDS or v is not None}
 
 
 @dataclass
 class AlignedPair:
-    """A valid pair with its token ids and the single changed position ``position``."""
+    """A valid pair with its token ids and the changed position ``position``.
+
+    Single-token mode (``mode == "single"``): the ids differ at ``position`` only.
+    Span mode: they differ in ``[position, clean_end)`` of the clean ids and
+    ``[position, corrupt_end)`` of the corrupt ids, whose lengths may differ; positions
+    after the span are aligned from each side's own span end (:meth:`position_at`).
+    ``detect_position`` is the token (corrupt side) where the error becomes detectable,
+    from the record's ``detect`` word; ``None`` when the record has none (then ``p``).
+    """
 
     pair: MinimalPair
     clean_ids: list[int]
@@ -59,6 +100,37 @@ class AlignedPair:
     position: int
     clean_token: str
     corrupt_token: str
+    mode: str = "single"
+    clean_end: int | None = None
+    corrupt_end: int | None = None
+    detect_position: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.clean_end is None:
+            self.clean_end = self.position + 1
+        if self.corrupt_end is None:
+            self.corrupt_end = self.position + 1
+
+    @property
+    def is_span(self) -> bool:
+        return self.mode == "span"
+
+    def position_at(self, offset: int, side: str = "clean") -> int | None:
+        """The token position ``offset`` tokens after the change's last token on ``side`` (``clean`` or
+        ``corrupt``): 0 is the span's end, 1 the token after it; ``None`` past the sentence's end."""
+        if side not in ("clean", "corrupt"):
+            raise EclensError(f"side must be 'clean' or 'corrupt', got {side!r}")
+        if offset < 0:
+            raise EclensError(f"offset must be 0 or more (positions before the change are shared), got {offset}")
+        end, n = (self.clean_end, len(self.clean_ids)) if side == "clean" else (self.corrupt_end,
+                                                                                 len(self.corrupt_ids))
+        t = end - 1 + offset
+        return t if t < n else None
+
+    @property
+    def detect_offset(self) -> int | None:
+        """``detect_position`` as an offset from the change's last token (the same on both sides)."""
+        return None if self.detect_position is None else self.detect_position - (self.corrupt_end - 1)
 
     @property
     def id(self) -> str:
@@ -82,7 +154,19 @@ class AlignedPair:
             clean_ids=self.clean_ids,
             corrupt_ids=self.corrupt_ids,
         )
+        if self.mode != "single":
+            d.update(mode=self.mode, clean_end=self.clean_end, corrupt_end=self.corrupt_end)
+        if self.detect_position is not None:
+            d["detect_position"] = self.detect_position
         return d
+
+
+def require_single(pairs: Sequence[AlignedPair], step: str) -> None:
+    """Refuse span pairs in a step that needs both runs position by position (one line)."""
+    spans = [a.id for a in pairs if a.mode != "single"]
+    if spans:
+        raise EclensError(f"{step} needs single-token pairs, but {len(spans)} pair(s) are span-aligned "
+                          f"(first: {spans[0]!r}); re-align without span mode (`ec pairs check` without --span)")
 
 
 @dataclass
@@ -163,6 +247,7 @@ def pair_from_record(rec: Any, path: Path, line: int, defaults: dict[str, str]) 
     if (meta or not all(v.isascii() for v in strings)) and not is_text(rec):
         raise PairFileError(path, f"the record {NOT_TEXT}", line)
     category = rec.get("category") or defaults.get("category", "uncategorized")
+    design = design_fields(rec, lambda why: PairFileError(path, why, line))
     return MinimalPair(
         id=rec.get("id") or pair_id(rec["clean"], rec["corrupt"], category),
         clean=rec["clean"],
@@ -170,7 +255,33 @@ def pair_from_record(rec: Any, path: Path, line: int, defaults: dict[str, str]) 
         category=category,
         source=rec.get("source") or defaults.get("source", "user"),
         meta=meta,
+        **design,
     )
+
+
+def design_fields(rec: dict[str, Any], fail) -> dict[str, Any]:
+    """The design fields of a record (JSON values, or CSV strings where empty means absent), checked;
+    ``fail(why)`` makes the exception to raise."""
+    out: dict[str, Any] = {}
+    for key in DESIGN_FIELDS:
+        v = rec.get(key)
+        if v is None or v == "":
+            continue
+        if key == "detect":
+            if isinstance(v, str) and v.strip().isdigit():
+                v = int(v.strip())
+            if type(v) is not int or v < 0:
+                raise fail(f"field 'detect' must be a word index (an integer >= 0), got {v!r}")
+        elif not isinstance(v, str):
+            raise fail(f"field {key!r} must be a string, got {type(v).__name__}")
+        elif key == "twin_kind" and v not in TWIN_KINDS:
+            raise fail(f"field 'twin_kind' must be one of {', '.join(TWIN_KINDS)}, got {v!r}")
+        elif key == "typo_kind" and v not in TYPO_KINDS:
+            raise fail(f"field 'typo_kind' must be one of {', '.join(TYPO_KINDS)}, got {v!r}")
+        out[key] = v
+    if out.get("role") == "twin" and "twin_kind" not in out:
+        raise fail("a twin (role 'twin') needs 'twin_kind': neutral or acceptable")
+    return out
 
 
 def load_jsonl(path: str | os.PathLike, *, source: str | None = None) -> list[MinimalPair]:
@@ -242,8 +353,10 @@ def load_csv(
             raise PairFileError(path, "row has fewer fields than the header", line)
         category = (row.get(category_col) if category_col else None) or "uncategorized"
         pid = (row.get(id_col) if id_col else None) or pair_id(clean, corrupt, category)
-        meta = {k: v for k, v in row.items() if k not in {clean_col, corrupt_col, category_col, id_col}}
-        out.append((line, MinimalPair(pid, clean, corrupt, category, source or "csv", meta)))
+        design = design_fields(row, lambda why, line=line: PairFileError(path, why, line))
+        taken = {clean_col, corrupt_col, category_col, id_col, *DESIGN_FIELDS}
+        meta = {k: v for k, v in row.items() if k not in taken}
+        out.append((line, MinimalPair(pid, clean, corrupt, category, source or "csv", meta, **design)))
     if not out:
         raise PairFileError(path, "no rows under the header; it needs at least one pair")
     return _check_unique(path, out)
@@ -322,10 +435,7 @@ def load_aligned(path: str | os.PathLike) -> list[AlignedPair]:
             continue
         try:
             d = json.loads(line)
-            pair = MinimalPair(d["id"], d["clean"], d["corrupt"], d.get("category", "uncategorized"),
-                               d.get("source", "user"), d.get("meta") or {})
-            a = AlignedPair(pair, d["clean_ids"], d["corrupt_ids"], d["position"], d["clean_token"],
-                            d["corrupt_token"])
+            a = aligned_from_dict(d, lambda why: ValueError(why))
             why = _aligned_problem(a) or (None if is_text(d) else NOT_TEXT)
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
             why = f"{type(e).__name__}: {e}"
@@ -337,6 +447,14 @@ def load_aligned(path: str | os.PathLike) -> list[AlignedPair]:
         seen[a.id] = i
         out.append(a)
     return out
+
+
+def aligned_from_dict(d: dict[str, Any], fail=lambda why: ValueError(why)) -> AlignedPair:
+    """An :class:`AlignedPair` from its ``to_dict`` (records written before span mode and designs included)."""
+    pair = MinimalPair(d["id"], d["clean"], d["corrupt"], d.get("category", "uncategorized"),
+                       d.get("source", "user"), d.get("meta") or {}, **design_fields(d, fail))
+    return AlignedPair(pair, d["clean_ids"], d["corrupt_ids"], d["position"], d["clean_token"], d["corrupt_token"],
+                       d.get("mode", "single"), d.get("clean_end"), d.get("corrupt_end"), d.get("detect_position"))
 
 
 def _aligned_problem(a: AlignedPair) -> str | None:
@@ -352,6 +470,20 @@ def _aligned_problem(a: AlignedPair) -> str | None:
     ids = (a.clean_ids, a.corrupt_ids)
     if not all(isinstance(x, list) and all(type(t) is int and t >= 0 for t in x) for x in ids):
         return "'clean_ids' and 'corrupt_ids' must be lists of token ids"
+    if a.detect_position is not None and (type(a.detect_position) is not int
+                                          or not 0 <= a.detect_position < len(a.corrupt_ids)):
+        return f"'detect_position' must be a token index below {len(a.corrupt_ids)}"
+    if a.mode == "span":
+        from .spans import Span, diff_span
+
+        ends = (a.clean_end, a.corrupt_end)
+        if not all(type(e) is int for e in ends):
+            return "a span record needs integer 'clean_end' and 'corrupt_end'"
+        if diff_span(a.clean_ids, a.corrupt_ids) != Span(a.position, a.clean_end, a.corrupt_end):
+            return "the token ids must differ in [position, clean_end) / [position, corrupt_end) and nowhere else"
+        return None
+    if a.mode != "single":
+        return f"'mode' must be one of {', '.join(MODES)}, got {a.mode!r}"
     if not a.clean_ids or len(a.clean_ids) != len(a.corrupt_ids):
         return "'clean_ids' and 'corrupt_ids' must have the same, non-zero length"
     if type(a.position) is not int or not 0 <= a.position < len(a.clean_ids):
@@ -396,8 +528,17 @@ def align(
     *,
     prepend_bos: bool = False,
     max_len: int | None = None,
+    mode: str = "single",
 ) -> AlignedPair | Rejection:
-    """Align one pair under ``tokenizer``: the single differing position, or a rejection."""
+    """Align one pair under ``tokenizer``: the changed position (or span), or a rejection.
+
+    ``mode="single"`` (default) accepts one differing token in sequences of equal length;
+    ``mode="span"`` also accepts one contiguous differing span whose lengths may differ
+    (a pair that is a single-token change is still returned as ``mode == "single"``).
+    The record's ``detect`` word is converted to ``detect_position`` under ``tokenizer``.
+    """
+    if mode not in MODES:
+        raise EclensError(f"unknown alignment mode {mode!r}: use {' or '.join(MODES)}")
     for name, text in (("clean", pair.clean), ("corrupt", pair.corrupt)):
         if not isinstance(text, str):
             raise EclensError(f"pair {pair.id!r}: {name} must be a string, got {type(text).__name__}")
@@ -413,6 +554,17 @@ def align(
     b = encode(tokenizer, pair.corrupt, prepend_bos)
     if max_len is not None and max(len(a), len(b)) > max_len:
         return Rejection(pair, "too_long", max(len(a), len(b)))
+    if mode == "span":
+        from .spans import diff_span
+
+        sp = diff_span(a, b)
+        if isinstance(sp, str):
+            return Rejection(pair, sp, len(b) - len(a), token_strings(tokenizer, a), token_strings(tokenizer, b))
+        single = sp.clean_end - sp.start == 1 and sp.corrupt_end - sp.start == 1
+        out = AlignedPair(pair, a, b, sp.start, tokenizer.decode(a[sp.start:sp.clean_end]),
+                          tokenizer.decode(b[sp.start:sp.corrupt_end]), "single" if single else "span",
+                          sp.clean_end, sp.corrupt_end)
+        return _with_detect(out, tokenizer, prepend_bos)
     if len(a) != len(b):
         return Rejection(pair, "different_length", len(b) - len(a), token_strings(tokenizer, a),
                          token_strings(tokenizer, b))
@@ -423,7 +575,37 @@ def align(
         return Rejection(pair, "multiple_differences", len(diffs), token_strings(tokenizer, a),
                          token_strings(tokenizer, b))
     p = diffs[0]
-    return AlignedPair(pair, a, b, p, tokenizer.decode([a[p]]), tokenizer.decode([b[p]]))
+    return _with_detect(AlignedPair(pair, a, b, p, tokenizer.decode([a[p]]), tokenizer.decode([b[p]])), tokenizer,
+                        prepend_bos)
+
+
+def _changed_word(clean: str, corrupt: str) -> int:
+    """The index of the word of ``corrupt`` holding its first character that differs from ``clean``."""
+    i = next((k for k, (x, y) in enumerate(zip(clean, corrupt)) if x != y), min(len(clean), len(corrupt)))
+    return len(corrupt[:i].split()) - (0 if i == 0 or corrupt[i - 1].isspace() else 1)
+
+
+def _with_detect(a: AlignedPair, tokenizer, prepend_bos: bool) -> AlignedPair | Rejection:
+    """Fill ``detect_position`` from the record's ``detect`` word; a detect word before the change or past the
+    sentence is a rejection (``bad_detect``), not a silent ``p``."""
+    d = a.pair.detect
+    if d is None:
+        return a
+    from .spans import char_token, word_char
+
+    try:
+        t = char_token(tokenizer, a.pair.corrupt, word_char(a.pair.corrupt, d), prepend_bos)
+    except IndexError:
+        return Rejection(a.pair, "bad_detect", d)
+    if not a.corrupt_end - 1 <= t < len(a.corrupt_ids):
+        # The changed word itself (its first token may be shared, " store" in " store"+"s") means the
+        # change's last token.
+        if a.position <= t < a.corrupt_end or d == _changed_word(a.pair.clean, a.pair.corrupt):
+            t = a.corrupt_end - 1
+        else:
+            return Rejection(a.pair, "bad_detect", d)
+    a.detect_position = t
+    return a
 
 
 @dataclass
@@ -444,17 +626,22 @@ class CheckResult:
         for r in self.rejected:
             rows.setdefault(r.pair.category, Counter())[r.reason] += 1
         df = pd.DataFrame.from_dict(rows, orient="index").fillna(0).astype(int)
+        extra = [r for r in SPAN_REASONS if r in df.columns]  # span mode's reasons, when any occurred
+        spans = sum(a.mode == "span" for a in self.valid)
         for col in ("valid", *REASONS):
             if col not in df.columns:
                 df[col] = 0
-        df = df[["valid", *REASONS]]
+        df = df[["valid", *REASONS, *extra]]
+        if spans:
+            df.insert(1, "span", pd.Series({c: sum(a.mode == "span" for a in self.valid if a.category == c)
+                                            for c in df.index}).reindex(df.index).fillna(0).astype(int))
         df.insert(0, "total", df.sum(axis=1))
         df.index.name = "category"
         return df.sort_index().reset_index()
 
     def by_reason(self) -> dict[str, int]:
         c = Counter(r.reason for r in self.rejected)
-        return {k: c.get(k, 0) for k in REASONS}
+        return {k: c.get(k, 0) for k in (*REASONS, *SPAN_REASONS) if k in REASONS or c.get(k)}
 
     def none_valid_error(self, source: str | os.PathLike) -> PairFileError:
         """The one-line error of a step that found no valid pair in ``source`` (raised before it writes anything)."""
@@ -469,15 +656,16 @@ def check_pairs(
     *,
     prepend_bos: bool = False,
     max_len: int | None = None,
+    mode: str = "single",
 ) -> CheckResult:
     valid, rejected = [], []
     for p in pairs:
-        r = align(p, tokenizer, prepend_bos=prepend_bos, max_len=max_len)
+        r = align(p, tokenizer, prepend_bos=prepend_bos, max_len=max_len, mode=mode)
         (valid if isinstance(r, AlignedPair) else rejected).append(r)
     return CheckResult(valid, rejected)
 
 
-def check_with_model(pairs: Sequence[MinimalPair], model) -> CheckResult:
+def check_with_model(pairs: Sequence[MinimalPair], model, mode: str = "single") -> CheckResult:
     """:func:`check_pairs` with the model's tokenizer, BOS setting and context length."""
     return check_pairs(pairs, model.tokenizer, prepend_bos=bool(model.cfg.default_prepend_bos),
-                       max_len=int(model.cfg.n_ctx))
+                       max_len=int(model.cfg.n_ctx), mode=mode)

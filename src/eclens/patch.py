@@ -55,7 +55,7 @@ from .errors import EclensError
 from .hooks import iter_batches, pad_id
 from .metrics import DEFAULT_MIN_DELTA, METRICS, PairMetrics, prepare_pair
 from .model import model_device
-from .pairs import AlignedPair
+from .pairs import AlignedPair, require_single
 
 EXACT_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
 HEAD_HOOK = "attn.hook_z"
@@ -117,6 +117,8 @@ def parse_direction(direction: str) -> list[str]:
 def _check_pairs(pairs: Sequence[AlignedPair]) -> None:
     if not pairs:
         raise EclensError("no valid pairs to patch; check the pairs file with `ec pairs check`")
+    # Exact patching swaps activations position by position: a span pair has no such correspondence.
+    require_single(pairs, "patching")
 
 
 def position_kind(t: int, p: int, T: int) -> str:

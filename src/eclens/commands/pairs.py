@@ -21,6 +21,8 @@ def check(
     rejected_file: Path = typer.Option(None, "--rejected", help="write the rejected pairs with reasons here"),
     fmt: str = typer.Option(None, "--format", help="jsonl, csv or json (default: by suffix)"),
     show: int = typer.Option(5, "--show", help="how many rejected pairs to print with their tokens"),
+    span: bool = typer.Option(False, "--span", help="also accept pairs that differ in one contiguous span of "
+                              "tokens of different lengths (natural typos); reports the yield of both modes"),
 ) -> None:
     """Align every pair under the model's tokenizer; count valid and rejected pairs by category and reason.
 
@@ -33,9 +35,18 @@ def check(
     with console.status(f"loading the tokenizer of {model}"):
         tok = load_tokenizer(model)
         n_ctx = context_length(model)
+    from ..designs import design_report
+
     with console.status(f"checking {len(pairs)} pairs"):
-        res = check_pairs(pairs, tok, prepend_bos=tokenizer_prepends_bos(tok), max_len=n_ctx)
+        res = check_pairs(pairs, tok, prepend_bos=tokenizer_prepends_bos(tok), max_len=n_ctx,
+                          mode="span" if span else "single")
     print_check(res, show=show)
+    if span:
+        n_span = sum(a.mode == "span" for a in res.valid)
+        out.print(f"span mode: {len(res.valid)} of {res.n_total} valid ({len(res.valid) - n_span} single-token, "
+                  f"{n_span} multi-token spans)", markup=False)
+    for line in design_report(pairs).lines():
+        out.print(line, markup=False)
     if not res.valid:
         raise res.none_valid_error(file)
     if out_file:

@@ -49,13 +49,18 @@ def _template_view(stats):
     import pandas as pd
 
     rej = stats[[c for c in stats.columns if c.startswith("rejected_")]].sum(axis=1)
+    extra = {}
+    if "twins_size_matched" in stats:
+        extra["size-matched"] = [f"{m:g}/{t}" if t else "" for m, t in zip(stats["twins_size_matched"].fillna(0),
+                                                                             stats["twins"])]
     return pd.DataFrame({
-        "category": stats["category"], "pairs": stats["pairs"], "draws": stats["draws"],
-        "dup": stats["duplicates"], "rejected": rej, "templates": stats["templates"],
-        "word pairs": stats["word_pairs"],
+        "category": stats["category"], "pairs": stats["pairs"], "twins": stats["twins"], **extra,
+        "draws": stats["draws"], "dup": stats["duplicates"], "implausible": stats["dropped_implausible"],
+        "rejected": rej, "templates": stats["templates"], "combos": stats["combinations"],
+        "span": stats["span_pairs"], "detect>p": stats["detect_not_p"],
+        "swap": [f"{100 * f:.0f}%" if f == f else "" for f in stats["swap_share"]],
         "tokens": [f"{a}-{b}" for a, b in zip(stats["len_min"], stats["len_max"])],
         "change at": [f"{a}/{m:g}/{b}" for a, m, b in zip(stats["pos_min"], stats["pos_median"], stats["pos_max"])],
-        "last word": [f"{100 * f:.0f}%" for f in stats["last_word_frac"]],
     })
 
 
@@ -102,6 +107,11 @@ def generate(
     timeout: float = typer.Option(120.0, "--timeout", help="openai: seconds per request"),
     temperature: float = typer.Option(0.9, "--temperature", help="openai: sampling temperature"),
     structured: str = typer.Option("auto", "--structured", help="openai: auto, json_schema, json_object or off"),
+    tokenizers: str = typer.Option(None, "--tokenizers", help="keep only pairs valid under every one of these "
+                                   "models' tokenizers too (comma-separated names or folders), so several models "
+                                   "can be compared on identical pairs"),
+    reference: str = typer.Option("smollm2-135m", "--reference", help="templates: the reference model of the "
+                                  "plausibility filter and twin size match ('none': neither)"),
 ) -> None:
     """Make minimal pairs: offline from templates (default) or with an OpenAI-compatible LLM.
 
@@ -110,18 +120,34 @@ def generate(
     """
     from ..errors import EclensError
 
-    if source not in ("templates", "openai"):
-        raise EclensError(f"unknown --source {source!r}: use templates or openai")
+    if source not in ("templates", "openai", "codespell"):
+        raise EclensError(f"unknown --source {source!r}: use templates, openai or codespell")
     tok, bos = _tokenizer(model)
+    extra = [_tokenizer(name.strip()) for name in (tokenizers or "").split(",") if name.strip() and name != model]
     if source == "templates":
         from ..pairs import write_jsonl
         from ..sources.templates import generate_templates_with_stats
 
-        pairs, stats = generate_templates_with_stats(tok, n, seed, categories, bos)
+        ref = None if reference.lower() == "none" else reference
+        with console.status("making template pairs" + (f" (reference model {ref})" if ref else "")):
+            pairs, stats = generate_templates_with_stats(tok, n, seed, categories, bos, reference=ref,
+                                                         extra_tokenizers=extra)
         write_jsonl(out_file, pairs)
         _print_df(_template_view(stats), f"{len(pairs)} template pairs (seed {seed}, {model})")
         console.print(f"wrote {len(pairs)} pairs to {out_file}")
         return
+    if source == "codespell":
+        from ..pairs import write_jsonl
+        from ..sources.codespell import codespell_check
+
+        pairs, table = codespell_check(n, seed, [(tok, bos), *extra])
+        _print_df(table, f"codespell typos under {model}", left=("typo kind",))
+        write_jsonl(out_file, pairs)
+        console.print(f"wrote {len(pairs)} pairs to {out_file}")
+        return
+    if extra:
+        raise EclensError("--tokenizers is for --source templates or codespell; for openai, check the file "
+                          "under each model with `ec pairs check`")
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -182,6 +208,8 @@ def import_blimp_cmd(
     _print_df(view, f"BLiMP single-token yield under {model}", left=("UID",))
     total, valid = int(rep["total"].sum()), int(rep["valid"].sum())
     out.print(f"{len(rep)} paradigms: {valid} of {total} pairs are single-token changes ({valid / total:.1%})")
+    out.print("BLiMP has no twins (no acceptable change of the same word): error pairs only, clustered by paradigm "
+              "and the pair of differing words")
     write_jsonl(out_file, pairs)
     console.print(f"wrote {len(pairs)} pairs to {out_file}")
     if report:

@@ -1,5 +1,5 @@
 """Where pairs come from: the offline template generator, any OpenAI-compatible LLM,
-and importers for BLiMP and CSV files. Every source yields
+codespell's real misspellings, and importers for BLiMP and CSV files. Every source yields
 :class:`eclens.pairs.MinimalPair` records, written with :func:`eclens.pairs.write_jsonl`.
 """
 
@@ -16,6 +16,7 @@ _EXPORTS = {
     "generate_openai": "eclens.sources.openai_gen",
     "import_blimp": "eclens.sources.blimp",
     "import_csv": "eclens.sources.csvimport",
+    "codespell_pairs": "eclens.sources.codespell",
 }
 
 

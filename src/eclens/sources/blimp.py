@@ -7,6 +7,12 @@ words that follow the shared prefix are the logit-difference targets:
 Most BLiMP pairs differ in more than one token under a given tokenizer; the
 per-paradigm report says how many survive the single-token filter and why the
 rest do not.
+
+Design fields: every pair is an ``error``; its ``cluster`` is the paradigm UID and the
+pair of differing words (pairs that swap the same words in one paradigm are not
+independent); one-prefix paradigms get ``detect``, the first word after the shared
+prefix. BLiMP has no twins (no acceptable change of the same word), which
+``ec pairs check`` says.
 """
 
 from __future__ import annotations
@@ -82,16 +88,45 @@ def read_blimp_file(path: str | os.PathLike) -> list[MinimalPair]:
         uid, term = rec["UID"], rec["linguistics_term"]
         meta = {"pairID": str(rec["pairID"]), "field": rec["field"], "UID": uid, "linguistics_term": term}
         meta.update({k: rec[k] for k in EXTRA_META if k in rec})
+        detect = None
         if rec.get("one_prefix_method") and all(isinstance(rec.get(k), str) for k in ONE_PREFIX):
             meta.update(prefix=rec["one_prefix_prefix"], target_clean=rec["one_prefix_word_good"],
                         target_corrupt=rec["one_prefix_word_bad"])
+            # The error shows at the first word after the shared prefix (when that is not before the change:
+            # some prefixes end before the differing word, and then the changed word is where it shows).
+            n_prefix = len(rec["one_prefix_prefix"].split())
+            first = first_difference(rec["sentence_good"], rec["sentence_bad"])
+            if first <= n_prefix < len(rec["sentence_bad"].split()):
+                detect = n_prefix
+        good_w, bad_w = differing_words(rec["sentence_good"], rec["sentence_bad"])
         out.append(MinimalPair(
             id=f"blimp-{uid}-{rec['pairID']}", clean=rec["sentence_good"], corrupt=rec["sentence_bad"],
             category=f"blimp/{term}/{uid}", source=SOURCE, meta=meta,
+            cluster=f"{uid}:{good_w}->{bad_w}", role="error", detect=detect,
         ))
     if not out:
         raise PairFileError(path, "file is empty; a BLiMP paradigm file has one pair per line")
     return out
+
+
+def differing_words(good: str, bad: str) -> tuple[str, str]:
+    """The words where two sentences differ (joined with spaces when several), by a word-level diff."""
+    from difflib import SequenceMatcher
+
+    a, b = good.split(), bad.split()
+    ga, ba = [], []
+    for tag, i1, i2, j1, j2 in SequenceMatcher(None, a, b, autojunk=False).get_opcodes():
+        if tag != "equal":
+            ga.extend(a[i1:i2])
+            ba.extend(b[j1:j2])
+    strip = ".,;:!?\"'"
+    return " ".join(w.strip(strip) for w in ga), " ".join(w.strip(strip) for w in ba)
+
+
+def first_difference(good: str, bad: str) -> int:
+    """The index of the first word where two sentences differ."""
+    a, b = good.split(), bad.split()
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def import_blimp(

@@ -44,7 +44,8 @@ from .categories import CATEGORIES, resolve_categories
 SOURCE = "openai"
 STRUCTURED_MODES = ("json_schema", "json_object", "off")
 REJECT_REASONS = ("malformed", "empty", "identical", "different_length", "multiple_differences", "too_long",
-                  "first_token", "duplicate")
+                  "first_token", "duplicate", "twin")
+ERROR_PREFIXES = ("grammar/", "typo")  # categories whose corrupt sentence is an error (and so gets a twin)
 PAIR_SCHEMA = {
     "type": "object",
     "properties": {
@@ -57,8 +58,13 @@ PAIR_SCHEMA = {
                     "corrupt": {"type": "string"},
                     "clean_word": {"type": "string"},
                     "corrupt_word": {"type": "string"},
+                    "twin": {"type": "string"},
+                    "twin_word": {"type": "string"},
+                    "twin_kind": {"type": "string", "enum": ["neutral", "acceptable", ""]},
+                    "detect_word": {"type": "string"},
                 },
-                "required": ["clean", "corrupt", "clean_word", "corrupt_word"],
+                "required": ["clean", "corrupt", "clean_word", "corrupt_word", "twin", "twin_word", "twin_kind",
+                             "detect_word"],
                 "additionalProperties": False,
             },
         }
@@ -108,6 +114,7 @@ class CategoryStats:
     surplus: int = 0
     rejected: Counter = field(default_factory=Counter)
     bad_responses: int = 0
+    twins: int = 0
     requests: int = 0
     retries: int = 0
     failed_requests: int = 0
@@ -150,7 +157,7 @@ class GenReport:
     def by_category(self):
         import pandas as pd
 
-        cols = ["category", "target", "existing", "requested", "returned", "valid", "total", "surplus",
+        cols = ["category", "target", "existing", "requested", "returned", "valid", "twins", "total", "surplus",
                 *[f"rejected_{r}" for r in REJECT_REASONS], "bad_responses", "requests", "retries",
                 "failed_requests", "prompt_tokens", "completion_tokens"]
         return pd.DataFrame([s.row() for s in self.stats.values()], columns=cols)
@@ -202,6 +209,10 @@ def _redactor(secret: str | None) -> Callable[[str], str]:
 # ------------------------------------------------------------------------------ prompts
 
 
+def is_error_category(category: str) -> bool:
+    return category.startswith(ERROR_PREFIXES)
+
+
 def build_messages(category: str, k: int, topic: str) -> list[dict[str, str]]:
     c = CATEGORIES[category]
     examples = "\n".join(json.dumps({"clean": a, "corrupt": b}) for a, b in c.examples)
@@ -217,9 +228,16 @@ def build_messages(category: str, k: int, topic: str) -> list[dict[str, str]]:
         "- Never change the first word; put the change in the middle of the sentence more often than at the end.\n"
         f"- Vary subjects, verbs, sentence length and where the change sits. Topic for this batch: {topic}.\n"
         "- clean_word and corrupt_word are the changed word as it appears in each sentence.\n"
-        f"Examples (do not repeat them):\n{examples}\n"
+        + ("- \"twin\" is the clean sentence with the SAME word replaced by another word that keeps it correct "
+           "(twin_word); twin_kind is \"neutral\" if the meaning stays the same (a synonym or spelling variant), "
+           "else \"acceptable\".\n"
+           "- detect_word is the word of the corrupt sentence where the error first becomes detectable (often the "
+           "changed word itself; for 'an' before a consonant it is the next word).\n"
+           if is_error_category(category) else
+           "- This category is not an error: leave twin, twin_word, twin_kind and detect_word empty.\n")
+        + f"Examples (do not repeat them):\n{examples}\n"
         'Answer with JSON only: {"pairs": [{"clean": "...", "corrupt": "...", "clean_word": "...", '
-        '"corrupt_word": "..."}]}'
+        '"corrupt_word": "...", "twin": "...", "twin_word": "...", "twin_kind": "...", "detect_word": "..."}]}'
     )
     return [
         {"role": "system", "content": "You write minimal pairs of English sentences for linguistics research. "
@@ -292,7 +310,8 @@ def item_sentences(item: Any) -> tuple[str, str, dict[str, str]] | None:
     clean, corrupt = _pick(item, _CLEAN_KEYS), _pick(item, _CORRUPT_KEYS)
     if not isinstance(clean, str) or not isinstance(corrupt, str):
         return None
-    words = {k: item[k] for k in ("clean_word", "corrupt_word") if isinstance(item.get(k), str)}
+    words = {k: item[k].strip() for k in ("clean_word", "corrupt_word", "twin", "twin_word", "twin_kind",
+                                         "detect_word") if isinstance(item.get(k), str) and item[k].strip()}
     return clean.strip(), corrupt.strip(), words
 
 
@@ -517,6 +536,8 @@ def generate_openai(
     other = 0
     for p in existing:
         seen.add((p.clean, p.corrupt))
+        if p.is_twin:  # twins come with their error pair; the target counts pairs
+            continue
         if p.category in stats:
             stats[p.category].existing += 1
         else:
@@ -640,8 +661,12 @@ def _validate(res: _Result, s: CategoryStats, seen: set, tokenizer, model: str, 
         if (clean, corrupt) in seen:
             s.rejected["duplicate"] += 1
             continue
-        pair = MinimalPair(pair_id(clean, corrupt, s.category), clean, corrupt, s.category, SOURCE,
-                           {"generator": model, **words})
+        twin_text, twin_kind = words.pop("twin", None), words.pop("twin_kind", None)
+        twin_word, detect_word = words.pop("twin_word", None), words.pop("detect_word", None)
+        pid = pair_id(clean, corrupt, s.category)
+        error = is_error_category(s.category)
+        pair = MinimalPair(pid, clean, corrupt, s.category, SOURCE, {"generator": model, **words},
+                           cluster=pid if error else None, role="error" if error else None)
         a = align(pair, tokenizer, prepend_bos=prepend_bos, max_len=max_len)
         if not isinstance(a, AlignedPair):
             s.rejected[a.reason] += 1
@@ -649,10 +674,42 @@ def _validate(res: _Result, s: CategoryStats, seen: set, tokenizer, model: str, 
         if a.position < 1 + int(prepend_bos):
             s.rejected["first_token"] += 1
             continue
+        pair.detect = detect_index(corrupt, detect_word, a, tokenizer, prepend_bos)
+        twin = None
+        if error and twin_text:
+            # The twin must change the same token of the same clean sentence, and stay a valid pair.
+            twin = MinimalPair(pair_id(clean, twin_text, s.category), clean, twin_text, s.category, SOURCE,
+                               {"generator": model, "clean_word": words.get("clean_word", ""),
+                                "corrupt_word": twin_word or ""}, cluster=pid, role="twin",
+                               twin_kind=twin_kind if twin_kind in ("neutral", "acceptable") else "acceptable",
+                               twin_of=pid)
+            t = align(twin, tokenizer, prepend_bos=prepend_bos, max_len=max_len)
+            if not isinstance(t, AlignedPair) or t.position != a.position or (clean, twin_text) in seen:
+                s.rejected["twin"] += 1
+                continue
         seen.add((clean, corrupt))
         if s.missing == 0:
             s.surplus += 1
             continue
         s.valid += 1
         new.append(pair)
+        if twin is not None:
+            seen.add((clean, twin.corrupt))
+            s.twins += 1
+            new.append(twin)
     return new
+
+
+def detect_index(corrupt: str, word: str | None, a: AlignedPair, tokenizer, prepend_bos: bool) -> int | None:
+    """The word index of ``word`` in ``corrupt`` at or after the changed token, or None (not given, not found,
+    or the changed word itself, which ``p`` already marks)."""
+    if not word:
+        return None
+    from ..spans import char_token, word_starts
+
+    target = word.strip().strip(".,;:!?\"'").lower()
+    for i, start in enumerate(word_starts(corrupt)):
+        w = corrupt[start:].split()[0].strip(".,;:!?\"'").lower()
+        if w == target and char_token(tokenizer, corrupt, start, prepend_bos) > a.position:
+            return i
+    return None
