@@ -22,7 +22,7 @@ def two_runs(tmp_path_factory):
 
     tokenizer = load_tokenizer("smollm2-135m")
     root = tmp_path_factory.mktemp("cmp")
-    pairs = generate_templates(tokenizer, n_per_category=2, seed=0,
+    pairs = generate_templates(tokenizer, n_per_category=6, seed=0,  # 12 pairs: diff needs 10 for candidates
                                categories=["grammar/agreement", "meaning/subject"])
     recs = [p.to_dict() for p in pairs]
     # valid under both tokenizers' rules, but too long for the short-context model B
@@ -34,14 +34,16 @@ def two_runs(tmp_path_factory):
     b = save_tiny_model(root / "model-b", n_layers=4, seed=1, max_positions=24)
     runs = []
     for name, m in (("A", a), ("B", b)):
-        argv = ["run", "--pairs", str(pf), "--out", str(root / name), "--model", str(m), "--min-pairs", "2",
-                "--exact-pairs", "1", "--dims-pairs", "2", "--max-sets", "1", "--n-controls", "5",
-                "--attribution-pairs", "1", "--verify-top", "1", "--quiet"]
-        assert main(argv) == 0
-        runs.append(root / name)
+        run = root / name  # the steps whose tables ec compare reads: diff, and exact patching
+        assert main(["diff", str(pf), "--out", str(run), "--model", str(m),
+                     "--hooks", "default", "--sample", "64"]) == 0
+        assert main(["patch", str(run), "--mode", "exact", "--model", str(m), "--hooks", "resid_pre",
+                     "--max-pairs", "1", "--direction", "denoise"]) == 0
+        runs.append(run)
     return runs
 
 
+@pytest.mark.slow
 def test_compare_page(two_runs, capsys):
     a, b = two_runs
     out = a.parent / "cmp-out"
@@ -58,6 +60,7 @@ def test_compare_page(two_runs, capsys):
     assert "layer / n_layers" in page
 
 
+@pytest.mark.slow
 def test_missing_table_is_skipped_and_said(two_runs, tmp_path):
     import shutil
 
@@ -79,6 +82,7 @@ def test_compare_refuses_bad_input(tmp_path, capsys):
     assert "not a run folder" in err or "at least two" in err
 
 
+@pytest.mark.slow
 def test_confound_stated(two_runs, tmp_path):
     import shutil
 
@@ -98,6 +102,7 @@ def test_confound_stated(two_runs, tmp_path):
 
 
 @pytest.mark.browser
+@pytest.mark.slow
 def test_compare_page_in_chromium(two_runs, tmp_path):
     from conftest import require
     from test_browser import ARGS, CHROMIUM

@@ -51,6 +51,7 @@ def test_random_baseline(tiny_dir):
     assert "random_init" not in manifest_model_entry(trained)
 
 
+@pytest.mark.slow
 def test_random_uses_the_architectures_own_init():
     hf, tok, model_id = random_hf_model("smollm2-135m", seed=0)
     cfg = hf.config

@@ -58,7 +58,9 @@ class Panel:
 
 def _label(rd: RunData) -> str:
     m = rd.manifest.get("model") or {}
-    name = m.get("name") or "?"
+    name = str(m.get("name") or "?")
+    if os.sep in name and Path(name).exists():  # a local folder or file: its name, not the whole path
+        name = Path(name).name
     extra = []
     if m.get("random_init"):
         extra.append("random weights")
