@@ -44,5 +44,7 @@ def test_gemma_verify_passes_and_knows_paris(gemma):
     res = verify_bridge(gemma, ref)
     assert res.passed, res.headline()
     assert res.residual_identity_rel < 1e-5 and res.logprob_max_abs < 1e-3
-    probs = gemma("The capital of France is")[0, -1].softmax(-1)
-    assert gemma.tokenizer.decode([int(probs.argmax())]) == " Paris"
+    # a base model: "The capital of France is" continues with " the" (p 0.19); this prompt is unambiguous
+    probs = gemma("Paris is the capital of")[0, -1].softmax(-1)
+    top = int(probs.argmax())
+    assert gemma.tokenizer.decode([top]) == " France" and probs[top].item() > 0.5

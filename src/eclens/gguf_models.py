@@ -175,13 +175,15 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def gguf_folder(path: Path) -> Path:
+def gguf_folder(path: Path, create: bool = True) -> Path | None:
     """A local ``.gguf`` dequantized once and cached by content hash (the same bytes under another
     name or path reuse the cache; a changed file gets a new one). Hashing reads the whole file
-    (~1 s per 250 MB)."""
+    (~1 s per 250 MB). ``create=False``: the cached folder, or ``None`` if there is none yet."""
     if not path.is_file():
         raise EclensError(f"{path}: no such GGUF file")
     folder = cache_root() / "models" / f"gguf-{file_sha256(path)[:20]}-f32"
     if not _complete(folder):
+        if not create:
+            return None
         dequantize_gguf(path, folder)
     return folder

@@ -382,6 +382,9 @@ def load_tokenizer(name: str = EMBEDDED):
     if path.suffix == ".gguf":
         if not path.exists():
             raise EclensError(f"{path}: no such GGUF file")
+        cached = gguf_folder(path, create=False)  # converting a large vocabulary from GGUF takes minutes
+        if cached is not None:
+            return AutoTokenizer.from_pretrained(cached)
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     if path.is_dir():
         if not (path / "config.json").exists() and not (path / "tokenizer.json").exists():
