@@ -190,14 +190,16 @@ def random_hf_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32
 
 
 @dataclass
-class _Resolved:
+class Resolved:
     hf: Any                      # a transformers model, or None: the bridge loads it from the hub name
     tok: Any
     model_id: str                # the name the bridge boots as
     meta: dict = field(default_factory=dict)   # provenance for the manifest (source, variant, random_init)
 
 
-def _resolve(name: str, torch_dtype, qconf, device_map, max_memory) -> _Resolved:
+def resolve_source(name: str, torch_dtype, qconf=None, device_map=None, max_memory=None) -> Resolved:
+    """The transformers model (or None: the bridge loads a hub name itself), tokenizer, boot name and
+    provenance of ``name``, as :func:`load_model` resolves it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     rnd = parse_random(name)
@@ -206,7 +208,7 @@ def _resolve(name: str, torch_dtype, qconf, device_map, max_memory) -> _Resolved
             raise EclensError("random weights are not quantized: drop --load-in-8bit/4bit")
         hf, tok, mid = random_hf_model(rnd[0], rnd[1], torch_dtype)
         spec = _embedded_spec(rnd[0])
-        return _Resolved(hf, tok, mid, {"source": "random", "random_init": {"of": rnd[0], "seed": rnd[1]},
+        return Resolved(hf, tok, mid, {"source": "random", "random_init": {"of": rnd[0], "seed": rnd[1]},
                                         "variant": spec.variant if spec else None})
     spec = _embedded_spec(name)
     path = Path(name).expanduser()
@@ -214,13 +216,13 @@ def _resolve(name: str, torch_dtype, qconf, device_map, max_memory) -> _Resolved
         if qconf is not None:
             raise EclensError(f"{spec.name} is small: load it without --load-in-8bit/4bit")
         hf, tok = _load_embedded_hf(torch_dtype, spec)
-        return _Resolved(hf, tok, spec.hf_name, {"source": "embedded", "variant": spec.variant,
+        return Resolved(hf, tok, spec.hf_name, {"source": "embedded", "variant": spec.variant,
                                                  "license": spec.license})
     if path.suffix == ".gguf":
         folder = gguf_folder(path)
         tok = AutoTokenizer.from_pretrained(folder)
         hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
-        return _Resolved(hf, tok, str(path), {"source": "gguf", "cache": folder.name})
+        return Resolved(hf, tok, str(path), {"source": "gguf", "cache": folder.name})
     if path.is_dir():
         if not (path / "config.json").exists():
             raise EclensError(f"{path}: not a Hugging Face model folder (no config.json)")
@@ -228,7 +230,7 @@ def _resolve(name: str, torch_dtype, qconf, device_map, max_memory) -> _Resolved
         hf = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, quantization_config=qconf, device_map=device_map, max_memory=max_memory
         )
-        return _Resolved(hf, tok, str(path), {"source": "folder"})
+        return Resolved(hf, tok, str(path), {"source": "folder"})
     if _is_hub_name(name):
         if not _hub_config_available(name):
             raise EclensError(f"model {name!r} is not available offline; use smollm2-135m or a local path")
@@ -239,11 +241,11 @@ def _resolve(name: str, torch_dtype, qconf, device_map, max_memory) -> _Resolved
                 name, dtype=torch_dtype, quantization_config=qconf, device_map=device_map or "auto",
                 max_memory=max_memory,
             )
-        return _Resolved(hf, tok, name, {"source": "hub"})
+        return Resolved(hf, tok, name, {"source": "hub"})
     raise EclensError(f"unknown model {name!r}: {_NAMES_HINT}")
 
 
-def _dtype_of(dtype) -> torch.dtype:
+def torch_dtype_of(dtype) -> torch.dtype:
     torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if not isinstance(torch_dtype, torch.dtype):
         raise EclensError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
@@ -282,7 +284,7 @@ def load_model(
     local models only; the figures go into the run manifest); ``"never"`` skips it.
     """
     t0 = time.perf_counter()
-    torch_dtype = _dtype_of(dtype)
+    torch_dtype = torch_dtype_of(dtype)
     if device_map is None:
         _check_device(device)
     if not isinstance(name, (str, os.PathLike)):
@@ -290,7 +292,7 @@ def load_model(
                                 compat=compat, verify=verify, t0=t0)
     name = str(name)
     qconf = _quant_config(quantize, device if device_map is None else "cuda")
-    res = _resolve(name, torch_dtype, qconf, device_map, max_memory)
+    res = resolve_source(name, torch_dtype, qconf, device_map, max_memory)
     bridge = _bridge_from_hf(res, device=device, dtype=torch_dtype, device_map=device_map,
                              max_memory=max_memory, compat=compat, move=device_map is None and qconf is None)
     bridge.eclens_name = name
@@ -298,11 +300,11 @@ def load_model(
     if verify == "auto" and qconf is None and device_map is None:
         from .verify import verify_on_first_load
 
-        verify_on_first_load(bridge, lambda: _resolve(name, torch_dtype, None, None, None).hf)
+        verify_on_first_load(bridge, lambda: resolve_source(name, torch_dtype, None, None, None).hf)
     return bridge
 
 
-def _bridge_from_hf(res: _Resolved, *, device, dtype, device_map=None, max_memory=None, compat=True,
+def _bridge_from_hf(res: Resolved, *, device, dtype, device_map=None, max_memory=None, compat=True,
                     move=True):
     prepend_bos = tokenizer_prepends_bos(res.tok)
     n_params = None
@@ -352,14 +354,16 @@ def _from_user_model(m, tokenizer, *, copy_model: bool, device, dtype, compat, v
     hf_name = getattr(hf.config, "_name_or_path", "") or ""
     model_id = next((s.hf_name for s in EMBEDDED_MODELS.values() if s.hf_name == hf_name), hf_name) \
         or type(hf).__name__
-    res = _Resolved(hf.to(dtype), tokenizer, model_id, {"source": "user"})
+    res = Resolved(hf.to(dtype), tokenizer, model_id, {"source": "user"})
     bridge = _bridge_from_hf(res, device=device, dtype=dtype, compat=compat)
     bridge.eclens_name = f"user:{type(original).__name__}"
     bridge.eclens_load_seconds = time.perf_counter() - t0
     if verify == "auto" and copy_model:
         from .verify import verify_on_first_load
 
-        verify_on_first_load(bridge, lambda: original)
+        # the user's untouched model is the reference; never move it to another device for the check
+        same = next(original.parameters()).device == model_device(bridge)
+        verify_on_first_load(bridge, lambda: original if same else None)
     return bridge
 
 

@@ -195,10 +195,10 @@ def verify_bridge(model, reference, sentences=SENTENCES, hooks=DEFAULT_HOOKS, na
 def verify_model(name: str, *, device: str = "cpu", dtype: str = "float32") -> VerifyResult:
     """Load ``name`` (as :func:`eclens.load_model` does) and a separate transformers copy of it, and
     compare them (:func:`verify_bridge`); the record is kept so later loads skip the check."""
-    from .model import _dtype_of, _resolve, load_model
+    from .model import load_model, resolve_source, torch_dtype_of
 
     model = load_model(name, device=device, dtype=dtype, verify="never")
-    reference = _resolve(str(name), _dtype_of(dtype), None, None, None).hf
+    reference = resolve_source(str(name), torch_dtype_of(dtype), None, None, None).hf
     if reference is None:
         raise EclensError(f"verify: {name} is loaded by TransformerLens from the hub; use a local folder")
     res = verify_bridge(model, reference.to(device), name=str(name))
