@@ -26,8 +26,8 @@ from plotly.subplots import make_subplots
 from .errors import EclensError
 from .gguf_models import CONFOUND
 from .hooks import DEFAULT_HOOKS
-from .report import BOOT_JS, CSS, Page, RunData, html_table, lib_blocks
-from .runs import atomic_write
+from .report import BOOT_JS, CSS, Page, html_table, lib_blocks
+from .runs import RunData, atomic_write
 from .viz import esc
 
 COLORS = ("#1f5fae", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f")

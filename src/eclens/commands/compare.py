@@ -7,8 +7,9 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from ..cli import app
 from ._common import console, out
+
+app = typer.Typer()  # its commands are registered on `ec` by eclens.cli
 
 
 @app.command("compare")

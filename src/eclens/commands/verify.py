@@ -7,8 +7,8 @@ import json
 import typer
 from rich.table import Table
 
-from ..cli import model_app
 from ._common import DeviceOpt, DtypeOpt, ModelOpt, console, out
+from .model import model_app  # `ec model verify` sits beside `ec model info`
 
 
 @model_app.command("verify")
