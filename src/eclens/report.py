@@ -598,9 +598,15 @@ def render_report(rd: RunData, *, model=None, model_note: str | None = None, n_e
     )
 
 
+# The page pieces under public names, for other self-contained pages (``ec compare``).
+Page = _Page
+lib_blocks = _lib_blocks
+
+
 def report_size_note(path: str | os.PathLike) -> str:
     return f"{Path(path).stat().st_size / 1e6:.1f} MB"
 
 
 __all__ = ["RunData", "build_report", "render_report", "html_table", "model_for_run", "REPORT",
-           "example_pair_ids", "choose_attention_layer", "control_figures"]
+           "example_pair_ids", "choose_attention_layer", "control_figures", "Page", "lib_blocks", "CSS",
+           "BOOT_JS"]
