@@ -72,13 +72,14 @@ def export_html(nb, out: str | os.PathLike) -> Path:
 def screenshot(html: str | os.PathLike, png: str | os.PathLike | None = None, full_page: bool = False,
                timeout_ms: int = 60_000) -> dict:
     """Open ``html`` in headless chromium, wait until a circuitsvis view has drawn, and report what is seen:
-    ``views`` (views drawn), ``visible`` (the first one's drawing is visible), ``box`` (its size), ``errors``."""
+    ``views`` (views drawn), ``visible`` (the first one's drawing is visible), ``box`` (its size),
+    ``canvas_heights`` (of the charts it drew: the zoomed attention pattern), ``errors``."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page = browser.new_page(viewport={"width": 1100, "height": 1300})
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             # The exported page asks a CDN for require.js/MathJax; there is no network here, and nothing
@@ -93,14 +94,22 @@ def screenshot(html: str | os.PathLike, png: str | os.PathLike | None = None, fu
             views = page.evaluate(CV_DRAWN)
             drawn = page.locator(".cv > *").first
             visible = views > 0 and drawn.is_visible()
-            box = drawn.bounding_box() if visible else None
+            box = canvases = None
             if visible:
-                drawn.scroll_into_view_if_needed()
-                page.wait_for_timeout(300)
+                # Bring the first view to the top and let its charts finish their animation before looking.
+                page.evaluate("document.querySelector('.cv').scrollIntoView()")
+                page.wait_for_timeout(1500)
+                box = page.locator(".cv").first.bounding_box()
+                canvases = page.evaluate("Array.from(document.querySelector('.cv').querySelectorAll('canvas'))"
+                                         ".map(c => c.getBoundingClientRect().height)")
                 if png is not None:
-                    target = page if full_page else page.locator(".cv").first
-                    target.screenshot(path=str(png))
-            return {"views": views, "visible": visible, "box": box, "errors": errors,
+                    if full_page:
+                        page.screenshot(path=str(png), full_page=True)
+                    else:
+                        vh = page.viewport_size["height"]
+                        page.screenshot(path=str(png), clip={"x": box["x"], "y": max(box["y"], 0), "width": box["width"],
+                                                             "height": min(box["height"], vh - max(box["y"], 0))})
+            return {"views": views, "visible": visible, "box": box, "canvas_heights": canvases, "errors": errors,
                     "cv_elements": page.evaluate("document.querySelectorAll('.cv *').length")}
         finally:
             browser.close()

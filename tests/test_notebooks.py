@@ -111,6 +111,7 @@ def test_exported_notebook_renders_circuitsvis_in_chromium(executed, nbtools, tm
     assert seen["views"] == 3, seen  # both attention-heads views and the KL tokens drew into their containers
     assert seen["visible"] and seen["box"]["width"] > 100 and seen["box"]["height"] > 50, seen
     assert seen["cv_elements"] > 20, seen
+    assert seen["canvas_heights"] and max(seen["canvas_heights"]) > 150, seen  # the zoomed head's pattern drew
     assert not seen["errors"], seen["errors"]
     assert (tmp_path / "one_pair.png").stat().st_size > 5_000
 

@@ -6,8 +6,9 @@ streams). Layout, under ``RUN/cache/``:
 * ``index.json`` — format, hook names and their per-position shapes, ``positions``
   (``changed``: ``p`` only; ``after``: ``p`` to the last token; ``all``: every
   token), storage dtype, ``shard_size``, the model entry, the aligned pairs in
-  storage order (sorted by length, as ``ec diff`` batches them), and the list of
-  finished shards. It is rewritten atomically after every shard, so an interrupted
+  storage order (sorted by length, as ``ec diff`` batches them), ``tl_extra_hooks`` (the
+  hooks ``--for-tl`` added to the asked-for ones, which ``ec diff --from-cache`` leaves
+  out), and the list of finished shards. It is rewritten atomically after every shard, so an interrupted
   ``ec cache`` resumes at the first unfinished shard.
 * ``shard-00000.safetensors``, ... — ``shard_size`` pairs each. For each pair the
   stored positions are one contiguous run ``pos_start .. pos_start + n_rows - 1``;
