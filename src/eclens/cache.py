@@ -6,8 +6,9 @@ streams). Layout, under ``RUN/cache/``:
 * ``index.json`` — format, hook names and their per-position shapes, ``positions``
   (``changed``: ``p`` only; ``after``: ``p`` to the last token; ``all``: every
   token), storage dtype, ``shard_size``, the model entry, the aligned pairs in
-  storage order (sorted by length, as ``ec diff`` batches them), and the list of
-  finished shards. It is rewritten atomically after every shard, so an interrupted
+  storage order (sorted by length, as ``ec diff`` batches them), ``tl_extra_hooks`` (the
+  hooks ``--for-tl`` added to the asked-for ones, which ``ec diff --from-cache`` leaves
+  out), and the list of finished shards. It is rewritten atomically after every shard, so an interrupted
   ``ec cache`` resumes at the first unfinished shard.
 * ``shard-00000.safetensors``, ... — ``shard_size`` pairs each. For each pair the
   stored positions are one contiguous run ``pos_start .. pos_start + n_rows - 1``;
@@ -98,15 +99,20 @@ def write_cache(
     aligned_pairs: Sequence[AlignedPair],
     run: str | Path,
     hooks: str | Sequence[str] | None = None,
-    positions: str = "after",
+    positions: str | None = None,
     store_dtype: str | torch.dtype | None = None,
     shard_size: int = 256,
     batch_size: int = 16,
     progress: bool = False,
     max_shards: int | None = None,
     ctx=None,
+    for_tl: bool = False,
 ) -> ActivationStore:
     """Write (or resume writing) ``RUN/cache``; returns the lazily-read store.
+
+    ``positions``: ``changed``, ``after`` (default) or ``all``. ``for_tl``: also store what
+    TransformerLens's tools read (:mod:`eclens.tl`: the embedding and layer-norm scale hooks) at
+    every position, so that :meth:`ActivationStore.activation_cache` can rebuild a pair's cache.
 
     ``max_shards`` stops after writing that many shards (a later call resumes).
     ``ctx`` (:class:`eclens.distributed.Dist`, under ``torchrun``): every rank passes all the
@@ -122,6 +128,9 @@ def write_cache(
 
     ctx = ctx or D.Dist()
 
+    if for_tl and positions not in (None, "all"):
+        raise EclensError(f"--for-tl stores every position; drop --positions {positions}")
+    positions = positions or ("all" if for_tl else "after")
     if positions not in POSITIONS:
         raise EclensError(f"unknown --positions {positions!r}: use changed, after or all")
     if shard_size < 1:
@@ -129,6 +138,13 @@ def write_cache(
     if not aligned_pairs:
         raise EclensError("no valid pairs to cache")
     names = select_hooks(model, expand_hook_spec(hooks))
+    extra: list[str] = []
+    if for_tl:
+        from .tl import tl_hooks
+
+        asked = set(names)
+        names = select_hooks(model, [*names, *tl_hooks(model)])
+        extra = [n for n in names if n not in asked]  # `ec diff --from-cache` leaves these out by default
     param_dtype = next(model.parameters()).dtype
     sdt = param_dtype if store_dtype in (None, "model") else DTYPES.get(store_dtype, store_dtype) \
         if isinstance(store_dtype, str) else store_dtype
@@ -159,7 +175,7 @@ def write_cache(
                               "use another --out folder")
     else:
         index = {"format": 1, **params, "model": model_entry, "pairs": [a.to_dict() for a in pairs],
-                 "shapes": {}, "shards": [], "complete": False, "batch_size": batch_size}
+                 "shapes": {}, "shards": [], "complete": False, "batch_size": batch_size, "tl_extra_hooks": extra}
         if ctx.active:
             if ctx.is_main:  # written before any shard, so that an interrupted run resumes with its settings
                 write_json(ipath, index)
@@ -407,6 +423,22 @@ class ActivationStore:
             return read("corrupt").float() - read("clean").float()
         return read(which)
 
+    def activation_cache(self, pair: str | int, side: str = "clean", model=None):
+        """One sentence (``clean`` or ``corrupt``) of a pair as a ``transformer_lens.ActivationCache``
+        (batch of one) for the run's model, so that TL's ``accumulated_resid``, ``decompose_resid``,
+        ``logit_attrs``... work on it. Needs a cache written with ``--for-tl``; ``model=None``
+        loads the model the cache was written with (once per store)."""
+        from . import tl
+
+        if model is None:
+            if getattr(self, "_model", None) is None:
+                self._model = tl.run_model(self)
+            model = self._model
+        elif id(model) != getattr(self, "_checked", None):
+            tl.check_model(self, model)
+            self._checked = id(model)
+        return tl.activation_cache(self, pair, side, model)
+
     def stored_positions(self, pair: str | int) -> range:
         c = self.locate(pair)
         return range(c.pos_start, c.pos_start + c.n_rows)
@@ -500,7 +532,8 @@ def diff_from_cache(
     store = open_cache(run)
     if not store.complete:
         raise EclensError(f"{store.folder}: the cache is incomplete; rerun `ec cache` to finish it first")
-    names = list(hooks) if hooks else store.hooks
+    extra = set(store.index.get("tl_extra_hooks") or [])
+    names = list(hooks) if hooks else [n for n in store.hooks if n not in extra]
     missing = [n for n in names if n not in store.hooks]
     if missing:
         raise EclensError(f"hook {missing[0]} is not in the cache; recache with it in --hooks")

@@ -177,7 +177,10 @@ def cache(
     model: str = ModelOpt,
     out_dir: Path = OutOpt,
     hooks: str = HooksOpt,
-    positions: str = typer.Option("after", "--positions", help="changed (p only), after (p to the last token) or all"),
+    positions: str = typer.Option(None, "--positions", help="changed (p only), after (p to the last token; default) "
+                                  "or all"),
+    for_tl: bool = typer.Option(False, "--for-tl", help="also store what TransformerLens's tools read (embedding, "
+                                "layer-norm scales) at every position: store.activation_cache(pair, side)"),
     store_dtype: str = typer.Option(None, "--store-dtype", help="float32, float16 or bfloat16 (default: --dtype)"),
     shard_size: int = typer.Option(256, "--shard-size", help="pairs per shard file (a multiple of --batch-size "
                                    "makes `ec diff --from-cache` equal streaming bit for bit)"),
@@ -210,7 +213,8 @@ def cache(
     t0 = time.perf_counter()
     try:
         store = write_cache(m, aligned, run, hooks=hooks, positions=positions, store_dtype=store_dtype or dtype,
-                            shard_size=shard_size, batch_size=batch_size, progress=ctx.is_main, ctx=ctx)
+                            shard_size=shard_size, batch_size=batch_size, progress=ctx.is_main, ctx=ctx,
+                            for_tl=for_tl)
     except KeyboardInterrupt:
         console.print(f"interrupted: finished shards are kept in {run / 'cache'}; rerun the same command to resume")
         raise typer.Exit(130) from None
@@ -219,10 +223,11 @@ def cache(
     if not ctx.is_main:
         return
     size = sum(f.stat().st_size for f in store.folder.glob("shard-*.safetensors"))
-    record_step(run, "cache", {"hooks": store.hooks, "positions": positions, "store_dtype": store.dtype,
+    record_step(run, "cache", {"hooks": store.hooks, "positions": store.positions, "for_tl": for_tl,
+                               "store_dtype": store.dtype,
                                           "shard_size": shard_size, "batch_size": batch_size, "n_pairs": len(store),
                                           "world_size": ctx.world_size, "bytes": size,
                                           "seconds": round(time.perf_counter() - t0, 3),
                                           "outputs": ["cache/index.json", "cache/shard-*.safetensors"]})
-    out.print(f"cached {len(store)} pairs, {len(store.hooks)} hook points, positions={positions}, "
+    out.print(f"cached {len(store)} pairs, {len(store.hooks)} hook points, positions={store.positions}, "
               f"{store.dtype}: {size / 2**20:.1f} MiB in {store.folder}")
