@@ -130,6 +130,48 @@ def _evaluate(statistic: str | Statistic, values: np.ndarray, w: np.ndarray) -> 
 # ------------------------------------------------------------------------ full cluster bootstrap
 
 
+def _clean(values, clusters, statistic) -> tuple[np.ndarray, list]:
+    if isinstance(statistic, str) and statistic not in BUILTIN:
+        raise EclensError(f"statistic must be one of {', '.join(BUILTIN)} or a function, got {statistic!r}")
+    x = np.asarray(values, dtype=float)
+    cl = list(clusters)
+    if len(cl) != len(x):
+        raise EclensError(f"{len(x)} values but {len(cl)} cluster labels")
+    if statistic == "ratio" and (x.ndim != 2 or x.shape[1] != 2):
+        raise EclensError("the ratio statistic needs values of shape [n, 2] (numerator, denominator)")
+    keep = ~np.isnan(x.reshape(len(x), -1)).any(1)
+    return x[keep], [c for c, k in zip(cl, keep) if k]
+
+
+def cluster_replicates(
+    values: np.ndarray | Sequence[float],
+    clusters: Sequence[Hashable],
+    statistic: str | Statistic = "mean",
+    cfg: BootstrapConfig = BootstrapConfig(),
+) -> tuple[float, np.ndarray, int, int]:
+    """``(estimate, replicates [n_boot], n_clusters, n_rows)`` of a cluster bootstrap (see :func:`cluster_bootstrap`);
+    replicates of independent groups combine (e.g. a difference of two groups' medians)."""
+    x, cl = _clean(values, clusters, statistic)
+    if len(x) == 0:
+        return math.nan, np.full(cfg.n_boot, np.nan), 0, 0
+    codes, G = cluster_codes(cl)
+    est = float(_evaluate(statistic, x, np.ones((1, len(x))))[0])
+    rng = np.random.default_rng(cfg.seed)
+    counts = rng.multinomial(G, np.full(G, 1.0 / G), size=cfg.n_boot).astype(float)  # [B, G]
+    return est, _evaluate(statistic, x, counts[:, codes]), G, len(x)
+
+
+def percentile_interval(est: float, reps: np.ndarray, n_clusters: int, n: int,
+                        cfg: BootstrapConfig = BootstrapConfig()) -> Interval:
+    """Percentile interval from replicates; NaN bounds with fewer than two clusters or half the replicates undefined."""
+    finite = reps[np.isfinite(reps)]
+    if n_clusters < 2 or len(finite) < max(10, len(reps) // 2):
+        return Interval(est, math.nan, math.nan, cfg.level, "percentile", n_clusters, n)
+    a = (1 - cfg.level) / 2
+    lo, hi = np.quantile(finite, [a, 1 - a])
+    return Interval(est, float(lo), float(hi), cfg.level, "percentile", n_clusters, n)
+
+
 def cluster_bootstrap(
     values: np.ndarray | Sequence[float],
     clusters: Sequence[Hashable],
@@ -142,36 +184,18 @@ def cluster_bootstrap(
     ``f(values, weights) -> float`` where ``weights[i]`` is how often row ``i``'s cluster was drawn.
     Rows with a NaN value are left out (a stated drop: ``Interval.n`` counts the rows used).
     """
-    if isinstance(statistic, str) and statistic not in BUILTIN:
-        raise EclensError(f"statistic must be one of {', '.join(BUILTIN)} or a function, got {statistic!r}")
-    x = np.asarray(values, dtype=float)
-    cl = list(clusters)
-    if len(cl) != len(x):
-        raise EclensError(f"{len(x)} values but {len(cl)} cluster labels")
-    if statistic == "ratio" and (x.ndim != 2 or x.shape[1] != 2):
-        raise EclensError("the ratio statistic needs values of shape [n, 2] (numerator, denominator)")
-    keep = ~np.isnan(x.reshape(len(x), -1)).any(1)
-    x = x[keep]
-    cl = [c for c, k in zip(cl, keep) if k]
-    nan = Interval(math.nan, math.nan, math.nan, cfg.level, cfg.method, 0, 0)
-    if len(x) == 0:
-        return nan
-    codes, G = cluster_codes(cl)
-    est = float(_evaluate(statistic, x, np.ones((1, len(x))))[0])
-    if G < 2:
-        return Interval(est, math.nan, math.nan, cfg.level, cfg.method, G, len(x))
-    rng = np.random.default_rng(cfg.seed)
-    counts = rng.multinomial(G, np.full(G, 1.0 / G), size=cfg.n_boot).astype(float)  # [B, G]
-    reps = _evaluate(statistic, x, counts[:, codes])
-    reps = reps[np.isfinite(reps)]
-    if len(reps) < cfg.n_boot // 2:
-        return Interval(est, math.nan, math.nan, cfg.level, cfg.method, G, len(x))
+    est, reps, G, n = cluster_replicates(values, clusters, statistic, cfg)
+    finite = reps[np.isfinite(reps)]
+    if G < 2 or len(finite) < cfg.n_boot // 2:
+        return Interval(est, math.nan, math.nan, cfg.level, cfg.method, G, n)
     alpha = (1 - cfg.level) / 2
     q = np.array([alpha, 1 - alpha])
     if cfg.method == "bca":
-        q = _bca_quantiles(statistic, x, codes, G, est, reps, q)
-    lo, hi = np.quantile(reps, q)
-    return Interval(est, float(lo), float(hi), cfg.level, cfg.method, G, len(x))
+        x, cl = _clean(values, clusters, statistic)
+        codes, _ = cluster_codes(cl)
+        q = _bca_quantiles(statistic, x, codes, G, est, finite, q)
+    lo, hi = np.quantile(finite, q)
+    return Interval(est, float(lo), float(hi), cfg.level, cfg.method, G, n)
 
 
 def _bca_quantiles(statistic, x, codes, G, est, reps, q) -> np.ndarray:
