@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from _designpairs import design_pairs
 
+from _designpairs import design_pairs
 from eclens.pairs import MinimalPair, align
 from eclens.recovery import RecoveryConfig, measure_recovery, pair_recovery
 
