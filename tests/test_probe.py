@@ -75,6 +75,9 @@ def test_planted_signal_found_from_its_layer(tiny):
     for _, r in plain.iterrows():
         assert r.acc < 0.65 and (r.low < 0.5 < r.high or r.acc <= r.null_q95), r.to_dict()
     assert layer0_check(planted)["at_chance"] and layer0_check(plain)["at_chance"]
+    from eclens.measureviz import probe_figure
+
+    assert len(probe_figure({"planted": planted, "plain": plain}).data) == 8
     assert abs(planted["null_mean"].mean() - 0.5) < 0.1  # the within-cluster permutation null sits at chance
 
 

@@ -80,6 +80,10 @@ def test_tables_and_bad_input(tiny, tiny_pairs):
     assert set(res.curves["run"]) == {"error", "twin", "ignore_mean", "ignore_delete"}
     assert set(res.ignore["ignore"]) == {"ignore_mean", "ignore_delete"}
     assert "recovery index" in res.headline()
+    from eclens.measureviz import recovery_figure
+
+    fig = recovery_figure(res.curves)
+    assert {t.name for t in fig.data} == {"error", "twin", "ignore_mean", "ignore_delete"}
     from eclens.errors import EclensError
 
     with pytest.raises(EclensError, match="at least one"):

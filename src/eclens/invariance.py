@@ -143,9 +143,9 @@ def measure_invariance(model, pairs: Sequence[AlignedPair], cfg: InvarianceConfi
                                batch.tokens.shape[1])
             got: dict[str, list] = {g.suffix: [None] * len(g.names) for g in groups}
 
-            def grab(suffix, slot):
-                def fn(act, hook):
-                    got[suffix][slot] = act.flatten(0, 1).index_select(0, ix.flat).reshape(2 * B, len(offsets), -1)
+            def grab(suffix, slot, got=got, ix=ix, B=B):
+                def fn(x, hook):
+                    got[suffix][slot] = x.flatten(0, 1).index_select(0, ix.flat).reshape(2 * B, len(offsets), -1)
                 return fn
 
             hooks = [(n, grab(g.suffix, s)) for g in groups for s, n in enumerate(g.names)]
@@ -269,9 +269,10 @@ def _directions(g, acc: _Cells, sigma: torch.Tensor, offsets) -> pd.DataFrame:
     na, nb = a.norm(dim=-1), b.norm(dim=-1)
     cos = (a * b).sum(-1) / (na * nb)
     held = (b * a).sum(-1) / na  # half B's difference along half A's unit direction
-    L, O = cos.shape
+    n_layers, n_off = cos.shape
     return pd.DataFrame({
-        "hook": g.suffix, "layer": np.repeat(np.asarray(g.layers), O), "offset": np.tile(np.asarray(offsets), L),
+        "hook": g.suffix, "layer": np.repeat(np.asarray(g.layers), n_off),
+        "offset": np.tile(np.asarray(offsets), n_layers),
         "split_half_cos": cos.reshape(-1).numpy(), "heldout_projection": held.reshape(-1).numpy(),
         "norm_half_a": na.reshape(-1).numpy(), "norm_half_b": nb.reshape(-1).numpy(),
     })
