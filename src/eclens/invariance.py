@@ -41,7 +41,7 @@ from .diff import aligned_index, hook_groups
 from .errors import EclensError
 from .hooks import iter_batches, pad_id, select_hooks
 from .pairs import AlignedPair
-from .roles import cluster_of, detect_of, role_of
+from .roles import cluster_of, detect_of, role_of, single_token_only
 from .stats import bh_qvalues
 
 CLASSES = ("invariant", "specific")
@@ -118,6 +118,7 @@ def measure_invariance(model, pairs: Sequence[AlignedPair], cfg: InvarianceConfi
     ``error`` or anything else (the comparison: twins by default)."""
     if not pairs:
         raise EclensError("invariance needs at least one valid pair")
+    single_token_only(pairs, "invariance")
     roles = [role(a) for a in pairs]
     if "error" not in roles or all(r == "error" for r in roles):
         raise EclensError("invariance needs error pairs and comparison pairs (twins, or another role via `role`)")

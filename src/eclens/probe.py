@@ -36,7 +36,7 @@ from .bootstrap import BootstrapConfig, cluster_bootstrap, cluster_codes
 from .errors import EclensError
 from .hooks import pad_id
 from .pairs import AlignedPair
-from .roles import cluster_of, detect_of, role_of
+from .roles import cluster_of, detect_of, role_of, single_token_only
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,7 @@ def items_from_pairs(pairs: Sequence[AlignedPair], offset: int = 0) -> ProbeItem
     """Each pair's clean sentence (label 0) and changed sentence (1 for an ``error`` role, 0 otherwise), read at
     ``detect + offset``; a clean sentence shared by pairs of one cluster counts once. Pairs too short for the
     offset are left out, and counted in the one-line error if none remain."""
+    single_token_only(pairs, "the probe")
     seen: set[tuple[str, tuple[int, ...]]] = set()
     ids, pos, lab, cl = [], [], [], []
     for a in pairs:

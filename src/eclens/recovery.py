@@ -48,7 +48,7 @@ from .bootstrap import BootstrapConfig, Interval, cluster_bootstrap, cluster_rep
 from .errors import EclensError
 from .hooks import pad_id
 from .pairs import AlignedPair
-from .roles import cluster_of, detect_of, role_of
+from .roles import cluster_of, detect_of, role_of, single_token_only
 from .runs import write_json, write_table
 
 RUNS = ("changed", "ignore_mean", "ignore_delete")
@@ -128,9 +128,8 @@ def pair_recovery(model, pairs: Sequence[AlignedPair], cfg: RecoveryConfig = Rec
     the changed run and of both ignore runs against the clean run (columns ``kl_*``, ``lp_*``)."""
     if not pairs:
         raise EclensError("recovery needs at least one valid pair")
+    single_token_only(pairs, "recovery")
     for a in pairs:
-        if getattr(a, "mode", "single") != "single":
-            raise EclensError(f"pair {a.id!r}: recovery needs single-token pairs (this one is span-aligned)")
         if not a.position <= detect_of(a) < a.length:
             raise EclensError(f"pair {a.id!r}: detect {detect_of(a)} is outside p..last ({a.position}..{a.length - 1})")
     pad = pad_id(model)

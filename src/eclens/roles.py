@@ -8,6 +8,7 @@ read them only through these functions.
 
 from __future__ import annotations
 
+from .errors import EclensError
 from .pairs import AlignedPair
 
 ROLES = ("error", "twin")
@@ -39,3 +40,11 @@ def detect_of(a: AlignedPair) -> int:
     """The token position where the error becomes detectable; ``p`` when unknown."""
     d = getattr(a, "detect_position", None)
     return int(a.position if d is None else d)
+
+
+def single_token_only(pairs, step: str) -> None:
+    """Refuse span-aligned pairs (their positions after the change differ between the sentences) in one line."""
+    for a in pairs:
+        if getattr(a, "mode", "single") != "single":
+            raise EclensError(f"pair {a.id!r}: {step} needs single-token pairs (this one is span-aligned); "
+                              "re-align without span mode")
