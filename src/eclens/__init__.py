@@ -44,6 +44,11 @@ _EXPORTS = {
     "open_cache": "eclens.cache",
     "write_cache": "eclens.cache",
     "diff_from_cache": "eclens.cache",
+    "cluster_bootstrap": "eclens.bootstrap",
+    "PoissonBootstrap": "eclens.bootstrap",
+    "measure_recovery": "eclens.recovery",
+    "probe_curve": "eclens.probe",
+    "measure_invariance": "eclens.invariance",
 }
 
 
