@@ -62,6 +62,7 @@ class PlantedSignal:
         return self.model.run_with_hooks(toks, fwd_hooks=[(self.name, plant), *fwd_hooks], **kw)
 
 
+@pytest.mark.slow  # ~100 s wall on the shared 2-core machine under load
 def test_planted_signal_found_from_its_layer(tiny):
     items, errors = two_by_two(tiny.tokenizer)
     L = 1

@@ -47,6 +47,7 @@ def tiny_pairs(tiny):
     return design_pairs(tiny.tokenizer, n_clusters=24)
 
 
+@pytest.mark.slow  # ~100 s wall on the shared 2-core machine under load
 def test_planted_corrector_recovers(tiny, tiny_pairs):
     tok = tiny.tokenizer
     fix = {tok(" zebra", add_special_tokens=False)["input_ids"][0]: tok(" dog", add_special_tokens=False)["input_ids"][0]}
