@@ -1,50 +1,45 @@
-"""A pair's place in a design (DESIGN.md, "Method, second edition"), read with defaults.
+"""A pair's place in a design (DESIGN.md, "Method, second edition"), read with its defaults.
 
 The design fields (``cluster``, ``role``, ``twin_kind``, ``twin_of``, ``swap_direction`` on the
 record; ``detect_position`` on the aligned pair) are optional: a pair without them is its own
 cluster, an error pair, and detectable at its changed position ``p``. The measurement modules
-read them only through these functions.
+read them through these functions, so the defaults live in one place.
 """
 
 from __future__ import annotations
 
-from .errors import EclensError
-from .pairs import AlignedPair
+from .pairs import AlignedPair, require_single
 
 ROLES = ("error", "twin")
 
 
 def cluster_of(a: AlignedPair) -> str:
     """The cluster the pair counts in: its ``cluster`` field, else its id (one cluster per pair)."""
-    return str(getattr(a.pair, "cluster", None) or a.id)
+    return str(a.pair.cluster_id)
 
 
 def role_of(a: AlignedPair) -> str:
     """``error``, ``twin`` or a 2x2 cell name; ``error`` when the record says nothing."""
-    return str(getattr(a.pair, "role", None) or "error")
+    return str(a.pair.role or "error")
 
 
 def twin_kind_of(a: AlignedPair) -> str | None:
-    return getattr(a.pair, "twin_kind", None)
+    return a.pair.twin_kind
 
 
 def twin_of(a: AlignedPair) -> str | None:
-    return getattr(a.pair, "twin_of", None)
+    return a.pair.twin_of
 
 
 def swap_direction_of(a: AlignedPair) -> str | None:
-    return getattr(a.pair, "swap_direction", None)
+    return a.pair.swap_direction
 
 
 def detect_of(a: AlignedPair) -> int:
     """The token position where the error becomes detectable; ``p`` when unknown."""
-    d = getattr(a, "detect_position", None)
-    return int(a.position if d is None else d)
+    return int(a.position if a.detect_position is None else a.detect_position)
 
 
 def single_token_only(pairs, step: str) -> None:
-    """Refuse span-aligned pairs (their positions after the change differ between the sentences) in one line."""
-    for a in pairs:
-        if getattr(a, "mode", "single") != "single":
-            raise EclensError(f"pair {a.id!r}: {step} needs single-token pairs (this one is span-aligned); "
-                              "re-align without span mode")
+    """Refuse span-aligned pairs (positions after the change differ between the sentences) in one line."""
+    require_single(pairs, step)
