@@ -17,7 +17,7 @@ import pytest
 
 from conftest import require
 
-pytestmark = [pytest.mark.notebooks, pytest.mark.slow]
+pytestmark = pytest.mark.notebooks
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 SECONDS: dict[str, float] = {}
@@ -75,6 +75,7 @@ def _outputs(cell) -> list[dict]:
     return [o for o in cell.outputs if o.get("output_type") in ("display_data", "execute_result")]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [p.name for p in NOTEBOOKS])
 def test_notebook_runs_and_gives_rich_output(executed, name):
     nb = executed(name)  # a failing cell raises CellExecutionError naming it
@@ -102,6 +103,7 @@ def test_notebook_runs_and_gives_rich_output(executed, name):
         assert sum("CircuitsVis.ColoredTokens" in t for t in texts) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.browser
 def test_exported_notebook_renders_circuitsvis_in_chromium(executed, nbtools, tmp_path):
     require(nbtools.CHROMIUM.exists(), f"{nbtools.CHROMIUM} not found: bash scripts/setup.sh --browser")
