@@ -23,7 +23,7 @@ import pandas as pd
 from . import viz
 from .errors import EclensError
 from .runs import RunData, atomic_write
-from .summaries import MISSING, cell, contrasts_note, glance, patch_blocks
+from .summaries import MISSING, cell, contrasts_note, glance, patch_blocks, verdict_text
 
 REPORT = "report.html"
 esc = viz.esc
@@ -97,7 +97,9 @@ def html_table(df: pd.DataFrame, *, max_rows: int = 30, floatfmt: str = "{:.4g}"
     rows = []
     for rec in df.head(max_rows).itertuples(index=False):
         cells = []
-        for v in rec:
+        for col, v in zip(df.columns, rec, strict=True):
+            if col == "verdict" and isinstance(v, str):
+                v = verdict_text(v)  # the writers' terse "null: …" as the sentence it stands for
             if isinstance(v, float):
                 txt = MISSING if pd.isna(v) else floatfmt.format(v)
                 cells.append(f'<td class="num">{esc(txt)}</td>')
@@ -270,7 +272,8 @@ def _manifest_section(page: _Page, run: RunData) -> None:
                          "files": ", ".join(st.get("outputs") or st.get("files") or [])})
         page.add("<h3>Steps</h3>" + html_table(pd.DataFrame(rows)))
     if isinstance(run_state, dict) and run_state.get("headlines"):
-        rows = [{"step": k, "seconds": (run_state.get("seconds") or {}).get(k, MISSING), "result": v}
+        rows = [{"step": k, "seconds": (run_state.get("seconds") or {}).get(k, MISSING),
+                 "result": verdict_text(v)}
                 for k, v in run_state["headlines"].items()]
         page.add("<h3>ec run</h3>" + html_table(pd.DataFrame(rows)))
     if man.get("versions"):

@@ -194,7 +194,7 @@ def _dims_block(d: dict) -> Block:
             "set": s.get("set", MISSING), "direction": s.get("direction", MISSING), "pairs": s.get("n_pairs", MISSING),
             f"effect ({unit})": cell(s.get(f"{m}_effect")), f"random mean ({unit})": cell(s.get(f"{m}_control_mean")),
             "z": cell(s.get(f"{m}_z")), "p": cell(s.get(f"{m}_p")), "q (BH)": cell(s.get(f"{m}_q")),
-            "verdict": s.get("verdict", MISSING)} for s in sets])
+            "verdict": verdict_text(s["verdict"]) if s.get("verdict") else MISSING} for s in sets])
     return b
 
 
@@ -241,10 +241,7 @@ def contrasts_note(run, shown: int | None = None) -> str:
     n_sig = sum((con.get("n_significant") or {}).values()) if con.get("n_tests") else None
     alpha = con.get("alpha", 0.05)
     qcol = next((c for c in ("q", "q_value", "qvalue") if df is not None and c in df.columns), None)
-    if n_sig is None and qcol:
-        n_sig_rows = int((df[qcol] <= alpha).sum())
-    else:
-        n_sig_rows = None
+    n_sig_rows = int((df[qcol] <= alpha).sum()) if qcol else None
     parts = []
     if n_tests is not None:
         parts.append(f"{n_tests} per-dimension category contrasts were tested (Mann–Whitney U); {n_sig} are "

@@ -51,8 +51,10 @@ function fmt(v) {
 }
 
 // A table cell: long text is cut to one line, the whole of it on hover, so no row grows tall.
-function td(v) {
-  const text = fmt(v);
+function td(v, column) {
+  let text = fmt(v);
+  // the writers' terse verdict "null: …" reads as the sentence it stands for
+  if (column === "verdict" && /^null:\s*/i.test(text)) text = text.replace(/^null:\s*/i, "a null result: ");
   const long = text.length > 60;
   return el("td", {class: typeof v === "number" ? "num" : long ? "long" : null, title: long ? text : null}, text);
 }
@@ -89,7 +91,7 @@ function table(columns, rows, opts) {
   function fill() {
     tbody.replaceChildren(...rows.slice(0, opts.limit || 2000).map((r) => {
       const tr = el("tr", {class: opts.onRow ? "click" : null},
-        columns.map((c) => td(r[c])));
+        columns.map((c) => td(r[c], c)));
       if (opts.onRow) tr.addEventListener("click", () => opts.onRow(r));
       return tr;
     }));
@@ -229,7 +231,7 @@ async function tableTab(name, body, table_, filters, intro) {
     const d = await api(`runs/${enc(name)}/${table_}?${qs ? qs + "&" : ""}${page}`);
     const ths = d.columns.map((c) => el("th", {class: c === sort ? (desc ? "sorted-desc" : "sorted-asc") : null,
       title: "sort by " + c, on: {click: () => { desc = c === sort ? !desc : false; sort = c; offset = 0; load(); }}}, c));
-    const rows = d.rows.map((r) => el("tr", {}, d.columns.map((c) => td(r[c]))));
+    const rows = d.rows.map((r) => el("tr", {}, d.columns.map((c) => td(r[c], c))));
     const shown = d.total ? `rows ${offset + 1}\u2013${offset + d.rows.length} of ${d.total}` : "no rows";
     holder.replaceChildren(el("p", {class: "muted"}, shown + (sort ? ` \u00b7 sorted by ${sort}${desc ? " (descending)" : ""}` : " \u00b7 click a column to sort")),
       el("div", {class: "tablewrap"}, el("table", {}, el("thead", {}, el("tr", {}, ths)), el("tbody", {}, rows))),
