@@ -176,7 +176,8 @@ def test_tokenizers_keeps_pairs_valid_under_every_tokenizer(tok, tmp_path):
     base, _ = generate_templates_with_stats(tok, 60, seed=5, categories=["grammar/article", "meaning/subject"])
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.train_from_iterator([p.clean for p in base] * 3, trainers.BpeTrainer(vocab_size=400,
+    # Trained on both sentences of every pair, small: frequent words become tokens, rarer ones are split.
+    bpe.train_from_iterator([x for p in base for x in (p.clean, p.corrupt)], trainers.BpeTrainer(vocab_size=700,
                             special_tokens=["<unk>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     folder = tmp_path / "tok"
     PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>").save_pretrained(folder)

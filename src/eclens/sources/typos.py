@@ -34,6 +34,8 @@ def classify(right: str, wrong: str) -> str:
         return "other"
     if " " in wrong and " " not in right and wrong.replace(" ", "") == right:
         return "split"
+    if right.count(" ") != wrong.count(" "):
+        return "other"  # words run together ("a lot" -> "alot"), or spaces moved with other edits
     a, b = right.lower(), wrong.lower()
     if len(b) == len(a) - 1 and any(a[:i] + a[i + 1:] == b for i in range(len(a))):
         return "deletion"

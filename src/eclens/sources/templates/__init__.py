@@ -203,9 +203,13 @@ def _category(cat: str, n: int, seed: int, toks, ref):
 
 
 def _size_match(ref, pairs: list[MinimalPair]) -> dict[str, float]:
-    """Each twin's layer-0 change over its error's; records it in the twin's meta."""
-    change = ref.layer0_change(pairs)
+    """Each twin's layer-0 change over its error's, both at the error's ``detect`` (DESIGN.md: a twin is
+    size-matched when its change there is within x0.8-1.25 of the error's); recorded in the twin's meta."""
+    from dataclasses import replace
+
     by_id = {p.id: p for p in pairs}
+    probe = [replace(p, detect=by_id[p.twin_of].detect) if p.is_twin and p.twin_of in by_id else p for p in pairs]
+    change = ref.layer0_change(probe)
     ratios = []
     for p in pairs:
         p.meta["l0_change"] = change[p.id]
@@ -214,7 +218,7 @@ def _size_match(ref, pairs: list[MinimalPair]) -> dict[str, float]:
             p.meta["size_ratio"] = round(r, 4)
             p.meta["size_matched"] = SIZE_MATCH[0] <= r <= SIZE_MATCH[1]
             ratios.append(r)
-    twins = [p for p in by_id.values() if p.is_twin]
+    twins = [p for p in pairs if p.is_twin]
     return {"twins": len(twins), "size_matched": sum(bool(p.meta.get("size_matched")) for p in twins),
             "ratio_median": round(statistics.median(ratios), 3) if ratios else math.nan}
 
