@@ -220,7 +220,13 @@ def update_manifest(run: str | os.PathLike, **fields: Any) -> dict:
 
 
 def check_manifest_model(run: str | os.PathLike, model_id: str, weights_hash: str | None) -> None:
-    """Refuse to mix results of another model, or of another eclens version, into a run folder."""
+    """Refuse to mix results of another model, or of another eclens version, into a run folder. Every writer
+    calls this before its first write, so it also takes the writer's lock (:func:`eclens.lock.lock_run`)."""
+    from .lock import lock_run
+
+    if Path(run).exists() and not Path(run).is_dir():
+        raise EclensError(f"{run}: exists and is not a folder; choose another --out")
+    lock_run(run)
     man = read_manifest(run)
     made_by, this = man.get("eclens_version"), versions()["eclens"]
     if made_by is not None and made_by != this:
