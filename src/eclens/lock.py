@@ -55,6 +55,8 @@ def lock_run(run: str | os.PathLike) -> None:
     key = run.resolve()
     if key in _HELD:
         return
+    if run.exists() and not run.is_dir():
+        raise EclensError(f"{run}: exists and is not a folder; choose another --out")
     made = not run.exists()
     run.mkdir(parents=True, exist_ok=True)
     path = run / LOCK_FILE
