@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        from .lock import release_all
+
+        release_all()  # the run folder's writer lock (eclens.lock), so a next command in this process can write
     return 0
 
 

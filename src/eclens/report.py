@@ -463,6 +463,7 @@ def choose_attention_layer(run: RunData, n_layers: int) -> int:
         try:
             col = viz.pick_column(df, viz.REL_L2_COLS, "relative L2")
             d = df[(df["hook"] == "hook_attn_out") & (df["offset"] == 1) & (df["category"] == "all")]
+            d = d[d[col].notna()]  # no token after the change (it is the last): no value at offset 1
             if not d.empty:
                 return int(d.loc[d[col].idxmax(), "layer"])
         except EclensError:

@@ -122,9 +122,34 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+# The columns of the run tables that can come out with no rows (too few pairs for the candidate rule, no
+# category contrast): a frame built from no rows has no columns either, and a CSV without a header cannot be
+# read back (pandas: EmptyDataError), so such a frame is written with its header from here.
+TABLE_COLUMNS: dict[str, tuple[str, ...]] = {
+    "candidates": ("category", "hook", "layer", "offset", "position_kind", "dim", "unit", "head", "kind", "rank",
+                   "n_passing", "n", "n_sample", "absz_median", "absz_q10", "absz_q90", "frac_under",
+                   "sign_consistency", "absz_mean", "mean_delta", "mean_abs_delta", "sigma_clean", "frac_pos",
+                   "frac_neg"),
+}
+
+
+def table_with_header(df, path: str | os.PathLike):
+    """``df``, or, when it has no columns, an empty frame with the columns of ``path``'s table
+    (:data:`TABLE_COLUMNS`); a columnless frame for a table without known columns is a bug, refused."""
+    if len(df.columns):
+        return df
+    stem = Path(path).name.split(".", 1)[0]
+    if stem not in TABLE_COLUMNS:
+        raise ValueError(f"{path}: a table with no columns and none known for it (add them to "
+                         "eclens.runs.TABLE_COLUMNS); a file without a header cannot be read back")
+    return pd.DataFrame(columns=list(TABLE_COLUMNS[stem]))
+
+
 def write_table(df, path: str | os.PathLike) -> Path:
-    """Write a DataFrame as CSV or Parquet (by suffix), atomically."""
+    """Write a DataFrame as CSV or Parquet (by suffix), atomically; a table with no rows keeps its header
+    (:func:`table_with_header`), so every table a run writes can be read back."""
     path = Path(path)
+    df = table_with_header(df, path)
     with atomic_path(path) as tmp:
         if path.suffix == ".parquet":
             df.to_parquet(tmp, index=False)
@@ -195,7 +220,13 @@ def update_manifest(run: str | os.PathLike, **fields: Any) -> dict:
 
 
 def check_manifest_model(run: str | os.PathLike, model_id: str, weights_hash: str | None) -> None:
-    """Refuse to mix results of another model, or of another eclens version, into a run folder."""
+    """Refuse to mix results of another model, or of another eclens version, into a run folder. Every writer
+    calls this before its first write, so it also takes the writer's lock (:func:`eclens.lock.lock_run`)."""
+    from .lock import lock_run
+
+    if Path(run).exists() and not Path(run).is_dir():
+        raise EclensError(f"{run}: exists and is not a folder; choose another --out")
+    lock_run(run)
     man = read_manifest(run)
     made_by, this = man.get("eclens_version"), versions()["eclens"]
     if made_by is not None and made_by != this:

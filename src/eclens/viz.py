@@ -186,6 +186,8 @@ def layer_dim_heatmap(dims: pd.DataFrame, *, hook: str | None = None, category: 
     if df.empty:
         return _empty(title, f"no rows for category {category!r}, hook {hook!r}, offset {offset}")
     piv = df.pivot_table(index="layer", columns="dim", values=value, aggfunc="mean").sort_index()
+    if piv.empty:  # every value missing (e.g. an offset past the last token of every pair)
+        return _empty(title, f"no values for category {category!r}, hook {hook!r}, offset {offset}")
     if massive is None and "massive" in df.columns:
         massive = sorted(int(d) for d in df.loc[df["massive"].astype(bool), "dim"].unique())
     massive_set = {int(d) for d in (massive or ())}

@@ -119,6 +119,9 @@ def diff(
     ctx = D.init(device)  # under torchrun: this process's rank and the world size
     device = D.local_device(device, ctx)
     run = _run_folder(pairs, out_dir)
+    from ..lock import lock_run
+
+    lock_run(run)  # before the model loads, so a second writer is refused at once
     m = load(model, device, dtype, device_map, load_in_8bit, load_in_4bit)
     entry = _model_entry(run, m)
     aligned = aligned_pairs(m, pairs, run, ctx, fmt=fmt, raw=raw, say=_say_check,
@@ -206,6 +209,9 @@ def cache(
     ctx = D.init(device)  # under torchrun: ranks write shards in turn, rank 0 merges the index
     device = D.local_device(device, ctx)
     run = _run_folder(pairs, out_dir)
+    from ..lock import lock_run
+
+    lock_run(run)  # before the model loads, so a second writer is refused at once
     m = load(model, device, dtype, device_map, load_in_8bit, load_in_4bit)
     entry = _model_entry(run, m)
     aligned = aligned_pairs(m, pairs, run, ctx, fmt=fmt, raw=raw, say=_say_check,

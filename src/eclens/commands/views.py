@@ -114,6 +114,9 @@ def run(
                     verify_top=verify_top, metric=metric)
     raw = preflight_pairs(pairs)
     console.print(f"run folder: {out_dir}")
+    from ..lock import lock_run
+
+    lock_run(out_dir)  # before the model loads, so a second writer is refused at once
     m = load(model, device, dtype)
     if raw is not None:
         from ..pairs import check_with_model
