@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from .errors import EclensError
-from .hooks import iter_batches, pad_id, select_hooks, split_hook
+from .hooks import PATTERN_HOOKS, iter_batches, pad_id, select_hooks, split_hook
 from .pairs import AlignedPair, aligned_from_dict
 from .runs import save_tensors, write_json
 
@@ -123,7 +123,8 @@ def write_cache(
     distributed run resumes like a single-process one.
     """
     from . import distributed as D
-    from .diff import expand_hook_spec, pair_info, pair_metrics
+    from .diff import pair_info, pair_metrics
+    from .hooks import expand_hook_spec
     from .model import manifest_model_entry, model_device
 
     ctx = ctx or D.Dist()
@@ -181,7 +182,7 @@ def write_cache(
                 write_json(ipath, index)
             D.barrier(ctx)
     dev = model_device(model)
-    patterns = {n for n in names if split_hook(n)[1] in ("attn.hook_pattern", "attn.hook_attn_scores")}
+    patterns = {n for n in names if split_hook(n)[1] in PATTERN_HOOKS}
     gat = _RowGatherer(names, patterns, sdt)
     pid = pad_id(model)
     n_shards = (len(pairs) + shard_size - 1) // shard_size
@@ -200,7 +201,7 @@ def write_cache(
     mine: dict[str, Any] = {"format": 1, "rank": ctx.rank, "world_size": ctx.world_size, "shards": [],
                             "shapes": {}}
     ppath = folder / f"index.rank{ctx.rank}.json"
-    from .diff import progress_bar
+    from .progress import progress_bar
 
     prog = progress_bar(progress and len(todo) > 0)
     t0 = time.perf_counter()
@@ -519,15 +520,8 @@ def diff_from_cache(
     Batches follow the cache's own order and ``batch_size`` (default: the one it was
     written with), so a float32 cache reproduces the streaming numbers exactly.
     """
-    from .diff import (
-        PATTERN_HOOKS,
-        DiffAccumulator,
-        DiffConfig,
-        DiffResult,
-        HookGroup,
-        _unit_kind,
-        resolve_categories,
-    )
+    from .diff import DiffAccumulator, DiffConfig, DiffResult, resolve_categories
+    from .hooks import groups_from_shapes
 
     store = open_cache(run)
     if not store.complete:
@@ -546,19 +540,12 @@ def diff_from_cache(
     cfg = DiffConfig(hooks=names, max_offset=max_offset, include_last=include_last, categories=cats, by_category=by,
                      sample_size=sample_size, seed=seed, **rule)
     shapes = store.shapes
-    groups: dict[str, HookGroup] = {}
-    for n in names:
-        layer, suffix = split_hook(n)
-        rest = tuple(shapes[n])
-        g = groups.setdefault(suffix, HookGroup(suffix, [], [], _unit_kind(suffix, rest), rest))
-        g.names.append(n)
-        g.layers.append(-1 if layer is None else layer)
-    glist = list(groups.values())
+    glist = groups_from_shapes(names, {n: tuple(shapes[n]) for n in names})
     acc = DiffAccumulator(cfg, glist, "cpu", sample_dtype, n_pairs=len(store.pairs))
     bs = int(batch_size or store.index.get("batch_size") or 16)
     offs = cfg.offsets
     t0 = time.perf_counter()
-    from .diff import progress_bar
+    from .progress import progress_bar
 
     with progress_bar(progress) as pr:
         task = pr.add_task("diff", total=len(store)) if pr is not None else None
