@@ -39,22 +39,17 @@ import torch
 
 from .errors import EclensError
 from .hooks import PATTERN_HOOKS, iter_batches, pad_id, select_hooks, split_hook
-from .pairs import AlignedPair, aligned_from_dict
+from .model import DTYPES
+from .pairs import AlignedPair, aligned_from_dict, aligned_position
 from .runs import save_tensors, write_json
 
 CACHE_DIR = "cache"
 INDEX = "index.json"
 POSITIONS = ("changed", "after", "all")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
-
-
-def _aligned_from_dict(d: dict) -> AlignedPair:
-    return aligned_from_dict({**d, "clean_ids": list(d["clean_ids"]), "corrupt_ids": list(d["corrupt_ids"]),
-                              "position": int(d["position"])})
 
 
 def _row_span(a: AlignedPair, positions: str) -> tuple[int, int]:
@@ -333,7 +328,7 @@ class ActivationStore:
     def __init__(self, folder: Path, index: dict):
         self.folder = folder
         self.index = index
-        self.pairs = [_aligned_from_dict(d) for d in index["pairs"]]
+        self.pairs = [aligned_from_dict(d) for d in index["pairs"]]
         self._by_id = {a.id: i for i, a in enumerate(self.pairs)}
         self._handles: dict[int, Any] = {}
         self._shard_rows: dict[int, torch.Tensor] = {}
@@ -564,7 +559,7 @@ def diff_from_cache(
                     a = pairs[i]
                     r0, nr, p0 = int(rows_all[i]), int(rows_all[i + 1] - rows_all[i]), int(pstart[i])
                     for o, off in enumerate(offs):
-                        t = a.position + off if off >= 0 else a.length - 1
+                        t = aligned_position(a.position, a.length, off)
                         ok = t < a.length and p0 <= t < p0 + nr
                         if off < 0 and not (p0 <= t < p0 + nr):
                             raise EclensError(f"{store.folder}: the last token of pair {a.id} is not cached; "
@@ -607,7 +602,7 @@ def _fill_kl(row: dict, a: AlignedPair, offsets: Sequence[int]) -> dict:
     out = {k: v for k, v in row.items() if not (k.startswith("kl_") and k not in ("kl_mean", "kl_max"))}
     head = {k: v for k, v in out.items() if k not in ("kl_mean", "kl_max", "kl")}
     for k in offsets:
-        t = a.position + k if k >= 0 else a.length - 1
+        t = aligned_position(a.position, a.length, k)
         head[f"kl_{k}" if k >= 0 else "kl_last"] = kls[t - a.position] if t < a.length else math.nan
     head["kl_mean"] = out["kl_mean"]
     head["kl_max"] = out["kl_max"]

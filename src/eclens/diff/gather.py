@@ -12,6 +12,7 @@ from ..hooks import (
     PATTERN_HOOKS,
     HookGroup,
 )
+from ..pairs import aligned_position
 
 
 @dataclass
@@ -31,7 +32,7 @@ def aligned_index(positions: Sequence[int], lengths: Sequence[int], offsets: Seq
                   seq_len: int | None = None) -> AlignedIndex:
     p = torch.tensor(list(positions), dtype=torch.long)
     n = torch.tensor(list(lengths), dtype=torch.long)
-    cols = [p + k if k >= 0 else n - 1 for k in offsets]
+    cols = [aligned_position(p, n, k) for k in offsets]
     pos = torch.stack(cols, 1)
     valid = pos < n[:, None]
     pos = torch.minimum(pos, (n - 1)[:, None])  # never read a padded position

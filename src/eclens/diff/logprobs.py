@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from ..pairs import AlignedPair
+from ..pairs import AlignedPair, aligned_position
 
 
 def pair_metric_tensors(logits: Float[torch.Tensor, "two_b seq vocab"], tokens: torch.Tensor,
@@ -78,7 +78,7 @@ def metric_rows(batches: Sequence[tuple[Sequence[AlignedPair], dict[str, torch.T
         out[k] = np.where(p > 0, cols[k], np.nan)  # nothing predicts the first token
     out["token_logprob_diff"] = out["corrupt_token_logprob"] - out["clean_token_logprob"]
     for k in offsets:
-        t = p + k if k >= 0 else n - 1
+        t = aligned_position(p, n, k)
         ok = t < n
         out[f"kl_{k}" if k >= 0 else "kl_last"] = np.where(ok, kl_all[start + np.where(ok, t - p, 0)], np.nan)
     seg = np.split(kl_all, np.cumsum(cnt)[:-1])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -13,17 +12,9 @@ from .config import META_KEY, STATS_FILE
 
 
 def save_stats(run: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    from ..runs import save_tensors
+    from ..runs import json_default, save_tensors
 
-    save_tensors(tensors, Path(run) / STATS_FILE, metadata={META_KEY: json.dumps(meta, default=_json_default)})
-
-
-def _json_default(o):
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    if hasattr(o, "item"):
-        return o.item()
-    raise TypeError(type(o).__name__)
+    save_tensors(tensors, Path(run) / STATS_FILE, metadata={META_KEY: json.dumps(meta, default=json_default)})
 
 
 def load_stats(run: str | Path, device="cpu") -> tuple[dict[str, torch.Tensor], dict]:

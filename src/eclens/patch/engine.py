@@ -19,7 +19,7 @@ from ..hooks import (
 )
 from ..metrics import METRICS, PairMetrics, prepare_pair
 from ..model import model_device
-from ..pairs import AlignedPair, require_single
+from ..pairs import AlignedPair, aligned_position, require_single
 
 DIRECTIONS = ("denoise", "noise")
 ABLATIONS = ("zero", "mean", "resample", "patch")
@@ -50,7 +50,7 @@ def position_kind(t: int, p: int, T: int) -> str:
 
 def resolve_position(pair: AlignedPair, offset: int) -> int | None:
     """Position of ``offset`` in ``pair`` (``-1`` = last token), or ``None`` past its end."""
-    t = pair.length - 1 if offset == -1 else pair.position + offset
+    t = aligned_position(pair.position, pair.length, offset)
     return t if 0 <= t < pair.length and (offset == -1 or offset >= 0) else None
 
 

@@ -37,7 +37,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import EclensError, PairFileError
-from ..pairs import AlignedPair, MinimalPair, align, pair_from_record, pair_id
+from ..pairs import AlignedPair, MinimalPair, align, iter_jsonl, pair_from_record, pair_id
 from ..runs import write_json
 from .categories import CATEGORIES, resolve_categories
 
@@ -349,14 +349,11 @@ def read_existing(path: Path, tokenizer, *, prepend_bos: bool, max_len: int | No
         raise PairFileError(path, "not UTF-8; use a new --out file", raw[: e.start].count(b"\n") + 1) from None
     pairs: list[MinimalPair] = []
     seen_ids: dict[str, int] = {}
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PairFileError(path, f"invalid JSON ({e.msg}, column {e.colno}) in the file to resume; fix or "
-                                "delete that line, or use a new --out file", i) from None
+    def bad_json(e: json.JSONDecodeError) -> str:
+        return (f"invalid JSON ({e.msg}, column {e.colno}) in the file to resume; fix or delete that line, or use "
+                "a new --out file")
+
+    for i, _, rec in iter_jsonl(path, text, bad_json):
         p = pair_from_record(rec, path, i, {"source": SOURCE})
         if p.id in seen_ids:
             raise PairFileError(path, f"duplicate pair id {p.id!r} (first at line {seen_ids[p.id]}); remove the "
