@@ -619,3 +619,28 @@ def test_prepare_run_pairs_writes_nothing_without_a_valid_pair(tiny, tmp_path):
     with pytest.raises(EclensError, match="none of the 2 pairs"):
         run_pipeline(tmp_path / "run2", tiny, RunConfig(pairs_file=str(src)), log=lambda m: None, progress=False)
     assert not list((tmp_path / "run2").glob("*.jsonl"))
+
+
+def test_accumulators_merge_as_the_results_do(tiny):
+    """DiffAccumulator.merge (update / merge / state protocol) gives merge_results' state, bit for bit,
+    and both the whole run's statistics."""
+    from eclens.diff import DiffAccumulator
+
+    pairs = sorted(make_pairs(tiny, small_pairs(tiny.tokenizer)), key=lambda a: a.length)
+    cats = sorted({a.category for a in pairs})
+    kw = dict(batch_size=4, sample_size=6, categories=cats)
+    whole = run_diff(tiny, pairs, **kw)
+    a, b = run_diff(tiny, pairs[:8], **kw), run_diff(tiny, pairs[8:], **kw)
+    accs = []
+    for r in (a, b):
+        acc = DiffAccumulator(r.config, r.groups, "cpu", n_pairs=r.n_pairs)
+        acc.load(r.tensors, r.meta)
+        accs.append(acc)
+    accs[0].merge(accs[1])
+    got, want = accs[0].result(a.model), merge_results(a, b)
+    assert set(got.tensors) == set(want.tensors)
+    assert all(torch.equal(got.tensors[k], want.tensors[k]) for k in want.tensors)
+    assert got.meta["sample_ids"] == want.meta["sample_ids"] and got.meta["rows"] == want.meta["rows"]
+    pd.testing.assert_frame_equal(got.layers, whole.layers, rtol=1e-6, atol=1e-7)
+    with pytest.raises(EclensError):
+        accs[0].merge(accs[0])

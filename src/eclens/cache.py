@@ -38,23 +38,18 @@ from typing import Any
 import torch
 
 from .errors import EclensError
-from .hooks import iter_batches, pad_id, select_hooks, split_hook
-from .pairs import AlignedPair, aligned_from_dict
+from .hooks import PATTERN_HOOKS, iter_batches, pad_id, select_hooks, split_hook
+from .model import DTYPES
+from .pairs import AlignedPair, aligned_from_dict, aligned_position
 from .runs import save_tensors, write_json
 
 CACHE_DIR = "cache"
 INDEX = "index.json"
 POSITIONS = ("changed", "after", "all")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
-
-
-def _aligned_from_dict(d: dict) -> AlignedPair:
-    return aligned_from_dict({**d, "clean_ids": list(d["clean_ids"]), "corrupt_ids": list(d["corrupt_ids"]),
-                              "position": int(d["position"])})
 
 
 def _row_span(a: AlignedPair, positions: str) -> tuple[int, int]:
@@ -123,7 +118,8 @@ def write_cache(
     distributed run resumes like a single-process one.
     """
     from . import distributed as D
-    from .diff import expand_hook_spec, pair_info, pair_metrics
+    from .diff import pair_info, pair_metrics
+    from .hooks import expand_hook_spec
     from .model import manifest_model_entry, model_device
 
     ctx = ctx or D.Dist()
@@ -181,7 +177,7 @@ def write_cache(
                 write_json(ipath, index)
             D.barrier(ctx)
     dev = model_device(model)
-    patterns = {n for n in names if split_hook(n)[1] in ("attn.hook_pattern", "attn.hook_attn_scores")}
+    patterns = {n for n in names if split_hook(n)[1] in PATTERN_HOOKS}
     gat = _RowGatherer(names, patterns, sdt)
     pid = pad_id(model)
     n_shards = (len(pairs) + shard_size - 1) // shard_size
@@ -200,7 +196,7 @@ def write_cache(
     mine: dict[str, Any] = {"format": 1, "rank": ctx.rank, "world_size": ctx.world_size, "shards": [],
                             "shapes": {}}
     ppath = folder / f"index.rank{ctx.rank}.json"
-    from .diff import progress_bar
+    from .progress import progress_bar
 
     prog = progress_bar(progress and len(todo) > 0)
     t0 = time.perf_counter()
@@ -332,7 +328,7 @@ class ActivationStore:
     def __init__(self, folder: Path, index: dict):
         self.folder = folder
         self.index = index
-        self.pairs = [_aligned_from_dict(d) for d in index["pairs"]]
+        self.pairs = [aligned_from_dict(d) for d in index["pairs"]]
         self._by_id = {a.id: i for i, a in enumerate(self.pairs)}
         self._handles: dict[int, Any] = {}
         self._shard_rows: dict[int, torch.Tensor] = {}
@@ -519,15 +515,8 @@ def diff_from_cache(
     Batches follow the cache's own order and ``batch_size`` (default: the one it was
     written with), so a float32 cache reproduces the streaming numbers exactly.
     """
-    from .diff import (
-        PATTERN_HOOKS,
-        DiffAccumulator,
-        DiffConfig,
-        DiffResult,
-        HookGroup,
-        _unit_kind,
-        resolve_categories,
-    )
+    from .diff import DiffAccumulator, DiffConfig, DiffResult, resolve_categories
+    from .hooks import groups_from_shapes
 
     store = open_cache(run)
     if not store.complete:
@@ -546,19 +535,12 @@ def diff_from_cache(
     cfg = DiffConfig(hooks=names, max_offset=max_offset, include_last=include_last, categories=cats, by_category=by,
                      sample_size=sample_size, seed=seed, **rule)
     shapes = store.shapes
-    groups: dict[str, HookGroup] = {}
-    for n in names:
-        layer, suffix = split_hook(n)
-        rest = tuple(shapes[n])
-        g = groups.setdefault(suffix, HookGroup(suffix, [], [], _unit_kind(suffix, rest), rest))
-        g.names.append(n)
-        g.layers.append(-1 if layer is None else layer)
-    glist = list(groups.values())
+    glist = groups_from_shapes(names, {n: tuple(shapes[n]) for n in names})
     acc = DiffAccumulator(cfg, glist, "cpu", sample_dtype, n_pairs=len(store.pairs))
     bs = int(batch_size or store.index.get("batch_size") or 16)
     offs = cfg.offsets
     t0 = time.perf_counter()
-    from .diff import progress_bar
+    from .progress import progress_bar
 
     with progress_bar(progress) as pr:
         task = pr.add_task("diff", total=len(store)) if pr is not None else None
@@ -577,7 +559,7 @@ def diff_from_cache(
                     a = pairs[i]
                     r0, nr, p0 = int(rows_all[i]), int(rows_all[i + 1] - rows_all[i]), int(pstart[i])
                     for o, off in enumerate(offs):
-                        t = a.position + off if off >= 0 else a.length - 1
+                        t = aligned_position(a.position, a.length, off)
                         ok = t < a.length and p0 <= t < p0 + nr
                         if off < 0 and not (p0 <= t < p0 + nr):
                             raise EclensError(f"{store.folder}: the last token of pair {a.id} is not cached; "
@@ -620,7 +602,7 @@ def _fill_kl(row: dict, a: AlignedPair, offsets: Sequence[int]) -> dict:
     out = {k: v for k, v in row.items() if not (k.startswith("kl_") and k not in ("kl_mean", "kl_max"))}
     head = {k: v for k, v in out.items() if k not in ("kl_mean", "kl_max", "kl")}
     for k in offsets:
-        t = a.position + k if k >= 0 else a.length - 1
+        t = aligned_position(a.position, a.length, k)
         head[f"kl_{k}" if k >= 0 else "kl_last"] = kls[t - a.position] if t < a.length else math.nan
     head["kl_mean"] = out["kl_mean"]
     head["kl_max"] = out["kl_max"]

@@ -1,4 +1,10 @@
-"""Hook selection and position-aligned batches of pairs.
+"""The hook vocabulary, hook groups and position-aligned batches of pairs.
+
+One grammar for ``--hooks`` in ``ec diff``, ``ec cache`` and ``ec patch``: comma-separated
+items, each ``default``, ``all``, an alias (``resid_pre``, ``z``, ``mlp_post``: :data:`HOOK_ALIASES`),
+a per-layer suffix (``hook_resid_pre``, ``mlp.hook_post``), a full name (``blocks.3.hook_resid_pre``)
+or a glob (``attn.hook_*``). :func:`expand_hook_spec` + :func:`select_hooks` turn it into hook
+names (diff, cache); :func:`parse_hooks` into the patchable per-layer suffixes (patch).
 
 Batches put the clean sentences of ``B`` pairs in rows ``0..B-1`` and their corrupt
 twins in rows ``B..2B-1`` of one right-padded token tensor. With right padding a
@@ -14,10 +20,12 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from jaxtyping import Int
 
 from .errors import EclensError
+from .model import model_device
 from .pairs import AlignedPair
 
 DEFAULT_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_resid_mid", "hook_mlp_out", "hook_resid_post")
@@ -27,6 +35,14 @@ ALL_HOOKS = (
     "attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_pattern",
     "mlp.hook_pre", "mlp.hook_post",
 )
+HOOK_ALIASES = {
+    "resid_pre": "hook_resid_pre", "attn_out": "hook_attn_out", "mlp_out": "hook_mlp_out",
+    "resid_post": "hook_resid_post", "resid_mid": "hook_resid_mid", "z": "attn.hook_z", "hook_z": "attn.hook_z",
+    "mlp_post": "mlp.hook_post", "mlp_pre": "mlp.hook_pre",
+}
+# What ``ec patch`` patches by default, and the per-head hook it patches with --heads.
+EXACT_HOOKS = ("hook_resid_pre", "hook_attn_out", "hook_mlp_out", "hook_resid_post")
+HEAD_HOOK = "attn.hook_z"
 _LAYER_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 
 
@@ -143,3 +159,161 @@ def iter_batches(
 def pad_id(model) -> int:
     tok = model.tokenizer
     return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+
+
+# Units of a hook's flattened dimensions (see :func:`unit_kind`).
+HEAD_HOOKS = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_result")
+PATTERN_HOOKS = ("attn.hook_pattern", "attn.hook_attn_scores")
+NEURON_HOOKS = ("mlp.hook_pre", "mlp.hook_post", "mlp.hook_pre_linear")
+# Attention patterns are [batch, head, query, key]: their position axis is not axis 1, so a
+# per-position patch of them means something else; they are not patched.
+NOT_PATCHABLE = PATTERN_HOOKS
+
+
+@dataclass
+class HookGroup:
+    """All selected hooks with one suffix (``hook_resid_pre`` of every layer), reduced together."""
+
+    suffix: str
+    names: list[str]
+    layers: list[int]
+    kind: str  # resid | neuron | head_dim | head | other
+    rest: tuple[int, ...]  # activation shape after (batch, pos) (pattern: (heads,))
+
+    @property
+    def width(self) -> int:
+        return int(np.prod(self.rest)) if self.rest else 1
+
+    @property
+    def n_heads(self) -> int:
+        return self.rest[0] if self.kind == "head_dim" else 0
+
+    def to_dict(self) -> dict:
+        return {"suffix": self.suffix, "names": self.names, "layers": self.layers, "kind": self.kind,
+                "rest": list(self.rest)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> HookGroup:
+        return cls(d["suffix"], list(d["names"]), [int(x) for x in d["layers"]], d["kind"], tuple(d["rest"]))
+
+
+def unit_kind(suffix: str, rest: tuple[int, ...]) -> str:
+    if suffix in PATTERN_HOOKS:
+        return "head"
+    if suffix in HEAD_HOOKS and len(rest) == 2:
+        return "head_dim"
+    if suffix in NEURON_HOOKS:
+        return "neuron"
+    if suffix.startswith("hook_") or suffix in ("attn.hook_out", "mlp.hook_out"):
+        return "resid"
+    return "other"
+
+
+def hook_groups(model, names: Sequence[str]) -> list[HookGroup]:
+    """Group hook names by suffix and probe each activation's shape with a 2-token forward pass."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def probe(name):
+        def fn(act, hook):
+            shapes[name] = tuple(act.shape)
+        return fn
+
+    dev = model_device(model)
+    toks = torch.tensor([[pad_id(model)] * 2], device=dev)
+    with torch.inference_mode(), model.hooks(fwd_hooks=[(n, probe(n)) for n in names]):
+        model(toks)
+    rests = {}
+    for n in names:
+        if n not in shapes:
+            raise EclensError(f"hook {n} did not fire in a forward pass; choose another with --hooks")
+        s = shapes[n]
+        if split_hook(n)[1] in PATTERN_HOOKS:
+            rests[n] = (s[1],)
+        else:
+            if len(s) < 2 or s[1] != 2:
+                raise EclensError(f"hook {n} has shape {list(s)}, not (batch, position, ...); it cannot be "
+                                  "compared position by position")
+            rests[n] = tuple(s[2:])
+    return groups_from_shapes(names, rests)
+
+
+def groups_from_shapes(names: Sequence[str], rests: dict[str, tuple[int, ...]]) -> list[HookGroup]:
+    """Group hook names by suffix, given each activation's shape after (batch, position)."""
+    groups: dict[str, HookGroup] = {}
+    for n in names:
+        layer, suffix = split_hook(n)
+        rest = tuple(rests[n])
+        g = groups.get(suffix)
+        if g is None:
+            g = groups[suffix] = HookGroup(suffix, [], [], unit_kind(suffix, rest), rest)
+        elif g.rest != rest:
+            raise EclensError(f"hook {n} has shape {list(rest)} but other layers of {suffix} have {list(g.rest)}")
+        g.names.append(n)
+        g.layers.append(-1 if layer is None else layer)
+    return list(groups.values())
+
+
+def head_of(g: HookGroup, d: int) -> int:
+    if g.kind == "head_dim":
+        return d // int(np.prod(g.rest[1:]))
+    if g.kind == "head":
+        return d
+    return -1
+
+
+
+def expand_hook_spec(spec: str | Sequence[str] | None) -> str | list[str] | None:
+    """Allow ``default``, ``all`` and the aliases inside a comma-separated list (``default,mlp_post``)."""
+    if spec is None or spec in ("default", "all") or (not isinstance(spec, str) and not spec):
+        return None if not spec else spec
+    items = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    out: list[str] = []
+    for it in items:
+        out.extend(DEFAULT_HOOKS if it == "default" else ALL_HOOKS if it == "all" else [HOOK_ALIASES.get(it, it)])
+    return out
+
+
+def hook_suffix(name: str, model=None) -> str:
+    """``resid_pre`` / ``hook_resid_pre`` / ``blocks.3.hook_resid_pre`` -> ``hook_resid_pre`` (checked on ``model``)."""
+    s = name.strip()
+    if s.startswith("blocks."):
+        parts = s.split(".", 2)
+        s = parts[2] if len(parts) == 3 else s
+    s = HOOK_ALIASES.get(s, s)
+    if model is not None and f"blocks.0.{s}" not in model.hook_dict:
+        raise EclensError(f"unknown hook {name!r}: use resid_pre, attn_out, mlp_out, resid_post or a per-layer "
+                          "hook name from `ec model info`")
+    return s
+
+
+def check_patchable(suffix: str) -> str:
+    if suffix in NOT_PATCHABLE:
+        raise EclensError(f"hook {suffix!r} is an attention pattern ([batch, head, query, key]); patch "
+                          "attn.hook_z (--heads) or attn_out instead")
+    return suffix
+
+
+def parse_hooks(spec: str | Sequence[str] | None, model=None) -> list[str]:
+    """The per-layer hook suffixes ``ec patch`` patches, in the order given (``None``: :data:`EXACT_HOOKS`).
+
+    Items as for ``--hooks`` everywhere; ``default`` is :data:`EXACT_HOOKS`, and ``all`` or a glob
+    (which need ``model``) bring the patchable per-layer hooks it matches."""
+    if spec is None:
+        return list(EXACT_HOOKS)
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for h in (x.strip() for x in items):
+        if not h:
+            continue
+        if h == "default":
+            out.extend(EXACT_HOOKS)
+        elif h == "all" or any(c in h for c in "*?["):
+            if model is None:
+                raise EclensError(f"--hooks {h!r} needs the model to expand")
+            suffixes = [split_hook(n) for n in select_hooks(model, expand_hook_spec(h))]
+            out.extend(sf for layer, sf in suffixes if layer is not None and sf not in NOT_PATCHABLE)
+        else:
+            out.append(check_patchable(hook_suffix(h, model)))
+    if not out:
+        raise EclensError("--hooks is empty; use e.g. resid_pre,attn_out,mlp_out,resid_post")
+    return list(dict.fromkeys(out))

@@ -23,7 +23,7 @@ import io
 import json
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,6 +169,27 @@ def require_single(pairs: Sequence[AlignedPair], step: str) -> None:
                           f"(first: {spans[0]!r}); re-align without span mode (`ec pairs check` without --span)")
 
 
+def aligned_position(position, length, offset: int):
+    """``position + offset``, or the last token ``length - 1`` for a negative offset (single-token pairs,
+    ints or arrays alike); may lie past the end, callers check ``< length``."""
+    return position + offset if offset >= 0 else length - 1
+
+
+def iter_jsonl(path: Path, text: str, bad_json: Callable[[json.JSONDecodeError], str] | None = None
+               ) -> Iterator[tuple[int, str, Any]]:
+    """``(line number, line, record)`` of every non-blank line of the JSONL ``text`` read from ``path``;
+    a line that is not JSON is a one-line :class:`PairFileError` (``bad_json(e)``: its message)."""
+    for i, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            msg = bad_json(e) if bad_json else f"invalid JSON ({e.msg}, column {e.colno})"
+            raise PairFileError(path, msg, i) from None
+        yield i, line, rec
+
+
 @dataclass
 class Rejection:
     pair: MinimalPair
@@ -289,13 +310,7 @@ def load_jsonl(path: str | os.PathLike, *, source: str | None = None) -> list[Mi
     text = read_text(path)
     out: list[tuple[int, MinimalPair]] = []
     defaults = {"source": source or "user"}
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PairFileError(path, f"invalid JSON ({e.msg}, column {e.colno})", i) from None
+    for i, _, rec in iter_jsonl(path, text):
         out.append((i, pair_from_record(rec, path, i, defaults)))
     return _check_unique(path, out)
 
@@ -430,14 +445,14 @@ def load_aligned(path: str | os.PathLike) -> list[AlignedPair]:
     text = read_text(path)
     out: list[AlignedPair] = []
     seen: dict[str, int] = {}
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    def bad_json(e: json.JSONDecodeError) -> str:
+        return f"not an aligned pair record ({type(e).__name__}: {e}); re-create it with `ec pairs check`"
+
+    for i, _, d in iter_jsonl(path, text, bad_json):
         try:
-            d = json.loads(line)
             a = aligned_from_dict(d, lambda why: ValueError(why))
             why = _aligned_problem(a) or (None if is_text(d) else NOT_TEXT)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             why = f"{type(e).__name__}: {e}"
         if why is None and a.id in seen:
             why = f"duplicate pair id {a.id!r} (first at line {seen[a.id]})"

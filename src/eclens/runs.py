@@ -109,10 +109,11 @@ def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+    return atomic_write(path, json.dumps(obj, indent=2, sort_keys=False, default=json_default) + "\n")
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
+    """For ``json.dumps``: numpy and torch scalars as numbers, arrays as lists, paths as strings."""
     if hasattr(o, "item"):
         return o.item()
     if hasattr(o, "tolist"):

@@ -149,23 +149,15 @@ def generate(
         raise EclensError("--tokenizers is for --source templates or codespell; for openai, check the file "
                           "under each model with `ec pairs check`")
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from ..model import context_length
+    from ..progress import category_bars
     from ..sources.openai_gen import LLMConfig, generate_openai
 
     cfg = LLMConfig(model=llm_model, base_url=base_url, n_per_category=n, categories=categories,
                     pairs_per_request=pairs_per_request, max_requests=max_requests, concurrency=concurrency,
                     max_retries=max_retries, retry_base_s=retry_base, timeout_s=timeout, temperature=temperature,
                     structured=structured, seed=seed)
-    tasks: dict[str, int] = {}
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=False) as bar:
-        def progress(cat: str, have: int, target: int) -> None:
-            if cat not in tasks:
-                tasks[cat] = bar.add_task(cat, total=target)
-            bar.update(tasks[cat], completed=min(have, target))
-
+    with category_bars(console) as progress:
         rep = generate_openai(out_file, tok, cfg, prepend_bos=bos, max_len=context_length(model), progress=progress)
     if rep.dropped_partial_line:
         console.print(f"[yellow]{out_file}: removed a partial last line left by an interrupted run[/yellow]")

@@ -17,14 +17,13 @@ prefix. BLiMP has no twins (no acceptable change of the same word), which
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from ..errors import EclensError, PairFileError
-from ..pairs import NOT_TEXT, REASONS, AlignedPair, MinimalPair, align, is_text
+from ..pairs import NOT_TEXT, REASONS, AlignedPair, MinimalPair, align, is_text, iter_jsonl
 
 SOURCE = "blimp"
 REQUIRED = ("sentence_good", "sentence_bad", "UID", "linguistics_term", "field", "pairID")
@@ -66,13 +65,7 @@ def read_blimp_file(path: str | os.PathLike) -> list[MinimalPair]:
         raise PairFileError(path, "not UTF-8; BLiMP files are UTF-8 JSONL", raw[: e.start].count(b"\n") + 1) \
             from None
     out: list[MinimalPair] = []
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PairFileError(path, f"invalid JSON ({e.msg}, column {e.colno})", i) from None
+    for i, line, rec in iter_jsonl(path, text):
         if not isinstance(rec, dict):
             raise PairFileError(path, f"expected a JSON object, got {type(rec).__name__}", i)
         if "\\u" in line and not is_text(rec):

@@ -25,7 +25,6 @@ import json
 import math
 import os
 import random
-import re
 import threading
 import time
 from collections import Counter
@@ -37,9 +36,10 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from ..errors import EclensError, PairFileError
-from ..pairs import AlignedPair, MinimalPair, align, pair_from_record, pair_id
+from ..pairs import AlignedPair, MinimalPair, align, iter_jsonl, pair_from_record, pair_id
 from ..runs import write_json
 from .categories import CATEGORIES, resolve_categories
+from .llm_answers import item_sentences, parse_pairs
 
 SOURCE = "openai"
 STRUCTURED_MODES = ("json_schema", "json_object", "off")
@@ -77,10 +77,6 @@ TOPICS = ("cooking", "school", "travel", "the weather", "sport", "office work", 
           "books", "films", "friendship", "farming", "computers", "painting", "money", "the news", "a museum visit",
           "a birthday party", "a train journey", "a hospital", "a small village", "a football match", "the kitchen",
           "a wedding", "the mountains", "a restaurant", "the post office", "a library", "the police", "a storm")
-# Alternative field names models use when they ignore the schema.
-_CLEAN_KEYS = ("clean", "sentence_good", "good", "correct", "original", "sentence1", "grammatical")
-_CORRUPT_KEYS = ("corrupt", "sentence_bad", "bad", "incorrect", "modified", "sentence2", "ungrammatical",
-                 "corrupted")
 
 
 @dataclass
@@ -246,75 +242,6 @@ def build_messages(category: str, k: int, topic: str) -> list[dict[str, str]]:
     ]
 
 
-# ------------------------------------------------------------------------------ parsing
-
-_FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.S)
-_FLAT_OBJECT = re.compile(r"\{[^{}]*\}", re.S)
-
-
-def parse_pairs(content: str | None) -> list[Any]:
-    """The list of pair items in a model's answer, as leniently as sensible.
-
-    Accepts ``{"pairs": [...]}``, a bare list, any object whose first list value holds
-    the pairs, JSON in a code fence or after chatter, and, when the JSON is broken
-    (e.g. cut off by a token limit), every complete flat ``{...}`` object in the text.
-    """
-    if not content or not content.strip():
-        return []
-    text = content.strip()
-    m = _FENCE.search(text)
-    if m:
-        text = m.group(1).strip()
-    doc: Any = None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError:
-        dec = json.JSONDecoder()
-        for i, ch in enumerate(text):
-            if ch in "[{":
-                try:
-                    doc = dec.raw_decode(text[i:])[0]
-                    break
-                except json.JSONDecodeError:
-                    continue
-    if isinstance(doc, dict):
-        if isinstance(doc.get("pairs"), list):
-            return doc["pairs"]
-        lists = [v for v in doc.values() if isinstance(v, list)]
-        if lists:
-            return lists[0]
-        if _pick(doc, _CLEAN_KEYS) is not None:
-            return [doc]
-    if isinstance(doc, list):
-        return doc
-    out = []
-    for m in _FLAT_OBJECT.finditer(text):
-        try:
-            out.append(json.loads(m.group(0)))
-        except json.JSONDecodeError:
-            continue
-    return [o for o in out if isinstance(o, dict) and _pick(o, _CLEAN_KEYS) is not None]
-
-
-def _pick(d: dict, keys: Sequence[str]) -> Any:
-    for k in keys:
-        if k in d:
-            return d[k]
-    return None
-
-
-def item_sentences(item: Any) -> tuple[str, str, dict[str, str]] | None:
-    """``(clean, corrupt, words)`` of one returned item, or ``None`` when it is not a usable pair."""
-    if not isinstance(item, dict):
-        return None
-    clean, corrupt = _pick(item, _CLEAN_KEYS), _pick(item, _CORRUPT_KEYS)
-    if not isinstance(clean, str) or not isinstance(corrupt, str):
-        return None
-    words = {k: item[k].strip() for k in ("clean_word", "corrupt_word", "twin", "twin_word", "twin_kind",
-                                         "detect_word") if isinstance(item.get(k), str) and item[k].strip()}
-    return clean.strip(), corrupt.strip(), words
-
-
 # ------------------------------------------------------------------------ resume file
 
 
@@ -349,14 +276,11 @@ def read_existing(path: Path, tokenizer, *, prepend_bos: bool, max_len: int | No
         raise PairFileError(path, "not UTF-8; use a new --out file", raw[: e.start].count(b"\n") + 1) from None
     pairs: list[MinimalPair] = []
     seen_ids: dict[str, int] = {}
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise PairFileError(path, f"invalid JSON ({e.msg}, column {e.colno}) in the file to resume; fix or "
-                                "delete that line, or use a new --out file", i) from None
+    def bad_json(e: json.JSONDecodeError) -> str:
+        return (f"invalid JSON ({e.msg}, column {e.colno}) in the file to resume; fix or delete that line, or use "
+                "a new --out file")
+
+    for i, _, rec in iter_jsonl(path, text, bad_json):
         p = pair_from_record(rec, path, i, {"source": SOURCE})
         if p.id in seen_ids:
             raise PairFileError(path, f"duplicate pair id {p.id!r} (first at line {seen_ids[p.id]}); remove the "

@@ -1,0 +1,495 @@
+"""The streaming state of a diff run: one :class:`GroupAccumulator` per hook group inside a
+:class:`DiffAccumulator`. Both follow one protocol, as baukit's ``runningstats`` does: ``update`` (a batch),
+``merge`` (another accumulator's state, exact algebra) and ``state_dict``/``load_state_dict``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..hooks import (
+    HookGroup,
+)
+from ..pairs import AlignedPair
+from ..stats import (
+    F64,
+    BottomK,
+    PowerSums,
+    group_onehot,
+    item_key,
+)
+from .config import DiffConfig
+from .logprobs import metric_rows, pair_info
+
+if TYPE_CHECKING:
+    from .result import DiffResult
+
+
+FEATURES = ("delta_s1", "delta_s2", "clean_s1", "clean_s2", "delta_abs", "delta_sign", "delta_nonzero")
+SCALARS = ("l2", "rel_l2", "cos")
+HEAD_SCALARS = ("rel_l2", "cos")
+
+
+def recentre(feat: Float[torch.Tensor, "O C F L D"], n: Float[torch.Tensor, "O C 1 1"],
+             old: Float[torch.Tensor, "2 O C L D"], new: Float[torch.Tensor, "2 O C L D"]) -> None:
+    """Re-express in place the shifted power sums in ``feat`` (features ``2w``, ``2w+1`` about shift ``w``)
+    about ``new`` instead of ``old``, for ``n`` terms — exact algebra, the one the flush and the merge share:
+    ``Σ(x-K') = Σ(x-K) + n(K-K')``, ``Σ(x-K')² = Σ(x-K)² + 2(K-K')Σ(x-K) + n(K-K')²``."""
+    for w in (0, 1):
+        dk = old[w] - new[w]
+        s1, s2 = feat[:, :, 2 * w], feat[:, :, 2 * w + 1]
+        s2 += 2 * dk * s1 + n * dk * dk
+        s1 += n * dk
+
+
+class GroupAccumulator:
+    """The accumulators of one hook group.
+
+    ``feat`` ``[O, C, F, L, D]`` (float64) holds, per offset, category, feature, layer and
+    dimension, the sums of :data:`FEATURES` over pairs: ``Δ - K_Δ`` and its square,
+    ``clean - K_clean`` and its square (shifted power sums, :class:`eclens.stats.PowerSums`
+    algebra, shifts in ``shift`` ``[2, O, L, D]``), ``|Δ|``, ``sign(Δ)`` and ``[Δ != 0]``.
+
+    Speed: one batch writes its features into a ``[B, O, F, L, D]`` buffer and adds them
+    to every category at once with one matrix product per offset (the one-hot category
+    matrix times the validity mask), so masking costs nothing and there is no Python
+    loop over pairs. The buffer and the staged sums are float32 — exact subtraction about
+    a float32 shift per (offset, category, layer, dimension), squares and sums of at most
+    ~256 terms (``DiffAccumulator.flush_pairs``; TF32 is switched off for these products)
+    — and go into the float64 totals at every flush, where the shifts are re-centred on
+    the running means by exact float64 algebra. This halves the memory traffic of float64
+    work, which is what bounds this step on the CPU and the GPU alike; the statistics
+    agree with a float64 brute force to ~1e-7 relative (see the tests).
+    """
+
+    def __init__(self, g: HookGroup, C: int, n_off: int, S: int, device, sample_dtype=torch.float16,
+                 host_sample: bool = False):
+        L, D, O = len(g.layers), g.width, n_off  # noqa: E741
+        self.g = g
+        self.C, self.O, self.L, self.D = C, O, L, D
+        device = torch.device(device)
+        self.wd = torch.float32
+        self.feat = torch.zeros((O, C, len(FEATURES), L, D), dtype=F64, device=device)
+        self.stage = self.feat if self.wd == F64 else torch.zeros_like(self.feat, dtype=self.wd)
+        # Shifts per (offset, category): set from the first batch where the category has the offset,
+        # re-centred on the running mean at every flush (exact float64 algebra on the sums).
+        self.shift = torch.zeros((2, O, C, L, D), dtype=F64, device=device)
+        self.shift_set = torch.zeros((O, C), dtype=torch.bool)
+        self._shift_w = self.shift.to(self.wd)
+        self._sync_shift()
+        # Per-pair scalars (SCALARS), one accumulator with a feature axis: fewer, larger operations.
+        self.scalars = PowerSums.zeros(C, (len(SCALARS), O, L), None, device)
+        H = g.n_heads
+        self.heads = PowerSums.zeros(C, (len(HEAD_SCALARS), O, L, H), None, device) if H else None
+        # The pair sample is the largest part of the state (float16 [S, O, L, D]: 3.4 GB for Llama-3-8B's
+        # default hooks). On a GPU it lives in host memory, filled by asynchronous copies of each batch's
+        # sampled rows from pinned buffers: a device copy would cost its allocation plus one blocking
+        # device-to-host transfer of the whole sample at the end of every call. Unfilled slots are
+        # zeroed only when the state is read (DiffAccumulator.state_dict), not page by page up front.
+        self.host_sample = host_sample
+        self.sample_delta = (torch.empty((S, O, L, D), dtype=sample_dtype) if host_sample
+                             else torch.zeros((S, O, L, D), dtype=sample_dtype, device=device))
+        self._sample_queue: list[tuple[Any, torch.Tensor, torch.Tensor]] = []
+        self.sample_scalars = {k: torch.full((S, O, L), float("nan"), dtype=torch.float32, device=device)
+                               for k in ("rel_l2", "cos")}
+        self.shared_buffers: dict = {}
+
+    def _sync_shift(self) -> None:
+        """The work-dtype shifts, category-major ``[2, C, O, L, D]``: a pair's shift is one contiguous row."""
+        self._shift_cm = self._shift_w.permute(0, 2, 1, 3, 4).contiguous()
+
+    def _buffer(self, B: int) -> torch.Tensor:
+        # One buffer for all groups of the same shape (they are reduced one after the other).
+        key = (B, self.O, self.L, self.D, self.wd, self.feat.device)
+        buf = self.shared_buffers.get(key)
+        if buf is None:
+            for k in [k for k in self.shared_buffers if k[0] != B]:  # a new batch size: drop the old ones
+                del self.shared_buffers[k]
+            buf = self.shared_buffers[key] = torch.empty((B, self.O, len(FEATURES), self.L, self.D), dtype=self.wd,
+                                                         device=self.feat.device)
+        return buf
+
+    def flush(self, count: torch.Tensor) -> None:
+        """Add the staged float32 sums to the float64 totals and re-centre the shifts (``count`` ``[C, O]``)."""
+        if self.stage is not self.feat:
+            self.feat += self.stage
+            self.stage.zero_()
+        n = count.T[:, :, None, None].to(F64)  # [O, C, 1, 1]
+        nn = n.clamp_min(1)
+        K = self.shift
+        knew = torch.stack([torch.where(n > 0, (K[w] + self.feat[:, :, 2 * w] / nn).to(self.wd).to(F64), K[w])
+                            for w in (0, 1)])
+        recentre(self.feat, n, K, knew)
+        self.shift.copy_(knew)
+        # In place: the state is made outside inference mode and must stay a normal tensor.
+        self._shift_w.copy_(self.shift)
+        self._sync_shift()
+
+    def update(self, X: Float[torch.Tensor, "two_b O L *rest"], cat: Int[torch.Tensor, " b"],
+               W: Float[torch.Tensor, "C b"], Wo: Float[torch.Tensor, "O C b"], m3: Float[torch.Tensor, "b O 1"],
+               new_shift: list[tuple[int, int]], slots: torch.Tensor | None, items: torch.Tensor | None,
+               slots_cpu: torch.Tensor | None = None) -> None:
+        """``X`` ``[2B, O, L, *rest]``; ``W`` one-hot ``[C, B]`` (float64), ``Wo`` ``[O, C, B]`` = ``W`` x validity
+        (work dtype), ``m3`` validity ``[B, O, 1]`` (float64); ``new_shift``: the (offset, category) cells
+        seen for the first time; ``slots``/``items``: which batch items enter which sample slots."""
+        B = X.shape[0] // 2
+        O, L = self.O, self.L  # noqa: E741
+        x = X.flatten(3) if X.ndim > 4 else X.reshape(2 * B, O, L, self.D)  # a view for the gatherer's layout
+        if x.dtype != self.wd:
+            x = x.to(self.wd)
+        clean, cor = x[:B], x[B:]
+        d = cor - clean
+        if new_shift:
+            # Shift about the first batch's means, in the work dtype, so that x - K is exact near K.
+            cnt = Wo.sum(-1)  # [O, C]
+            for o in sorted({o for o, _ in new_shift}):
+                sd = Wo[o] @ d[:, o].reshape(B, -1)
+                sc = Wo[o] @ clean[:, o].reshape(B, -1)
+                for oo, c in new_shift:
+                    if oo == o:
+                        self._shift_w[0, o, c] = (sd[c] / cnt[o, c]).view(L, self.D)
+                        self._shift_w[1, o, c] = (sc[c] / cnt[o, c]).view(L, self.D)
+                        self.shift_set[o, c] = True
+            self.shift.copy_(self._shift_w)
+            self._sync_shift()
+        # Each pair's own category shift [B, O, L, D]: whole contiguous rows of the category-major copy.
+        kd = self._shift_cm[0].index_select(0, cat)
+        kc = self._shift_cm[1].index_select(0, cat)
+        buf = self._buffer(B)
+        torch.sub(d, kd, out=buf[:, :, 0])
+        torch.mul(buf[:, :, 0], buf[:, :, 0], out=buf[:, :, 1])
+        torch.sub(clean, kc, out=buf[:, :, 2])
+        torch.mul(buf[:, :, 2], buf[:, :, 2], out=buf[:, :, 3])
+        torch.abs(d, out=buf[:, :, 4])
+        torch.sign(d, out=buf[:, :, 5])
+        torch.abs(buf[:, :, 5], out=buf[:, :, 6])
+        for o in range(O):
+            self.stage[o].view(self.C, -1).addmm_(Wo[o], buf[:, o].reshape(B, -1))
+        # Per-pair scalars over the whole vector (and per head for per-head hooks), float64.
+        H = self.g.n_heads
+        if H:
+            dd_h = torch.linalg.vector_norm(d.view(B, O, L, H, -1), dim=-1).to(F64) ** 2
+            cc_h = torch.linalg.vector_norm(clean.reshape(B, O, L, H, -1), dim=-1).to(F64) ** 2
+            xx_h = torch.linalg.vector_norm(cor.reshape(B, O, L, H, -1), dim=-1).to(F64) ** 2
+            dd, cc, xx = dd_h.sum(-1), cc_h.sum(-1), xx_h.sum(-1)
+        else:
+            dd = torch.linalg.vector_norm(d, dim=-1).to(F64) ** 2
+            cc = torch.linalg.vector_norm(clean, dim=-1).to(F64) ** 2
+            xx = torch.linalg.vector_norm(cor, dim=-1).to(F64) ** 2
+        vals = self._scalars(dd, cc, xx)
+        v = torch.stack([vals[k][0] for k in SCALARS], 1)  # [B, 3, O, L]
+        mk = torch.stack([vals[k][1] for k in SCALARS], 1) * m3[:, None]
+        self.scalars.update(torch.where(mk > 0, v, torch.zeros_like(v)), cat, mk, onehot=W)
+        if H:
+            hv = self._scalars(dd_h, cc_h, xx_h)
+            v = torch.stack([hv[k][0] for k in HEAD_SCALARS], 1)  # [B, 2, O, L, H]
+            mk = torch.stack([hv[k][1] for k in HEAD_SCALARS], 1) * m3[:, None, :, :, None]
+            self.heads.update(torch.where(mk > 0, v, torch.zeros_like(v)), cat, mk, onehot=W)
+        if slots is not None:
+            rows = d.index_select(0, items).to(self.sample_delta.dtype)
+            if self.host_sample:
+                self._queue_sample(rows, slots_cpu if slots_cpu is not None else slots.cpu())
+            else:
+                self.sample_delta.index_copy_(0, slots, rows)
+            for k in ("rel_l2", "cos"):
+                v, ok = vals[k]
+                v = torch.where(ok > 0, v, torch.full_like(v, float("nan")))
+                self.sample_scalars[k].index_copy_(0, slots, v.index_select(0, items).float())
+
+    # Copies in flight before the Python thread waits for the oldest (pinned buffers of a batch's sampled rows).
+    max_sample_queue = 4
+
+    def _queue_sample(self, rows: torch.Tensor, slots_cpu: torch.Tensor) -> None:
+        if rows.device.type == "cuda":
+            host = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+            host.copy_(rows, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(rows.device))
+        else:  # host_sample on a CPU model (tests): the same queue, nothing to wait for
+            host, done = rows, None
+        self._sample_queue.append((done, host, slots_cpu))
+        self.drain_sample(wait=False)
+
+    def drain_sample(self, wait: bool = True) -> None:
+        """Write arrived rows into the host sample, oldest first (a later batch may overwrite a slot).
+        ``wait=False`` stops at the first copy still in flight, unless too many are queued."""
+        q = self._sample_queue
+        while q:
+            done, host, slots = q[0]
+            if done is not None and not done.query():
+                if not wait and len(q) <= self.max_sample_queue:
+                    return
+                done.synchronize()
+            self.sample_delta.index_copy_(0, slots, host)
+            q.pop(0)
+
+    @staticmethod
+    def merge_state(ta: dict[str, torch.Tensor], tb: dict[str, torch.Tensor], g: HookGroup) -> dict[str, torch.Tensor]:
+        """The totals of two states (:meth:`state_dict`, after a flush) on disjoint pairs: both feature sums
+        re-expressed about one shift (``a``'s where it has one) and added, the per-pair scalars merged.
+        The pair sample is the caller's (:func:`merge_states`): it is shared by all groups."""
+        s_ = g.suffix
+        na, nb = ta["count"].T[:, :, None, None], tb["count"].T[:, :, None, None]  # [O, C, 1, 1]
+        Ka, Kb = ta[f"{s_}/shift"], tb[f"{s_}/shift"]
+        seta, setb = ta[f"{s_}/shift_set"].bool(), tb[f"{s_}/shift_set"].bool()
+        K = torch.where(seta[None, :, :, None, None], Ka, Kb)  # [2, O, C, L, D]
+        fa, fb = ta[f"{s_}/feat"].clone(), tb[f"{s_}/feat"].clone()
+        recentre(fb, nb, Kb, K)
+        recentre(fa, na, Ka, K)  # adds zeros where a had its own shift
+        out = {f"{s_}/feat": fa + fb, f"{s_}/shift": K, f"{s_}/shift_set": seta | setb}
+        ps_keys = [f"{s_}/scalars"] + ([f"{s_}/head_scalars"] if g.n_heads else [])
+        for key in ps_keys:
+            pa = PowerSums.from_state_dict(ta, key + "/")
+            pb = PowerSums.from_state_dict(tb, key + "/")
+            if torch.equal(pa.shift, pb.shift):
+                m = pa.merge_(pb)
+            else:
+                m = PowerSums.from_moments(pa.moments().merge(pb.moments()))
+            out.update(m.state_dict(key + "/"))
+        return out
+
+    @staticmethod
+    def _scalars(dd, cc, xx):
+        """‖Δ‖, ‖Δ‖/‖a_clean‖ and cos(a_clean, a_corrupt) = (‖c‖² + ‖x‖² - ‖Δ‖²) / (2‖c‖‖x‖), with validity."""
+        ok_c = (cc > 0).to(F64)
+        ok_cx = ((cc > 0) & (xx > 0)).to(F64)
+        rel = dd.sqrt() / cc.clamp_min(1e-300).sqrt()
+        cos = ((cc + xx - dd) / (2 * (cc * xx).clamp_min(1e-300).sqrt())).clamp(-1, 1)
+        return {"l2": (dd.sqrt(), torch.ones_like(dd)), "rel_l2": (rel, ok_c), "cos": (cos, ok_cx)}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Call :meth:`flush` first."""
+        self.drain_sample()
+        s = self.g.suffix
+        out = {f"{s}/feat": self.feat, f"{s}/shift": self.shift, f"{s}/shift_set": self.shift_set}
+        out.update(self.scalars.state_dict(f"{s}/scalars/"))
+        if self.heads is not None:
+            out.update(self.heads.state_dict(f"{s}/head_scalars/"))
+        out[f"{s}/sample_delta"] = self.sample_delta
+        for k, v in self.sample_scalars.items():
+            out[f"{s}/sample_{k}"] = v
+        return out
+
+    def load_state_dict(self, d: dict[str, torch.Tensor]) -> None:
+        s = self.g.suffix
+        dev = self.sample_delta.device
+        self.feat = d[f"{s}/feat"].to(dev, F64).clone()
+        self.stage = self.feat if self.wd == F64 else torch.zeros_like(self.feat, dtype=self.wd)
+        self.shift = d[f"{s}/shift"].to(dev, F64).clone()
+        self._shift_w = self.shift.to(self.wd)
+        self._sync_shift()
+        self.shift_set = d[f"{s}/shift_set"].to("cpu", torch.bool).clone()
+        self.scalars = PowerSums.from_state_dict(d, f"{s}/scalars/", dev)
+        if self.heads is not None:
+            self.heads = PowerSums.from_state_dict(d, f"{s}/head_scalars/", dev)
+        self._sample_queue = []
+        self.sample_delta = d[f"{s}/sample_delta"].to(dev).clone()
+        for k in self.sample_scalars:
+            self.sample_scalars[k] = d[f"{s}/sample_{k}"].to(dev).clone()
+
+
+@contextlib.contextmanager
+def exact_fp32_matmul():
+    """Full-precision float32 matrix products inside (TF32 would round the staged sums to ~1e-3)."""
+    old = torch.get_float32_matmul_precision()
+    if old != "highest":
+        torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        if old != "highest":
+            torch.set_float32_matmul_precision(old)
+
+
+class DiffAccumulator:
+    """The whole streaming state: one :class:`GroupAccumulator` per hook group, counts, the pair sample, pair rows."""
+
+    def __init__(self, cfg: DiffConfig, groups: list[HookGroup], device, sample_dtype=torch.float16,
+                 n_pairs: int | None = None, host_sample: bool | None = None):
+        self.cfg = cfg
+        self.groups = groups
+        self.device = torch.device(device)
+        self.C = max(1, len(cfg.categories))
+        self.O = len(cfg.offsets)
+        # A sample slot per pair at most: with fewer pairs than sample_size every pair is kept
+        # anyway, and a full-size buffer would cost memory, checkpoint and transfer time for nothing.
+        S = min(cfg.sample_size, n_pairs) if n_pairs else cfg.sample_size
+        self.cat_index = {c: i for i, c in enumerate(cfg.categories)}
+        # The pair sample in host memory on a GPU (see GroupAccumulator); host_sample=True forces it (tests).
+        self.host_sample = self.device.type == "cuda" if host_sample is None else bool(host_sample)
+        self.acc = {g.suffix: GroupAccumulator(g, self.C, self.O, S, self.device, sample_dtype, self.host_sample)
+                    for g in groups}
+        shared: dict = {}
+        for a in self.acc.values():
+            a.shared_buffers = shared
+        self.count = torch.zeros((self.C, self.O), dtype=F64, device=self.device)
+        self.sample = BottomK.empty(S)
+        self.sample_valid = torch.zeros((S, self.O), dtype=torch.bool, device=self.device)
+        self.sample_cat = torch.full((S,), -1, dtype=torch.long, device=self.device)
+        self.sample_ids: list[str | None] = [None] * S
+        self.rows: list[dict] = []
+        self.done: set[str] = set()
+        self.model_entry: dict = {}
+        self.flush_every = 8
+        self.flush_pairs = 256
+        self._since_flush = 0
+        self._pairs_since_flush = 0
+        self._pending: list[tuple[list[AlignedPair], dict[str, torch.Tensor], set[int]]] = []
+
+    def flush(self) -> None:
+        """Staged sums into the float64 totals (shifts re-centred). No host sync."""
+        for a in self.acc.values():
+            a.flush(self.count)
+        self._since_flush = 0
+        self._pairs_since_flush = 0
+
+    def convert_pending(self) -> None:
+        """Pending pair metrics (device tensors) into rows: one host transfer for many batches."""
+        if self._pending:
+            rows = metric_rows([(ps, m) for ps, m, _ in self._pending], self.cfg.offsets)
+            flags = [i in ins for ps, _, ins in self._pending for i in range(len(ps))]
+            pairs = [a for ps, _, _ in self._pending for a in ps]
+            for a, r, f in zip(pairs, rows, flags):
+                self.rows.append({**pair_info(a), **r, "in_sample": f})
+            self._pending = []
+
+    def category_index(self, a: AlignedPair) -> int:
+        if not self.cfg.categories:
+            return 0
+        return self.cat_index[self.cfg.category_of(a.category)]
+
+    def update(self, pairs: Sequence[AlignedPair], acts: dict[str, Float[torch.Tensor, "two_b O L *rest"]],
+               ix_valid: Bool[torch.Tensor, "b O"],
+               rows: list[dict] | dict[str, torch.Tensor], valid_cpu: torch.Tensor | None = None) -> None:
+        with exact_fp32_matmul():
+            self._update(pairs, acts, ix_valid, rows, valid_cpu)
+
+    def _update(self, pairs, acts, ix_valid, rows, valid_cpu) -> None:
+        """Add one batch: gathered activations ``[2B, O, L, *rest]`` per hook group, validity ``[B, O]``
+        (on the device; ``valid_cpu``: the same on the CPU, to spare a device sync), and the pairs'
+        metrics: :func:`pair_metric_tensors` (kept on the device until the next flush) or finished rows."""
+        B = len(pairs)
+        cat_cpu = torch.tensor([self.category_index(a) for a in pairs], dtype=torch.long)
+        cat = cat_cpu.to(self.device, non_blocking=True)
+        valid_cpu = ix_valid.cpu() if valid_cpu is None else valid_cpu
+        seen = (group_onehot(cat_cpu, self.C) @ valid_cpu.to(F64)).T > 0  # [O, C]
+        first = next(iter(self.acc.values())).shift_set if self.acc else torch.zeros_like(seen)
+        new_shift = [(int(o), int(c)) for o, c in torch.nonzero(seen & ~first).tolist()]
+        vf = ix_valid.to(F64)  # [B, O]
+        W = group_onehot(cat, self.C)  # [C, B]
+        Wo64 = W[None] * vf.T[:, None, :]  # [O, C, B]
+        self.count += Wo64.sum(-1).T
+        m3 = vf[:, :, None]
+        keys = [item_key(self.cfg.seed, a.id) for a in pairs]
+        slots_l, items_l = self.sample.offer(keys)
+        slots = items = slots_cpu = None
+        if slots_l:
+            slots_cpu = torch.tensor(slots_l, dtype=torch.long)
+            slots = slots_cpu.to(self.device, non_blocking=True)
+            items = torch.tensor(items_l, dtype=torch.long, device=self.device)
+            self.sample_valid.index_copy_(0, slots, ix_valid.index_select(0, items))
+            self.sample_cat.index_copy_(0, slots, cat.index_select(0, items))
+            for s_, i in zip(slots_l, items_l):
+                self.sample_ids[s_] = pairs[i].id
+        Wo_w = {}
+        for g in self.groups:
+            X = acts.pop(g.suffix)  # dropped as soon as it is reduced
+            if X.shape[0] != 2 * B:
+                raise RuntimeError(f"{g.suffix}: {X.shape[0]} rows for {B} pairs")
+            a = self.acc[g.suffix]
+            if a.wd not in Wo_w:
+                Wo_w[a.wd] = Wo64.to(a.wd)
+            a.update(X, cat, W, Wo_w[a.wd], m3, new_shift, slots, items, slots_cpu)
+        in_sample = set(items_l)
+        if isinstance(rows, dict):
+            self._pending.append((list(pairs), rows, in_sample))
+        else:
+            for i, (a, r) in enumerate(zip(pairs, rows)):
+                self.rows.append({**pair_info(a), **r, "in_sample": i in in_sample})
+        self.done.update(a.id for a in pairs)
+        self._since_flush += 1
+        self._pairs_since_flush += B
+        # float32 staging sums hold at most ~flush_pairs terms before they go into float64
+        if self._since_flush >= self.flush_every or self._pairs_since_flush >= self.flush_pairs:
+            self.flush()
+        if sum(len(ps) for ps, _, _ in self._pending) >= 4096:
+            self.convert_pending()
+
+    # -- checkpoint state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        self.flush()
+        out = {"count": self.count, "sample/keys": self.sample.keys, "sample/valid": self.sample_valid,
+               "sample/category": self.sample_cat}
+        empty = ~torch.isfinite(self.sample.keys)
+        for a in self.acc.values():
+            out.update(a.state_dict())
+            if a.host_sample and bool(empty.any()):  # host samples start uninitialised
+                a.sample_delta[empty] = 0
+        return out
+
+    def meta(self, complete: bool) -> dict:
+        self.convert_pending()
+        # Rows of pairs that left the sample keep in_sample=True from when they entered; fix that here.
+        ids = set(i for i in self.sample_ids if i is not None)
+        for r in self.rows:
+            r["in_sample"] = r["id"] in ids
+        return {"config": asdict(self.cfg), "groups": [g.to_dict() for g in self.groups],
+                "done": sorted(self.done), "sample_ids": self.sample_ids, "rows": self.rows,
+                "model": self.model_entry, "complete": complete, "format": 1}
+
+    def load(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.count = tensors["count"].to(self.device, F64).clone()
+        self.sample = BottomK.from_state_dict(tensors, "sample/")
+        self.sample_valid = tensors["sample/valid"].to(self.device).clone()
+        self.sample_cat = tensors["sample/category"].to(self.device).clone()
+        for a in self.acc.values():
+            a.load_state_dict(tensors)
+        self.sample_ids = list(meta["sample_ids"])
+        self.rows = list(meta["rows"])
+        self.done = set(meta["done"])
+
+    def merge(self, other: DiffAccumulator) -> None:
+        """Take in ``other``'s pairs (disjoint from these), exactly as one run over both would have."""
+        if set(self.done) & set(other.done):
+            raise EclensError("cannot merge diff accumulators that share pairs")
+        other.convert_pending()
+        self.convert_pending()
+        state, order = merge_states(self.state_dict(), other.state_dict(), self.groups, self.cfg.sample_size)
+        ids = self.sample_ids + other.sample_ids
+        self.load(state, {"sample_ids": [ids[i] for i in order.tolist()], "rows": self.rows + other.rows,
+                          "done": sorted(self.done | other.done)})
+        inside = set(i for i in self.sample_ids if i is not None)
+        for r in self.rows:
+            r["in_sample"] = r["id"] in inside
+
+    def result(self, model_entry: dict | None = None, timing: dict | None = None, complete: bool = True) -> DiffResult:
+        if model_entry:
+            self.model_entry = model_entry
+        # Tensors first made inside inference mode (a few shifts) are cloned into normal ones.
+        t = {k: (v.clone() if v.is_inference() else v).detach().cpu() for k, v in self.state_dict().items()}
+        from .result import DiffResult
+
+        return DiffResult(self.meta(complete=complete), t, self.model_entry, timing or {})
+
+
+def merge_states(ta: dict[str, torch.Tensor], tb: dict[str, torch.Tensor], groups: Sequence[HookGroup],
+                 sample_size: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The state of the union of two :class:`DiffAccumulator` states on disjoint pairs, and which sample
+    slots (of ``a``'s then ``b``'s) it keeps: the ``sample_size`` smallest keys, as one run would have kept."""
+    out: dict[str, torch.Tensor] = {"count": ta["count"] + tb["count"]}
+    for g in groups:
+        out.update(GroupAccumulator.merge_state(ta, tb, g))
+    keys = torch.cat([ta["sample/keys"], tb["sample/keys"]])
+    order = torch.argsort(keys, stable=True)[:sample_size]
+    out["sample/keys"] = keys[order]
+    for key in ("sample/valid", "sample/category"):
+        out[key] = torch.cat([ta[key], tb[key]])[order]
+    for g in groups:
+        for k in ("sample_delta", "sample_rel_l2", "sample_cos"):
+            key = f"{g.suffix}/{k}"
+            out[key] = torch.cat([ta[key], tb[key]])[order]
+    return out, order

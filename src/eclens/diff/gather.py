@@ -1,0 +1,107 @@
+"""Forward hooks that gather only the aligned positions of each activation (see :mod:`eclens.diff`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import EclensError
+from ..hooks import (
+    PATTERN_HOOKS,
+    HookGroup,
+)
+from ..pairs import aligned_position
+
+
+@dataclass
+class AlignedIndex:
+    """Where every pair of a batch is read: rows ``[2B, 1]``, positions ``[2B, O]`` (clamped), validity ``[B, O]``."""
+
+    rows: torch.Tensor
+    pos: torch.Tensor
+    key: torch.Tensor  # [2B, 1] the changed position, for attention patterns
+    valid: torch.Tensor  # bool [B, O], on the device
+    valid_cpu: torch.Tensor
+    all_valid: bool
+    flat: torch.Tensor  # [2B * O] row index into the activation flattened over (batch, position)
+
+
+def aligned_index(positions: Sequence[int], lengths: Sequence[int], offsets: Sequence[int], device,
+                  seq_len: int | None = None) -> AlignedIndex:
+    p = torch.tensor(list(positions), dtype=torch.long)
+    n = torch.tensor(list(lengths), dtype=torch.long)
+    cols = [aligned_position(p, n, k) for k in offsets]
+    pos = torch.stack(cols, 1)
+    valid = pos < n[:, None]
+    pos = torch.minimum(pos, (n - 1)[:, None])  # never read a padded position
+    B = len(p)
+    T = int(seq_len if seq_len is not None else n.max())
+    pos2 = torch.cat([pos, pos])
+    flat = (torch.arange(2 * B)[:, None] * T + pos2).reshape(-1)
+    rows = torch.arange(2 * B, device=device)[:, None]
+    key = torch.cat([p, p])[:, None].to(device, non_blocking=True)
+    return AlignedIndex(rows, pos2.to(device, non_blocking=True), key, valid.to(device, non_blocking=True), valid,
+                        bool(valid.all()), flat.to(device, non_blocking=True))
+
+
+class Gatherer:
+    """Forward hooks that keep only the aligned positions of each activation.
+
+    Each hook copies its rows straight into slot ``l`` of one buffer per hook group,
+    ``[L, 2B*O, *rest]`` (no per-hook tensors to stack afterwards); :meth:`collect`
+    returns a ``[2B, O, L, *rest]`` view of it.
+    """
+
+    def __init__(self, groups: list[HookGroup], device):
+        self.groups = groups
+        self.device = torch.device(device)
+        self.index: AlignedIndex | None = None
+        self.bufs: dict[str, torch.Tensor | None] = {g.suffix: None for g in groups}
+        self.filled: dict[str, list[bool]] = {g.suffix: [False] * len(g.names) for g in groups}
+
+    def hooks(self) -> list[tuple[str, Callable]]:
+        out = []
+        for g in self.groups:
+            for slot, name in enumerate(g.names):
+                out.append((name, self._make(g, slot, g.suffix in PATTERN_HOOKS)))
+        return out
+
+    def _buffer(self, g: HookGroup, rows: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self.bufs[g.suffix]
+        shape = (len(g.names), rows, *g.rest)
+        if buf is None or tuple(buf.shape) != shape or buf.dtype != dtype:
+            buf = self.bufs[g.suffix] = torch.empty(shape, dtype=dtype, device=self.device)
+        return buf
+
+    def _make(self, g: HookGroup, slot: int, pattern: bool):
+        filled = self.filled[g.suffix]
+
+        def fn(act, hook):
+            ix = self.index
+            buf = self._buffer(g, ix.flat.numel(), act.dtype)
+            if pattern:  # [2B, H, q, k] -> [2B, O, H]: attention from each aligned position to p
+                buf[slot].copy_(act[ix.rows, :, ix.pos, ix.key].reshape(buf.shape[1:]))
+            elif act.device == self.device:
+                # [2B, T, *rest] -> [2B*O, *rest]: whole rows of the (batch*position) matrix, into the buffer
+                torch.index_select(act.flatten(0, 1), 0, ix.flat, out=buf[slot])
+            else:
+                buf[slot].copy_(act.flatten(0, 1).index_select(0, ix.flat.to(act.device)), non_blocking=True)
+            filled[slot] = True
+            return None
+
+        return fn
+
+    def collect(self) -> dict[str, torch.Tensor]:
+        out = {}
+        two_b, n_off = self.index.pos.shape
+        for g in self.groups:
+            f = self.filled[g.suffix]
+            if not all(f):
+                raise EclensError(f"hook {g.names[f.index(False)]} did not fire in the forward pass")
+            buf = self.bufs[g.suffix]
+            L = buf.shape[0]
+            out[g.suffix] = buf.view(L, two_b, n_off, *g.rest).movedim(0, 2)  # [2B, O, L, *rest] (a view)
+            f[:] = [False] * len(f)  # in place: the hooks hold this list
+        return out

@@ -1,0 +1,511 @@
+"""The tables of a diff run (:class:`DiffResult`), computed from the accumulated statistics."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import EclensError
+from ..hooks import (
+    HookGroup,
+    head_of,
+)
+from ..stats import (
+    F64,
+    Moments,
+    PowerSums,
+    masked_quantiles,
+)
+from .accumulate import FEATURES, HEAD_SCALARS, SCALARS
+from .config import QUANTILES, STATS_FILE, DiffConfig, position_kind
+from .contrasts import compute_contrasts, contrasts_csv
+from .stats_io import load_stats, save_stats
+
+
+class DiffResult:
+    """The statistics of a diff run, with DataFrame accessors.
+
+    ``layers``, ``dims``, ``candidates``, ``contrasts``, ``heads``, ``pairs`` and
+    ``summary`` are computed from the accumulated state on first access (see the
+    module docstring for the definitions); :meth:`cell_stats` gives the arrays of one
+    hook and category; :meth:`save` writes the run folder files, :meth:`load` reads them.
+    """
+
+    def __init__(self, meta: dict, tensors: dict[str, torch.Tensor], model: dict | None = None,
+                 timing: dict | None = None):
+        self.meta = meta
+        self.tensors = tensors
+        self.model = model or {}
+        self.timing = timing or {}
+        c = dict(meta["config"])
+        self.config = DiffConfig(**c)
+        self.groups = [HookGroup.from_dict(g) for g in meta["groups"]]
+        self._cache: dict[Any, Any] = {}
+
+    # ---- basic views
+    @property
+    def offsets(self) -> list[int]:
+        return self.config.offsets
+
+    @property
+    def categories(self) -> list[str]:
+        """``all`` first, then each category with its own statistics."""
+        return ["all", *self.config.categories]
+
+    @property
+    def hooks(self) -> list[str]:
+        return [g.suffix for g in self.groups]
+
+    def group(self, hook: str) -> HookGroup:
+        for g in self.groups:
+            if g.suffix == hook:
+                return g
+        raise EclensError(f"hook {hook!r} is not in this run (hooks: {', '.join(self.hooks)})")
+
+    @property
+    def pairs(self) -> pd.DataFrame:
+        if "pairs" not in self._cache:
+            df = pd.DataFrame(self.meta["rows"])
+            if not df.empty:
+                ids = set(i for i in self.meta["sample_ids"] if i is not None)
+                df["in_sample"] = df["id"].isin(ids)
+            self._cache["pairs"] = df
+        return self._cache["pairs"]
+
+    @property
+    def n_pairs(self) -> int:
+        return len(self.meta["rows"])
+
+    def _cat_rows(self, category: str) -> int | None:
+        """Index of the category's state row; None for ``all``."""
+        if category == "all":
+            return None
+        try:
+            return self.config.categories.index(category)
+        except ValueError:
+            raise EclensError(f"category {category!r} not in this run ({', '.join(self.categories)})") from None
+
+    def _ps(self, key: str) -> PowerSums:
+        return PowerSums.from_state_dict(self.tensors, key + "/")
+
+    def _moments(self, key: str, category: str, feature: int) -> Moments:
+        """Moments of one per-pair scalar (cell ``(F, O, L[, H])``), as ``[L, O(, H)]``."""
+        ck = ("scalar_moments", key)
+        if ck not in self._cache:
+            self._cache[ck] = self._ps(key).moments()
+        mom = self._cache[ck]
+        r = self._cat_rows(category)
+        m = mom.reduce(0) if r is None else Moments(mom.count[r], mom.mean[r], mom.m2[r])
+        m = Moments(m.count[feature], m.mean[feature], m.m2[feature])
+        return Moments(*(t.transpose(0, 1) for t in (m.count, m.mean, m.m2)))
+
+    def _feat(self, hook: str, category: str) -> torch.Tensor:
+        """Feature sums ``[O, F, L, D]`` of one category (or all)."""
+        f = self.tensors[f"{hook}/feat"]
+        r = self._cat_rows(category)
+        return f.sum(1) if r is None else f[:, r]
+
+    def _feat_moments(self, hook: str, category: str, which: int) -> Moments:
+        """Moments of Δ (``which=0``) or of the clean activation (``which=1``), arrays ``[L, O, D]``."""
+        key = ("feat_moments", hook, which)
+        if key not in self._cache:
+            f = self.tensors[f"{hook}/feat"]  # [O, C, F, L, D]
+            K = self.tensors[f"{hook}/shift"][which].to(F64)  # [O, C, L, D]: each category has its own shift
+            n = self.tensors["count"].T[:, :, None, None]  # [O, C, 1, 1]
+            nn = n.clamp_min(1)
+            s1, s2 = f[:, :, 2 * which], f[:, :, 2 * which + 1]
+            self._cache[key] = Moments(n, K + s1 / nn, (s2 - s1 * s1 / nn).clamp_min(0))
+        mom = self._cache[key]
+        n = mom.count
+        r = self._cat_rows(category)
+        m = mom.reduce(1) if r is None else Moments(n[:, r], mom.mean[:, r], mom.m2[:, r])
+        return Moments(m.count.transpose(0, 1), m.mean.transpose(0, 1), m.m2.transpose(0, 1))
+
+    def _feat_sum(self, hook: str, category: str, name: str) -> torch.Tensor:
+        return self._feat(hook, category)[:, FEATURES.index(name)].transpose(0, 1)
+
+    def counts(self, category: str = "all") -> torch.Tensor:
+        """Pairs per offset ``[O]``."""
+        c = self.tensors["count"]
+        r = self._cat_rows(category)
+        return c.sum(0) if r is None else c[r]
+
+    def _sample_members(self, category: str) -> torch.Tensor:
+        cat = self.tensors["sample/category"]
+        keys = self.tensors["sample/keys"]
+        ok = torch.isfinite(keys) & (cat >= 0)
+        r = self._cat_rows(category)
+        if r is not None:
+            ok &= cat == r
+        return torch.nonzero(ok).flatten()
+
+    def cell_stats(self, hook: str, category: str = "all") -> dict[str, torch.Tensor]:
+        """Arrays ``[L, O, D]`` (``[L, O]`` for per-layer values) of one hook and category."""
+        key = (hook, category)
+        if key in self._cache:
+            return self._cache[key]
+        g = self.group(hook)
+        cfg = self.config
+        dm = self._feat_moments(hook, category, 0)
+        cm_all = self._feat_moments(hook, "all", 1)
+        cm = cm_all if category == "all" else self._feat_moments(hook, category, 1)
+        n = self.counts(category)  # [O]
+        n3 = n[None, :, None]
+        nn = n3.clamp_min(1)
+        sigma = cm_all.std  # normaliser: the whole dataset's clean spread
+        nan = torch.tensor(float("nan"), dtype=F64)
+        with np.errstate(all="ignore"):
+            sig_ok = sigma > 0
+            inv = torch.where(sig_ok, 1 / sigma.clamp_min(1e-300), nan)
+        out: dict[str, torch.Tensor] = {"n": n}
+        out["mean_delta"] = torch.where(n3 > 0, dm.mean, nan)
+        out["std_delta"] = dm.std
+        out["mean_abs_delta"] = torch.where(n3 > 0, self._feat_sum(hook, category, "delta_abs") / nn, nan)
+        out["mean_clean"] = torch.where(n3 > 0, cm.mean, nan)
+        out["sigma_clean"] = sigma
+        # Root mean square of the clean activation (the massive-activation criterion): from the moments.
+        n_all = self.counts("all")[None, :, None]
+        rms_all = (cm_all.m2 / n_all.clamp_min(1) + cm_all.mean ** 2).sqrt()
+        out["rms_clean"] = torch.where(n3 > 0, (cm.m2 / nn + cm.mean ** 2).sqrt(), nan)
+        out["z_mean"] = out["mean_delta"] * inv
+        out["absz_mean"] = out["mean_abs_delta"] * inv
+        ss = self._feat_sum(hook, category, "delta_sign")
+        nz = self._feat_sum(hook, category, "delta_nonzero")
+        out["frac_pos"] = torch.where(n3 > 0, (nz + ss) / 2 / nn, nan)
+        out["frac_neg"] = torch.where(n3 > 0, (nz - ss) / 2 / nn, nan)
+        out["sign_consistency"] = torch.maximum(out["frac_pos"], out["frac_neg"])
+        med = rms_all.median(dim=-1, keepdim=True).values
+        out["rms_ratio"] = torch.where(n_all > 0, rms_all / med.clamp_min(1e-30), nan)
+        out["massive"] = (out["rms_ratio"] > cfg.massive_ratio) & (n_all > 0)
+        # Sample-based: quantiles of |Δ|/σ, fraction under the threshold, leave-one-out cosines.
+        mem = self._sample_members(category)
+        sd = self.tensors[f"{hook}/sample_delta"].index_select(0, mem).to(F64).permute(0, 2, 1, 3)  # [s, L, O, D]
+        sv = self.tensors["sample/valid"].index_select(0, mem)  # [s, O]
+        valid4 = sv[:, None, :, None]
+        out["n_sample"] = sv.sum(0).to(F64)  # [O]
+        z = sd.abs() * inv
+        qs = masked_quantiles(z, valid4 & ~torch.isnan(z), QUANTILES)
+        for q, v in zip(QUANTILES, qs):
+            out["absz_median" if q == 0.5 else f"absz_q{int(round(q * 100)):02d}"] = v
+        under = ((z < cfg.threshold) & valid4).to(F64).sum(0)
+        ns = sv.sum(0).to(F64)[None, :, None]
+        out["frac_under"] = torch.where((ns > 0) & sig_ok, under / ns.clamp_min(1), nan)
+        out["reachable"] = (nz.sum(-1) > 0)  # [L, O]
+        # Per-layer exact scalars.
+        for k in SCALARS:
+            mom = self._moments(f"{hook}/scalars", category, SCALARS.index(k))
+            out[f"{k}_mean"] = torch.where(mom.count > 0, mom.mean, nan)
+            out[f"{k}_std"] = mom.std
+        mean = out["mean_delta"]
+        e_sq = (dm.m2 / nn + dm.mean ** 2).sum(-1)  # mean ||Δ||^2 over pairs
+        out["dir_norm"] = torch.where(n[None] > 0, (mean ** 2).sum(-1).sqrt(), nan)
+        out["dir_consistency"] = torch.where(e_sq > 0, (mean ** 2).sum(-1) / e_sq.clamp_min(1e-300), nan)
+        # Leave-one-out cosine of each sampled pair with the exact sum of the others.
+        S = dm.mean * n3  # [L, O, D] sum of Δ over the category's pairs
+        dot = (sd * S).sum(-1)  # [s, L, O]
+        dd = (sd * sd).sum(-1)
+        ss2 = (S * S).sum(-1)
+        rest2 = (ss2 - 2 * dot + dd).clamp_min(0)
+        loo = (dot - dd) / (dd.sqrt() * rest2.sqrt()).clamp_min(1e-300)
+        # Where the others' sum is tiny next to this pair's Δ the cosine is float16 rounding noise: skip it.
+        lv = sv[:, None, :] & (dd > 0) & (rest2 > 1e-4 * dd) & (n[None, None] > 1)
+        lq = masked_quantiles(loo, lv, (0.1, 0.5, 0.9))
+        cnt = lv.sum(0).to(F64)
+        out["loo_cos_mean"] = torch.where(cnt > 0, torch.where(lv, loo, 0).sum(0) / cnt.clamp_min(1), nan)
+        out["loo_cos_q10"], out["loo_cos_median"], out["loo_cos_q90"] = lq
+        rl = self.tensors[f"{hook}/sample_rel_l2"].index_select(0, mem).to(F64).transpose(1, 2)
+        out["rel_l2_median"] = masked_quantiles(rl, sv[:, None, :] & torch.isfinite(rl), (0.5,))[0]
+        if g.n_heads:
+            for k in ("rel_l2", "cos"):
+                mom = self._moments(f"{hook}/head_scalars", category, HEAD_SCALARS.index(k))
+                out[f"head_{k}_mean"] = torch.where(mom.count > 0, mom.mean, nan)
+                out[f"head_{k}_std"] = mom.std
+        self._cache[key] = out
+        return out
+
+    # ---- tables
+    def _dim_frame(self, hook: str, category: str, offsets: Sequence[int] | None = None) -> pd.DataFrame:
+        g = self.group(hook)
+        st = self.cell_stats(hook, category)
+        offs = self.offsets
+        oi = list(range(len(offs))) if offsets is None else [offs.index(o) for o in offsets]
+        L, D = len(g.layers), g.width
+        cols = ["mean_delta", "std_delta", "mean_abs_delta", "mean_clean", "sigma_clean", "rms_clean", "rms_ratio",
+                "z_mean",
+                "absz_mean", "frac_pos", "frac_neg", "sign_consistency", "absz_median", "absz_q10", "absz_q25",
+                "absz_q75", "absz_q90", "frac_under"]
+        frames = []
+        dims = np.arange(D)
+        head = np.array([head_of(g, int(d)) for d in dims]) if g.kind in ("head", "head_dim") else np.full(D, -1)
+        for o in oi:
+            data = {"category": category, "hook": hook,
+                    "layer": np.repeat(np.array(g.layers), D), "offset": offs[o],
+                    "position_kind": position_kind(offs[o]), "dim": np.tile(dims, L), "unit": g.kind,
+                    "head": np.tile(head, L),
+                    "n": int(st["n"][o]), "n_sample": int(st["n_sample"][o])}
+            for c in cols:
+                data[c] = st[c][:, o, :].reshape(-1).numpy()
+            data["massive"] = st["massive"][:, o, :].reshape(-1).numpy()
+            frames.append(pd.DataFrame(data))
+        return pd.concat(frames, ignore_index=True)
+
+    def dims_for(self, category: str = "all", offset: int | None = None, hook: str | None = None) -> pd.DataFrame:
+        """One row per (hook, layer, offset, dim) for ``category`` (one offset or all)."""
+        hooks = [hook] if hook else self.hooks
+        offs = None if offset is None else [offset]
+        return pd.concat([self._dim_frame(h, category, offs) for h in hooks], ignore_index=True)
+
+    @property
+    def dims(self) -> pd.DataFrame:
+        """``all`` at every offset, and each category at offset 0 (what ``dims.parquet`` holds)."""
+        if "dims" not in self._cache:
+            parts = [self.dims_for("all")]
+            parts += [self.dims_for(c, 0) for c in self.config.categories]
+            self._cache["dims"] = pd.concat(parts, ignore_index=True)
+        return self._cache["dims"]
+
+    @property
+    def layers(self) -> pd.DataFrame:
+        if "layers" not in self._cache:
+            rows = []
+            for cat in self.categories:
+                for h in self.hooks:
+                    g = self.group(h)
+                    st = self.cell_stats(h, cat)
+                    mass = st["massive"]
+                    cand = self._candidate_masks(h, cat)
+                    for li, layer in enumerate(g.layers):
+                        for oi, off in enumerate(self.offsets):
+                            keep = ~mass[li, oi]
+                            r = {"category": cat, "hook": h, "layer": layer, "offset": off,
+                                 "position_kind": position_kind(off), "n": int(st["n"][oi]),
+                                 "n_sample": int(st["n_sample"][oi]), "reachable": bool(st["reachable"][li, oi])}
+                            for k in ("rel_l2_mean", "rel_l2_std", "rel_l2_median", "cos_mean", "cos_std", "l2_mean",
+                                      "l2_std", "dir_norm", "dir_consistency", "loo_cos_mean", "loo_cos_median",
+                                      "loo_cos_q10", "loo_cos_q90"):
+                                r[k] = float(st[k][li, oi])
+                            for k, name in (("absz_mean", "absz_mean"), ("absz_median", "absz_median"),
+                                            ("frac_under", "frac_under_mean"),
+                                            ("sign_consistency", "sign_consistency_mean")):
+                                v = st[k][li, oi][keep]
+                                v = v[torch.isfinite(v)]
+                                r[name] = float(v.mean()) if v.numel() else math.nan
+                            r["n_massive"] = int(mass[li, oi].sum())
+                            rr = st["rms_ratio"][li, oi]
+                            ok = torch.isfinite(rr)
+                            r["rms_ratio_max"] = float(rr[ok].max()) if ok.any() else math.nan
+                            r["rms_ratio_dim"] = int(torch.where(ok, rr, -1).argmax()) if ok.any() else -1
+                            r["n_stable"] = int(cand["stable"][li, oi].sum())
+                            r["n_responsive"] = int(cand["responsive"][li, oi].sum())
+                            rows.append(r)
+            self._cache["layers"] = pd.DataFrame(rows)
+        return self._cache["layers"]
+
+    @property
+    def heads(self) -> pd.DataFrame:
+        """Per-head relative L2 and cosine for per-head hooks (``attn.hook_q/k/v/z``); empty otherwise."""
+        if "heads" not in self._cache:
+            rows = []
+            for cat in self.categories:
+                for g in self.groups:
+                    if not g.n_heads:
+                        continue
+                    st = self.cell_stats(g.suffix, cat)
+                    for li, layer in enumerate(g.layers):
+                        for oi, off in enumerate(self.offsets):
+                            for h in range(g.n_heads):
+                                rows.append({"category": cat, "hook": g.suffix, "layer": layer, "offset": off,
+                                             "position_kind": position_kind(off), "head": h, "n": int(st["n"][oi]),
+                                             "rel_l2_mean": float(st["head_rel_l2_mean"][li, oi, h]),
+                                             "rel_l2_std": float(st["head_rel_l2_std"][li, oi, h]),
+                                             "cos_mean": float(st["head_cos_mean"][li, oi, h]),
+                                             "cos_std": float(st["head_cos_std"][li, oi, h])})
+            self._cache["heads"] = pd.DataFrame(rows)
+        return self._cache["heads"]
+
+    def _candidate_masks(self, hook: str, category: str) -> dict[str, torch.Tensor]:
+        key = ("cand", hook, category)
+        if key in self._cache:
+            return self._cache[key]
+        cfg = self.config
+        st = self.cell_stats(hook, category)
+        enough = ((st["n"] >= cfg.min_pairs) & (st["n_sample"] >= cfg.min_pairs))[None, :, None]
+        base = enough & (st["sigma_clean"] > 0) & ~st["massive"] & st["reachable"][..., None]
+        stable = base & (st["frac_under"] >= cfg.stable_frac)
+        resp = base & (st["absz_median"] >= cfg.responsive_z) & (st["sign_consistency"] >= cfg.responsive_sign)
+        out = {"stable": stable, "responsive": resp}
+        self._cache[key] = out
+        return out
+
+    @property
+    def candidates(self) -> pd.DataFrame:
+        """Stable and responsive dimensions (rule in the module docstring), ranked per (category, hook, layer, offset)."""
+        if "candidates" in self._cache:
+            return self._cache["candidates"]
+        cfg = self.config
+        rows = []
+        cols = ("n", "n_sample", "absz_median", "absz_q10", "absz_q90", "frac_under", "sign_consistency", "absz_mean",
+                "mean_delta", "mean_abs_delta", "sigma_clean", "frac_pos", "frac_neg")
+        for cat in self.categories:
+            for h in self.hooks:
+                g = self.group(h)
+                st = self.cell_stats(h, cat)
+                masks = self._candidate_masks(h, cat)
+                for kind, score, asc in (("stable", "absz_q90", True), ("responsive", "absz_median", False)):
+                    m = masks[kind]
+                    for li, oi in zip(*np.nonzero(m.any(-1).numpy())):
+                        dims = torch.nonzero(m[li, oi]).flatten()
+                        sc = st[score][li, oi, dims]
+                        order = torch.argsort(sc if asc else -sc, stable=True)[: cfg.max_candidates]
+                        for rank, j in enumerate(order.tolist(), start=1):
+                            d = int(dims[j])
+                            off = self.offsets[oi]
+                            r = {"category": cat, "hook": h, "layer": g.layers[li], "offset": off,
+                                 "position_kind": position_kind(off), "dim": d, "unit": g.kind,
+                                 "head": head_of(g, d), "kind": kind, "rank": rank,
+                                 "n_passing": int(len(dims))}
+                            for c in cols:
+                                v = st[c]
+                                r[c] = float(v[oi]) if v.ndim == 1 else float(v[li, oi, d])
+                            rows.append(r)
+        df = pd.DataFrame(rows)
+        if not df.empty:
+            df["n"] = df["n"].astype(int)
+            df["n_sample"] = df["n_sample"].astype(int)
+        self._cache["candidates"] = df
+        return df
+
+    @property
+    def contrasts(self) -> pd.DataFrame:
+        """Per-dimension Mann–Whitney U tests between category groups with BH q-values (every test)."""
+        if "contrasts" not in self._cache:
+            self._cache["contrasts"] = self._compute_contrasts()
+        return self._cache["contrasts"]
+
+    def _compute_contrasts(self) -> pd.DataFrame:
+        return compute_contrasts(self)
+
+    @property
+    def summary(self) -> dict:
+        if "summary" in self._cache:
+            return self._cache["summary"]
+        cfg = self.config
+        pairs = self.pairs
+        cand = self.candidates
+        layers = self.layers
+        s: dict[str, Any] = {
+            "n_pairs": self.n_pairs,
+            "categories": {c: int(v) for c, v in pairs["category"].value_counts().sort_index().items()}
+            if not pairs.empty else {},
+            "hooks": self.hooks,
+            "n_hook_points": sum(len(g.names) for g in self.groups),
+            "offsets": self.offsets,
+            "sample_size": cfg.sample_size,
+            "n_sample": int(torch.isfinite(self.tensors["sample/keys"]).sum()),
+            "threshold": cfg.threshold,
+            "rule": {"stable": f"frac(|Δ|/σ < {cfg.threshold}) >= {cfg.stable_frac}",
+                     "responsive": f"median |Δ|/σ >= {cfg.responsive_z} and sign consistency >= "
+                                   f"{cfg.responsive_sign}",
+                     "min_pairs": cfg.min_pairs, "massive_ratio": cfg.massive_ratio, "excludes_massive": True},
+        }
+        if not cand.empty:
+            c = cand[cand["category"] == "all"]
+            s["n_candidates"] = {k: int((c["kind"] == k).sum()) for k in ("stable", "responsive")}
+            s["n_candidates_by_category"] = {
+                cat: {k: int(((cand["category"] == cat) & (cand["kind"] == k)).sum()) for k in ("stable", "responsive")}
+                for cat in self.categories}
+        else:
+            s["n_candidates"] = {"stable": 0, "responsive": 0}
+        if not pairs.empty:
+            for col in ("logprob_diff", "token_logprob_diff", "kl_0", "kl_mean"):
+                if col in pairs:
+                    s[f"mean_{col}"] = float(pd.to_numeric(pairs[col], errors="coerce").mean())
+        la = layers[(layers["category"] == "all") & (layers["offset"] == 0)]
+        top = {}
+        for h, d in la.groupby("hook"):
+            d = d.dropna(subset=["rel_l2_mean"])
+            if not d.empty:
+                r = d.loc[d["rel_l2_mean"].idxmax()]
+                top[h] = {"layer": int(r["layer"]), "rel_l2_mean": float(r["rel_l2_mean"])}
+        s["max_rel_l2_at_p"] = top
+        massive = {}
+        for g in self.groups:
+            st = self.cell_stats(g.suffix, "all")
+            m = st["massive"]
+            if bool(m.any()):
+                massive[g.suffix] = sorted({int(d) for d in torch.nonzero(m)[:, 2].tolist()})
+        s["massive_dims"] = massive
+        con = self.contrasts
+        s["contrasts"] = {
+            "n_tests": {k: int(v) for k, v in con.dropna(subset=["p"]).groupby("measure").size().items()},
+            "n_significant": {k: int(v) for k, v in con[con["significant"] == True]  # noqa: E712
+                              .groupby("measure").size().items()},
+            "alpha": cfg.alpha,
+        }
+        s["timing"] = self.timing
+        self._cache["summary"] = s
+        return s
+
+    # ---- files
+    def manifest_step(self, files: list[str], *, batch_size: int | None, seconds: float | None,
+                      from_cache: str | None = None, **extra: Any) -> dict:
+        """The manifest's ``steps.diff`` entry, the same from ``ec diff``, ``ec run`` and the study."""
+        return {"hooks": self.config.hooks, "offsets": self.offsets, "categories": self.categories,
+                "by_category": self.config.by_category, "sample_size": self.config.sample_size,
+                "seed": self.config.seed, "rule": self.summary["rule"], **extra, "batch_size": batch_size,
+                "from_cache": from_cache, "n_pairs": self.n_pairs, "timing": self.timing, "seconds": seconds,
+                "outputs": files}
+
+    def save(self, run: str | Path, *, stats: bool = True) -> list[str]:
+        """Write every output of the diff step into ``run`` (atomically); returns the file names."""
+        from ..runs import save_tensors, write_json, write_table
+
+        run = Path(run)
+        files = []
+        if stats:
+            save_stats(run, self.tensors, self.meta)
+            files.append(STATS_FILE)
+        write_table(self.layers, run / "layers.csv")
+        write_table(self.dims, run / "dims.parquet")
+        write_table(self.candidates, run / "candidates.csv")
+        con = self.contrasts
+        write_table(con, run / "contrasts.parquet")
+        write_table(contrasts_csv(con), run / "contrasts.csv")
+        write_table(self.pairs, run / "pairs.csv")
+        files += ["layers.csv", "dims.parquet", "candidates.csv", "contrasts.parquet", "contrasts.csv", "pairs.csv"]
+        if any(g.n_heads for g in self.groups):
+            write_table(self.heads, run / "heads.csv")
+            files.append("heads.csv")
+        mean_dirs = {}
+        for g in self.groups:
+            mean_dirs[f"{g.suffix}/mean_delta"] = self.cell_stats(g.suffix, "all")["mean_delta"].float()
+            mean_dirs[f"{g.suffix}/sigma_clean"] = self.cell_stats(g.suffix, "all")["sigma_clean"].float()
+        save_tensors(mean_dirs, run / "diff_directions.safetensors",
+                     metadata={"layers": json.dumps({g.suffix: g.layers for g in self.groups}),
+                               "offsets": json.dumps(self.offsets)})
+        files.append("diff_directions.safetensors")
+        write_json(run / "summary.json", self.summary)
+        files.append("summary.json")
+        return files
+
+    @classmethod
+    def load(cls, run: str | Path) -> DiffResult:
+        """Read a run's ``diff_stats.safetensors``; tables are recomputed from it on access."""
+        run = Path(run)
+        tensors, meta = load_stats(run)
+        if not meta.get("complete"):
+            raise EclensError(f"{run / STATS_FILE}: the diff run is not complete; rerun `ec diff` to resume it")
+        from ..runs import read_manifest
+
+        man = read_manifest(run)
+        step = (man.get("steps") or {}).get("diff") or {}
+        # Tables are recomputed lazily from the statistics (deterministic; the files are for other tools).
+        res = cls(meta, tensors, man.get("model") or {}, step.get("timing") or {})
+        return res

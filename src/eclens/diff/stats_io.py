@@ -1,0 +1,33 @@
+"""``diff_stats.safetensors``: the statistics and the checkpoint of a diff run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import EclensError
+from .config import META_KEY, STATS_FILE
+
+
+def save_stats(run: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    from ..runs import json_default, save_tensors
+
+    save_tensors(tensors, Path(run) / STATS_FILE, metadata={META_KEY: json.dumps(meta, default=json_default)})
+
+
+def load_stats(run: str | Path, device="cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors import safe_open
+
+    path = Path(run) / STATS_FILE
+    if not path.exists():
+        raise EclensError(f"{path}: no diff statistics here; run `ec diff` first")
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = json.loads((f.metadata() or {})[META_KEY])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (KeyError, json.JSONDecodeError, OSError, Exception) as e:  # noqa: BLE001 - any corruption
+        raise EclensError(f"{path}: unreadable diff statistics ({type(e).__name__}); delete it and rerun `ec diff`") \
+            from None
+    return tensors, meta

@@ -1,0 +1,57 @@
+"""Summaries of the patching tables (top components, attribution vs exact agreement)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+
+
+def attribution_summary(df: pd.DataFrame, k: int | None = None) -> dict:
+    """Spearman correlation (scipy) of attribution with exact patching over verified rows,
+    pooled and per pair (median), and the top-K overlap within each pair's verified rows."""
+    from scipy.stats import spearmanr
+
+    v = df[df["verified"]] if "verified" in df.columns else df.iloc[0:0]
+    out: dict = {"n_rows": int(len(df)), "n_verified": int(len(v))}
+    if len(v) < 3:
+        out.update(spearman=None, spearman_median_pair=None, topk_overlap=None)
+        return out
+    # A constant column (e.g. every verified effect 0) has no rank correlation: None, not scipy's warning and NaN.
+    varies = v["exact"].nunique() > 1 and v["attribution"].nunique() > 1
+    out["spearman"] = float(spearmanr(v["attribution"], v["exact"]).statistic) if varies else None
+    per, overlaps = [], []
+    for _, g in v.groupby(["pair_id", "direction"]):
+        if len(g) >= 3 and g["exact"].nunique() > 1 and g["attribution"].nunique() > 1:
+            per.append(float(spearmanr(g["attribution"], g["exact"]).statistic))
+        kk = k or int((g["verify_group"] == "top").sum())
+        if kk:
+            top_a = set(g["attribution"].abs().sort_values(ascending=False).head(kk).index)
+            top_e = set(g["exact"].abs().sort_values(ascending=False).head(kk).index)
+            overlaps.append(len(top_a & top_e) / kk)
+    out["spearman_median_pair"] = float(np.median(per)) if per else None
+    out["topk_overlap"] = float(np.mean(overlaps)) if overlaps else None
+    return out
+
+
+def topk_overlap(a: Sequence[float], b: Sequence[float], k: int) -> float:
+    """Share of the ``k`` largest ``|a|`` that are among the ``k`` largest ``|b|``."""
+    a, b = np.abs(np.asarray(a, dtype=float)), np.abs(np.asarray(b, dtype=float))
+    ta = set(np.argsort(-a, kind="stable")[:k].tolist())
+    tb = set(np.argsort(-b, kind="stable")[:k].tolist())
+    return len(ta & tb) / k
+
+
+def exact_summary(df: pd.DataFrame, metric: str = "logit_diff", top: int = 10) -> dict:
+    """Headline numbers of an exact sweep: mean restored per (direction, hook, layer, position kind), the top cells."""
+    col = f"{metric}_restored"
+    out: dict = {"metric": metric, "n_rows": int(len(df)),
+                 "n_pairs": int(df["pair_id"].nunique()) if len(df) else 0}
+    nan_pairs = df.groupby("pair_id")[col].apply(lambda s: bool(s.isna().all()))
+    out["pairs_without_ratio"] = int(nan_pairs.sum())
+    g = (df[df["position_kind"] != "before"]
+         .groupby(["direction", "hook", "layer", "position_kind", "head"])[col].mean().reset_index())
+    g = g.dropna(subset=[col])
+    out["top"] = g.reindex(g[col].abs().sort_values(ascending=False).index).head(top).to_dict(orient="records")
+    return out
