@@ -147,6 +147,7 @@ class Sweeper:
         w = Watch().attach(page)
         page.goto(url, timeout=TIMEOUT_S * 1000)
         problems = [] if wait_drawn(page) else [f"not drawn within {TIMEOUT_S:.0f} s"]
+        page.screenshot(path=str(self.shots / f"{name}.png"))  # as a person first sees it (the checks unfold details)
         if sections:
             for sid in sections:
                 loc = page.locator(f"#{sid}")
@@ -156,7 +157,6 @@ class Sweeper:
             page.evaluate("window.scrollTo(0, 0)")
         else:
             problems += check_page(page)
-        page.screenshot(path=str(self.shots / f"{name}.png"))
         self.found[name] = problems + w.errors + w.dialogs
         return page
 
