@@ -57,6 +57,30 @@ def _model_entry(run: Path, m) -> dict:
     return entry
 
 
+def _open_pairs_run(pairs: Path, out_dir: Path | None, fmt, model: str, device: str, dtype: str, device_map,
+                    load_in_8bit: bool, load_in_4bit: bool):
+    """What `ec diff` and `ec cache` do before their pass: check the pairs file, join torchrun, lock the
+    run folder, load the model and align the pairs once. Returns (ctx, run, model, manifest entry, pairs)."""
+    if not pairs.exists():
+        from ..errors import EclensError
+
+        raise EclensError(f"{pairs}: no such file or folder")
+    raw = preflight_pairs(pairs, fmt)  # a bad file fails now, not after the model loads
+    from .. import distributed as D
+
+    ctx = D.init(device)  # under torchrun: this process's rank and the world size
+    device = D.local_device(device, ctx)
+    run = _run_folder(pairs, out_dir)
+    from ..lock import lock_run
+
+    lock_run(run)  # before the model loads, so a second writer is refused at once
+    m = load(model, device, dtype, device_map, load_in_8bit, load_in_4bit)
+    entry = _model_entry(run, m)
+    aligned = aligned_pairs(m, pairs, run, ctx, fmt=fmt, raw=raw, say=_say_check,
+                            manifest={"model": entry, "world_size": ctx.world_size})
+    return ctx, run, m, entry, aligned
+
+
 @app.command("diff")
 def diff(
     pairs: Path = typer.Argument(None, help="a pairs file (.jsonl/.csv/.json) or a run folder holding pairs.jsonl"),
@@ -109,23 +133,9 @@ def diff(
         return
     if pairs is None:
         raise typer.BadParameter("give a PAIRS file or run folder, or --from-cache RUN")
-    if not pairs.exists():
-        from ..errors import EclensError
-
-        raise EclensError(f"{pairs}: no such file or folder")
-    raw = preflight_pairs(pairs, fmt)  # a bad file fails now, not after the model loads
+    ctx, run, m, entry, aligned = _open_pairs_run(pairs, out_dir, fmt, model, device, dtype, device_map,
+                                                   load_in_8bit, load_in_4bit)
     from .. import distributed as D
-
-    ctx = D.init(device)  # under torchrun: this process's rank and the world size
-    device = D.local_device(device, ctx)
-    run = _run_folder(pairs, out_dir)
-    from ..lock import lock_run
-
-    lock_run(run)  # before the model loads, so a second writer is refused at once
-    m = load(model, device, dtype, device_map, load_in_8bit, load_in_4bit)
-    entry = _model_entry(run, m)
-    aligned = aligned_pairs(m, pairs, run, ctx, fmt=fmt, raw=raw, say=_say_check,
-                            manifest={"model": entry, "world_size": ctx.world_size})
     cfg = DiffConfig(hooks=hooks, max_offset=max_offset, include_last=last, by_category=by_category,
                      sample_size=sample_size, seed=seed, **rule)
     try:
@@ -199,23 +209,9 @@ def cache(
     from ..cache import write_cache
     from ..runs import record_step
 
-    if not pairs.exists():
-        from ..errors import EclensError
-
-        raise EclensError(f"{pairs}: no such file or folder")
-    raw = preflight_pairs(pairs, fmt)  # a bad file fails now, not after the model loads
+    ctx, run, m, entry, aligned = _open_pairs_run(pairs, out_dir, fmt, model, device, dtype, device_map,
+                                                   load_in_8bit, load_in_4bit)
     from .. import distributed as D
-
-    ctx = D.init(device)  # under torchrun: ranks write shards in turn, rank 0 merges the index
-    device = D.local_device(device, ctx)
-    run = _run_folder(pairs, out_dir)
-    from ..lock import lock_run
-
-    lock_run(run)  # before the model loads, so a second writer is refused at once
-    m = load(model, device, dtype, device_map, load_in_8bit, load_in_4bit)
-    entry = _model_entry(run, m)
-    aligned = aligned_pairs(m, pairs, run, ctx, fmt=fmt, raw=raw, say=_say_check,
-                            manifest={"model": entry, "world_size": ctx.world_size})
     t0 = time.perf_counter()
     try:
         store = write_cache(m, aligned, run, hooks=hooks, positions=positions, store_dtype=store_dtype or dtype,

@@ -10,7 +10,9 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 import torch
+from jaxtyping import Bool, Float, Int
 
+from ..errors import EclensError
 from ..hooks import (
     HookGroup,
 )
