@@ -24,7 +24,7 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .errors import EclensError
-from .gguf_models import CONFOUND
+from .gguf_models import CONFOUND, EMBEDDED_MODELS
 from .hooks import DEFAULT_HOOKS
 from .report import BOOT_JS, CSS, Page, html_table, lib_blocks
 from .runs import RunData, atomic_write
@@ -56,6 +56,13 @@ class Panel:
     draw: Callable[[Page, Compared], None]
 
 
+def _variant(m: dict) -> str | None:
+    """base / instruct: recorded since eclens knew two embedded models; older runs of an embedded
+    model get it from the model's name."""
+    spec = EMBEDDED_MODELS.get(str(m.get("name")))
+    return m.get("variant") or (spec.variant if spec else None)
+
+
 def _label(rd: RunData) -> str:
     m = rd.manifest.get("model") or {}
     name = str(m.get("name") or "?")
@@ -64,8 +71,8 @@ def _label(rd: RunData) -> str:
     extra = []
     if m.get("random_init"):
         extra.append("random weights")
-    if m.get("variant"):
-        extra.append(m["variant"])
+    if _variant(m):
+        extra.append(_variant(m))
     return f"{rd.name} ({name}{', ' + ', '.join(extra) if extra else ''})"
 
 
@@ -109,12 +116,12 @@ def _runs_panel(page: Page, c: Compared) -> None:
         m = rd.manifest.get("model") or {}
         ver = m.get("verify") or {}
         rows.append({"run": lab, "model": m.get("name", ""), "architecture": m.get("architecture", ""),
-                     "variant": m.get("variant", ""), "random weights": "yes" if m.get("random_init") else "no",
+                     "variant": _variant(m) or "", "random weights": "yes" if m.get("random_init") else "no",
                      "layers": n, "d_model": m.get("d_model", ""), "parameters": m.get("n_params", ""),
                      "prepend BOS": m.get("prepend_bos", ""), "valid pairs": len(v),
                      "verified": ("pass" if ver.get("passed") else "FAIL") if ver else ""})
     page.add(html_table(pd.DataFrame(rows)))
-    variants = {(rd.manifest.get("model") or {}).get("variant") for rd in c.runs}
+    variants = {_variant(rd.manifest.get("model") or {}) for rd in c.runs}
     if {"base", "instruct"} <= variants:
         page.add(f'<p class="note"><b>Confound:</b> {esc(CONFOUND)} A difference between these runs need not '
                  "come from the model family.</p>")
@@ -134,8 +141,9 @@ def _pairs_panel(page: Page, c: Compared) -> None:
         rows.append(row)
     own = ", ".join(f"{lab}: {len(v)}" for lab, v in zip(c.labels, c.valid))
     page.add(f"<p>{len(c.common)} pairs are valid in every run (the intersection; per-pair numbers below use "
-             f"only these). Valid pairs per run: {esc(own)}. {len(union - c.common)} pairs are valid under some "
-             "tokenizers and not others:</p>")
+             f"only these). Valid pairs per run: {esc(own)}. {len(union - c.common)} pairs are valid in some runs "
+             "and not in others: <i>rejected</i> by that run's tokenizer (its reason), or <i>absent</i> from that "
+             "run's pairs altogether (e.g. a run made from fewer pairs):</p>")
     page.add(html_table(pd.DataFrame(rows), max_rows=200) if rows else '<p class="muted">(none)</p>')
     if any(len(v) != len(c.common) for v in c.valid):
         c.notes.append("layers.csv and candidates.csv aggregate each run's own valid pairs, which differ from "
@@ -198,7 +206,9 @@ def _shares(rd: RunData, d_model: int) -> pd.DataFrame | None:
     lay = _layers_all(rd)
     if lay is None:
         return None
-    lay = lay[lay["offset"] == 0].copy()
+    # candidates sit at any aligned position (stable ones mostly after the change): the share of
+    # d_model per (hook, layer), averaged over the positions the change can reach
+    lay = lay[lay["reachable"].astype(bool)].copy()
     lay["stable_share"] = lay["n_stable"] / d_model
     lay["responsive_share"] = lay["n_responsive"] / d_model
     return lay
@@ -226,7 +236,7 @@ def _candidates_panel(page: Page, c: Compared) -> None:
     hooks = _hooks_in(c, _layers_all)
     for kind in ("stable", "responsive"):
         page.figure(_curves(c, lambda rd: _shares(rd, int((rd.manifest.get("model") or {}).get("d_model") or 1)),
-                            f"{kind}_share", hooks, f"share of dimensions passing the {kind} rule, changed position",
+                            f"{kind}_share", hooks, f"share of dimensions passing the {kind} rule (mean over reachable positions)",
                             "share of d_model", offset=None))
 
 
