@@ -8,13 +8,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..hooks import (
-    head_of,
-)
-from ..stats import (
-    F64,
-    bh_qvalues,
-)
+from ..hooks import head_of
+from ..stats import F64, bh_qvalues
 
 if TYPE_CHECKING:
     from .result import DiffResult
@@ -62,8 +57,8 @@ def compute_contrasts(res: DiffResult) -> pd.DataFrame:
                         p = np.full(xa.shape[1], np.nan)
                         if good.any():
                             with np.errstate(all="ignore"):
-                                res = mannwhitneyu(xa[:, good], xb[:, good], alternative="two-sided", axis=0)
-                            u[good], p[good] = res.statistic, res.pvalue
+                                mw = mannwhitneyu(xa[:, good], xb[:, good], alternative="two-sided", axis=0)
+                            u[good], p[good] = mw.statistic, mw.pvalue
                         L, D = len(g.layers), g.width
                         dims = np.tile(np.arange(D), L)
                         frames.append(pd.DataFrame({
