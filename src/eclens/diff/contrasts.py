@@ -15,17 +15,17 @@ if TYPE_CHECKING:
     from .result import DiffResult
 
 
-def compute_contrasts(res: DiffResult) -> pd.DataFrame:
+def compute_contrasts(result: DiffResult) -> pd.DataFrame:
     """The rows of :attr:`DiffResult.contrasts` (every test of every contrast, hook, layer and dimension)."""
     from scipy.stats import mannwhitneyu
 
-    cfg = res.config
+    cfg = result.config
     cols = ["contrast", "group_a", "group_b", "measure", "hook", "layer", "offset", "dim", "unit", "head", "n_a",
             "n_b", "median_a", "median_b", "effect", "u", "p", "q", "significant"]
     if not cfg.categories:
         return pd.DataFrame(columns=cols)
-    cat = res.tensors["sample/category"]
-    keys = res.tensors["sample/keys"]
+    cat = result.tensors["sample/category"]
+    keys = result.tensors["sample/keys"]
     ok = torch.isfinite(keys) & (cat >= 0)
     group_of = [c.split("/", 1)[0] for c in cfg.categories]
     names = sorted(set(group_of))
@@ -33,21 +33,21 @@ def compute_contrasts(res: DiffResult) -> pd.DataFrame:
     sgroup = torch.where(ok, gidx[cat.clamp_min(0)], torch.full_like(cat, -1))
     frames = []
     for off in cfg.contrast_offsets:
-        if off not in res.offsets:
+        if off not in result.offsets:
             continue
-        oi = res.offsets.index(off)
-        valid = res.tensors["sample/valid"][:, oi] & (sgroup >= 0)
+        oi = result.offsets.index(off)
+        valid = result.tensors["sample/valid"][:, oi] & (sgroup >= 0)
         for ia in range(len(names)):
             for ib in range(ia + 1, len(names)):
                 ma = torch.nonzero(valid & (sgroup == ia)).flatten()
                 mb = torch.nonzero(valid & (sgroup == ib)).flatten()
                 if len(ma) < cfg.min_group or len(mb) < cfg.min_group:
                     continue
-                for g in res.groups:
-                    sigma = res.cell_stats(g.suffix, "all")["sigma_clean"][:, oi, :]  # [L, D]
+                for g in result.groups:
+                    sigma = result.cell_stats(g.suffix, "all")["sigma_clean"][:, oi, :]  # [L, D]
                     inv = torch.where(sigma > 0, 1 / sigma.clamp_min(1e-300), torch.tensor(float("nan"),
                                                                                          dtype=F64))
-                    sd = res.tensors[f"{g.suffix}/sample_delta"][:, oi].to(F64) * inv  # [S, L, D]
+                    sd = result.tensors[f"{g.suffix}/sample_delta"][:, oi].to(F64) * inv  # [S, L, D]
                     for measure in ("abs", "signed"):
                         x = sd.abs() if measure == "abs" else sd
                         xa = x.index_select(0, ma).reshape(len(ma), -1).numpy()
