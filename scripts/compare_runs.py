@@ -83,9 +83,11 @@ def compare_frames(a: pd.DataFrame, b: pd.DataFrame, floor: float, out: list) ->
                 worst = max(worst, float(np.nanmax(d)))
         else:
             xs, ys = x.astype(str).to_numpy(), y.astype(str).to_numpy()
-            bad = int((xs != ys).sum())
+            # Missing on both sides is equal, whatever form it takes (NaN in one table, None in another).
+            differ = (xs != ys) & ~(x.isna().to_numpy() & y.isna().to_numpy())
+            bad = int(differ.sum())
             if bad:
-                i = int(np.argmax(xs != ys))
+                i = int(np.argmax(differ))
                 out.append(f"{c}: {bad} cells differ (first row {i}: {xs[i]!r} vs {ys[i]!r})")
                 worst = math.inf
     return worst
