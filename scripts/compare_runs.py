@@ -82,7 +82,9 @@ def compare_frames(a: pd.DataFrame, b: pd.DataFrame, floor: float, out: list) ->
             if len(d):
                 worst = max(worst, float(np.nanmax(d)))
         else:
-            xs, ys = x.astype(str).to_numpy(), y.astype(str).to_numpy()
+            # missing cells (NaN, None, pd.NA) count as equal to each other
+            xs = np.where(x.isna().to_numpy(), "<missing>", x.astype(object).astype(str).to_numpy())
+            ys = np.where(y.isna().to_numpy(), "<missing>", y.astype(object).astype(str).to_numpy())
             bad = int((xs != ys).sum())
             if bad:
                 i = int(np.argmax(xs != ys))
