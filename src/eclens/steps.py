@@ -356,7 +356,7 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
         summary["sets"] = table[["set", "direction", "n_pairs", f"{m}_effect", f"{m}_control_mean", f"{m}_z",
                                  f"{m}_p", f"{m}_q", "verdict"]].to_dict(orient="records")
     summary["seconds"] = round(time.perf_counter() - t0, 2)
-    params = {"method": summary["method"], "metric": m, "n_controls": cfg.n_controls, "alpha": cfg.alpha,
+    params = {"ablation": summary["method"], "metric": m, "n_controls": cfg.n_controls, "alpha": cfg.alpha,
               "seed": cfg.seed, "sets": [s.label for s, _ in specs],
               "pairs": next(iter(used.values())) if len(used) == 1 else used, **cfg.record}
     if cfg.tests:
