@@ -340,20 +340,23 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
     n_sig = int(table["significant"].sum())
     m = metrics[0] if len(set(metrics)) == 1 else "/".join(dict.fromkeys(metrics))
     q = f"BH q < {cfg.alpha}" + (" per call" if len(calls) > 1 else "")
+    # The verdict names the metric when the step chose it (auto_metric), the pair count when it chose the pairs.
+    on = f" on {m}" if cfg.auto_metric else ""
     methods = list(dict.fromkeys(k[0] for k in calls))
     summary = {
         "method": methods[0] if len(methods) == 1 else " / ".join(f"{v[0]} ({k})" for k, v in cfg.tests.items()),
         "metric": m, "alpha": cfg.alpha, "n_controls": cfg.n_controls, "n_sets": len(specs),
         "n_tests": int(len(table)), "n_significant": n_sig,
-        "n_pairs": len(next(iter(used.values()))) if len(used) == 1 else {k: len(v) for k, v in used.items()},
-        "verdict": (f"{n_sig} of {len(table)} set tests beat their random controls on {m} ({q})" if n_sig else
-                    f"null: no set beats its random controls on {m} at {q} ({len(table)} tests)"),
+        "verdict": (f"{n_sig} of {len(table)} set tests beat their random controls{on} ({q})" if n_sig else
+                    f"null: no set beats its random controls{on} at {q} ({len(table)} tests)"),
     }
+    if cfg.n_pairs is not None:
+        summary["n_pairs"] = len(next(iter(used.values()))) if len(used) == 1 else {k: len(v) for k, v in used.items()}
     if len(set(metrics)) == 1:
         summary["sets"] = table[["set", "direction", "n_pairs", f"{m}_effect", f"{m}_control_mean", f"{m}_z",
                                  f"{m}_p", f"{m}_q", "verdict"]].to_dict(orient="records")
     summary["seconds"] = round(time.perf_counter() - t0, 2)
-    params = {"method": summary["method"], "metric": m, "n_controls": cfg.n_controls, "alpha": cfg.alpha,
+    params = {"ablation": summary["method"], "metric": m, "n_controls": cfg.n_controls, "alpha": cfg.alpha,
               "seed": cfg.seed, "sets": [s.label for s, _ in specs],
               "pairs": next(iter(used.values())) if len(used) == 1 else used, **cfg.record}
     if cfg.tests:
