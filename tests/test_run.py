@@ -36,10 +36,12 @@ def test_ec_run_end_to_end(real_run):  # noqa: F811
     assert f"report: {real_run.path / 'report.html'}" in real_run.stdout
     man = json.loads((real_run.path / "manifest.json").read_text())
     assert set(man["steps"]["run"]["done"]) == set(STEPS)
-    assert man["dataset"]["n_pairs"] == 12 and man["dataset"]["n_valid"] == 11
+    # The pairs file: template pairs (with their twins), the <script> pair and one the tokenizer rejects.
+    n_pairs = len(real_run.pairs_file.read_text(encoding="utf-8").splitlines())
+    assert man["dataset"]["n_pairs"] == n_pairs and man["dataset"]["n_valid"] == n_pairs - 1
     assert man["model"]["n_layers"] == 30
     check = pd.read_csv(real_run.path / "check.csv")
-    assert check["total"].sum() == 12 and check["valid"].sum() == 11
+    assert check["total"].sum() == n_pairs and check["valid"].sum() == n_pairs - 1
     # the patch steps ran what was asked: one exact map (both directions), 2 sets x 10 controls, 3 attribution pairs
     exact = pd.read_csv(real_run.path / "patch_exact.csv")
     assert exact["pair_id"].nunique() == 1 and set(exact["direction"]) == {"denoise", "noise"}
