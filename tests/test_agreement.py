@@ -54,7 +54,9 @@ def assert_tables_close(a: pd.DataFrame, b: pd.DataFrame, name: str) -> None:
             np.testing.assert_allclose(a[c].to_numpy(float), b[c].to_numpy(float), rtol=RTOL, atol=1e-7,
                                        err_msg=f"{name}:{c}")
         else:
-            assert (a[c].astype(str) == b[c].astype(str)).all(), f"{name}:{c}"
+            # pandas' str dtype keeps NaN as NaN (NaN != NaN): a cell missing in both tables is equal
+            same = (a[c].astype(str) == b[c].astype(str)) | (a[c].isna() & b[c].isna())
+            assert same.all(), f"{name}:{c}"
 
 
 def assert_candidates_agree(a: pd.DataFrame, b: pd.DataFrame) -> None:

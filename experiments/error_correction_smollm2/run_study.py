@@ -358,6 +358,10 @@ def matched_sets(s, cell: pd.DataFrame, n: int, rng: np.random.Generator, neighb
     return out
 
 
+MATCHED_COLUMNS = ["set", "metric", "effect", "n_matched", "matched_sigma_ratio", "matched_mean", "matched_std",
+                   "p_matched"]
+
+
 def matched_step(run: Path, model, pairs, *, rc, progress: bool, log, n_matched: int) -> pd.DataFrame:
     """The stable sets' ablation again, against σ-matched random sets (:func:`matched_sets`) as the controls."""
     import pyarrow.parquet as pq
@@ -398,7 +402,7 @@ def matched_step(run: Path, model, pairs, *, rc, progress: bool, log, n_matched:
             rows.append({"set": s.label, "metric": m, "effect": float(tab[f"{m}_effect"]), "n_matched": n_ok,
                          "matched_sigma_ratio": match_ratio, "matched_mean": float(tab[f"{m}_control_mean"]),
                          "matched_std": float(tab[f"{m}_control_std"]), "p_matched": float(tab[f"{m}_p"])})
-    out = pd.DataFrame(rows)
+    out = pd.DataFrame(rows, columns=MATCHED_COLUMNS)
     write_table(out, run / "patch_dims_matched.csv")
     return out
 

@@ -176,6 +176,17 @@ def _exact_block(ex: dict) -> Block:
     return b
 
 
+def _pairs_phrase(n) -> str:
+    """``n_pairs`` of a dims summary: one count, or a count per test (``{test: n}``) when the tests drew
+    different numbers of pairs."""
+    if isinstance(n, dict):
+        counts = sorted({int(v) for v in n.values()})
+        if len(counts) == 1:
+            return f"{plural(counts[0], 'pair')} each"
+        return f"{counts[0]}–{counts[-1]} pairs (by test)"
+    return plural(int(n or 0), "pair")
+
+
 def _dims_block(d: dict) -> Block:
     m = d.get("metric", "logit_diff")
     words, unit = metric_words(m)
@@ -185,7 +196,7 @@ def _dims_block(d: dict) -> Block:
         b.sentences.append(v[0].upper() + v[1:] + ".")
     if d.get("n_sets"):
         b.sentences.append(f"{plural(int(d['n_sets']), 'candidate set')} patched on "
-                           f"{plural(int(d.get('n_pairs') or 0), 'pair')}, each against "
+                           f"{_pairs_phrase(d.get('n_pairs'))}, each against "
                            f"{num(d.get('n_controls'))} random sets of the same size in the same layer; "
                            f"effects are mean changes in the {words}, in {unit}.")
     sets = d.get("sets") or []
