@@ -24,6 +24,11 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .errors import EclensError
+
+
+def pooled_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """A diff table's rows that pool every swap direction (all rows of tables written before the column)."""
+    return df if "swap_direction" not in df.columns else df[df["swap_direction"].astype(str) == "all"]
 from .gguf_models import CONFOUND, EMBEDDED_MODELS
 from .hooks import DEFAULT_HOOKS
 from .report import BOOT_JS, CSS, Page, html_table, lib_blocks
@@ -189,7 +194,7 @@ def _hooks_in(c: Compared, df_of, col="hook") -> list[str]:
 
 def _layers_all(rd: RunData) -> pd.DataFrame | None:
     lay = rd.layers
-    return None if lay is None else lay[lay["category"] == "all"]
+    return None if lay is None else pooled_rows(lay[lay["category"] == "all"])
 
 
 def _layers_panel(page: Page, c: Compared) -> None:

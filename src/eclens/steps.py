@@ -104,7 +104,7 @@ def diff_step(run: str | Path, model, pairs: Sequence, config: DiffConfig | None
     """:func:`eclens.diff.run_diff` over ``pairs`` (resuming the run's checkpoint), its tables written
     (:func:`save_diff`). Under torchrun every rank streams its shard and rank 0 merges and writes."""
     from . import distributed as D
-    from .diff import resolve_categories, run_diff
+    from .diff import resolve_categories, resolve_cells, run_diff
 
     run = Path(run)
     cfg = config or DiffConfig()
@@ -112,6 +112,7 @@ def diff_step(run: str | Path, model, pairs: Sequence, config: DiffConfig | None
         mode, labels = resolve_categories(pairs, list(cfg.categories) or cfg.by_category)
         cfg = replace(cfg, categories=labels if mode != "none" else [],
                       by_category=cfg.by_category if mode != "none" else "none")
+        cfg = replace(cfg, cells=cfg.cells or resolve_cells(pairs, cfg))
         res = run_diff(model, D.shard(pairs, ctx), batch_size=batch_size, run=run / f"rank{ctx.rank}of{ctx.world_size}",
                        checkpoint_every=checkpoint_every, progress=ctx.is_main, config=cfg)
         res = D.merge_diff(res, ctx)

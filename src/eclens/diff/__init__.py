@@ -136,8 +136,18 @@ from ..hooks import (
 from ..progress import progress_bar
 from ..runs import prepare_run_pairs, save_check  # their home is the run-folder module
 from .accumulate import FEATURES, HEAD_SCALARS, SCALARS, DiffAccumulator, GroupAccumulator, exact_fp32_matmul
-from .config import META_KEY, QUANTILES, STATS_FILE, DiffConfig, position_kind, resolve_categories
-from .contrasts import compute_contrasts, contrasts_csv
+from .config import (
+    META_KEY,
+    QUANTILES,
+    STATS_FILE,
+    DiffConfig,
+    anchor_position,
+    pooled_rows,
+    position_kind,
+    resolve_categories,
+    resolve_cells,
+)
+from .contrasts import compute_contrasts
 from .gather import AlignedIndex, Gatherer, aligned_index
 from .logprobs import metric_rows, pair_info, pair_metric_tensors, pair_metrics
 from .merge import merge_results
@@ -151,5 +161,5 @@ __all__ = ["DiffConfig", "DiffResult", "DiffAccumulator", "HookGroup", "run_diff
            # also importable from here, as before the split
            "HEAD_HOOKS", "NEURON_HOOKS", "PATTERN_HOOKS", "expand_hook_spec", "progress_bar", "FEATURES",
            "HEAD_SCALARS", "SCALARS", "GroupAccumulator", "exact_fp32_matmul", "META_KEY", "QUANTILES", "STATS_FILE",
-           "position_kind", "resolve_categories", "compute_contrasts", "contrasts_csv", "AlignedIndex", "Gatherer",
-           "pair_info", "stream_batches"]
+           "position_kind", "resolve_categories", "compute_contrasts", "AlignedIndex", "Gatherer",
+           "pair_info", "stream_batches", "resolve_cells", "anchor_position", "pooled_rows"]
