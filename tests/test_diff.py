@@ -455,7 +455,7 @@ def test_cli_diff_writes_the_run_folder_and_resumes(tiny_dir, tokenizer, tmp_pat
                "--hooks", "default,attn.hook_z"])
     assert rc == 0, capsys.readouterr().err
     for f in ("manifest.json", "pairs.jsonl", "rejected.jsonl", "check.csv", "diff_stats.safetensors", "layers.csv",
-              "dims.parquet", "candidates.csv", "contrasts.csv", "contrasts.parquet", "pairs.csv", "summary.json",
+              "dims.parquet", "candidates.csv", "contrasts.parquet", "sensitivity.csv", "pairs.csv", "summary.json",
               "heads.csv", "diff_directions.safetensors"):
         assert (run / f).exists(), f
     assert not list(run.glob(".*.tmp"))
@@ -467,6 +467,7 @@ def test_cli_diff_writes_the_run_folder_and_resumes(tiny_dir, tokenizer, tmp_pat
     pairs_csv = pd.read_csv(run / "pairs.csv")
     assert len(pairs_csv) == 24 and {"clean_logprob", "corrupt_logprob", "kl_0", "kl_last", "kl"} <= set(pairs_csv)
     layers = pd.read_csv(run / "layers.csv")
+    assert not (run / "contrasts.csv").exists()
     assert len(layers) == (1 + 2) * (5 * 2 + 2) * 5  # categories x hook points x offsets
     _check_directions_and_contrasts(run, tiny_dir)
     # A rerun on the run folder resumes from the complete statistics instead of recomputing.
@@ -502,25 +503,23 @@ def _check_directions_and_contrasts(run: Path, tiny_dir: Path) -> None:
             assert rel_err(sigma[li, o], C.std(0, ddof=1)) < 1e-5, (n, offsets[o])
     con = pd.read_parquet(run / "contrasts.parquet")
     o = offsets.index(0)
+    grp = {a.id: a.category.split("/")[0] for a in pairs}
     for li, n in enumerate(names):
         rows = ref[(n, o)]
-        # the stored sample is Δ in float16; ranks are unchanged by the per-dimension division by sigma
-        d = {r[3]: (torch.from_numpy(r[2]).float() - torch.from_numpy(r[1]).float()).half().double().numpy()
-             for r in rows}
-        grp = {a.id: a.category.split("/")[0] for a in pairs}
-        for measure, f in (("abs", np.abs), ("signed", lambda v: v)):
-            xa = np.stack([f(v) for k, v in d.items() if grp[k] == "grammar"])
-            xb = np.stack([f(v) for k, v in d.items() if grp[k] == "meaning"])
-            want = mannwhitneyu(xa, xb, alternative="two-sided", axis=0)
-            got = con[(con.hook == "hook_resid_post") & (con.layer == layers[li]) & (con.offset == 0)
-                      & (con.measure == measure)].sort_values("dim")
-            assert list(got["dim"]) == list(range(xa.shape[1])) and set(got["contrast"]) == {"grammar vs meaning"}
-            assert (got["n_a"] == len(xa)).all() and (got["n_b"] == len(xb)).all()
-            np.testing.assert_allclose(got["u"], want.statistic, rtol=0, atol=1e-9)
-            np.testing.assert_allclose(got["p"], want.pvalue, rtol=1e-9)
+        rel = {r[3]: np.linalg.norm(r[2] - r[1]) / np.linalg.norm(r[1]) for r in rows}
+        xa = np.array([v for k, v in rel.items() if grp[k] == "grammar"])
+        xb = np.array([v for k, v in rel.items() if grp[k] == "meaning"])
+        got = con[(con.hook == "hook_resid_post") & (con.layer == layers[li]) & (con.offset == 0)
+                  & (con.measure == "rel_l2")]
+        assert len(got) == 1 and set(got["contrast"]) == {"grammar vs meaning"}
+        r = got.iloc[0]
+        assert r["n_a"] == len(xa) and r["n_b"] == len(xb)
+        # one effect per layer: the difference of the groups' mean relative L2 (float32 per-pair values)
+        assert r["effect"] == pytest.approx(xa.mean() - xb.mean(), abs=1e-5)
+        assert r["effect_lo"] <= r["effect"] <= r["effect_hi"] and 0 < r["p"] <= 1
     from scipy.stats import false_discovery_control
 
-    for _m, g in con.dropna(subset=["p"]).groupby("measure"):  # NaN p: a dimension with sigma 0, not a test
+    for _m, g in con.dropna(subset=["p"]).groupby("measure"):
         assert np.allclose(g["q"], false_discovery_control(g["p"], method="bh"))
 
 

@@ -24,16 +24,16 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from .errors import EclensError
-
-
-def pooled_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """A diff table's rows that pool every swap direction (all rows of tables written before the column)."""
-    return df if "swap_direction" not in df.columns else df[df["swap_direction"].astype(str) == "all"]
 from .gguf_models import CONFOUND, EMBEDDED_MODELS
 from .hooks import DEFAULT_HOOKS
 from .report import BOOT_JS, CSS, Page, html_table, lib_blocks
 from .runs import RunData, atomic_write
 from .viz import esc
+
+
+def pooled_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """A diff table's rows that pool every swap direction (all rows of tables written before the column)."""
+    return df if "swap_direction" not in df.columns else df[df["swap_direction"].astype(str) == "all"]
 
 COLORS = ("#1f5fae", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f")
 PAGE = "compare.html"
