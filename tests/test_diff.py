@@ -326,7 +326,9 @@ def test_massive_dimensions_are_flagged(model, pairs):
     # torch's median of an even count is the lower middle value: cells within 1% of the threshold may differ
     clear = np.abs(ratio / 100 - 1) > 0.01
     assert clear.mean() > 0.99
-    assert np.array_equal(st["massive"].numpy()[clear], (ratio > 100)[clear])
+    assert np.array_equal(st["massive_cell"].numpy()[clear], (ratio > 100)[clear])
+    # a dimension massive at one aligned position of a layer is flagged at all of them
+    assert torch.equal(st["massive"], st["massive_cell"].any(1, keepdim=True).expand_as(st["massive"]))
     # SmolLM2 has massive dimensions here (above 100x at p+1 in early layers; short of Sun et al.'s 1000x
     # at the first token, which is not aligned here), and they are the largest dimension at most layers.
     assert (ratio > 100).any()
@@ -338,17 +340,18 @@ def test_massive_dimensions_are_flagged(model, pairs):
     D = low.dims
     massive = D[D.massive & (D.category == "all")]
     clear20 = np.abs(ratio / 20 - 1) > 0.01
-    want = {(g.layers[li], res.offsets[o], d) for li, o, d in zip(*np.nonzero((ratio > 20) & clear20))}
-    got = {(int(r.layer), int(r.offset), int(r.dim)) for r in massive.itertuples()}
-    near = {(g.layers[li], res.offsets[o], d) for li, o, d in zip(*np.nonzero(~clear20))}
-    assert want - near == got - near and top in {d for _, _, d in got}
+    want = {(g.layers[li], d) for li, o, d in zip(*np.nonzero((ratio > 20) & clear20))}
+    got = {(int(r.layer), int(r.dim)) for r in massive.itertuples()}
+    near = {(g.layers[li], d) for li, o, d in zip(*np.nonzero(~clear20))}
+    assert want - near == got - near and top in {d for _, d in got}
+    assert len(massive) == len(got) * len(res.offsets)  # every offset of the layer
     # flagged dimensions are never candidates
     C = low.candidates
     assert C.merge(D[D.massive][["category", "hook", "layer", "offset", "dim"]]).empty
-    assert low.summary["massive_dims"]["hook_resid_post"] == sorted({d for _, _, d in got})
+    assert low.summary["massive_dims"]["hook_resid_post"] == sorted({d for _, d in got})
 
 
-def test_contrasts_use_bh_over_all_tests(model):
+def test_contrasts_are_layer_effects_with_bh_over_all_rows(model):
     sents = [(f"The {w} runs fast.", f"The {w} run fast.", "grammar/agreement")
              for w in ("dog", "girl", "horse", "boy", "car", "child")]
     sents += [(f"The dog saw the {w}.", f"The dog saw the {v}.", "meaning/subject")
@@ -357,7 +360,8 @@ def test_contrasts_use_bh_over_all_tests(model):
     ps = make_pairs(model, sents)
     res = run_diff(model, ps, hooks="hook_resid_post", max_offset=0, batch_size=8, sample_size=64)
     con = res.contrasts
-    assert set(con["contrast"]) == {"grammar vs meaning"} and set(con["measure"]) == {"abs", "signed"}
+    assert set(con["contrast"]) == {"grammar vs meaning"} and set(con["measure"]) == {"rel_l2", "absz_mean"}
+    assert len(con) == 2 * len(res.group("hook_resid_post").layers)  # one effect per measure and layer
     for _m, d in con.groupby("measure"):
         from scipy.stats import false_discovery_control
 
@@ -480,7 +484,6 @@ def _check_directions_and_contrasts(run: Path, tiny_dir: Path) -> None:
     """diff_directions.safetensors and contrasts.parquet against numpy/scipy on the model's own
     activations, taken with ``run_with_cache`` in the run's batches (bit-identical float32)."""
     from safetensors import safe_open
-    from scipy.stats import mannwhitneyu
 
     from eclens import load_model
     from eclens.pairs import load_aligned

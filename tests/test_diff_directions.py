@@ -191,7 +191,7 @@ def test_massive_dimension_is_flagged_per_layer_and_left_out_of_the_norm(tiny, d
 def test_sensitivity_is_monotone_and_matches_the_candidates(unplanted):
     sens = unplanted.sensitivity
     assert set(sens["parameter"]) == {"threshold", "responsive_z", "responsive_sign"}
-    for (cat, d, h, param), g in sens.groupby(["category", "swap_direction", "hook", "parameter"]):
+    for (cat, d, _h, param), g in sens.groupby(["category", "swap_direction", "hook", "parameter"]):
         v = g.sort_values("value")["n_candidates"].to_numpy()
         assert (np.diff(v) >= 0).all() if param == "threshold" else (np.diff(v) <= 0).all(), (cat, d, param)
         assert g["default"].sum() == 1

@@ -112,7 +112,7 @@ def compute_contrasts(result: DiffResult) -> pd.DataFrame:
         valid = result.tensors["sample/valid"][:, oi] & (sgroup >= 0)
         for ia in range(len(names)):
             for ib in range(ia + 1, len(names)):
-                mem = torch.nonzero(valid & ((sgroup == ia) | (sgroup == ib))).flatten()
+                mem = result.by_pair_id(torch.nonzero(valid & ((sgroup == ia) | (sgroup == ib))).flatten())
                 grp = (sgroup.index_select(0, mem) == ia).numpy().astype(int)
                 na, nb = int(grp.sum()), int(len(grp) - grp.sum())
                 if na < cfg.min_group or nb < cfg.min_group:

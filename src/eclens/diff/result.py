@@ -343,6 +343,12 @@ class DiffResult:
             self._cache["dims"] = pd.concat(parts, ignore_index=True)
         return self._cache["dims"]
 
+    def by_pair_id(self, mem: torch.Tensor) -> torch.Tensor:
+        """Sample slots in the order of their pair ids: resampling draws then depend on the sampled pairs only,
+        not on the slots a run or a merge put them in."""
+        ids = self.meta["sample_ids"]
+        return mem[sorted(range(len(mem)), key=lambda i: str(ids[int(mem[i])]))] if len(mem) else mem
+
     def sample_clusters(self, mem: torch.Tensor) -> list[str]:
         """The cluster of each sampled pair in ``mem`` (its id for rows made before clusters were recorded)."""
         if "cluster_of_id" not in self._cache:
@@ -353,7 +359,7 @@ class DiffResult:
     def layer_intervals(self, hook: str, category: str = "all", direction: str = "all") -> dict[str, np.ndarray]:
         """Cluster-bootstrap intervals ``[L, O]`` of the mean relative L2 (``rel_l2_mean_lo``/``_hi``), from the
         sampled pairs (all pairs when there are at most ``sample_size``)."""
-        mem = self._sample_members(category, direction)
+        mem = self.by_pair_id(self._sample_members(category, direction))
         key = ("intervals", hook, tuple(mem.tolist()))
         if key in self._cache:
             return self._cache[key]
