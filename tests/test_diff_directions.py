@@ -202,6 +202,14 @@ def test_sensitivity_is_monotone_and_matches_the_candidates(unplanted):
         assert (g["n_candidates"] == listed).all(), (cat, d, kind)
 
 
+def test_sensitivity_figure(unplanted):
+    from eclens.measureviz import sensitivity_figure
+
+    fig = sensitivity_figure(unplanted.sensitivity)
+    names = {t.name for t in fig.data}
+    assert names == {"all", "up", "down"} and len(fig.layout.annotations) == 3
+
+
 def test_layer_intervals_cover_the_estimate(unplanted):
     lay = unplanted.layers
     ok = lay["rel_l2_mean_lo"].notna()
