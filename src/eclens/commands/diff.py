@@ -110,7 +110,7 @@ def diff(
     load_in_8bit: bool = Load8Opt,
     load_in_4bit: bool = Load4Opt,
 ) -> None:
-    """Stream position-aligned, normalised activation differences; write layers, dims, candidates, contrasts."""
+    """Stream position-aligned, normalised activation differences; write layers, dims, candidates, contrasts, sensitivity."""
     from ..diff import DiffConfig
     from ..steps import diff_step, save_diff
 
