@@ -126,7 +126,12 @@ def diff_step(run: str | Path, model, pairs: Sequence, config: DiffConfig | None
     nc = s.get("n_candidates") or {}
     con = s.get("contrasts") or {}
     nsig = sum((con.get("n_significant") or {}).values())
-    head = (f"{nc.get('stable', 0)} stable and {nc.get('responsive', 0)} responsive candidates (all pairs); "
+    # responsive is judged per swap direction: over all categories, each direction's count
+    per_dir = {k[4:]: v["responsive"] for k, v in (s.get("n_candidates_by_direction") or {}).items()
+               if k.startswith("all ")}
+    resp = (", ".join(f"{n} {d}" for d, n in per_dir.items()) + " responsive") if per_dir else \
+        f"{nc.get('responsive', 0)} responsive"
+    head = (f"{nc.get('stable', 0)} stable and {resp} candidates (all pairs); "
             f"{nsig} significant category contrasts")
     return StepOutcome("done", files, head, res)
 
