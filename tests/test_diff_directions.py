@@ -59,9 +59,9 @@ class Plant:
         return self.model.hooks(fwd_hooks=[(self.name, lambda act, hook: self.fn(act, self.toks)), *fwd_hooks], **kw)
 
 
-def plant_up(pairs, scale: float = 30.0):
+def plant_up(pairs, scale: float = 30.0, which=lambda a: a.pair.swap_direction == "up"):
     """Adds ``scale`` at ``UNITS`` from the changed token on, in the changed sentences of ``up`` pairs only."""
-    marks = {tuple(a.corrupt_ids): a.position for a in pairs if a.pair.swap_direction == "up"}
+    marks = {tuple(a.corrupt_ids): a.position for a in pairs if which(a)}
 
     def fn(act, toks):
         act = act.clone()
@@ -221,14 +221,31 @@ def test_layer_intervals_cover_the_estimate(unplanted):
     assert top["rel_l2_mean_lo"] <= top["rel_l2_mean"] <= top["rel_l2_mean_hi"]
 
 
-def test_contrast_null_on_an_unplanted_model_finds_nothing(tiny):
-    """Two category groups of the same kind of pair (labels drawn by cluster): no effect survives."""
+def labelled_pairs(tiny):
     pairs = direction_pairs(tiny.tokenizer, n_clusters=30)
     for a in pairs:
         c = int(a.pair.cluster[1:])
         a.pair.category = "alpha/x" if (c * 7) % 3 else "beta/x"
-    res = run_diff(tiny, pairs, hooks="hook_resid_post,hook_mlp_out", max_offset=1, batch_size=8, sample_size=64,
-                   n_boot=200, n_perm=300, contrast_offsets=[0, 1])
+    return pairs
+
+
+CON = dict(hooks="hook_resid_post,hook_mlp_out", max_offset=1, batch_size=8, sample_size=64, n_boot=200, n_perm=300,
+           contrast_offsets=[0, 1])
+
+
+def test_contrast_finds_a_planted_group_difference(tiny):
+    pairs = labelled_pairs(tiny)
+    model = Plant(tiny, "blocks.0.hook_resid_post", plant_up(pairs, 10.0, lambda a: a.category == "beta/x"))
+    con = run_diff(model, pairs, **CON).contrasts
+    sig = con[con["significant"]]
+    # found where the plant is (layer 0's residual stream, and what reads it), with beta above alpha
+    assert ((con.hook == "hook_resid_post") & (con.layer == 0) & con.significant).sum() == 4  # measures x offsets
+    assert (sig["effect"] < 0).all() and (sig["effect_hi"] < 0).all()
+
+
+def test_contrast_null_on_an_unplanted_model_finds_nothing(tiny):
+    """Two category groups of the same kind of pair (labels drawn by cluster): no effect survives."""
+    res = run_diff(tiny, labelled_pairs(tiny), **CON)
     con = res.contrasts
     assert set(con["contrast"]) == {"alpha vs beta"} and len(con) == 2 * 2 * 2 * 2  # measures x hooks x L x offs
     assert not con["significant"].any()
