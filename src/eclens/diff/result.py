@@ -366,6 +366,9 @@ class DiffResult:
         rl = self.tensors[f"{hook}/sample_rel_l2"].index_select(0, mem).to(F64).transpose(1, 2)  # [s, L, O]
         ok = self.tensors["sample/valid"].index_select(0, mem)[:, None, :] & torch.isfinite(rl)
         shape = rl.shape[1:]
+        if not len(mem):  # no sampled pair in the group: no interval
+            nan = np.full(tuple(shape), np.nan)
+            return {"rel_l2_mean_lo": nan, "rel_l2_mean_hi": nan.copy()}
         lo, hi = mean_intervals(rl.reshape(len(mem), -1).numpy(), ok.reshape(len(mem), -1).numpy(),
                                 self.sample_clusters(mem), self.config.n_boot, seed=self.config.seed)
         out = {"rel_l2_mean_lo": lo.reshape(shape), "rel_l2_mean_hi": hi.reshape(shape)}
