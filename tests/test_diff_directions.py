@@ -98,14 +98,15 @@ def unplanted(tiny, dpairs):
 
 def test_a_plant_in_one_direction_is_found_there_and_not_pooled(tiny, dpairs, unplanted):
     res = run_diff(Plant(tiny, "blocks.0.hook_resid_post", plant_up(dpairs)), dpairs, **KW)
-    assert res.stat_groups() == [("all", "all"), ("all", "down"), ("all", "up"),
-                                 ("test/x", "all"), ("test/x", "down"), ("test/x", "up")]
+    # one category: its directions are its own groups (``all`` would repeat them)
+    assert res.stat_groups() == [("all", "all"), ("test/x", "all"), ("test/x", "down"), ("test/x", "up")]
     offs = [o for o in res.offsets]
     want = {(o, u) for o in offs for u in UNITS}
-    assert not want & responsive(unplanted, "all", "up")  # the planted units do nothing by themselves
+    cat = "test/x"
+    assert not want & responsive(unplanted, cat, "up")  # the planted units do nothing by themselves
     # found in its direction at every aligned position, exactly the planted units
-    assert responsive(res, "all", "up") - responsive(unplanted, "all", "up") == want
-    assert responsive(res, "all", "down") == responsive(unplanted, "all", "down")
+    assert responsive(res, cat, "up") - responsive(unplanted, cat, "up") == want
+    assert responsive(res, cat, "down") == responsive(unplanted, cat, "down")
     # pooled: no responsive candidate and no signed statistic (the directions would cancel in it)
     c = res.candidates
     pooled = c[c.swap_direction == "all"]
@@ -114,13 +115,14 @@ def test_a_plant_in_one_direction_is_found_there_and_not_pooled(tiny, dpairs, un
     assert lay[lay.swap_direction == "all"]["dir_consistency"].isna().all()
     assert lay[lay.swap_direction == "up"]["dir_consistency"].notna().any()
     s = res.summary
-    assert s["n_candidates"]["responsive"] == 0 and s["n_candidates_by_direction"]["all up"]["responsive"] > 0
+    assert s["n_candidates"]["responsive"] == 0 and s["n_candidates_by_direction"]["test/x up"]["responsive"] > 0
+    assert s["n_responsive_by_direction"]["up"] == s["n_candidates_by_direction"]["test/x up"]["responsive"]
 
 
 def test_unplanted_pooled_statistics_are_the_merge_of_the_directions(unplanted):
     """Directions and halves are state rows; every group is their exact merge."""
     full = unplanted.cell_stats("hook_resid_post")
-    parts = [unplanted.cell_stats("hook_resid_post", "all", d) for d in ("up", "down")]
+    parts = [unplanted.cell_stats("hook_resid_post", "test/x", d) for d in ("up", "down")]
     halves = [unplanted.for_half(h).cell_stats("hook_resid_post") for h in (0, 1)]
     for ps in (parts, halves):
         n = sum(p["n"] for p in ps)
@@ -207,7 +209,9 @@ def test_sensitivity_figure(unplanted):
 
     fig = sensitivity_figure(unplanted.sensitivity)
     names = {t.name for t in fig.data}
-    assert names == {"all", "up", "down"} and len(fig.layout.annotations) == 3
+    assert names == {"all"} and len(fig.layout.annotations) == 3
+    fig = sensitivity_figure(unplanted.sensitivity, category="test/x")
+    assert {t.name for t in fig.data} == {"all", "up", "down"}
 
 
 def test_layer_intervals_cover_the_estimate(unplanted):

@@ -127,9 +127,8 @@ def diff_step(run: str | Path, model, pairs: Sequence, config: DiffConfig | None
     con = s.get("contrasts") or {}
     nsig = sum((con.get("n_significant") or {}).values())
     # responsive is judged per swap direction: over all categories, each direction's count
-    per_dir = {k[4:]: v["responsive"] for k, v in (s.get("n_candidates_by_direction") or {}).items()
-               if k.startswith("all ")}
-    resp = (", ".join(f"{n} {d}" for d, n in per_dir.items()) + " responsive") if per_dir else \
+    per_dir = s.get("n_responsive_by_direction") or {}
+    resp = (f"{sum(per_dir.values())} responsive (per swap direction)") if len(per_dir) > 1 else \
         f"{nc.get('responsive', 0)} responsive"
     head = (f"{nc.get('stable', 0)} stable and {resp} candidates (all pairs); "
             f"{nsig} significant category contrasts")

@@ -173,14 +173,14 @@ def print_summary(res, run: Path) -> None:
     for h, v in s["max_rel_l2_at_p"].items():
         c = cand[(cand["hook"] == h) & (cand["category"] == "all")] if not cand.empty else cand
         ns = int(((c["kind"] == "stable") & (c["swap_direction"] == "all")).sum()) if not c.empty else 0
-        nr = int((c["kind"] == "responsive").sum()) if not c.empty else 0
+        nr = int((cand[cand["hook"] == h]["kind"] == "responsive").sum()) if not cand.empty else 0
         t.add_row(h, str(v["layer"]), f"{v['rel_l2_mean']:.3f} [{v['rel_l2_mean_lo']:.3f}, "
                   f"{v['rel_l2_mean_hi']:.3f}]", str(ns), str(nr))
     out.print(t)
-    by_dir = {k: v for k, v in (s.get("n_candidates_by_direction") or {}).items() if k.startswith("all ")}
-    if by_dir:
-        out.print("responsive candidates per swap direction (all categories): " + "; ".join(
-            f"{k[4:]}: {v['responsive']}" for k, v in by_dir.items()))
+    by_dir = s.get("n_responsive_by_direction") or {}
+    if len(by_dir) > 1:
+        out.print("responsive candidates per swap direction (the rule is applied per direction): " + "; ".join(
+            f"{d}: {n}" for d, n in by_dir.items()))
     con = s.get("contrasts") or {}
     if con.get("n_tests"):
         parts = [f"{k}: {con['n_significant'].get(k, 0)} of {n}" for k, n in con["n_tests"].items()]

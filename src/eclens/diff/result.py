@@ -86,8 +86,20 @@ class DiffResult:
             dirs = self.directions(cat)
             out.append((cat, "all"))
             if len(dirs) > 1:
-                out += [(cat, d) for d in dirs]
+                # ``all`` lists a direction only where it spans categories: one category's direction is that
+                # category's own group (listed there), and the same rows twice would double the tables
+                out += [(cat, d) for d in dirs if cat != "all" or self.direction_spans(d) > 1]
         return out
+
+    def direction_spans(self, direction: str) -> int:
+        """How many categories hold pairs of ``direction``."""
+        return len({c for c, d, _ in self.config.rows if d == direction})
+
+    def direction_group(self, direction: str) -> tuple[str, str]:
+        """The group that holds every pair of ``direction``: ``all`` or its one category."""
+        if self.direction_spans(direction) > 1:
+            return ("all", direction)
+        return (next(c for c, d, _ in self.config.rows if d == direction), direction)
 
     def mixed(self, category: str, direction: str = "all") -> bool:
         """True where the group pools opposite swap directions: its signed statistics mean nothing."""
@@ -587,6 +599,12 @@ class DiffResult:
                 cat: {k: int(((pooled["category"] == cat) & (pooled["kind"] == k)).sum())
                       for k in ("stable", "responsive")} for cat in self.categories}
             per = cand[cand["swap_direction"] != "all"]
+            s["n_responsive_by_direction"] = {}
+            for d in self.directions("all"):
+                cat, _ = self.direction_group(d)
+                s["n_responsive_by_direction"][d] = int(((per["category"] == cat) & (per["swap_direction"] == d)
+                                                         & (per["kind"] == "responsive")).sum()) \
+                    if self.mixed(cat) else int(((pooled["category"] == cat) & (pooled["kind"] == "responsive")).sum())
             s["n_candidates_by_direction"] = {
                 f"{cat} {d}": {k: int(((per["category"] == cat) & (per["swap_direction"] == d) & (per["kind"] == k))
                                       .sum()) for k in ("stable", "responsive")}
