@@ -326,7 +326,9 @@ def test_massive_dimensions_are_flagged(model, pairs):
     # torch's median of an even count is the lower middle value: cells within 1% of the threshold may differ
     clear = np.abs(ratio / 100 - 1) > 0.01
     assert clear.mean() > 0.99
-    assert np.array_equal(st["massive"].numpy()[clear], (ratio > 100)[clear])
+    assert np.array_equal(st["massive_cell"].numpy()[clear], (ratio > 100)[clear])
+    # a dimension massive at one aligned position of a layer is flagged at all of them
+    assert torch.equal(st["massive"], st["massive_cell"].any(1, keepdim=True).expand_as(st["massive"]))
     # SmolLM2 has massive dimensions here (above 100x at p+1 in early layers; short of Sun et al.'s 1000x
     # at the first token, which is not aligned here), and they are the largest dimension at most layers.
     assert (ratio > 100).any()
@@ -338,17 +340,18 @@ def test_massive_dimensions_are_flagged(model, pairs):
     D = low.dims
     massive = D[D.massive & (D.category == "all")]
     clear20 = np.abs(ratio / 20 - 1) > 0.01
-    want = {(g.layers[li], res.offsets[o], d) for li, o, d in zip(*np.nonzero((ratio > 20) & clear20))}
-    got = {(int(r.layer), int(r.offset), int(r.dim)) for r in massive.itertuples()}
-    near = {(g.layers[li], res.offsets[o], d) for li, o, d in zip(*np.nonzero(~clear20))}
-    assert want - near == got - near and top in {d for _, _, d in got}
+    want = {(g.layers[li], d) for li, o, d in zip(*np.nonzero((ratio > 20) & clear20))}
+    got = {(int(r.layer), int(r.dim)) for r in massive.itertuples()}
+    near = {(g.layers[li], d) for li, o, d in zip(*np.nonzero(~clear20))}
+    assert want - near == got - near and top in {d for _, d in got}
+    assert len(massive) == len(got) * len(res.offsets)  # every offset of the layer
     # flagged dimensions are never candidates
     C = low.candidates
     assert C.merge(D[D.massive][["category", "hook", "layer", "offset", "dim"]]).empty
-    assert low.summary["massive_dims"]["hook_resid_post"] == sorted({d for _, _, d in got})
+    assert low.summary["massive_dims"]["hook_resid_post"] == sorted({d for _, d in got})
 
 
-def test_contrasts_use_bh_over_all_tests(model):
+def test_contrasts_are_layer_effects_with_bh_over_all_rows(model):
     sents = [(f"The {w} runs fast.", f"The {w} run fast.", "grammar/agreement")
              for w in ("dog", "girl", "horse", "boy", "car", "child")]
     sents += [(f"The dog saw the {w}.", f"The dog saw the {v}.", "meaning/subject")
@@ -357,7 +360,8 @@ def test_contrasts_use_bh_over_all_tests(model):
     ps = make_pairs(model, sents)
     res = run_diff(model, ps, hooks="hook_resid_post", max_offset=0, batch_size=8, sample_size=64)
     con = res.contrasts
-    assert set(con["contrast"]) == {"grammar vs meaning"} and set(con["measure"]) == {"abs", "signed"}
+    assert set(con["contrast"]) == {"grammar vs meaning"} and set(con["measure"]) == {"rel_l2", "absz_mean"}
+    assert len(con) == 2 * len(res.group("hook_resid_post").layers)  # one effect per measure and layer
     for _m, d in con.groupby("measure"):
         from scipy.stats import false_discovery_control
 
@@ -455,7 +459,7 @@ def test_cli_diff_writes_the_run_folder_and_resumes(tiny_dir, tokenizer, tmp_pat
                "--hooks", "default,attn.hook_z"])
     assert rc == 0, capsys.readouterr().err
     for f in ("manifest.json", "pairs.jsonl", "rejected.jsonl", "check.csv", "diff_stats.safetensors", "layers.csv",
-              "dims.parquet", "candidates.csv", "contrasts.csv", "contrasts.parquet", "pairs.csv", "summary.json",
+              "dims.parquet", "candidates.csv", "contrasts.parquet", "sensitivity.csv", "pairs.csv", "summary.json",
               "heads.csv", "diff_directions.safetensors"):
         assert (run / f).exists(), f
     assert not list(run.glob(".*.tmp"))
@@ -467,6 +471,7 @@ def test_cli_diff_writes_the_run_folder_and_resumes(tiny_dir, tokenizer, tmp_pat
     pairs_csv = pd.read_csv(run / "pairs.csv")
     assert len(pairs_csv) == 24 and {"clean_logprob", "corrupt_logprob", "kl_0", "kl_last", "kl"} <= set(pairs_csv)
     layers = pd.read_csv(run / "layers.csv")
+    assert not (run / "contrasts.csv").exists()
     assert len(layers) == (1 + 2) * (5 * 2 + 2) * 5  # categories x hook points x offsets
     _check_directions_and_contrasts(run, tiny_dir)
     # A rerun on the run folder resumes from the complete statistics instead of recomputing.
@@ -479,7 +484,6 @@ def _check_directions_and_contrasts(run: Path, tiny_dir: Path) -> None:
     """diff_directions.safetensors and contrasts.parquet against numpy/scipy on the model's own
     activations, taken with ``run_with_cache`` in the run's batches (bit-identical float32)."""
     from safetensors import safe_open
-    from scipy.stats import mannwhitneyu
 
     from eclens import load_model
     from eclens.pairs import load_aligned
@@ -502,25 +506,23 @@ def _check_directions_and_contrasts(run: Path, tiny_dir: Path) -> None:
             assert rel_err(sigma[li, o], C.std(0, ddof=1)) < 1e-5, (n, offsets[o])
     con = pd.read_parquet(run / "contrasts.parquet")
     o = offsets.index(0)
+    grp = {a.id: a.category.split("/")[0] for a in pairs}
     for li, n in enumerate(names):
         rows = ref[(n, o)]
-        # the stored sample is Δ in float16; ranks are unchanged by the per-dimension division by sigma
-        d = {r[3]: (torch.from_numpy(r[2]).float() - torch.from_numpy(r[1]).float()).half().double().numpy()
-             for r in rows}
-        grp = {a.id: a.category.split("/")[0] for a in pairs}
-        for measure, f in (("abs", np.abs), ("signed", lambda v: v)):
-            xa = np.stack([f(v) for k, v in d.items() if grp[k] == "grammar"])
-            xb = np.stack([f(v) for k, v in d.items() if grp[k] == "meaning"])
-            want = mannwhitneyu(xa, xb, alternative="two-sided", axis=0)
-            got = con[(con.hook == "hook_resid_post") & (con.layer == layers[li]) & (con.offset == 0)
-                      & (con.measure == measure)].sort_values("dim")
-            assert list(got["dim"]) == list(range(xa.shape[1])) and set(got["contrast"]) == {"grammar vs meaning"}
-            assert (got["n_a"] == len(xa)).all() and (got["n_b"] == len(xb)).all()
-            np.testing.assert_allclose(got["u"], want.statistic, rtol=0, atol=1e-9)
-            np.testing.assert_allclose(got["p"], want.pvalue, rtol=1e-9)
+        rel = {r[3]: np.linalg.norm(r[2] - r[1]) / np.linalg.norm(r[1]) for r in rows}
+        xa = np.array([v for k, v in rel.items() if grp[k] == "grammar"])
+        xb = np.array([v for k, v in rel.items() if grp[k] == "meaning"])
+        got = con[(con.hook == "hook_resid_post") & (con.layer == layers[li]) & (con.offset == 0)
+                  & (con.measure == "rel_l2")]
+        assert len(got) == 1 and set(got["contrast"]) == {"grammar vs meaning"}
+        r = got.iloc[0]
+        assert r["n_a"] == len(xa) and r["n_b"] == len(xb)
+        # one effect per layer: the difference of the groups' mean relative L2 (float32 per-pair values)
+        assert r["effect"] == pytest.approx(xa.mean() - xb.mean(), abs=1e-5)
+        assert r["effect_lo"] <= r["effect"] <= r["effect_hi"] and 0 < r["p"] <= 1
     from scipy.stats import false_discovery_control
 
-    for _m, g in con.dropna(subset=["p"]).groupby("measure"):  # NaN p: a dimension with sigma 0, not a test
+    for _m, g in con.dropna(subset=["p"]).groupby("measure"):
         assert np.allclose(g["q"], false_discovery_control(g["p"], method="bh"))
 
 

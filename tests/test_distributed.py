@@ -266,7 +266,17 @@ def test_ec_diff_under_torchrun_equals_one_process(tmp_path):
     _ec_one_and_two(tmp_path, ["diff", str(pairs_file), "--model", str(folder), "--batch-size", "3"])
     one = pd.read_csv(tmp_path / "one" / "layers.csv")
     two = pd.read_csv(tmp_path / "two" / "layers.csv")
-    _same_columns(one, two, ("rel_l2_mean", "cos_mean", "l2_mean", "dir_consistency"))
+    _same_columns(one, two, ("rel_l2_mean", "cos_mean", "l2_mean", "dir_consistency", "rel_l2_rms_nomassive",
+                             "rel_l2_mean_lo", "rel_l2_mean_hi"))
+    # the per-half state merges across the ranks too
+    from eclens.diff import DiffResult
+
+    r1, r2 = DiffResult.load(tmp_path / "one"), DiffResult.load(tmp_path / "two")
+    assert r1.config.cells == r2.config.cells
+    for h in (0, 1):
+        assert torch.equal(r1.for_half(h).counts(), r2.for_half(h).counts())
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "one" / "sensitivity.csv"),
+                                  pd.read_csv(tmp_path / "two" / "sensitivity.csv"))
     man = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert man["world_size"] == 2
 

@@ -60,7 +60,8 @@ def test_contrasts_note_says_what_the_table_holds(real_run):  # noqa: F811
     note = contrasts_note(rd)
     con = rd.summary["contrasts"]
     n_tests, n_sig = sum(con["n_tests"].values()), sum((con.get("n_significant") or {}).values())
-    assert f"{n_tests} per-dimension category contrasts were tested (Mann–Whitney U); {n_sig} are significant" in note
+    assert f"{n_tests} category contrasts were tested, one per (group pair, measure, hook, layer, offset)" in note
+    assert f"{n_sig} are significant" in note
     n_rows_sig = int((rd.contrasts["q"] <= con["alpha"]).sum())
     assert f"The table holds {len(rd.contrasts)} rows" in note and f"({n_rows_sig} of them with q ≤" in note
 

@@ -14,7 +14,7 @@ from eclens.errors import EclensError
 from eclens.pipeline import STEPS, RunConfig, run_pipeline, spread_pairs
 
 CONTRACT = ("manifest.json", "pairs.jsonl", "rejected.jsonl", "check.csv", "layers.csv", "dims.parquet",
-            "candidates.csv", "contrasts.csv", "pairs.csv", "summary.json", "patch_exact.csv", "patch_dims.csv",
+            "candidates.csv", "contrasts.parquet", "sensitivity.csv", "pairs.csv", "summary.json", "patch_exact.csv", "patch_dims.csv",
             "patch_dims_controls.csv", "patch_attribution.csv", "patch_summary.json", "report.html")
 
 

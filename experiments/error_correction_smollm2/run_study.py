@@ -639,6 +639,8 @@ def analyse_layers(runs: dict[str, Path]) -> tuple[pd.DataFrame, pd.DataFrame, d
         lay = read_table(run / "layers.csv")
         if lay.empty:
             continue
+        if "swap_direction" in lay.columns:  # the pooled rows (per-direction rows are in the run's own table)
+            lay = lay[lay["swap_direction"].astype(str) == "all"]
         cols = [c for c in LAYER_COLS if c in lay.columns]
         a = lay[lay["category"] == "all"][["hook", "layer", "offset", *cols]].copy()
         a.insert(0, "dataset", name)
@@ -882,8 +884,8 @@ def stable_breakdown(la: pd.DataFrame, heads: dict, d_head: int | None) -> dict:
 
 
 def analyse_contrasts(run: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, dict]:
-    """Per-dimension grammar / meaning / typo contrasts (Mann–Whitney U, BH over every test of a measure),
-    at the changed token and at the last token."""
+    """Grammar / meaning / typo contrasts: one effect (difference of group means) per measure, hook, layer and
+    offset, with a cluster-bootstrap interval and a cluster-permutation p (BH over every row of a measure)."""
     p = run / "contrasts.parquet"
     if not p.exists():
         return pd.DataFrame(), pd.DataFrame(), pd.DataFrame(), {}
@@ -901,7 +903,7 @@ def analyse_contrasts(run: Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFra
     by_layer = (con.groupby([*keys, "hook", "layer"])
                 .agg(n_tests=("p", "size"), n_significant=("significant", "sum")).reset_index())
     top = (con[con["significant"]].sort_values("q", kind="stable").groupby(keys).head(10)
-           [[*keys, "hook", "layer", "dim", "unit", "head", "n_a", "n_b", "median_a", "median_b", "effect", "p",
+           [[*keys, "hook", "layer", "n_a", "n_b", "mean_a", "mean_b", "effect", "effect_lo", "effect_hi", "p",
              "q"]])
     find: dict = {"alpha": ALPHA, "rows": []}
     for (contrast, measure, pos), g in con.groupby(keys):

@@ -515,7 +515,14 @@ def diff_from_cache(
     Batches follow the cache's own order and ``batch_size`` (default: the one it was
     written with), so a float32 cache reproduces the streaming numbers exactly.
     """
-    from .diff import DiffAccumulator, DiffConfig, DiffResult, resolve_categories
+    from .diff import (
+        DiffAccumulator,
+        DiffConfig,
+        DiffResult,
+        anchor_position,
+        resolve_categories,
+        resolve_cells,
+    )
     from .hooks import groups_from_shapes
 
     store = open_cache(run)
@@ -534,6 +541,7 @@ def diff_from_cache(
     sample_dtype = rule.pop("sample_dtype", torch.float16)
     cfg = DiffConfig(hooks=names, max_offset=max_offset, include_last=include_last, categories=cats, by_category=by,
                      sample_size=sample_size, seed=seed, **rule)
+    cfg.cells = cfg.cells or resolve_cells(store.pairs, cfg)
     shapes = store.shapes
     glist = groups_from_shapes(names, {n: tuple(shapes[n]) for n in names})
     acc = DiffAccumulator(cfg, glist, "cpu", sample_dtype, n_pairs=len(store.pairs))
@@ -559,7 +567,7 @@ def diff_from_cache(
                     a = pairs[i]
                     r0, nr, p0 = int(rows_all[i]), int(rows_all[i + 1] - rows_all[i]), int(pstart[i])
                     for o, off in enumerate(offs):
-                        t = aligned_position(a.position, a.length, off)
+                        t = aligned_position(anchor_position(a, cfg.anchor), a.length, off)
                         ok = t < a.length and p0 <= t < p0 + nr
                         if off < 0 and not (p0 <= t < p0 + nr):
                             raise EclensError(f"{store.folder}: the last token of pair {a.id} is not cached; "
@@ -581,7 +589,8 @@ def diff_from_cache(
                         per_layer.append(torch.cat([cg, xg]))
                     acts[g.suffix] = torch.stack(per_layer, dim=2)  # [2B, O, L, *rest]
                 rows = [{k2: v for k2, v in meta[a.id].items() if k2 not in
-                         ("id", "category", "source", "position", "length", "clean_token", "corrupt_token")}
+                         ("id", "category", "source", "position", "length", "clean_token", "corrupt_token",
+                          "cluster", "swap_direction", "detect_position")}
                         for a in bp]
                 rows = [_fill_kl(r, a, offs) for r, a in zip(rows, bp)]
                 acc.update(bp, acts, valid, rows)

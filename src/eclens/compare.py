@@ -30,6 +30,11 @@ from .report import BOOT_JS, CSS, Page, html_table, lib_blocks
 from .runs import RunData, atomic_write
 from .viz import esc
 
+
+def pooled_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """A diff table's rows that pool every swap direction (all rows of tables written before the column)."""
+    return df if "swap_direction" not in df.columns else df[df["swap_direction"].astype(str) == "all"]
+
 COLORS = ("#1f5fae", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#17becf", "#7f7f7f")
 PAGE = "compare.html"
 
@@ -189,7 +194,7 @@ def _hooks_in(c: Compared, df_of, col="hook") -> list[str]:
 
 def _layers_all(rd: RunData) -> pd.DataFrame | None:
     lay = rd.layers
-    return None if lay is None else lay[lay["category"] == "all"]
+    return None if lay is None else pooled_rows(lay[lay["category"] == "all"])
 
 
 def _layers_panel(page: Page, c: Compared) -> None:

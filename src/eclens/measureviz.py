@@ -51,3 +51,28 @@ def probe_figure(curves: dict[str, pd.DataFrame], title: str = "Error signal: pr
     fig.update_layout(title=title, xaxis_title="layer (-1 = embedding)", yaxis_title="CV accuracy (by cluster)",
                       template="plotly_white", yaxis_range=[0.3, 1.02])
     return fig
+
+
+def sensitivity_figure(sens: pd.DataFrame, category: str = "all",
+                       title: str = "Threshold sensitivity: candidates over each rule's threshold") -> go.Figure:
+    """``sensitivity.csv`` as one panel per rule threshold: the number of candidate dimensions (all hooks) against
+    the threshold, one line per swap direction of ``category`` (``all`` pools them: stable only); the run's own
+    setting is marked. Counts that swing by orders of magnitude around the setting say the rule decides the answer."""
+    params = [p for p in ("threshold", "responsive_z", "responsive_sign") if p in set(sens["parameter"])]
+    fig = make_subplots(rows=1, cols=max(1, len(params)), subplot_titles=[
+        {"threshold": "stable: |Δ|/σ under", "responsive_z": "responsive: median |Δ|/σ at least",
+         "responsive_sign": "responsive: sign consistency at least"}[p] for p in params])
+    sub = sens[sens["category"] == category]
+    for i, p in enumerate(params):
+        d = sub[sub["parameter"] == p].groupby(["swap_direction", "value"], as_index=False) \
+            .agg(n=("n_candidates", "sum"), default=("default", "any"))
+        for direction, g in d.groupby("swap_direction", sort=True):
+            g = g.sort_values("value")
+            fig.add_trace(go.Scatter(
+                x=g["value"], y=g["n"], mode="lines+markers", name=str(direction), legendgroup=str(direction),
+                showlegend=i == 0, marker=dict(size=[11 if x else 6 for x in g["default"]],
+                                               symbol=["diamond" if x else "circle" for x in g["default"]]),
+                hovertemplate=f"{direction}<br>{p} %{{x}}<br>%{{y}} candidates<extra></extra>"), row=1, col=i + 1)
+    fig.update_yaxes(type="log", title_text="candidate dimensions", row=1, col=1)
+    fig.update_layout(title=f"{title} [{category}]", height=340, template="plotly_white")
+    return fig

@@ -444,7 +444,7 @@ def _contrasts_section(page: _Page, run: RunData) -> None:
     _section(page, "contrasts", "Category contrasts")
     df = run.contrasts
     if df is None:
-        _missing(page, "contrasts.csv", f"ec diff {run.path}")
+        _missing(page, "contrasts.parquet", f"ec diff {run.path}")
         page.add("</section>")
         return
     page.add(f"<p>{esc(contrasts_note(run, shown=min(30, len(df))))}</p>")
@@ -463,6 +463,8 @@ def choose_attention_layer(run: RunData, n_layers: int) -> int:
         try:
             col = viz.pick_column(df, viz.REL_L2_COLS, "relative L2")
             d = df[(df["hook"] == "hook_attn_out") & (df["offset"] == 1) & (df["category"] == "all")]
+            if "swap_direction" in d.columns:
+                d = d[d["swap_direction"].astype(str) == "all"]
             d = d[d[col].notna()]  # no token after the change (it is the last): no value at offset 1
             if not d.empty:
                 return int(d.loc[d[col].idxmax(), "layer"])

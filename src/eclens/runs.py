@@ -490,7 +490,7 @@ class RunData:
 
     @cached_property
     def contrasts(self) -> pd.DataFrame | None:
-        return self._table("contrasts.csv")
+        return self._table("contrasts.parquet")
 
     @cached_property
     def pair_metrics(self) -> pd.DataFrame | None:

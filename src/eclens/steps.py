@@ -104,7 +104,7 @@ def diff_step(run: str | Path, model, pairs: Sequence, config: DiffConfig | None
     """:func:`eclens.diff.run_diff` over ``pairs`` (resuming the run's checkpoint), its tables written
     (:func:`save_diff`). Under torchrun every rank streams its shard and rank 0 merges and writes."""
     from . import distributed as D
-    from .diff import resolve_categories, run_diff
+    from .diff import resolve_categories, resolve_cells, run_diff
 
     run = Path(run)
     cfg = config or DiffConfig()
@@ -112,6 +112,7 @@ def diff_step(run: str | Path, model, pairs: Sequence, config: DiffConfig | None
         mode, labels = resolve_categories(pairs, list(cfg.categories) or cfg.by_category)
         cfg = replace(cfg, categories=labels if mode != "none" else [],
                       by_category=cfg.by_category if mode != "none" else "none")
+        cfg = replace(cfg, cells=cfg.cells or resolve_cells(pairs, cfg))
         res = run_diff(model, D.shard(pairs, ctx), batch_size=batch_size, run=run / f"rank{ctx.rank}of{ctx.world_size}",
                        checkpoint_every=checkpoint_every, progress=ctx.is_main, config=cfg)
         res = D.merge_diff(res, ctx)
@@ -125,7 +126,11 @@ def diff_step(run: str | Path, model, pairs: Sequence, config: DiffConfig | None
     nc = s.get("n_candidates") or {}
     con = s.get("contrasts") or {}
     nsig = sum((con.get("n_significant") or {}).values())
-    head = (f"{nc.get('stable', 0)} stable and {nc.get('responsive', 0)} responsive candidates (all pairs); "
+    # responsive is judged per swap direction: over all categories, each direction's count
+    per_dir = s.get("n_responsive_by_direction") or {}
+    resp = (f"{sum(per_dir.values())} responsive (per swap direction)") if len(per_dir) > 1 else \
+        f"{nc.get('responsive', 0)} responsive"
+    head = (f"{nc.get('stable', 0)} stable and {resp} candidates (all pairs); "
             f"{nsig} significant category contrasts")
     return StepOutcome("done", files, head, res)
 

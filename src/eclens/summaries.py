@@ -122,9 +122,10 @@ def glance(run) -> list[str]:
     if con.get("n_tests"):
         tests = sum(con["n_tests"].values())
         sig = sum((con.get("n_significant") or {}).values())
-        out.append(f"Category contrasts: {sig} of {tests} per-dimension tests are significant at a "
-                   f"Benjamini–Hochberg false discovery rate of {num(con.get('alpha', 0.05))}"
-                   + (" — a null result: no dimension separates the categories." if sig == 0 else "."))
+        out.append(f"Category contrasts: {sig} of {tests} layer-level effects (difference of group means, "
+                   f"labels permuted across clusters) are significant at a Benjamini–Hochberg false discovery rate "
+                   f"of {num(con.get('alpha', 0.05))}"
+                   + (" — a null result: no layer separates the categories." if sig == 0 else "."))
     ps = run.patch_summary or {}
     dims = ps.get("dims") if isinstance(ps.get("dims"), dict) else None
     if dims and dims.get("verdict"):
@@ -255,12 +256,13 @@ def contrasts_note(run, shown: int | None = None) -> str:
     n_sig_rows = int((df[qcol] <= alpha).sum()) if qcol else None
     parts = []
     if n_tests is not None:
-        parts.append(f"{n_tests} per-dimension category contrasts were tested (Mann–Whitney U); {n_sig} are "
+        parts.append(f"{n_tests} category contrasts were tested, one per (group pair, measure, hook, layer, "
+                     f"offset): the difference of the groups' mean change with a cluster-bootstrap interval, "
+                     f"p from permuting group labels across clusters; {n_sig} are "
                      f"significant at a Benjamini–Hochberg false discovery rate of {num(alpha)}"
-                     + (" — a null result: no dimension separates the categories." if n_sig == 0 else "."))
+                     + (" — a null result: no layer separates the categories." if n_sig == 0 else "."))
     if df is not None:
-        parts.append(f"The table holds {plural(len(df), 'row')}: every significant contrast and, per contrast and "
-                     "measure, the tests with the smallest q, sorted by q"
+        parts.append(f"The table holds {plural(len(df), 'row')}, sorted by q"
                      + (f" ({n_sig_rows} of them with q ≤ {num(alpha)})" if n_sig_rows is not None else "")
                      + (f"; {shown} are shown" if shown is not None and shown < len(df) else "") + ".")
     return " ".join(parts)

@@ -68,6 +68,8 @@ def pick_column(df: pd.DataFrame, candidates: Sequence[str], what: str, given: s
 
 
 def _filter(df: pd.DataFrame, **eq: Any) -> pd.DataFrame:
+    if "swap_direction" in df.columns and "swap_direction" not in eq:  # the pooled rows unless asked
+        df = df[df["swap_direction"].astype(str) == "all"]
     for k, v in eq.items():
         if v is not None and k in df.columns:
             df = df[df[k] == v]

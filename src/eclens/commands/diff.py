@@ -98,6 +98,8 @@ def diff(
     responsive_z: float = typer.Option(1.0, "--responsive-z", help="responsive: median |Δ|/σ at least this"),
     responsive_sign: float = typer.Option(0.8, "--responsive-sign", help="responsive: sign consistency at least"),
     checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="save a resumable checkpoint every N batches"),
+    anchor: str = typer.Option("p", "--anchor", help="where offset 0 sits: p (the changed token) or detect (where the "
+                               "error becomes detectable; p for pairs without a detect word)"),
     from_cache: Path = typer.Option(None, "--from-cache", help="compute from a run's activation cache (ec cache) "
                                     "instead of the model"),
     fmt: str = FormatOpt,
@@ -108,12 +110,14 @@ def diff(
     load_in_8bit: bool = Load8Opt,
     load_in_4bit: bool = Load4Opt,
 ) -> None:
-    """Stream position-aligned, normalised activation differences; write layers, dims, candidates, contrasts."""
+    """Stream position-aligned, normalised activation differences; write layers, dims, candidates, contrasts, sensitivity."""
     from ..diff import DiffConfig
     from ..steps import diff_step, save_diff
 
+    if anchor not in ("p", "detect"):
+        raise typer.BadParameter(f"--anchor must be p or detect, got {anchor!r}")
     rule = dict(threshold=threshold, stable_frac=stable_frac, responsive_z=responsive_z,
-                responsive_sign=responsive_sign)
+                responsive_sign=responsive_sign, anchor=anchor)
     if from_cache is not None:
         from ..cache import diff_from_cache, open_cache
 
@@ -160,21 +164,28 @@ def print_summary(res, run: Path) -> None:
     s = res.summary
     t = Table(title=f"ec diff: {s['n_pairs']} pairs, {s['n_hook_points']} hook points → {run}")
     t.add_column("hook")
-    t.add_column("layer of max ‖Δ‖/‖a‖ at p", justify="right")
-    t.add_column("max ‖Δ‖/‖a‖", justify="right")
+    at = "p" if res.config.anchor == "p" else "detect"
+    t.add_column(f"layer of max ‖Δ‖/‖a‖ at {at}", justify="right")
+    t.add_column("max ‖Δ‖/‖a‖ [95% CI]", justify="right")
     t.add_column("stable", justify="right")
-    t.add_column("responsive", justify="right")
+    t.add_column("responsive (per direction)", justify="right")
     cand = res.candidates
     for h, v in s["max_rel_l2_at_p"].items():
         c = cand[(cand["hook"] == h) & (cand["category"] == "all")] if not cand.empty else cand
-        ns = int((c["kind"] == "stable").sum()) if not c.empty else 0
-        nr = int((c["kind"] == "responsive").sum()) if not c.empty else 0
-        t.add_row(h, str(v["layer"]), f"{v['rel_l2_mean']:.3f}", str(ns), str(nr))
+        ns = int(((c["kind"] == "stable") & (c["swap_direction"] == "all")).sum()) if not c.empty else 0
+        nr = int((cand[cand["hook"] == h]["kind"] == "responsive").sum()) if not cand.empty else 0
+        t.add_row(h, str(v["layer"]), f"{v['rel_l2_mean']:.3f} [{v['rel_l2_mean_lo']:.3f}, "
+                  f"{v['rel_l2_mean_hi']:.3f}]", str(ns), str(nr))
     out.print(t)
+    by_dir = s.get("n_responsive_by_direction") or {}
+    if len(by_dir) > 1:
+        out.print("responsive candidates per swap direction (the rule is applied per direction): " + "; ".join(
+            f"{d}: {n}" for d, n in by_dir.items()))
     con = s.get("contrasts") or {}
     if con.get("n_tests"):
         parts = [f"{k}: {con['n_significant'].get(k, 0)} of {n}" for k, n in con["n_tests"].items()]
-        out.print(f"contrasts with BH q < {con['alpha']}: " + "; ".join(parts))
+        out.print(f"category contrasts (layer effects, cluster permutation), BH q < {con['alpha']}: "
+                  + "; ".join(parts))
     else:
         out.print("contrasts: none (needs two category groups with enough sampled pairs)")
     if s.get("massive_dims"):

@@ -49,14 +49,42 @@ all pairs (category ``all``), so categories are measured on one scale. ``absz``
 is ``|Δ|/σ``; dims with σ = 0 (e.g. the embedding of a token every sentence shares)
 give NaN. **Massive activations** (Sun et al. 2024): a dimension is flagged when the
 root mean square of its clean activation is at least ``massive_ratio`` (100) times
-the median dimension's at that (hook, layer, offset) — RMS rather than mean |a|
+the median dimension's at one aligned position of a (hook, layer) — and then at every
+aligned position of that layer (a dimension massive at ``p+1`` dominates ‖a‖ at ``p`` too;
+flagged per cell, SmolLM2's L2 #90 slipped through as "stable") — RMS rather than mean |a|
 because it follows exactly from the accumulated moments; ``layers.csv`` reports the
 largest ratio and its dimension (``rms_ratio_max``, ``rms_ratio_dim``) so outliers
 under the threshold stay visible (on a handful of test sentences SmolLM2-135M's dimension 507 sat at 30-130x at the
 aligned positions, above 100x only at ``p+1`` of the early layers; the 1000x values of
 Sun et al. are at the first token, which is not an aligned position). Flagged
-dimensions are reported, and left out of the candidates and the per-layer averages
-of ``absz``.
+dimensions are reported, and left out of the candidates, the per-layer averages
+of ``absz`` and the second relative-L2 norm: ``rel_l2_rms`` = sqrt(Σ_d E[Δ_d²] / Σ_d E[a_d²])
+over all dimensions and ``rel_l2_rms_nomassive`` without the flagged ones (exact, from the
+per-dimension sums; the per-pair ``rel_l2_mean`` keeps every dimension, since which ones are
+massive is known only at the end).
+
+**Groups**: the state has one row per (category, swap direction, split half) cell
+(:attr:`DiffConfig.rows`; the direction ``none`` for pairs whose record names none; the half
+``bootstrap.split_half(cluster, seed)``). A category, a direction, a half and ``all`` are
+exact merges of rows, so nothing is stored twice and every group merges across shards.
+Tables have a ``swap_direction`` column: ``all`` pools the category's directions, and where
+it holds two or more its signed statistics (sign consistency, mean Δ in the candidates, the
+direction cosines and ``dir_consistency`` in ``layers.csv``) are NaN and the responsive rule
+is not applied — opposite directions cancel in them — while each direction has its own rows.
+:meth:`DiffResult.for_half` (``candidates_for_half``) restricts everything, σ included, to
+one half of the clusters: choose on half 0, test on half 1.
+
+**Anchor**: ``anchor="p"`` counts offsets from the changed token; ``anchor="detect"`` from
+the token where the error becomes detectable (``roles.detect_of``; ``p`` without a detect
+word). Per-pair log-probs and KL still start at ``p``.
+
+**Intervals**: ``rel_l2_mean_lo``/``_hi`` in ``layers.csv`` and the headline numbers in
+``summary.json`` are percentile cluster-bootstrap intervals (``n_boot`` replicates) over the
+sampled pairs' per-pair relative L2 (all pairs up to ``sample_size``).
+
+**Threshold sensitivity** (``sensitivity.csv``): every passing dimension counted over a grid
+of each rule threshold (``threshold``; ``responsive_z``; ``responsive_sign``), the others at
+their set values, per (category, swap direction, hook).
 
 **Candidate rule** (per category and ``all``, hook, layer and offset; a dimension
 needs ``n >= min_pairs`` pairs in the exact count and in the sample, σ > 0, a
@@ -83,12 +111,14 @@ of the leave-one-out cosines (sample). The unit of a dimension is in ``unit``:
 ``head``), ``head`` (``attn.hook_pattern``: the attention each head pays from the
 aligned position to the changed token ``p``).
 
-**Contrasts**: categories are grouped by the first path component
-(``grammar/agreement`` -> ``grammar``); for every two groups with at least
-``min_group`` sampled pairs, every (hook, layer, dimension) at offset 0 gets a
-two-sided Mann–Whitney U test of ``|Δ|/σ`` (``measure = abs``) and of the signed
-``Δ/σ`` (``measure = signed``), with Benjamini–Hochberg q-values over all tests of
-one measure (every contrast, hook, layer and dimension).
+**Contrasts** (``contrasts.parquet``): categories are grouped by the first path component
+(``grammar/agreement`` -> ``grammar``); for every two groups with at least ``min_group``
+sampled pairs, one effect per (measure, hook, layer, offset in ``contrast_offsets``): the
+difference of the groups' mean per-pair ``rel_l2`` or mean ``|Δ|/σ`` over the layer's
+non-massive dimensions, with a cluster-bootstrap interval, a p-value from permuting the group
+labels across clusters (``n_perm``) and Benjamini–Hochberg q-values per measure
+(:mod:`eclens.diff.contrasts`; the per-dimension tests counted one effect many times over
+pairs that share frames).
 
 Per pair (``pairs.csv``): teacher-forced log-probs of both sentences, the log-prob
 of the clean and of the corrupt token at ``p`` (both read from the clean run's
@@ -99,7 +129,8 @@ Key layout of ``diff_stats.safetensors`` (``H`` a hook suffix such as
 ``hook_resid_pre``; ``C`` categories, ``L`` the hook's layers, ``O`` offsets, ``D``
 its flattened width; all float64 unless noted):
 
-* ``count``: ``[C, O]`` pairs with that aligned position;
+* ``count``: ``[C, O]`` pairs with that aligned position (``C`` here and below: the state rows,
+  :attr:`DiffConfig.rows`, two per (category, swap direction) cell);
 * ``{H}/feat`` ``[O, C, 7, L, D]``: sums of ``Δ - K_Δ``, ``(Δ - K_Δ)^2``, ``a - K_a``,
   ``(a - K_a)^2`` (``a`` the clean activation), ``|Δ|``, ``sign(Δ)``, ``[Δ != 0]``
   (:data:`FEATURES`); ``{H}/shift`` ``[2, O, C, L, D]``: the shifts ``K_Δ, K_a``;
@@ -109,7 +140,7 @@ its flattened width; all float64 unless noted):
   a_corrupt) (:data:`SCALARS`); ``{H}/head_scalars/...`` ``[C, 2, O, L, heads]`` of the
   per-head relative L2 and cosine, for per-head hooks;
 * ``sample/keys`` ``[S]`` (float64; ``inf`` = empty slot), ``sample/category`` ``[S]``
-  (int64), ``sample/valid`` ``[S, O]`` (bool), ``{H}/sample_delta`` ``[S, O, L, D]``
+  (int64, the pair's state row), ``sample/valid`` ``[S, O]`` (bool), ``{H}/sample_delta`` ``[S, O, L, D]``
   (float16), ``{H}/sample_{rel_l2,cos}`` ``[S, O, L]`` (float32);
 * metadata ``eclens_diff``: JSON with the configuration (hooks and their layers,
   offsets, categories, thresholds), the processed pair ids, the sampled pair ids, the
@@ -136,8 +167,18 @@ from ..hooks import (
 from ..progress import progress_bar
 from ..runs import prepare_run_pairs, save_check  # their home is the run-folder module
 from .accumulate import FEATURES, HEAD_SCALARS, SCALARS, DiffAccumulator, GroupAccumulator, exact_fp32_matmul
-from .config import META_KEY, QUANTILES, STATS_FILE, DiffConfig, position_kind, resolve_categories
-from .contrasts import compute_contrasts, contrasts_csv
+from .config import (
+    META_KEY,
+    QUANTILES,
+    STATS_FILE,
+    DiffConfig,
+    anchor_position,
+    pooled_rows,
+    position_kind,
+    resolve_categories,
+    resolve_cells,
+)
+from .contrasts import compute_contrasts
 from .gather import AlignedIndex, Gatherer, aligned_index
 from .logprobs import metric_rows, pair_info, pair_metric_tensors, pair_metrics
 from .merge import merge_results
@@ -151,5 +192,5 @@ __all__ = ["DiffConfig", "DiffResult", "DiffAccumulator", "HookGroup", "run_diff
            # also importable from here, as before the split
            "HEAD_HOOKS", "NEURON_HOOKS", "PATTERN_HOOKS", "expand_hook_spec", "progress_bar", "FEATURES",
            "HEAD_SCALARS", "SCALARS", "GroupAccumulator", "exact_fp32_matmul", "META_KEY", "QUANTILES", "STATS_FILE",
-           "position_kind", "resolve_categories", "compute_contrasts", "contrasts_csv", "AlignedIndex", "Gatherer",
-           "pair_info", "stream_batches"]
+           "position_kind", "resolve_categories", "compute_contrasts", "AlignedIndex", "Gatherer",
+           "pair_info", "stream_batches", "resolve_cells", "anchor_position", "pooled_rows"]

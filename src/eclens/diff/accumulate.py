@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Bool, Float, Int
 
+from ..bootstrap import split_half
 from ..errors import EclensError
 from ..hooks import (
     HookGroup,
 )
 from ..pairs import AlignedPair
+from ..roles import cluster_of
 from ..stats import (
     F64,
     BottomK,
@@ -24,7 +26,7 @@ from ..stats import (
     group_onehot,
     item_key,
 )
-from .config import DiffConfig
+from .config import ALL, DiffConfig, direction_label
 from .logprobs import metric_rows, pair_info
 
 if TYPE_CHECKING:
@@ -315,7 +317,10 @@ class DiffAccumulator:
         self.cfg = cfg
         self.groups = groups
         self.device = torch.device(device)
-        self.C = max(1, len(cfg.categories))
+        # State rows: one per (category, swap direction, half) cell (cfg.rows); categories, directions, halves
+        # and ``all`` are merges of rows (exact algebra), so every group is mergeable and none is stored twice.
+        self.row_index = {r: i for i, r in enumerate(cfg.rows)}
+        self.C = len(self.row_index)
         self.O = len(cfg.offsets)
         # A sample slot per pair at most: with fewer pairs than sample_size every pair is kept
         # anyway, and a full-size buffer would cost memory, checkpoint and transfer time for nothing.
@@ -360,9 +365,17 @@ class DiffAccumulator:
             self._pending = []
 
     def category_index(self, a: AlignedPair) -> int:
-        if not self.cfg.categories:
-            return 0
-        return self.cat_index[self.cfg.category_of(a.category)]
+        """The pair's state row (see :attr:`DiffConfig.rows`)."""
+        cfg = self.cfg
+        cat = cfg.category_of(a.category) if cfg.categories else ALL
+        if not cfg.cells:
+            return self.cat_index[cat] if cfg.categories else 0
+        key = (cat, direction_label(a), split_half(cluster_of(a), cfg.seed))
+        try:
+            return self.row_index[key]
+        except KeyError:
+            raise EclensError(f"pair {a.id!r}: category {cat!r} with swap direction {key[1]!r} is not among the "
+                              "run's cells; resolve the cells on the whole dataset (resolve_cells)") from None
 
     def update(self, pairs: Sequence[AlignedPair], acts: dict[str, Float[torch.Tensor, "two_b O L *rest"]],
                ix_valid: Bool[torch.Tensor, "b O"],

@@ -7,12 +7,20 @@ from dataclasses import dataclass, field
 
 from ..errors import EclensError
 from ..pairs import AlignedPair
+from ..roles import detect_of, swap_direction_of
 
 STATS_FILE = "diff_stats.safetensors"
 META_KEY = "eclens_diff"
 
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+ANCHORS = ("p", "detect")
+# Threshold sensitivity (sensitivity.csv): candidate counts over these values of each rule's threshold.
+THRESHOLD_GRID = (0.025, 0.05, 0.1, 0.2, 0.4)
+RESPONSIVE_Z_GRID = (0.25, 0.5, 1.0, 2.0, 4.0)
+RESPONSIVE_SIGN_GRID = (0.6, 0.7, 0.8, 0.9, 1.0)
+ALL = "all"
+NO_DIRECTION = "none"  # the swap direction of a pair whose record names none
 
 
 def position_kind(offset: int) -> str:
@@ -45,6 +53,17 @@ class DiffConfig:
     min_group: int = 5
     contrast_offsets: list[int] = field(default_factory=lambda: [0])
     alpha: float = 0.05
+    # Where offset 0 sits: the changed token ``p`` or the token where the error becomes detectable (roles.detect_of).
+    anchor: str = "p"
+    # The state rows' (category, swap direction) cells, each split into two halves of the clusters
+    # (bootstrap.split_half(cluster, seed)); resolved from the pairs (resolve_cells), shared by shards.
+    cells: list[list[str]] = field(default_factory=list)
+    n_boot: int = 1000  # cluster-bootstrap replicates (layer-level intervals, contrasts)
+    n_perm: int = 1000  # label permutations across clusters (contrasts)
+
+    def __post_init__(self) -> None:
+        if self.anchor not in ANCHORS:
+            raise EclensError(f"unknown anchor {self.anchor!r}: use p or detect")
 
     @property
     def offsets(self) -> list[int]:
@@ -53,7 +72,15 @@ class DiffConfig:
     def numbers_key(self) -> dict:
         """The fields a resumed run must share with the checkpoint."""
         return {k: getattr(self, k) for k in ("hooks", "max_offset", "include_last", "categories", "by_category",
-                                              "sample_size", "seed")}
+                                              "sample_size", "seed", "anchor", "cells")}
+
+    @property
+    def rows(self) -> list[tuple[str, str, int]]:
+        """The state rows ``(category, swap direction, half)``: each cell's half 0 then half 1. A config
+        without cells (a stats file written before them) has one row per category, halves unknown (-1)."""
+        if not self.cells:
+            return [(c, NO_DIRECTION, -1) for c in (self.categories or [ALL])]
+        return [(c, d, h) for c, d in self.cells for h in (0, 1)]
 
     def category_of(self, cat: str) -> str:
         if self.by_category == "top":
@@ -79,3 +106,29 @@ def resolve_categories(pairs: Sequence[AlignedPair], by_category: str | bool | S
         return by, []
     key = (lambda c: c.split("/", 1)[0]) if by == "top" else (lambda c: c)
     return by, sorted({key(a.category) for a in pairs})
+
+
+def pooled_rows(df):
+    """The rows of a diff table that pool every swap direction (``swap_direction`` ``all``; tables written before
+    the column existed are pooled throughout)."""
+    if df is None or "swap_direction" not in df.columns:
+        return df
+    return df[df["swap_direction"].astype(str) == ALL]
+
+
+def direction_label(a: AlignedPair) -> str:
+    return swap_direction_of(a) or NO_DIRECTION
+
+
+def resolve_cells(pairs: Sequence[AlignedPair], cfg: DiffConfig) -> list[list[str]]:
+    """The sorted ``[category row, swap direction]`` cells the pairs occupy (category ``all`` without categories).
+    Shards of one dataset must share them: resolve on the whole dataset, then shard."""
+    def cat(a: AlignedPair) -> str:
+        return cfg.category_of(a.category) if cfg.categories else ALL
+
+    return [list(c) for c in sorted({(cat(a), direction_label(a)) for a in pairs})]
+
+
+def anchor_position(a: AlignedPair, anchor: str) -> int:
+    """The token position offset 0 stands for under ``anchor``."""
+    return detect_of(a) if anchor == "detect" else int(a.position)

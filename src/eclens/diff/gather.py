@@ -29,10 +29,13 @@ class AlignedIndex:
 
 
 def aligned_index(positions: Sequence[int], lengths: Sequence[int], offsets: Sequence[int], device,
-                  seq_len: int | None = None) -> AlignedIndex:
+                  seq_len: int | None = None, anchors: Sequence[int] | None = None) -> AlignedIndex:
+    """``positions``: the changed tokens ``p`` (attention patterns look at them); ``anchors``: where offset 0
+    sits (``p`` when not given; the detect position under ``--anchor detect``)."""
     p = torch.tensor(list(positions), dtype=torch.long)
     n = torch.tensor(list(lengths), dtype=torch.long)
-    cols = [aligned_position(p, n, k) for k in offsets]
+    a = p if anchors is None else torch.tensor(list(anchors), dtype=torch.long)
+    cols = [aligned_position(a, n, k) for k in offsets]
     pos = torch.stack(cols, 1)
     valid = pos < n[:, None]
     pos = torch.minimum(pos, (n - 1)[:, None])  # never read a padded position

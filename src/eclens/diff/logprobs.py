@@ -10,6 +10,7 @@ import torch
 from jaxtyping import Float
 
 from ..pairs import AlignedPair, aligned_position
+from ..roles import cluster_of, detect_of, swap_direction_of
 
 
 def pair_metric_tensors(logits: Float[torch.Tensor, "two_b seq vocab"], tokens: torch.Tensor,
@@ -99,4 +100,5 @@ def pair_metrics(logits: Float[torch.Tensor, "two_b seq vocab"], tokens: torch.T
 
 def pair_info(a: AlignedPair) -> dict:
     return {"id": a.id, "category": a.category, "source": a.pair.source, "position": a.position,
-            "length": a.length, "clean_token": a.clean_token, "corrupt_token": a.corrupt_token}
+            "length": a.length, "clean_token": a.clean_token, "corrupt_token": a.corrupt_token,
+            "cluster": cluster_of(a), "swap_direction": swap_direction_of(a) or "none", "detect_position": detect_of(a)}

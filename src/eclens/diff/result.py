@@ -24,8 +24,17 @@ from ..stats import (
     masked_quantiles,
 )
 from .accumulate import FEATURES, HEAD_SCALARS, SCALARS
-from .config import QUANTILES, STATS_FILE, DiffConfig, position_kind
-from .contrasts import compute_contrasts, contrasts_csv
+from .config import (
+    QUANTILES,
+    RESPONSIVE_SIGN_GRID,
+    RESPONSIVE_Z_GRID,
+    STATS_FILE,
+    THRESHOLD_GRID,
+    DiffConfig,
+    position_kind,
+)
+from .contrasts import compute_contrasts
+from .intervals import mean_intervals
 from .stats_io import load_stats, save_stats
 
 
@@ -48,6 +57,53 @@ class DiffResult:
         self.config = DiffConfig(**c)
         self.groups = [HookGroup.from_dict(g) for g in meta["groups"]]
         self._cache: dict[Any, Any] = {}
+        self.half: int | None = None  # a view of one split half of the clusters (for_half)
+
+    def for_half(self, half: int) -> DiffResult:
+        """The same statistics restricted to one split half of the clusters (``bootstrap.split_half`` of the
+        cluster id with the run's seed): choose candidates on half 0, test them on half 1."""
+        if half not in (0, 1):
+            raise EclensError(f"half must be 0 or 1, got {half!r}")
+        if not self.config.cells:
+            raise EclensError("this diff run has no per-half statistics (made before they existed); rerun `ec diff`")
+        out = DiffResult(self.meta, self.tensors, self.model, self.timing)
+        out.half = half
+        return out
+
+    def candidates_for_half(self, half: int) -> pd.DataFrame:
+        """:attr:`candidates` chosen on one half of the clusters only (σ, counts and sample of that half)."""
+        return self.for_half(half).candidates
+
+    def directions(self, category: str = "all") -> list[str]:
+        """The swap directions of a category's pairs (``none`` for pairs whose record names none)."""
+        return sorted({d for c, d, _ in self.config.rows if category in ("all", c)})
+
+    def stat_groups(self) -> list[tuple[str, str]]:
+        """``(category, swap direction)`` of every group with its own statistics: each category pooled
+        (direction ``all``) and, where it holds two or more directions, each direction on its own."""
+        out = []
+        for cat in self.categories:
+            dirs = self.directions(cat)
+            out.append((cat, "all"))
+            if len(dirs) > 1:
+                # ``all`` lists a direction only where it spans categories: one category's direction is that
+                # category's own group (listed there), and the same rows twice would double the tables
+                out += [(cat, d) for d in dirs if cat != "all" or self.direction_spans(d) > 1]
+        return out
+
+    def direction_spans(self, direction: str) -> int:
+        """How many categories hold pairs of ``direction``."""
+        return len({c for c, d, _ in self.config.rows if d == direction})
+
+    def direction_group(self, direction: str) -> tuple[str, str]:
+        """The group that holds every pair of ``direction``: ``all`` or its one category."""
+        if self.direction_spans(direction) > 1:
+            return ("all", direction)
+        return (next(c for c, d, _ in self.config.rows if d == direction), direction)
+
+    def mixed(self, category: str, direction: str = "all") -> bool:
+        """True where the group pools opposite swap directions: its signed statistics mean nothing."""
+        return direction == "all" and len(self.directions(category)) > 1
 
     # ---- basic views
     @property
@@ -83,36 +139,49 @@ class DiffResult:
     def n_pairs(self) -> int:
         return len(self.meta["rows"])
 
-    def _cat_rows(self, category: str) -> int | None:
-        """Index of the category's state row; None for ``all``."""
-        if category == "all":
+    def _cat_rows(self, category: str, direction: str = "all") -> torch.Tensor | None:
+        """The state rows of a group (``cfg.rows``: category, swap direction, half); None for every row."""
+        if category != "all" and category not in self.config.categories:
+            raise EclensError(f"category {category!r} not in this run ({', '.join(self.categories)})")
+        if direction != "all" and direction not in self.directions(category):
+            raise EclensError(f"swap direction {direction!r} not in category {category!r} "
+                              f"({', '.join(self.directions(category))})")
+        if category == "all" and direction == "all" and self.half is None:
             return None
-        try:
-            return self.config.categories.index(category)
-        except ValueError:
-            raise EclensError(f"category {category!r} not in this run ({', '.join(self.categories)})") from None
+        idx = [i for i, (c, d, h) in enumerate(self.config.rows) if category in ("all", c)
+               and direction in ("all", d) and (self.half is None or h == self.half)]
+        return torch.tensor(idx, dtype=torch.long)
+
+    @staticmethod
+    def _pick(mom: Moments, r: torch.Tensor | None, dim: int) -> Moments:
+        """Moments of rows ``r`` along ``dim`` merged (one row taken as it is)."""
+        if r is None:
+            return mom.reduce(dim)
+        if len(r) == 1:
+            i = int(r[0])
+            return Moments(*(t.select(dim, i) for t in (mom.count, mom.mean, mom.m2)))
+        return Moments(*(t.index_select(dim, r) for t in (mom.count, mom.mean, mom.m2))).reduce(dim)
 
     def _ps(self, key: str) -> PowerSums:
         return PowerSums.from_state_dict(self.tensors, key + "/")
 
-    def _moments(self, key: str, category: str, feature: int) -> Moments:
+    def _moments(self, key: str, category: str, feature: int, direction: str = "all") -> Moments:
         """Moments of one per-pair scalar (cell ``(F, O, L[, H])``), as ``[L, O(, H)]``."""
         ck = ("scalar_moments", key)
         if ck not in self._cache:
             self._cache[ck] = self._ps(key).moments()
         mom = self._cache[ck]
-        r = self._cat_rows(category)
-        m = mom.reduce(0) if r is None else Moments(mom.count[r], mom.mean[r], mom.m2[r])
+        m = self._pick(mom, self._cat_rows(category, direction), 0)
         m = Moments(m.count[feature], m.mean[feature], m.m2[feature])
         return Moments(*(t.transpose(0, 1) for t in (m.count, m.mean, m.m2)))
 
-    def _feat(self, hook: str, category: str) -> torch.Tensor:
-        """Feature sums ``[O, F, L, D]`` of one category (or all)."""
+    def _feat(self, hook: str, category: str, direction: str = "all") -> torch.Tensor:
+        """Feature sums ``[O, F, L, D]`` of one group (only the unshifted features add across rows)."""
         f = self.tensors[f"{hook}/feat"]
-        r = self._cat_rows(category)
-        return f.sum(1) if r is None else f[:, r]
+        r = self._cat_rows(category, direction)
+        return f.sum(1) if r is None else f.index_select(1, r).sum(1)
 
-    def _feat_moments(self, hook: str, category: str, which: int) -> Moments:
+    def _feat_moments(self, hook: str, category: str, which: int, direction: str = "all") -> Moments:
         """Moments of Δ (``which=0``) or of the clean activation (``which=1``), arrays ``[L, O, D]``."""
         key = ("feat_moments", hook, which)
         if key not in self._cache:
@@ -122,41 +191,39 @@ class DiffResult:
             nn = n.clamp_min(1)
             s1, s2 = f[:, :, 2 * which], f[:, :, 2 * which + 1]
             self._cache[key] = Moments(n, K + s1 / nn, (s2 - s1 * s1 / nn).clamp_min(0))
-        mom = self._cache[key]
-        n = mom.count
-        r = self._cat_rows(category)
-        m = mom.reduce(1) if r is None else Moments(n[:, r], mom.mean[:, r], mom.m2[:, r])
+        m = self._pick(self._cache[key], self._cat_rows(category, direction), 1)
         return Moments(m.count.transpose(0, 1), m.mean.transpose(0, 1), m.m2.transpose(0, 1))
 
-    def _feat_sum(self, hook: str, category: str, name: str) -> torch.Tensor:
-        return self._feat(hook, category)[:, FEATURES.index(name)].transpose(0, 1)
+    def _feat_sum(self, hook: str, category: str, name: str, direction: str = "all") -> torch.Tensor:
+        return self._feat(hook, category, direction)[:, FEATURES.index(name)].transpose(0, 1)
 
-    def counts(self, category: str = "all") -> torch.Tensor:
+    def counts(self, category: str = "all", direction: str = "all") -> torch.Tensor:
         """Pairs per offset ``[O]``."""
         c = self.tensors["count"]
-        r = self._cat_rows(category)
-        return c.sum(0) if r is None else c[r]
+        r = self._cat_rows(category, direction)
+        return c.sum(0) if r is None else c.index_select(0, r).sum(0)
 
-    def _sample_members(self, category: str) -> torch.Tensor:
-        cat = self.tensors["sample/category"]
+    def _sample_members(self, category: str, direction: str = "all") -> torch.Tensor:
+        cat = self.tensors["sample/category"]  # the state row of each sampled pair
         keys = self.tensors["sample/keys"]
         ok = torch.isfinite(keys) & (cat >= 0)
-        r = self._cat_rows(category)
+        r = self._cat_rows(category, direction)
         if r is not None:
-            ok &= cat == r
+            ok &= torch.isin(cat, r)
         return torch.nonzero(ok).flatten()
 
-    def cell_stats(self, hook: str, category: str = "all") -> dict[str, torch.Tensor]:
-        """Arrays ``[L, O, D]`` (``[L, O]`` for per-layer values) of one hook and category."""
-        key = (hook, category)
+    def cell_stats(self, hook: str, category: str = "all", direction: str = "all") -> dict[str, torch.Tensor]:
+        """Arrays ``[L, O, D]`` (``[L, O]`` for per-layer values) of one hook and group."""
+        r = self._cat_rows(category, direction)
+        key = (hook, None if r is None else tuple(r.tolist()))  # groups with the same rows share their numbers
         if key in self._cache:
             return self._cache[key]
         g = self.group(hook)
         cfg = self.config
-        dm = self._feat_moments(hook, category, 0)
+        dm = self._feat_moments(hook, category, 0, direction)
         cm_all = self._feat_moments(hook, "all", 1)
-        cm = cm_all if category == "all" else self._feat_moments(hook, category, 1)
-        n = self.counts(category)  # [O]
+        cm = cm_all if (category, direction) == ("all", "all") else self._feat_moments(hook, category, 1, direction)
+        n = self.counts(category, direction)  # [O]
         n3 = n[None, :, None]
         nn = n3.clamp_min(1)
         sigma = cm_all.std  # normaliser: the whole dataset's clean spread
@@ -167,7 +234,7 @@ class DiffResult:
         out: dict[str, torch.Tensor] = {"n": n}
         out["mean_delta"] = torch.where(n3 > 0, dm.mean, nan)
         out["std_delta"] = dm.std
-        out["mean_abs_delta"] = torch.where(n3 > 0, self._feat_sum(hook, category, "delta_abs") / nn, nan)
+        out["mean_abs_delta"] = torch.where(n3 > 0, self._feat_sum(hook, category, "delta_abs", direction) / nn, nan)
         out["mean_clean"] = torch.where(n3 > 0, cm.mean, nan)
         out["sigma_clean"] = sigma
         # Root mean square of the clean activation (the massive-activation criterion): from the moments.
@@ -176,16 +243,28 @@ class DiffResult:
         out["rms_clean"] = torch.where(n3 > 0, (cm.m2 / nn + cm.mean ** 2).sqrt(), nan)
         out["z_mean"] = out["mean_delta"] * inv
         out["absz_mean"] = out["mean_abs_delta"] * inv
-        ss = self._feat_sum(hook, category, "delta_sign")
-        nz = self._feat_sum(hook, category, "delta_nonzero")
+        ss = self._feat_sum(hook, category, "delta_sign", direction)
+        nz = self._feat_sum(hook, category, "delta_nonzero", direction)
         out["frac_pos"] = torch.where(n3 > 0, (nz + ss) / 2 / nn, nan)
         out["frac_neg"] = torch.where(n3 > 0, (nz - ss) / 2 / nn, nan)
         out["sign_consistency"] = torch.maximum(out["frac_pos"], out["frac_neg"])
         med = rms_all.median(dim=-1, keepdim=True).values
         out["rms_ratio"] = torch.where(n_all > 0, rms_all / med.clamp_min(1e-30), nan)
-        out["massive"] = (out["rms_ratio"] > cfg.massive_ratio) & (n_all > 0)
+        # Massive per (hook, layer) over every aligned position: a dimension massive at one position is left
+        # out at all of them (flagged per cell, L2 #90 of SmolLM2 slipped through where it was under 100x).
+        out["massive_cell"] = (out["rms_ratio"] > cfg.massive_ratio) & (n_all > 0)
+        out["massive"] = out["massive_cell"].any(1, keepdim=True).expand_as(out["massive_cell"])
+        # Relative L2 as a ratio of mean squares, from the exact per-dimension sums, with and without the
+        # massive dimensions (they dominate ‖a‖ and hide changes elsewhere).
+        e_d2 = dm.m2 / nn + dm.mean ** 2  # mean Δ_d² [L, O, D]
+        e_a2 = cm.m2 / nn + cm.mean ** 2
+        for name, keep in (("rel_l2_rms", torch.ones_like(out["massive"])), ("rel_l2_rms_nomassive",
+                                                                             ~out["massive"])):
+            num = torch.where(keep, e_d2, 0).sum(-1)
+            den = torch.where(keep, e_a2, 0).sum(-1)
+            out[name] = torch.where((n[None] > 0) & (den > 0), (num / den.clamp_min(1e-300)).sqrt(), nan)
         # Sample-based: quantiles of |Δ|/σ, fraction under the threshold, leave-one-out cosines.
-        mem = self._sample_members(category)
+        mem = self._sample_members(category, direction)
         sd = self.tensors[f"{hook}/sample_delta"].index_select(0, mem).to(F64).permute(0, 2, 1, 3)  # [s, L, O, D]
         sv = self.tensors["sample/valid"].index_select(0, mem)  # [s, O]
         valid4 = sv[:, None, :, None]
@@ -197,10 +276,15 @@ class DiffResult:
         under = ((z < cfg.threshold) & valid4).to(F64).sum(0)
         ns = sv.sum(0).to(F64)[None, :, None]
         out["frac_under"] = torch.where((ns > 0) & sig_ok, under / ns.clamp_min(1), nan)
+        # The same over a grid of thresholds (threshold sensitivity), for unsigned (pooled) groups only.
+        if direction == "all":
+            below = torch.stack([under if t == cfg.threshold else ((z < t) & valid4).to(F64).sum(0)
+                                 for t in self.grid("threshold")])  # [T, L, O, D]
+            out["frac_under_grid"] = torch.where((ns > 0) & sig_ok, below / ns.clamp_min(1), nan)
         out["reachable"] = (nz.sum(-1) > 0)  # [L, O]
         # Per-layer exact scalars.
         for k in SCALARS:
-            mom = self._moments(f"{hook}/scalars", category, SCALARS.index(k))
+            mom = self._moments(f"{hook}/scalars", category, SCALARS.index(k), direction)
             out[f"{k}_mean"] = torch.where(mom.count > 0, mom.mean, nan)
             out[f"{k}_std"] = mom.std
         mean = out["mean_delta"]
@@ -224,7 +308,7 @@ class DiffResult:
         out["rel_l2_median"] = masked_quantiles(rl, sv[:, None, :] & torch.isfinite(rl), (0.5,))[0]
         if g.n_heads:
             for k in ("rel_l2", "cos"):
-                mom = self._moments(f"{hook}/head_scalars", category, HEAD_SCALARS.index(k))
+                mom = self._moments(f"{hook}/head_scalars", category, HEAD_SCALARS.index(k), direction)
                 out[f"head_{k}_mean"] = torch.where(mom.count > 0, mom.mean, nan)
                 out[f"head_{k}_std"] = mom.std
         self._cache[key] = out
@@ -271,32 +355,75 @@ class DiffResult:
             self._cache["dims"] = pd.concat(parts, ignore_index=True)
         return self._cache["dims"]
 
+    def by_pair_id(self, mem: torch.Tensor) -> torch.Tensor:
+        """Sample slots in the order of their pair ids: resampling draws then depend on the sampled pairs only,
+        not on the slots a run or a merge put them in."""
+        ids = self.meta["sample_ids"]
+        return mem[sorted(range(len(mem)), key=lambda i: str(ids[int(mem[i])]))] if len(mem) else mem
+
+    def sample_clusters(self, mem: torch.Tensor) -> list[str]:
+        """The cluster of each sampled pair in ``mem`` (its id for rows made before clusters were recorded)."""
+        if "cluster_of_id" not in self._cache:
+            self._cache["cluster_of_id"] = {r["id"]: str(r.get("cluster") or r["id"]) for r in self.meta["rows"]}
+        cl, ids = self._cache["cluster_of_id"], self.meta["sample_ids"]
+        return [cl.get(ids[i], str(ids[i])) for i in mem.tolist()]
+
+    def layer_intervals(self, hook: str, category: str = "all", direction: str = "all") -> dict[str, np.ndarray]:
+        """Cluster-bootstrap intervals ``[L, O]`` of the mean relative L2 (``rel_l2_mean_lo``/``_hi``), from the
+        sampled pairs (all pairs when there are at most ``sample_size``)."""
+        mem = self.by_pair_id(self._sample_members(category, direction))
+        key = ("intervals", hook, tuple(mem.tolist()))
+        if key in self._cache:
+            return self._cache[key]
+        rl = self.tensors[f"{hook}/sample_rel_l2"].index_select(0, mem).to(F64).transpose(1, 2)  # [s, L, O]
+        ok = self.tensors["sample/valid"].index_select(0, mem)[:, None, :] & torch.isfinite(rl)
+        shape = rl.shape[1:]
+        if not len(mem):  # no sampled pair in the group: no interval
+            nan = np.full(tuple(shape), np.nan)
+            return {"rel_l2_mean_lo": nan, "rel_l2_mean_hi": nan.copy()}
+        lo, hi = mean_intervals(rl.reshape(len(mem), -1).numpy(), ok.reshape(len(mem), -1).numpy(),
+                                self.sample_clusters(mem), self.config.n_boot, seed=self.config.seed)
+        out = {"rel_l2_mean_lo": lo.reshape(shape), "rel_l2_mean_hi": hi.reshape(shape)}
+        self._cache[key] = out
+        return out
+
     @property
     def layers(self) -> pd.DataFrame:
+        """One row per (category, swap direction, hook, layer, offset); ``swap_direction`` ``all`` pools the
+        category's directions, and there its signed columns (direction cosines, sign consistency) are NaN
+        where it holds two or more: opposite directions cancel in them."""
         if "layers" not in self._cache:
             rows = []
-            for cat in self.categories:
+            signed = ("dir_norm", "dir_consistency", "loo_cos_mean", "loo_cos_median", "loo_cos_q10", "loo_cos_q90",
+                      "sign_consistency_mean")
+            for cat, dr in self.stat_groups():
+                mixed = self.mixed(cat, dr)
                 for h in self.hooks:
                     g = self.group(h)
-                    st = self.cell_stats(h, cat)
+                    st = self.cell_stats(h, cat, dr)
+                    iv = self.layer_intervals(h, cat, dr)
                     mass = st["massive"]
-                    cand = self._candidate_masks(h, cat)
+                    cand = self._candidate_masks(h, cat, dr)
                     for li, layer in enumerate(g.layers):
                         for oi, off in enumerate(self.offsets):
                             keep = ~mass[li, oi]
-                            r = {"category": cat, "hook": h, "layer": layer, "offset": off,
+                            r = {"category": cat, "swap_direction": dr, "hook": h, "layer": layer, "offset": off,
                                  "position_kind": position_kind(off), "n": int(st["n"][oi]),
                                  "n_sample": int(st["n_sample"][oi]), "reachable": bool(st["reachable"][li, oi])}
                             for k in ("rel_l2_mean", "rel_l2_std", "rel_l2_median", "cos_mean", "cos_std", "l2_mean",
                                       "l2_std", "dir_norm", "dir_consistency", "loo_cos_mean", "loo_cos_median",
-                                      "loo_cos_q10", "loo_cos_q90"):
+                                      "loo_cos_q10", "loo_cos_q90", "rel_l2_rms", "rel_l2_rms_nomassive"):
                                 r[k] = float(st[k][li, oi])
+                            r["rel_l2_mean_lo"] = float(iv["rel_l2_mean_lo"][li, oi])
+                            r["rel_l2_mean_hi"] = float(iv["rel_l2_mean_hi"][li, oi])
                             for k, name in (("absz_mean", "absz_mean"), ("absz_median", "absz_median"),
                                             ("frac_under", "frac_under_mean"),
                                             ("sign_consistency", "sign_consistency_mean")):
                                 v = st[k][li, oi][keep]
                                 v = v[torch.isfinite(v)]
                                 r[name] = float(v.mean()) if v.numel() else math.nan
+                            if mixed:
+                                r.update({k: math.nan for k in signed})
                             r["n_massive"] = int(mass[li, oi].sum())
                             rr = st["rms_ratio"][li, oi]
                             ok = torch.isfinite(rr)
@@ -330,34 +457,55 @@ class DiffResult:
             self._cache["heads"] = pd.DataFrame(rows)
         return self._cache["heads"]
 
-    def _candidate_masks(self, hook: str, category: str) -> dict[str, torch.Tensor]:
-        key = ("cand", hook, category)
+    def grid(self, parameter: str) -> list[float]:
+        """The values of one rule threshold the sensitivity table counts candidates at (the run's own included)."""
+        base = {"threshold": THRESHOLD_GRID, "responsive_z": RESPONSIVE_Z_GRID,
+                "responsive_sign": RESPONSIVE_SIGN_GRID}[parameter]
+        return sorted(set(base) | {float(getattr(self.config, parameter))})
+
+    def _candidate_masks(self, hook: str, category: str, direction: str = "all", *, threshold_index: int | None = None,
+                         responsive_z: float | None = None, responsive_sign: float | None = None
+                         ) -> dict[str, torch.Tensor]:
+        """Stable and responsive masks ``[L, O, D]``; the rule's thresholds may be overridden (sensitivity).
+        The responsive rule needs a sign consistency, so it is evaluated per swap direction only: a group
+        pooling two or more directions has no responsive candidates."""
+        key = ("cand", hook, category, direction, threshold_index, responsive_z, responsive_sign)
         if key in self._cache:
             return self._cache[key]
         cfg = self.config
-        st = self.cell_stats(hook, category)
+        st = self.cell_stats(hook, category, direction)
         enough = ((st["n"] >= cfg.min_pairs) & (st["n_sample"] >= cfg.min_pairs))[None, :, None]
         base = enough & (st["sigma_clean"] > 0) & ~st["massive"] & st["reachable"][..., None]
-        stable = base & (st["frac_under"] >= cfg.stable_frac)
-        resp = base & (st["absz_median"] >= cfg.responsive_z) & (st["sign_consistency"] >= cfg.responsive_sign)
+        fu = st["frac_under"] if threshold_index is None else st["frac_under_grid"][threshold_index]
+        stable = base & (fu >= cfg.stable_frac)
+        rz = cfg.responsive_z if responsive_z is None else responsive_z
+        rs = cfg.responsive_sign if responsive_sign is None else responsive_sign
+        resp = base & (st["absz_median"] >= rz) & (st["sign_consistency"] >= rs)
+        if self.mixed(category, direction):
+            resp = torch.zeros_like(resp)
         out = {"stable": stable, "responsive": resp}
-        self._cache[key] = out
+        if threshold_index is None and responsive_z is None and responsive_sign is None:
+            self._cache[key] = out
         return out
 
     @property
     def candidates(self) -> pd.DataFrame:
-        """Stable and responsive dimensions (rule in the module docstring), ranked per (category, hook, layer, offset)."""
+        """Stable and responsive dimensions (rule in the module docstring), ranked per (category, swap direction,
+        hook, layer, offset); ``swap_direction`` ``all`` pools the category's directions (stable only, and its
+        signed columns NaN, where it holds two or more)."""
         if "candidates" in self._cache:
             return self._cache["candidates"]
         cfg = self.config
         rows = []
         cols = ("n", "n_sample", "absz_median", "absz_q10", "absz_q90", "frac_under", "sign_consistency", "absz_mean",
                 "mean_delta", "mean_abs_delta", "sigma_clean", "frac_pos", "frac_neg")
-        for cat in self.categories:
+        signed = ("sign_consistency", "mean_delta", "frac_pos", "frac_neg")
+        for cat, dr in self.stat_groups():
+            mixed = self.mixed(cat, dr)
             for h in self.hooks:
                 g = self.group(h)
-                st = self.cell_stats(h, cat)
-                masks = self._candidate_masks(h, cat)
+                st = self.cell_stats(h, cat, dr)
+                masks = self._candidate_masks(h, cat, dr)
                 for kind, score, asc in (("stable", "absz_q90", True), ("responsive", "absz_median", False)):
                     m = masks[kind]
                     for li, oi in zip(*np.nonzero(m.any(-1).numpy())):
@@ -367,13 +515,14 @@ class DiffResult:
                         for rank, j in enumerate(order.tolist(), start=1):
                             d = int(dims[j])
                             off = self.offsets[oi]
-                            r = {"category": cat, "hook": h, "layer": g.layers[li], "offset": off,
-                                 "position_kind": position_kind(off), "dim": d, "unit": g.kind,
+                            r = {"category": cat, "swap_direction": dr, "hook": h, "layer": g.layers[li],
+                                 "offset": off, "position_kind": position_kind(off), "dim": d, "unit": g.kind,
                                  "head": head_of(g, d), "kind": kind, "rank": rank,
                                  "n_passing": int(len(dims))}
                             for c in cols:
                                 v = st[c]
-                                r[c] = float(v[oi]) if v.ndim == 1 else float(v[li, oi, d])
+                                r[c] = math.nan if (mixed and c in signed) else \
+                                    float(v[oi]) if v.ndim == 1 else float(v[li, oi, d])
                             rows.append(r)
         df = pd.DataFrame(rows)
         if not df.empty:
@@ -383,8 +532,33 @@ class DiffResult:
         return df
 
     @property
+    def sensitivity(self) -> pd.DataFrame:
+        """Candidate counts (every passing dimension, not only the listed ``max_candidates``) per (category, swap
+        direction, hook, kind) over a grid of each rule's threshold, the others at their set values
+        (``sensitivity.csv``). ``default`` marks the run's own setting."""
+        if "sensitivity" in self._cache:
+            return self._cache["sensitivity"]
+        cfg = self.config
+        rows = []
+        grids = [("stable", "threshold", v, {"threshold_index": i}) for i, v in enumerate(self.grid("threshold"))]
+        grids += [("responsive", "responsive_z", v, {"responsive_z": v}) for v in self.grid("responsive_z")]
+        grids += [("responsive", "responsive_sign", v, {"responsive_sign": v}) for v in self.grid("responsive_sign")]
+        for cat, dr in self.stat_groups():
+            for h in self.hooks:
+                for kind, param, v, kw in grids:
+                    if kind == "stable" and dr != "all":
+                        continue  # stable is unsigned: its pooled groups say it
+                    m = self._candidate_masks(h, cat, dr, **kw)[kind]
+                    rows.append({"category": cat, "swap_direction": dr, "hook": h, "kind": kind, "parameter": param,
+                                 "value": v, "default": bool(math.isclose(v, getattr(cfg, param))),
+                                 "n_candidates": int(m.sum())})
+        self._cache["sensitivity"] = pd.DataFrame(rows)
+        return self._cache["sensitivity"]
+
+    @property
     def contrasts(self) -> pd.DataFrame:
-        """Per-dimension Mann–Whitney U tests between category groups with BH q-values (every test)."""
+        """Category-group contrasts: effect sizes with cluster-bootstrap intervals and cluster-permutation
+        p-values per (hook, layer, offset) (:mod:`eclens.diff.contrasts`)."""
         if "contrasts" not in self._cache:
             self._cache["contrasts"] = self._compute_contrasts()
         return self._cache["contrasts"]
@@ -415,25 +589,41 @@ class DiffResult:
                                    f"{cfg.responsive_sign}",
                      "min_pairs": cfg.min_pairs, "massive_ratio": cfg.massive_ratio, "excludes_massive": True},
         }
+        s["rule"]["responsive_per_swap_direction"] = True
+        s["anchor"] = cfg.anchor
         if not cand.empty:
-            c = cand[cand["category"] == "all"]
+            pooled = cand[cand["swap_direction"] == "all"]
+            c = pooled[pooled["category"] == "all"]
             s["n_candidates"] = {k: int((c["kind"] == k).sum()) for k in ("stable", "responsive")}
             s["n_candidates_by_category"] = {
-                cat: {k: int(((cand["category"] == cat) & (cand["kind"] == k)).sum()) for k in ("stable", "responsive")}
-                for cat in self.categories}
+                cat: {k: int(((pooled["category"] == cat) & (pooled["kind"] == k)).sum())
+                      for k in ("stable", "responsive")} for cat in self.categories}
+            per = cand[cand["swap_direction"] != "all"]
+            s["n_responsive_by_direction"] = {}
+            for d in self.directions("all"):
+                cat, _ = self.direction_group(d)
+                s["n_responsive_by_direction"][d] = int(((per["category"] == cat) & (per["swap_direction"] == d)
+                                                         & (per["kind"] == "responsive")).sum()) \
+                    if self.mixed(cat) else int(((pooled["category"] == cat) & (pooled["kind"] == "responsive")).sum())
+            s["n_candidates_by_direction"] = {
+                f"{cat} {d}": {k: int(((per["category"] == cat) & (per["swap_direction"] == d) & (per["kind"] == k))
+                                      .sum()) for k in ("stable", "responsive")}
+                for cat, d in self.stat_groups() if d != "all"}
         else:
             s["n_candidates"] = {"stable": 0, "responsive": 0}
         if not pairs.empty:
             for col in ("logprob_diff", "token_logprob_diff", "kl_0", "kl_mean"):
                 if col in pairs:
                     s[f"mean_{col}"] = float(pd.to_numeric(pairs[col], errors="coerce").mean())
-        la = layers[(layers["category"] == "all") & (layers["offset"] == 0)]
+        la = layers[(layers["category"] == "all") & (layers["swap_direction"] == "all") & (layers["offset"] == 0)]
         top = {}
         for h, d in la.groupby("hook"):
             d = d.dropna(subset=["rel_l2_mean"])
             if not d.empty:
                 r = d.loc[d["rel_l2_mean"].idxmax()]
-                top[h] = {"layer": int(r["layer"]), "rel_l2_mean": float(r["rel_l2_mean"])}
+                top[h] = {"layer": int(r["layer"]), "rel_l2_mean": float(r["rel_l2_mean"]),
+                          "rel_l2_mean_lo": float(r["rel_l2_mean_lo"]), "rel_l2_mean_hi": float(r["rel_l2_mean_hi"]),
+                          "rel_l2_rms": float(r["rel_l2_rms"]), "rel_l2_rms_nomassive": float(r["rel_l2_rms_nomassive"])}
         s["max_rel_l2_at_p"] = top
         massive = {}
         for g in self.groups:
@@ -447,7 +637,8 @@ class DiffResult:
             "n_tests": {k: int(v) for k, v in con.dropna(subset=["p"]).groupby("measure").size().items()},
             "n_significant": {k: int(v) for k, v in con[con["significant"] == True]  # noqa: E712
                               .groupby("measure").size().items()},
-            "alpha": cfg.alpha,
+            "alpha": cfg.alpha, "test": "difference of group means per (hook, layer, offset), labels permuted "
+                                        "across clusters", "n_perm": cfg.n_perm, "n_boot": cfg.n_boot,
         }
         s["timing"] = self.timing
         self._cache["summary"] = s
@@ -475,11 +666,10 @@ class DiffResult:
         write_table(self.layers, run / "layers.csv")
         write_table(self.dims, run / "dims.parquet")
         write_table(self.candidates, run / "candidates.csv")
-        con = self.contrasts
-        write_table(con, run / "contrasts.parquet")
-        write_table(contrasts_csv(con), run / "contrasts.csv")
+        write_table(self.contrasts, run / "contrasts.parquet")
+        write_table(self.sensitivity, run / "sensitivity.csv")
         write_table(self.pairs, run / "pairs.csv")
-        files += ["layers.csv", "dims.parquet", "candidates.csv", "contrasts.parquet", "contrasts.csv", "pairs.csv"]
+        files += ["layers.csv", "dims.parquet", "candidates.csv", "contrasts.parquet", "sensitivity.csv", "pairs.csv"]
         if any(g.n_heads for g in self.groups):
             write_table(self.heads, run / "heads.csv")
             files.append("heads.csv")

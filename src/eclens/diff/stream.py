@@ -23,7 +23,7 @@ from ..model import model_device
 from ..pairs import AlignedPair, require_single
 from ..progress import progress_bar
 from .accumulate import DiffAccumulator
-from .config import STATS_FILE, DiffConfig, resolve_categories
+from .config import STATS_FILE, DiffConfig, anchor_position, resolve_categories, resolve_cells
 from .gather import Gatherer, aligned_index
 from .logprobs import pair_metric_tensors
 from .result import DiffResult
@@ -111,8 +111,10 @@ def run_diff(
         raise TypeError(f"run_diff() got unexpected keyword(s): {', '.join(sorted(unknown))}")
     sample_dtype = rule.pop("sample_dtype", torch.float16)
     host_sample = rule.pop("host_sample", None)
+    cells = rule.pop("cells", None) or []
     cfg = DiffConfig(hooks=names, max_offset=max_offset, include_last=include_last, categories=cats, by_category=by,
                      sample_size=sample_size, seed=seed, **rule)
+    cfg.cells = cells or resolve_cells(aligned_pairs, cfg)
     if max_offset < 0:
         raise EclensError("--max-offset must be 0 or more")
     device = model_device(model)
@@ -134,7 +136,8 @@ def run_diff(
         task = pr.add_task("diff", total=len(aligned_pairs), completed=n_done0) if pr is not None else None
         for batch in iter_batches(todo, batch_size, pid, device):
             ix = aligned_index([a.position for a in batch.pairs], [a.length for a in batch.pairs], cfg.offsets,
-                               device, batch.tokens.shape[1])
+                               device, batch.tokens.shape[1],
+                               anchors=[anchor_position(a, cfg.anchor) for a in batch.pairs])
             gat.index = ix
             logits = model(batch.tokens)
             acts = gat.collect()

@@ -53,7 +53,7 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline';
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 TABLES = {  # API name -> (RunData attribute, file name for messages)
     "candidates": ("candidates", "candidates.csv"),
-    "contrasts": ("contrasts", "contrasts.csv"),
+    "contrasts": ("contrasts", "contrasts.parquet"),
     "layers": ("layers", "layers.csv"),
     "check": ("check", "check.csv"),
     "pair_metrics": ("pair_metrics", "pairs.csv"),

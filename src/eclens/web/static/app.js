@@ -249,7 +249,7 @@ async function candidatesTab(name, info, body) {
 }
 
 async function contrastsTab(name, info, body) {
-  if (!info.tables.includes("contrasts")) { add(body, note("contrasts.csv not found: run `ec diff` on this run.")); return; }
+  if (!info.tables.includes("contrasts")) { add(body, note("contrasts.parquet not found: run `ec diff` on this run.")); return; }
   await tableTab(name, body, "contrasts", [["hook", info.hooks]], info.contrasts_note);
 }
 
