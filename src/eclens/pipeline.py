@@ -68,7 +68,7 @@ class RunConfig:
         keys = {
             "pairs": ("pairs_file", "n_per_category", "seed"),
             "diff": ("hooks", "seed", "min_pairs"),
-            "exact": ("exact_pairs", "patch_hooks"),
+            "exact": ("exact_pairs", "patch_hooks", "seed"),
             "dims": ("dims_pairs", "max_sets", "top_k", "n_controls", "metric", "seed"),
             "attribution": ("attribution_pairs", "verify_top", "metric", "seed", "patch_hooks"),
             "report": ("report_examples",),
@@ -193,7 +193,7 @@ def pipeline_steps(cfg: RunConfig) -> list[Step]:
     rule = {"min_pairs": cfg.min_pairs} if cfg.min_pairs is not None else {}
     diff_cfg = DiffConfig(hooks=cfg.hooks, seed=cfg.seed, **rule)
     exact_cfg = ExactConfig(hooks=list(cfg.patch_hooks), direction="both", metric=cfg.metric,
-                            batch_size=cfg.patch_batch_size, n_pairs=cfg.exact_pairs)
+                            batch_size=cfg.patch_batch_size, n_pairs=cfg.exact_pairs, seed=cfg.seed)
     dims_cfg = DimsConfig(method="patch", direction="denoise", metric=cfg.metric, auto_metric=True,
                           n_controls=cfg.n_controls, seed=cfg.seed, batch_size=cfg.patch_batch_size,
                           n_pairs=cfg.dims_pairs, record={"top_k": cfg.top_k, "max_sets": cfg.max_sets})

@@ -75,24 +75,47 @@ def pairs_step(run: str | Path, model, source: str | Path | None = None, *, n_pe
     return StepOutcome("done", ["pairs.jsonl", "rejected.jsonl", "check.csv"], head, res.valid)
 
 
-def spread_pairs(pairs: Sequence, n: int | None, shortest: bool = True) -> list:
-    """``n`` pairs taken from the categories in turn (shortest sentences first: patching cost
-    grows with the tokens after the change), deterministic; ``None``: every pair, in order."""
+def _draw_key(seed: int, key: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8,
+                                          key=f"pairs{seed}".encode()).digest(), "little")
+
+
+def spread_pairs(pairs: Sequence, n: int | None, seed: int = 0) -> list:
+    """``n`` test pairs drawn at random, stratified by category and cluster; ``None``: every pair, in order.
+
+    Categories are taken in turn (sorted by name); within a category its clusters in turn, so a
+    second pair of one cluster comes only after every cluster has given one; the order of clusters and of
+    the pairs in a cluster is a draw seeded by ``seed`` (a hash of the seed and the cluster or pair id).
+    Never by length: the first study's choice of the shortest pairs made ``p+1`` the final full stop of
+    every tested pair. The order depends on the set of pairs, not on their order in the input, so
+    ``spread_pairs(spread_pairs(ps, len(ps)), k) == spread_pairs(ps, k)`` (a pairs file written in drawn
+    order and cut with ``--max-pairs k`` tests the same pairs).
+    """
+    from .roles import cluster_of
+
     if n is None:
         return list(pairs)
-    by_cat: dict[str, list] = {}
+    by_cat: dict[str, dict[str, list]] = {}
     for a in pairs:
-        by_cat.setdefault(a.category, []).append(a)
-    for v in by_cat.values():
-        if shortest:
-            v.sort(key=lambda a: (a.length - a.position, a.length, a.id))
+        by_cat.setdefault(a.category, {}).setdefault(cluster_of(a), []).append(a)
+    queues: dict[str, list] = {}
+    for cat, clusters in by_cat.items():
+        order = sorted(clusters, key=lambda c: (_draw_key(seed, f"c\x1f{c}"), c))
+        lists = [sorted(clusters[c], key=lambda a: (_draw_key(seed, f"p\x1f{a.id}"), a.id)) for c in order]
+        flat: list = []
+        while any(lists):
+            for lst in lists:
+                if lst:
+                    flat.append(lst.pop(0))
+        queues[cat] = flat
     out: list = []
-    # Categories whose best pair is cheapest go first, so n=1 takes the cheapest pair overall.
-    cats = sorted(by_cat, key=lambda c: ((by_cat[c][0].length - by_cat[c][0].position) if shortest else 0, c))
-    while len(out) < n and any(by_cat.values()):
+    cats = sorted(queues)
+    while len(out) < n and any(queues.values()):
         for cat in cats:
-            if by_cat[cat] and len(out) < n:
-                out.append(by_cat[cat].pop(0))
+            if queues[cat] and len(out) < n:
+                out.append(queues[cat].pop(0))
     return out
 
 
@@ -154,7 +177,8 @@ class ExactConfig:
     layers: list[int] | None = None      # None: every layer
     metric: str = "logit_diff"           # ranks the summary's top cells
     batch_size: int = 64
-    n_pairs: int | None = None           # None: every pair given; else spread_pairs(pairs, n_pairs)
+    n_pairs: int | None = None           # None: every pair given; else spread_pairs(pairs, n_pairs, seed)
+    seed: int = 0                        # the draw of the test pairs
 
 
 def exact_step(run: str | Path, model, pairs: Sequence, config: ExactConfig | None = None, *, ctx=None,
@@ -166,7 +190,7 @@ def exact_step(run: str | Path, model, pairs: Sequence, config: ExactConfig | No
 
     run, cfg, t0 = Path(run), config or ExactConfig(), time.perf_counter()
     active = ctx is not None and ctx.active
-    all_pairs = spread_pairs(pairs, cfg.n_pairs)
+    all_pairs = spread_pairs(pairs, cfg.n_pairs, cfg.seed)
     mine = D.shard(all_pairs, ctx) if active else all_pairs
     hooks = P.parse_hooks(cfg.hooks, model) if cfg.hooks else []
     df = P.exact_patch(model, mine, hooks=hooks, direction=cfg.direction, heads=cfg.heads, layers=cfg.layers,
@@ -194,7 +218,8 @@ def exact_step(run: str | Path, model, pairs: Sequence, config: ExactConfig | No
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     files = ["patch_exact.csv", "patch_baselines.csv", "patch.safetensors"]
     _record(run, "exact", {"hooks": hooks, "heads": cfg.heads, "direction": cfg.direction, "metric": cfg.metric,
-                           "layers": cfg.layers, "batch_size": cfg.batch_size, "pairs": ids}, t0, files, summary, ctx)
+                           "layers": cfg.layers, "batch_size": cfg.batch_size, "pairs": ids,
+                           **_draw_record(cfg.n_pairs, cfg.seed)}, t0, files, summary, ctx)
     top = (summary.get("top") or [{}])[0]
     col = f"{cfg.metric}_restored"
     head = f"maps for {len(ids)} pairs ({len(df)} patched runs)"
@@ -202,6 +227,13 @@ def exact_step(run: str | Path, model, pairs: Sequence, config: ExactConfig | No
         head += (f"; strongest: {top['direction']} {top['hook']} L{top['layer']} at {top['position_kind']} "
                  f"restores {top[col]:.2f}")
     return StepOutcome("done", files, head, df)
+
+
+def _draw_record(n_pairs: int | None, seed: int) -> dict:
+    """How the test pairs were chosen, for the manifest."""
+    if n_pairs is None:
+        return {"pair_draw": "every pair given"}
+    return {"pair_draw": "random, stratified by category then cluster (spread_pairs)", "pair_seed": seed}
 
 
 def _record(run: Path, mode: str, params: dict, t0: float, files: list[str], summary: dict, ctx) -> None:
@@ -316,7 +348,7 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
     tables, controls, used, metrics = [], [], {}, []
     for i, ((method, direction, cat), ss) in enumerate(calls.items()):
         pool = [a for a in pairs if cat is None or a.category == cat]
-        chosen_pairs = spread_pairs(pool, cfg.n_pairs)
+        chosen_pairs = spread_pairs(pool, cfg.n_pairs, cfg.seed)
         m = dims_metric(ss, cfg.metric) if cfg.auto_metric else cfg.metric
         if m != cfg.metric and log is not None:
             log(f"      no {cfg.metric}-visible candidates at the changed token; judging sets after it by {m}")
@@ -358,7 +390,8 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     params = {"ablation": summary["method"], "metric": m, "n_controls": cfg.n_controls, "alpha": cfg.alpha,
               "seed": cfg.seed, "sets": [s.label for s, _ in specs],
-              "pairs": next(iter(used.values())) if len(used) == 1 else used, **cfg.record}
+              "pairs": next(iter(used.values())) if len(used) == 1 else used, **_draw_record(cfg.n_pairs, cfg.seed),
+              **cfg.record}
     if cfg.tests:
         params["tests"] = {k: list(v) for k, v in cfg.tests.items()}
     else:
@@ -389,7 +422,7 @@ def attribution_step(run: str | Path, model, pairs: Sequence, config: Attributio
     from . import patch as P
 
     run, cfg, t0 = Path(run), config or AttributionConfig(), time.perf_counter()
-    chosen = spread_pairs(pairs, cfg.n_pairs)
+    chosen = spread_pairs(pairs, cfg.n_pairs, cfg.seed)
     hooks = P.parse_hooks(cfg.hooks, model) if cfg.hooks else []
     df, dim_scores = P.attribution_patch(model, chosen, hooks=hooks, heads=cfg.heads, direction=cfg.direction,
                                          metric=cfg.metric, verify_top=cfg.verify_top, seed=cfg.seed,
@@ -403,7 +436,8 @@ def attribution_step(run: str | Path, model, pairs: Sequence, config: Attributio
     files = ["patch_attribution.csv", "patch.safetensors"]
     _record(run, "attribution", {"hooks": hooks, "heads": cfg.heads, "direction": cfg.direction,
                                  "metric": cfg.metric, "verify_top": cfg.verify_top, "seed": cfg.seed,
-                                 "batch_size": cfg.batch_size, "pairs": ids}, t0, files, summary, None)
+                                 "batch_size": cfg.batch_size, "pairs": ids, **_draw_record(cfg.n_pairs, cfg.seed)},
+            t0, files, summary, None)
     rho = summary.get("spearman")
     head = f"{len(df)} components scored on {len(chosen)} pairs"
     if rho is not None:
