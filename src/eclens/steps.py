@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .diff import DiffConfig
+from .errors import EclensError
+from .roles import cluster_of
 from .runs import merge_tensors, prepare_run_pairs, record_patch, write_table
 
 
@@ -259,6 +261,12 @@ class DimsConfig:
     # Per set kind, the test that fits its claim: kind -> (method, direction), instead of method/direction.
     tests: dict[str, tuple[str, str]] | None = None
     record: dict = field(default_factory=dict)  # further parameters to record (how the sets were chosen)
+    # Held-out selection (issue 19): the seed of the cluster halves; None: choose and test on the same pairs.
+    split: int | None = None
+    choose: Callable[[Any], Sequence] | None = None  # under a split: candidates frame of half A -> the sets
+    diff: DiffConfig | None = None       # the diff of half A (None: DiffConfig())
+    matched: bool = True                 # also controls matched on sigma and the selection statistic
+    n_perm: int = 1000                   # label permutations for the interaction p
 
 
 # A set to test: a DimSet (tested on every pair) or (DimSet, category of the pairs to test it on, None: all).
@@ -327,9 +335,29 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
 
     from . import distributed as D
     from . import patch as P
+    from .roles import role_of, twin_of
+    from .selection import halves, run_stats, select_half, set_cells
 
     run, cfg, t0 = Path(run), config or DimsConfig(), time.perf_counter()
-    chosen = sets(run) if callable(sets) else sets
+    test_pool, split_info, stats = list(pairs), {}, {}
+    if cfg.split is not None and (callable(sets) or not sets):
+        # choose on half A's clusters, test on half B's (a diff of half A: see eclens.selection's seam)
+        half_a, half_b = halves(pairs, cfg.split)
+        sel = select_half(model, half_a, cfg.diff, progress=progress)
+        cand = sel.candidates
+        chosen = cfg.choose(cand) if cfg.choose is not None else choose_sets(cand, 2, 10)
+        stats = set_cells(sel.dims_for("all"), [s if isinstance(s, P.DimSet) else s[0] for s in chosen])
+        test_pool = half_b
+        split_info = {"split": cfg.split, "selection": "diff of half A's error pairs",
+                      "n_select_pairs": sum(role_of(a) != "twin" for a in half_a),
+                      "n_select_clusters": len({cluster_of(a) for a in half_a}),
+                      "n_test_clusters": len({cluster_of(a) for a in half_b})}
+    else:
+        chosen = sets(run) if callable(sets) else sets
+        if cfg.matched:
+            stats = run_stats(run, [s if isinstance(s, P.DimSet) else s[0] for s in chosen])
+        if cfg.split is not None:
+            split_info = {"split": cfg.split, "selection": "sets given by hand: tested on every pair"}
     specs = [(s, None) if isinstance(s, P.DimSet) else (s[0], s[1]) for s in chosen]
     files = ["patch_dims.csv", "patch_dims_controls.csv"]
     if not specs:
@@ -347,16 +375,26 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
     tagged = cfg.tests is not None or any(cat is not None for _, cat in specs)
     tables, controls, used, metrics = [], [], {}, []
     for i, ((method, direction, cat), ss) in enumerate(calls.items()):
-        pool = [a for a in pairs if cat is None or a.category == cat]
+        pool = [a for a in test_pool if (cat is None or a.category == cat) and role_of(a) != "twin"]
+        if not pool:
+            raise EclensError(f"no error pairs to test{' in category ' + cat if cat else ''}"
+                              + (f" in the test half of --split {cfg.split}; use more pairs" if split_info else ""))
         chosen_pairs = spread_pairs(pool, cfg.n_pairs, cfg.seed)
         m = dims_metric(ss, cfg.metric) if cfg.auto_metric else cfg.metric
         if m != cfg.metric and log is not None:
             log(f"      no {cfg.metric}-visible candidates at the changed token; judging sets after it by {m}")
-        mine = D.shard(chosen_pairs, ctx) if ctx is not None and ctx.active else chosen_pairs
-        res = P.dims_interventions(model, mine, ss, method=method, n_controls=cfg.n_controls,
-                                   seed=cfg.seed + i, direction=direction, metric=m, alpha=cfg.alpha,
-                                   batch_size=cfg.batch_size, progress=progress and (ctx is None or ctx.is_main),
-                                   dist=ctx)
+        if ctx is not None and ctx.active:  # sharded: uniform controls only (the matched and twin runs are not)
+            res = P.dims_interventions(model, D.shard(chosen_pairs, ctx), ss, method=method,
+                                       n_controls=cfg.n_controls, seed=cfg.seed + i, direction=direction, metric=m,
+                                       alpha=cfg.alpha, batch_size=cfg.batch_size, progress=progress and ctx.is_main,
+                                       dist=ctx)
+        else:
+            ids = {a.id for a in chosen_pairs}
+            twins = [a for a in test_pool if role_of(a) == "twin" and twin_of(a) in ids]
+            res = P.causal_test(model, chosen_pairs, ss, twins=twins, stats=stats if cfg.matched else None,
+                                method=method, direction=direction, metric=m, n_controls=cfg.n_controls,
+                                seed=cfg.seed + i, alpha=cfg.alpha, n_perm=cfg.n_perm, batch_size=cfg.batch_size,
+                                progress=progress)
         if ctx is not None and not ctx.is_main:
             continue
         t = res.table.assign(pairs_category=cat or "all", decided_by=m) if tagged else res.table
@@ -385,8 +423,13 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
     if cfg.n_pairs is not None:
         summary["n_pairs"] = len(next(iter(used.values()))) if len(used) == 1 else {k: len(v) for k, v in used.items()}
     if len(set(metrics)) == 1:
+        extra = [c for c in (f"{m}_p_matched", f"{m}_q_matched", "match_sigma", "match_stat", f"{m}_sees",
+                             "interaction", "interaction_low", "interaction_high", "interaction_p")
+                 if c in table.columns]
         summary["sets"] = table[["set", "direction", "n_pairs", f"{m}_effect", f"{m}_control_mean", f"{m}_z",
-                                 f"{m}_p", f"{m}_q", "verdict"]].to_dict(orient="records")
+                                 f"{m}_p", f"{m}_q", *extra, "verdict"]].to_dict(orient="records")
+    if split_info:
+        summary["split"] = split_info
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     params = {"ablation": summary["method"], "metric": m, "n_controls": cfg.n_controls, "alpha": cfg.alpha,
               "seed": cfg.seed, "sets": [s.label for s, _ in specs],
@@ -396,6 +439,8 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
         params["tests"] = {k: list(v) for k, v in cfg.tests.items()}
     else:
         params["direction"] = cfg.direction
+    params.update(split_info or {"split": None})
+    params["controls"] = "uniform + matched (sigma, selection statistic)" if cfg.matched else "uniform"
     _record(run, "dims", params, t0, files, summary, ctx)
     return StepOutcome("done", files, summary["verdict"], table)
 
@@ -445,6 +490,58 @@ def attribution_step(run: str | Path, model, pairs: Sequence, config: Attributio
     return StepOutcome("done", files, head, df)
 
 
+# ------------------------------------------------------------------------------ skip
+
+
+@dataclass
+class SkipStepConfig:
+    layers: list[int] | None = None      # None: every layer
+    components: tuple[str, ...] = ("block", "attn", "mlp")
+    n_pairs: int | None = None           # error pairs drawn (spread_pairs); their twins come with them
+    seed: int = 0
+    break_kl: float = 1.0                # nats: median clean-run KL above which a skip is excluded
+    exchange: bool = True                # also layer exchange (error run <- twin run, per layer)
+    batch_size: int = 64
+
+
+def skip_step(run: str | Path, model, pairs: Sequence, config: SkipStepConfig | None = None, *,
+              progress: bool = True) -> StepOutcome:
+    """Layer skipping (and exchange where pairs have twins): ``patch_skip.csv`` (one row per layer and
+    component), ``patch_skip_pairs.csv`` (per pair), ``patch_exchange.csv``."""
+    from . import patch as P
+    from .roles import role_of, twin_of
+
+    run, cfg, t0 = Path(run), config or SkipStepConfig(), time.perf_counter()
+    errors = [a for a in pairs if role_of(a) != "twin"]
+    chosen = spread_pairs(errors, cfg.n_pairs, cfg.seed)
+    ids = {a.id for a in chosen}
+    twins = [a for a in pairs if role_of(a) == "twin" and twin_of(a) in ids]
+    tested = chosen + twins
+    scfg = P.SkipConfig(layers=tuple(cfg.layers) if cfg.layers is not None else None,
+                        components=tuple(cfg.components), batch_size=cfg.batch_size, break_kl=cfg.break_kl)
+    res = P.layer_skip(model, tested, scfg, progress=progress)
+    write_table(res.table, run / "patch_skip.csv")
+    write_table(res.per_pair, run / "patch_skip_pairs.csv")
+    files = ["patch_skip.csv", "patch_skip_pairs.csv"]
+    summary = dict(res.summary)
+    if cfg.exchange and twins:
+        ex = P.layer_exchange(model, tested, cfg.layers, batch_size=cfg.batch_size)
+        write_table(ex, run / "patch_exchange.csv")
+        files.append("patch_exchange.csv")
+        summary["exchange_moved_median"] = {int(L): float(g["moved"].median()) for L, g in ex.groupby("layer")}
+    elif not twins:
+        summary["note"] = "no twins among the pairs: skip effects per role only, no error-vs-twin comparison"
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    _record(run, "skip", {"layers": cfg.layers, "components": list(cfg.components), "break_kl": cfg.break_kl,
+                          "pairs": [a.id for a in tested], **_draw_record(cfg.n_pairs, cfg.seed)},
+            t0, files, summary, None)
+    spec = summary["error_specific"]
+    head = (f"{len(res.table)} skips on {len(chosen)} error pairs and {len(twins)} twins; "
+            f"{len(summary['excluded'])} excluded (break the clean run); "
+            + (f"error-specific recovery: {', '.join(spec)}" if spec else "null: no layer helps errors more than twins"))
+    return StepOutcome("done", files, head, res)
+
+
 # ---------------------------------------------------------------------------- report
 
 
@@ -459,6 +556,6 @@ def report_step(run: str | Path, model=None, *, n_examples: int = 4, out: str | 
     return StepOutcome("done", [path.name], f"{path} ({path.stat().st_size / 1e6:.1f} MB)", path)
 
 
-__all__ = ["StepOutcome", "pairs_step", "diff_step", "save_diff", "exact_step", "dims_step", "attribution_step",
+__all__ = ["SkipStepConfig", "skip_step", "StepOutcome", "pairs_step", "diff_step", "save_diff", "exact_step", "dims_step", "attribution_step",
            "report_step", "ExactConfig", "DimsConfig", "AttributionConfig", "choose_sets", "run_candidates",
            "dims_metric", "spread_pairs"]
