@@ -65,10 +65,18 @@ PREFIX = [100, 200, 300]     # shared context; position p = 3
 SUFFIX = [400, 500, 600]
 
 
+_BASE: dict = {}
+
+
 def _planted(plant: str, seed: int = 0):
+    """``plant``: ``carry`` (errors along v on S), ``undo`` (and layer 1 cancels them) or ``none`` (errors
+    along random directions off S, like the twins: nothing is planted). The model is built once per session
+    and re-planted in place (tokens, unembedding and the MLP unit are all rewritten)."""
     from eclens import tiny_model
 
-    m = tiny_model(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_mlp=128, seed=seed, compat=False)
+    if "m" not in _BASE:
+        _BASE["m"] = tiny_model(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_mlp=128, seed=0, compat=False)
+    m = _BASE["m"]
     hf = m.original_model
     g = torch.Generator().manual_seed(1000 + seed)
     d = 64
@@ -81,10 +89,11 @@ def _planted(plant: str, seed: int = 0):
             layer.mlp.down_proj.weight.zero_()
             layer.post_attention_layernorm.weight.fill_(1.0)
         # A 2048-token vocabulary (the ids used here): the 49k-row unembedding would cost most of each pass.
+        if hf.lm_head.weight.shape[0] != VOCAB:
+            hf.model.embed_tokens.weight = torch.nn.Parameter(hf.model.embed_tokens.weight[:VOCAB].clone())
         hf.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, d, generator=g) * 0.5)
         if getattr(hf.lm_head, "bias", None) is not None:  # the bridge gives the unembedding a (zero) bias buffer
             hf.lm_head.bias = torch.zeros(VOCAB)
-        hf.model.embed_tokens.weight = torch.nn.Parameter(hf.model.embed_tokens.weight[:VOCAB].clone())
         W = hf.model.embed_tokens.weight
         W -= (W @ v)[:, None] * v[None, :]
         s = 1.0
@@ -93,7 +102,12 @@ def _planted(plant: str, seed: int = 0):
             W[c] = W[c] / W[c].norm() * 0.2  # one norm for every clean token: one gain undoes every error
             u = torch.randn(d, generator=g)
             u[S] = 0
-            W[e] = W[c] + s * v
+            if plant == "none":
+                r = torch.randn(d, generator=g)
+                r[S] = 0
+                W[e] = W[c] + s * r / r.norm()
+            else:
+                W[e] = W[c] + s * v
             W[w] = W[c] + s * u / u.norm()
             ids["clean"].append(c), ids["error"].append(e), ids["twin"].append(w)
         if plant == "undo":
@@ -238,3 +252,35 @@ def test_planted_set_is_found_on_held_out_clusters_and_beats_matched_controls(tm
     assert man["split"] == 0 and man["n_test_clusters"] == sum(split_half(f"k{i}", 0) for i in range(24))
     tested = set(man["pairs"])
     assert tested and all(split_half("k" + p[len("error"):], 0) == 1 for p in tested)
+
+
+def _null_rates(n_seeds: int) -> tuple[int, int]:
+    """Over ``n_seeds`` unplanted models (errors along random directions, like their twins), how many times a
+    random set beats its uniform controls (q < 0.05) and how many times its interaction is significant."""
+    from eclens import patch as P
+
+    sig = inter = 0
+    for seed in range(n_seeds):
+        m, ids = _planted("none", seed)
+        pairs = _planted_pairs(ids, 12)
+        errs = [a for a in pairs if a.pair.role == "error"]
+        twins = [a for a in pairs if a.pair.role == "twin"]
+        dims = sorted(np.random.default_rng(seed).choice(64, 4, replace=False).tolist())
+        res = P.causal_test(m, errs, [P.DimSet("hook_resid_pre", 1, dims, 0, "random")], twins=twins,
+                            metric="kl", n_controls=39, seed=seed, n_perm=200)
+        r = res.table.iloc[0]
+        sig += bool(r["significant"])
+        inter += bool(r["interaction_p"] < 0.05)
+    return sig, inter
+
+
+def test_random_set_on_an_unplanted_model_is_null_in_most_seeds():
+    sig, inter = _null_rates(8)
+    assert sig <= 1 and inter <= 1, (sig, inter)
+
+
+@pytest.mark.slow
+def test_random_set_on_an_unplanted_model_is_null_in_90_of_100_seeds():
+    sig, inter = _null_rates(100)
+    print(f"null: random set significant in {sig}/100 seeds, interaction significant in {inter}/100")
+    assert sig <= 10 and inter <= 10, (sig, inter)
