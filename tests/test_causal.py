@@ -284,3 +284,22 @@ def test_random_set_on_an_unplanted_model_is_null_in_90_of_100_seeds():
     sig, inter = _null_rates(100)
     print(f"null: random set significant in {sig}/100 seeds, interaction significant in {inter}/100")
     assert sig <= 10 and inter <= 10, (sig, inter)
+
+
+def test_attribution_agreement_counts_only_what_the_metric_can_see():
+    """Components the metric cannot see score exactly 0 on both sides: among them any ranking 'agrees'.
+    The visible-only numbers leave them out (here they turn a perfect pooled rank agreement into none)."""
+    import pandas as pd
+
+    from eclens.patch import attribution_summary
+
+    n_vis, n_hidden = 10, 30
+    exact = np.r_[np.arange(1.0, n_vis + 1), np.zeros(n_hidden)]
+    attr = np.r_[np.arange(n_vis, 0.0, -1), np.zeros(n_hidden)]  # visible ranks exactly reversed
+    df = pd.DataFrame({"pair_id": "a", "direction": "denoise", "exact": exact, "attribution": attr,
+                       "verified": True, "verify_group": ["top"] * 5 + ["random"] * (n_vis + n_hidden - 5),
+                       "visible": [True] * n_vis + [False] * n_hidden, "position_kind": "after"})
+    s = attribution_summary(df, 5)
+    assert s["n_visible"] == n_vis
+    assert s["spearman"] > 0.5 and s["spearman_visible"] == pytest.approx(-1.0)  # ties at 0 inflate the pool
+    assert s["topk_recall_visible"] == 0.0
