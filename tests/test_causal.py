@@ -303,3 +303,30 @@ def test_attribution_agreement_counts_only_what_the_metric_can_see():
     assert s["n_visible"] == n_vis
     assert s["spearman"] > 0.5 and s["spearman_visible"] == pytest.approx(-1.0)  # ties at 0 inflate the pool
     assert s["topk_recall_visible"] == 0.0
+
+
+def test_cli_patch_skip_on_a_run(tiny, tmp_path, monkeypatch):
+    """`ec patch --mode skip` writes its tables and records itself (pairs without twins: per role only)."""
+    import json
+
+    import pandas as pd
+
+    from eclens.cli import main
+    from eclens.commands import _common
+    from eclens.model import manifest_model_entry
+    from eclens.pairs import check_with_model, write_jsonl
+    from eclens.runs import update_manifest
+
+    raw = [MinimalPair("cat", "The cat is here.", "The cats is here.", "grammar/agreement"),
+           MinimalPair("run", "A dog ran.", "A dog run.", "grammar/tense")]
+    run = tmp_path / "run"
+    write_jsonl(run / "pairs.jsonl", check_with_model(raw, tiny).valid)
+    update_manifest(run, model=manifest_model_entry(tiny))
+    monkeypatch.setattr(_common, "load", lambda *a, **k: tiny)
+    assert main(["patch", str(run), "--mode", "skip", "--components", "block,mlp"]) == 0
+    t = pd.read_csv(run / "patch_skip.csv")
+    assert len(t) == 2 * 2 and set(t["component"]) == {"block", "mlp"}
+    assert (t["verdict"].str.startswith("no twins") | t["broken"]).all()
+    man = json.loads((run / "manifest.json").read_text())["steps"]["patch"]["skip"]
+    assert man["params"]["components"] == ["block", "mlp"] and "patch_skip_pairs.csv" in man["files"]
+    assert main(["patch", str(run), "--mode", "skip", "--components", "head"]) == 2  # one-line error

@@ -343,6 +343,16 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
     if cfg.split is not None and (callable(sets) or not sets):
         # choose on half A's clusters, test on half B's (a diff of half A: see eclens.selection's seam)
         half_a, half_b = halves(pairs, cfg.split)
+        n_a, n_b = (sum(role_of(a) != "twin" for a in h) for h in (half_a, half_b))
+        if not n_a or not n_b:
+            for f in ("patch_dims.csv", "patch_dims_controls.csv"):
+                (run / f).unlink(missing_ok=True)
+            summary = {"metric": cfg.metric, "n_sets": 0, "n_tests": 0, "n_significant": 0,
+                       "split": {"split": cfg.split, "n_select_pairs": n_a, "n_test_pairs": n_b},
+                       "verdict": f"null: --split {cfg.split} leaves {n_a} error pairs to choose on and {n_b} to "
+                                  "test on; nothing to test (use more pairs or clusters)"}
+            _record(run, "dims", {**cfg.record, "split": cfg.split}, t0, [], summary, ctx)
+            return StepOutcome("empty", [], summary["verdict"], None)
         sel = select_half(model, half_a, cfg.diff, progress=progress)
         cand = sel.candidates
         chosen = cfg.choose(cand) if cfg.choose is not None else choose_sets(cand, 2, 10)
@@ -364,7 +374,8 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
         for f in files:  # tables of earlier sets would describe something this step no longer tests
             (run / f).unlink(missing_ok=True)
         summary = {"metric": cfg.metric, "n_sets": 0, "n_tests": 0, "n_significant": 0,
-                   "verdict": "null: diff found no candidate dimensions over all pairs, so there is nothing to test"}
+                   "verdict": "null: diff found no candidate dimensions over "
+                              + ("half A's error pairs" if split_info else "all pairs") + ", so there is nothing to test"}
         _record(run, "dims", {**cfg.record}, t0, [], summary, ctx)
         return StepOutcome("empty", [], summary["verdict"], None)
     calls: dict[tuple, list] = {}

@@ -85,6 +85,10 @@ def run(
     attribution_pairs: int = typer.Option(16, "--attribution-pairs", help="pairs for attribution patching"),
     verify_top: int = typer.Option(5, "--verify-top", help="attribution components exact-verified per pair"),
     metric: str = typer.Option("logit_diff", "--metric", help="logit_diff | logprob | kl"),
+    split: int = typer.Option(0, "--split", help="seed of the cluster halves: dims sets are chosen on half A "
+                              "(a diff of its error pairs) and tested on half B; -1: choose and test on all pairs"),
+    skip_pairs: int = typer.Option(0, "--skip-pairs", help="layer skipping (every layer; block, attention, MLP) "
+                                   "on N error pairs and their twins; 0: no skip step"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """The whole study: pairs -> check -> diff -> patch (candidates vs random controls, exact maps,
@@ -111,7 +115,8 @@ def run(
                     hooks=hooks, batch_size=batch_size, min_pairs=min_pairs,
                     patch_hooks=tuple(h.strip() for h in patch_hooks.split(",") if h.strip()), exact_pairs=exact_pairs, dims_pairs=dims_pairs,
                     max_sets=max_sets, top_k=top_k, n_controls=n_controls, attribution_pairs=attribution_pairs,
-                    verify_top=verify_top, metric=metric)
+                    verify_top=verify_top, metric=metric, split=None if split < 0 else split,
+                    skip_pairs=max(0, skip_pairs))
     raw = preflight_pairs(pairs)
     console.print(f"run folder: {out_dir}")
     from ..lock import lock_run
