@@ -220,14 +220,22 @@ def _print_exact(summary: dict) -> None:
 
 
 def _print_dims(table, metric: str, verdict: str) -> None:
-    t = Table(title=f"dimension sets vs random controls ({metric})")
-    for c in ("set", "direction", "pairs", "effect", "controls", "z", "p", "q", "verdict"):
+    t = Table(title=f"dimension sets vs uniform and matched controls ({metric}; interaction: errors minus twins)")
+    for c in ("set", "direction", "pairs", "effect", "uniform", "p", "q", "matched p", "match σ/stat", "sees",
+              "interaction [95%]", "p_int", "verdict"):
         t.add_column(c)
-    for r in table.itertuples(index=False):
-        d = r._asdict()
-        t.add_row(str(d["set"]), str(d["direction"]), str(d["n_pairs"]), f"{d[f'{metric}_effect']:.4g}",
-                  f"{d[f'{metric}_control_mean']:.3g}±{d[f'{metric}_control_std']:.2g}", f"{d[f'{metric}_z']:.2f}",
-                  f"{d[f'{metric}_p']:.3g}", f"{d[f'{metric}_q']:.3g}", str(d["verdict"]))
+
+    def f(x, fmt=".3g") -> str:
+        return "" if x is None or x != x else format(x, fmt)
+
+    for d in table.to_dict(orient="records"):
+        t.add_row(str(d["set"]), str(d["direction"]), str(d["n_pairs"]), f(d[f"{metric}_effect"], ".4g"),
+                  f"{f(d[f'{metric}_control_mean'])}±{f(d[f'{metric}_control_std'], '.2g')}", f(d[f"{metric}_p"]),
+                  f(d[f"{metric}_q"]), f(d.get(f"{metric}_p_matched")),
+                  f"{f(d.get('match_sigma'), '.2f')}/{f(d.get('match_stat'), '.2f')}", f(d.get(f"{metric}_sees"), ".2f"),
+                  (f"{f(d.get('interaction'))} [{f(d.get('interaction_low'))}, {f(d.get('interaction_high'))}]"
+                   if d.get("interaction") == d.get("interaction") and "interaction" in d else "no twins"),
+                  f(d.get("interaction_p")), str(d["verdict"]))
     out.print(t)
     out.print(verdict)
 
