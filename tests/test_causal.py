@@ -330,3 +330,31 @@ def test_cli_patch_skip_on_a_run(tiny, tmp_path, monkeypatch):
     man = json.loads((run / "manifest.json").read_text())["steps"]["patch"]["skip"]
     assert man["params"]["components"] == ["block", "mlp"] and "patch_skip_pairs.csv" in man["files"]
     assert main(["patch", str(run), "--mode", "skip", "--components", "head"]) == 2  # one-line error
+
+
+def test_random_baseline_counts_beside_the_real_models(tiny, tmp_path):
+    import pandas as pd
+
+    from eclens import tiny_model
+    from eclens.baseline import baseline_step
+    from eclens.diff import DiffConfig
+    from eclens.pairs import check_with_model
+
+    raw = [MinimalPair("cat", "The cat is here.", "The cats is here.", "grammar/agreement"),
+           MinimalPair("run", "A dog ran.", "A dog run.", "grammar/tense")]
+    pairs = check_with_model(raw, tiny).valid
+    pd.DataFrame([{"category": "all", "hook": "hook_resid_pre", "layer": 0, "offset": 0, "dim": d,
+                   "kind": "stable", "rank": d} for d in range(3)]).to_csv(tmp_path / "candidates.csv", index=False)
+    asked = []
+
+    def loader(name):
+        asked.append(name)
+        return tiny_model(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_mlp=128, seed=7)
+
+    out = baseline_step(tmp_path, tiny, pairs, diff_config=DiffConfig(hooks="resid_pre", min_pairs=1), seed=3,
+                        loader=loader)
+    assert asked == [f"random:{tiny.eclens_name}@3"]
+    t = pd.read_csv(tmp_path / "baseline_random.csv")
+    real = t[(t["weights"] == "trained") & (t["hook"] == "(any)")].set_index("kind")["n_candidates"]
+    assert real["stable"] == 3 and real["responsive"] == 0
+    assert set(t["weights"]) == {"trained", "random"} and "vs" in out.headline

@@ -65,6 +65,7 @@ class RunConfig:
     report_examples: int = 4
     split: int | None = 0               # dims: choose sets on half A of the clusters, test on half B (None: no split)
     skip_pairs: int = 0                 # layer skipping on this many error pairs (+ their twins); 0: no skip step
+    baseline: str | None = None         # "random": diff + candidate rules again on random:NAME, counts side by side
 
     def step_params(self, step: str) -> dict:
         keys = {
@@ -73,6 +74,7 @@ class RunConfig:
             "exact": ("exact_pairs", "patch_hooks", "seed"),
             "dims": ("dims_pairs", "max_sets", "top_k", "n_controls", "metric", "seed", "split"),
             "skip": ("skip_pairs", "seed"),
+            "baseline": ("baseline", "hooks", "seed", "min_pairs"),
             "attribution": ("attribution_pairs", "verify_top", "metric", "seed", "patch_hooks"),
             "report": ("report_examples",),
         }[step]
@@ -227,6 +229,15 @@ def pipeline_steps(cfg: RunConfig) -> list[Step]:
         at = next((i for i, st in enumerate(steps) if st.name == "report"), len(steps))
         steps.insert(at, Step("skip", lambda run, model, pairs, progress, log: skip_step(
             run, model, pairs, skip_cfg, progress=progress), cfg.step_params("skip")))
+    if cfg.baseline is not None:
+        if cfg.baseline != "random":
+            raise EclensError(f"unknown baseline {cfg.baseline!r}: use random")
+        from .baseline import baseline_step
+
+        at = next((i for i, st in enumerate(steps) if st.name == "report"), len(steps))
+        steps.insert(at, Step("baseline", lambda run, model, pairs, progress, log: baseline_step(
+            run, model, pairs, diff_config=diff_cfg, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress),
+            cfg.step_params("baseline")))
     return steps
 
 

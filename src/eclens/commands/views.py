@@ -89,6 +89,8 @@ def run(
                               "(a diff of its error pairs) and tested on half B; -1: choose and test on all pairs"),
     skip_pairs: int = typer.Option(0, "--skip-pairs", help="layer skipping (every layer; block, attention, MLP) "
                                    "on N error pairs and their twins; 0: no skip step"),
+    baseline: str = typer.Option(None, "--baseline", help="random: diff and candidate rules again on "
+                                 "random:MODEL (same architecture, random weights), counts beside the real model's"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """The whole study: pairs -> check -> diff -> patch (candidates vs random controls, exact maps,
@@ -109,6 +111,8 @@ def run(
             raise EclensError(f"{name} must be at least 1")
     if pairs is not None and not pairs.is_file():
         raise EclensError(f"{pairs}: no such pairs file")
+    if baseline not in (None, "random"):
+        raise EclensError(f"unknown --baseline {baseline!r}: use random")
     if out_dir is None:
         out_dir = Path("runs") / (pairs.stem if pairs else f"templates-n{n_per_category}-seed{seed}")
     cfg = RunConfig(pairs_file=str(pairs) if pairs else None, n_per_category=n_per_category, seed=seed,
@@ -116,7 +120,7 @@ def run(
                     patch_hooks=tuple(h.strip() for h in patch_hooks.split(",") if h.strip()), exact_pairs=exact_pairs, dims_pairs=dims_pairs,
                     max_sets=max_sets, top_k=top_k, n_controls=n_controls, attribution_pairs=attribution_pairs,
                     verify_top=verify_top, metric=metric, split=None if split < 0 else split,
-                    skip_pairs=max(0, skip_pairs))
+                    skip_pairs=max(0, skip_pairs), baseline=baseline)
     raw = preflight_pairs(pairs)
     console.print(f"run folder: {out_dir}")
     from ..lock import lock_run
