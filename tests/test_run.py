@@ -49,7 +49,10 @@ def test_ec_run_end_to_end(real_run):  # noqa: F811
     dims = pd.read_csv(real_run.path / "patch_dims.csv")
     ctrl = pd.read_csv(real_run.path / "patch_dims_controls.csv")
     assert len(dims) == 2 and (dims["n_controls"] == 10).all()
-    assert len(ctrl) == 20
+    # 10 uniform controls per set, and as many matched on sigma and the selection statistic where the cell has
+    # dims to match (issue 19); --split -1 (in run_argv) keeps this small run's sets tested on all its pairs
+    assert (ctrl["control_kind"] == "uniform").sum() == 20
+    assert ctrl.groupby(["set", "control_kind"]).size().isin([10]).all()
     attr = pd.read_csv(real_run.path / "patch_attribution.csv")
     assert attr["pair_id"].nunique() == 3 and attr["verified"].any()
 
