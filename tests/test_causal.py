@@ -191,7 +191,7 @@ def test_skipping_the_planted_block_removes_recovery_for_errors_not_twins():
     torch.set_grad_enabled(False)
     m, ids = _planted("undo")
     pairs = _planted_pairs(ids, 8)
-    cfg = SkipConfig(boot=BootstrapConfig(n_boot=200))
+    cfg = SkipConfig(boot=BootstrapConfig(n_boot=200), min_clusters=8)
     res = layer_skip(m, pairs, cfg)
     t = res.table.set_index(["layer", "component"])
     # the planted unit: with it the error fades; skipped, the error run stays far from the clean one
@@ -211,15 +211,20 @@ def test_skipping_the_planted_block_removes_recovery_for_errors_not_twins():
 
 
 def test_layer_exchange_reuses_exact_patching():
+    """The twin's MLP write at layer 1 put into the error run: in the undo model it removes the correction
+    (the error run moves away from the twin's); in the carry model (no MLP writes) it changes nothing."""
     from eclens.patch.skip import layer_exchange
 
     torch.set_grad_enabled(False)
+    m, ids = _planted("undo")
+    ex = layer_exchange(m, _planted_pairs(ids, 4)).set_index(["layer", "component"])
+    assert len(ex) == 4 * 2 * 2
+    # with the planted unit the error run ends at the clean run (KL ~ 0); without its write it does not
+    assert (ex.loc[(1, "mlp"), "kl_exchanged"] > ex.loc[(1, "mlp"), "kl_error"] + 0.1).all()
+    np.testing.assert_allclose(ex.loc[(0, "mlp"), "kl_exchanged"], ex.loc[(0, "mlp"), "kl_error"], atol=1e-6)
     m, ids = _planted("carry")
     ex = layer_exchange(m, _planted_pairs(ids, 4))
-    assert len(ex) == 4 * 2
-    # the twin's last-layer state makes the error run the twin run: every gap moved fully
-    np.testing.assert_allclose(ex[ex["layer"] == 1]["kl_exchanged"], ex[ex["layer"] == 1]["kl_twin"], atol=1e-5)
-    np.testing.assert_allclose(ex["moved"], 1.0, atol=1e-4)
+    np.testing.assert_allclose(ex["moved"], 0.0, atol=1e-4)
 
 
 def test_planted_set_is_found_on_held_out_clusters_and_beats_matched_controls(tmp_path):

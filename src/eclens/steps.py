@@ -511,6 +511,7 @@ class SkipStepConfig:
     n_pairs: int | None = None           # error pairs drawn (spread_pairs); their twins come with them
     seed: int = 0
     break_kl: float = 1.0                # nats: median clean-run KL above which a skip is excluded
+    min_clusters: int = 8                # clusters with an error and its twin needed for a verdict
     exchange: bool = True                # also layer exchange (error run <- twin run, per layer)
     batch_size: int = 64
 
@@ -529,7 +530,8 @@ def skip_step(run: str | Path, model, pairs: Sequence, config: SkipStepConfig | 
     twins = [a for a in pairs if role_of(a) == "twin" and twin_of(a) in ids]
     tested = chosen + twins
     scfg = P.SkipConfig(layers=tuple(cfg.layers) if cfg.layers is not None else None,
-                        components=tuple(cfg.components), batch_size=cfg.batch_size, break_kl=cfg.break_kl)
+                        components=tuple(cfg.components), batch_size=cfg.batch_size, break_kl=cfg.break_kl,
+                        min_clusters=cfg.min_clusters)
     res = P.layer_skip(model, tested, scfg, progress=progress)
     write_table(res.table, run / "patch_skip.csv")
     write_table(res.per_pair, run / "patch_skip_pairs.csv")
@@ -539,7 +541,8 @@ def skip_step(run: str | Path, model, pairs: Sequence, config: SkipStepConfig | 
         ex = P.layer_exchange(model, tested, cfg.layers, batch_size=cfg.batch_size)
         write_table(ex, run / "patch_exchange.csv")
         files.append("patch_exchange.csv")
-        summary["exchange_moved_median"] = {int(L): float(g["moved"].median()) for L, g in ex.groupby("layer")}
+        summary["exchange_moved_median"] = {f"L{L}/{c}": float(g["moved"].median())
+                                            for (L, c), g in ex.groupby(["layer", "component"])}
     elif not twins:
         summary["note"] = "no twins among the pairs: skip effects per role only, no error-vs-twin comparison"
     summary["seconds"] = round(time.perf_counter() - t0, 2)

@@ -24,9 +24,9 @@ median ``clean_kl`` over pairs exceeds ``break_kl`` (default 1 nat: more than a 
 downstream divergence in the embedded model) is reported with ``broken = True`` and excluded from the
 verdicts (its effects are still in the table, for reading, not for judging).
 
-**Layer exchange.** The error run with one layer's output (``hook_resid_post``) at every position taken
-from its twin's run (positions before ``p`` are the same in both): exact patching with the engine's
-:func:`~eclens.patch.engine.run_rows`. ``kl_exchanged`` against ``kl_error`` and ``kl_twin`` (downstream
+**Layer exchange.** The error run with one layer's attention or MLP write to the residual stream
+(``hook_attn_out`` / ``hook_mlp_out``) at every position taken from its twin's run (positions before ``p``
+are the same in both): exact patching with the engine's :func:`~eclens.patch.engine.run_rows`. ``kl_exchanged`` against ``kl_error`` and ``kl_twin`` (downstream
 KL from ``p`` against the clean run); ``moved`` = (kl_error - kl_exchanged) / (kl_error - kl_twin), the share
 of the error→twin gap that layer's state carries.
 """
@@ -61,6 +61,7 @@ class SkipConfig:
     batch_size: int = 64                       # skipped runs per forward pass (clean and changed in turn)
     kl_floor: float = 1e-4                     # nats, on both KLs of d_kl (a twin that barely registers)
     break_kl: float = 1.0                      # nats: median clean-run KL above which a skip "breaks" the run
+    min_clusters: int = 8                      # clusters with both an error and a twin needed for a verdict
     boot: BootstrapConfig = field(default_factory=lambda: BootstrapConfig(n_boot=1000))
 
 
@@ -197,8 +198,10 @@ def skip_table(per_pair: pd.DataFrame, cfg: SkipConfig = SkipConfig()) -> pd.Dat
             v = f"excluded: the skip alone breaks the clean run (median KL {rec['clean_kl_median']:.3g} > {cfg.break_kl})"
         elif not has_twins:
             v = "no twins: errors only, no comparison"
-        elif rec["n_clusters_paired"] < 2 or math.isnan(rec["d_kl_diff_low"]):
-            v = "too few clusters with both errors and twins for an interval"
+        elif rec["n_clusters_paired"] < max(2, cfg.min_clusters) or math.isnan(rec["d_kl_diff_low"]):
+            # a percentile interval over a handful of clusters is far too narrow to judge by
+            v = (f"too few clusters with both errors and twins ({rec['n_clusters_paired']} < {cfg.min_clusters}) "
+                 "for a verdict")
         elif rec["d_kl_diff_low"] > 0:
             v = "the layer helps errors recover more than twins"
         elif rec["d_kl_diff_high"] < 0:
@@ -251,32 +254,38 @@ def layer_skip(model, pairs: Sequence[AlignedPair], cfg: SkipConfig = SkipConfig
 
 
 def layer_exchange(model, pairs: Sequence[AlignedPair], layers: Sequence[int] | None = None,
-                   hook: str = "hook_resid_post", batch_size: int = 64) -> pd.DataFrame:
-    """Per error pair with a twin in ``pairs`` and per layer: the error run with that layer's ``hook`` output
-    taken from the twin's run (every position), scored by downstream KL against the clean run."""
+                   components: Sequence[str] = ("attn", "mlp"), batch_size: int = 64) -> pd.DataFrame:
+    """Per error pair with a twin in ``pairs``, per layer and component: the error run with that component's
+    write to the residual stream (``hook_attn_out`` / ``hook_mlp_out``, every position) taken from the twin's
+    run, scored by downstream KL against the clean run. (Exchanging the residual stream itself would make
+    the rest of the error run the twin run at any layer: ``moved`` would be 1 everywhere.)"""
     single_token_only(pairs, "layer exchange")
     n = model.cfg.n_layers
     layers = list(range(n)) if layers is None else [int(x) for x in layers]
+    for c in components:
+        if c not in ("attn", "mlp"):
+            raise EclensError(f"unknown exchange component {c!r}: use attn or mlp")
     by_id = {a.id: a for a in pairs}
     couples = [(by_id[twin_of(t)], t) for t in pairs if role_of(t) == "twin" and twin_of(t) in by_id]
     couples = [(e, t) for e, t in couples if e.clean_ids == t.clean_ids and e.position == t.position]
     if not couples:
         return pd.DataFrame()
-    names = [f"blocks.{L}.{hook}" for L in layers]
+    targets = [(L, c, f"blocks.{L}.hook_{'attn_out' if c == 'attn' else 'mlp_out'}") for L in layers
+               for c in components]
+    names = [nm for *_, nm in targets]
     rows = []
     for e, t in couples:
         pe, pt = prepare(model, [e, t], names)
         # the twin's run (row 1 of its Prepared) is the value bank: patched into the error run (base 1)
         banks = {nm: pt.acts[nm][1:2] for nm in names}
-        items = Rows.build([(1, nm, 0, -1, -1) for nm in names])
-        res = run_rows(model, pe, items, banks, batch_size=batch_size)
+        res = run_rows(model, pe, Rows.build([(1, nm, 0, -1, -1) for nm in names]), banks, batch_size=batch_size)
         k_err, k_twin = pe.metrics.corrupt["kl"], pt.metrics.corrupt["kl"]
-        for i, L in enumerate(layers):
-            gap = k_err - k_twin
+        gap = k_err - k_twin
+        for i, (L, comp, _) in enumerate(targets):
+            k = float(res["kl"][i])
             rows.append({"pair_id": e.id, "twin_id": t.id, "cluster": cluster_of(e), "category": e.category,
-                         "layer": L, "hook": hook, "kl_error": k_err, "kl_twin": k_twin,
-                         "kl_exchanged": float(res["kl"][i]),
-                         "moved": (k_err - float(res["kl"][i])) / gap if abs(gap) > 1e-6 else math.nan})
+                         "layer": L, "component": comp, "kl_error": k_err, "kl_twin": k_twin, "kl_exchanged": k,
+                         "moved": (k_err - k) / gap if abs(gap) > 1e-6 else math.nan})
     return pd.DataFrame(rows)
 
 
