@@ -363,3 +363,25 @@ def test_random_baseline_counts_beside_the_real_models(tiny, tmp_path):
     real = t[(t["weights"] == "trained") & (t["hook"] == "(any)")].set_index("kind")["n_candidates"]
     assert real["stable"] == 3 and real["responsive"] == 0
     assert set(t["weights"]) == {"trained", "random"} and "vs" in out.headline
+
+
+def test_cli_patch_dims_split_records_the_split(tiny, tmp_path, monkeypatch):
+    """`ec patch --mode dims --split S` needs no candidates file (it chooses on half A) and records the split;
+    too few pairs for both halves is a stated null, not an error."""
+    import json
+
+    from eclens.cli import main
+    from eclens.commands import _common
+    from eclens.model import manifest_model_entry
+    from eclens.pairs import check_with_model, write_jsonl
+    from eclens.runs import update_manifest
+
+    raw = [MinimalPair("cat", "The cat is here.", "The cats is here.", "grammar/agreement"),
+           MinimalPair("run", "A dog ran.", "A dog run.", "grammar/tense")]
+    run = tmp_path / "run"
+    write_jsonl(run / "pairs.jsonl", check_with_model(raw, tiny).valid)
+    update_manifest(run, model=manifest_model_entry(tiny))
+    monkeypatch.setattr(_common, "load", lambda *a, **k: tiny)
+    assert main(["patch", str(run), "--mode", "dims", "--split", "5", "--hooks", "resid_pre"]) == 0
+    s = json.loads((run / "patch_summary.json").read_text())["dims"]
+    assert s["n_sets"] == 0 and s["verdict"].startswith("null") and s["split"]["split"] == 5

@@ -376,7 +376,9 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
         summary = {"metric": cfg.metric, "n_sets": 0, "n_tests": 0, "n_significant": 0,
                    "verdict": "null: diff found no candidate dimensions over "
                               + ("half A's error pairs" if split_info else "all pairs") + ", so there is nothing to test"}
-        _record(run, "dims", {**cfg.record}, t0, [], summary, ctx)
+        if split_info:
+            summary["split"] = split_info
+        _record(run, "dims", {**cfg.record, **split_info}, t0, [], summary, ctx)
         return StepOutcome("empty", [], summary["verdict"], None)
     calls: dict[tuple, list] = {}
     for s, cat in specs:

@@ -176,7 +176,9 @@ def patch(
             elif split is not None:
                 sets = []
 
-                def choose(cand):
+                def choose(cand):  # half A may have no candidates: a stated null, not an error
+                    if cand.empty or (kind is not None and kind not in set(cand["kind"])):
+                        return []
                     return P.candidate_sets(cand, kind=kind, top_k=top_k, max_sets=max_sets)
             else:
                 sets = P.candidate_sets(str(cpath), kind=kind, top_k=top_k, max_sets=max_sets)
