@@ -35,10 +35,10 @@ def halves(pairs: Sequence[AlignedPair], seed: int) -> tuple[list[AlignedPair], 
 
 
 def select_half(model, pairs_a: Sequence[AlignedPair], config=None, batch_size: int = 16, progress: bool = False):
-    """The diff of half A's error pairs (twins are the comparison, not what candidates describe)."""
+    """The diff of half A's error pairs (twins and 2x2 cells are comparisons, not what candidates describe)."""
     from .diff import DiffConfig, run_diff
 
-    errors = [p for p in pairs_a if role_of(p) != "twin"]
+    errors = [p for p in pairs_a if role_of(p) == "error"]
     if not errors:
         raise EclensError("--split: the selection half has no error pairs; use more pairs or another --split seed")
     return run_diff(model, errors, batch_size=batch_size, progress=progress, config=config or DiffConfig())

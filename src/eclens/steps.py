@@ -343,7 +343,7 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
     if cfg.split is not None and (callable(sets) or not sets):
         # choose on half A's clusters, test on half B's (a diff of half A: see eclens.selection's seam)
         half_a, half_b = halves(pairs, cfg.split)
-        n_a, n_b = (sum(role_of(a) != "twin" for a in h) for h in (half_a, half_b))
+        n_a, n_b = (sum(role_of(a) == "error" for a in h) for h in (half_a, half_b))
         if not n_a or not n_b:
             for f in ("patch_dims.csv", "patch_dims_controls.csv"):
                 (run / f).unlink(missing_ok=True)
@@ -359,7 +359,7 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
         stats = set_cells(sel.dims_for("all"), [s if isinstance(s, P.DimSet) else s[0] for s in chosen])
         test_pool = half_b
         split_info = {"split": cfg.split, "selection": "diff of half A's error pairs",
-                      "n_select_pairs": sum(role_of(a) != "twin" for a in half_a),
+                      "n_select_pairs": sum(role_of(a) == "error" for a in half_a),
                       "n_select_clusters": len({cluster_of(a) for a in half_a}),
                       "n_test_clusters": len({cluster_of(a) for a in half_b})}
     else:
@@ -388,7 +388,7 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
     tagged = cfg.tests is not None or any(cat is not None for _, cat in specs)
     tables, controls, used, metrics = [], [], {}, []
     for i, ((method, direction, cat), ss) in enumerate(calls.items()):
-        pool = [a for a in test_pool if (cat is None or a.category == cat) and role_of(a) != "twin"]
+        pool = [a for a in test_pool if (cat is None or a.category == cat) and role_of(a) == "error"]
         if not pool:
             raise EclensError(f"no error pairs to test{' in category ' + cat if cat else ''}"
                               + (f" in the test half of --split {cfg.split}; use more pairs" if split_info else ""))
@@ -526,7 +526,7 @@ def skip_step(run: str | Path, model, pairs: Sequence, config: SkipStepConfig | 
     from .roles import role_of, twin_of
 
     run, cfg, t0 = Path(run), config or SkipStepConfig(), time.perf_counter()
-    errors = [a for a in pairs if role_of(a) != "twin"]
+    errors = [a for a in pairs if role_of(a) == "error"]  # 2x2 cells other than the error are not tested here
     chosen = spread_pairs(errors, cfg.n_pairs, cfg.seed)
     ids = {a.id for a in chosen}
     twins = [a for a in pairs if role_of(a) == "twin" and twin_of(a) in ids]
