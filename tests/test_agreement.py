@@ -88,7 +88,10 @@ def three_runs(tmp_path_factory, model):
 
     # ec run
     c = tmp / "run"
+    # split=None: the CLI and the library test a set given by hand on every pair; ec run's default --split
+    # would choose its set on one half of the clusters and test it on the other (a different table by design)
     run_pipeline(c, m, RunConfig(pairs_file=str(src), hooks=HOOKS, exact_pairs=N_EXACT, dims_pairs=N_DIMS, max_sets=1,
+                                 split=None,
                                  n_controls=N_CONTROLS, attribution_pairs=N_ATTR, verify_top=VERIFY,
                                  report_examples=0), log=lambda s: None, progress=False)
     chosen = pd.read_csv(c / "patch_dims.csv").iloc[0]
@@ -102,7 +105,9 @@ def three_runs(tmp_path_factory, model):
                  *model]) == 0
     assert main(["patch", str(a), "--mode", "dims", "--dims", ",".join(str(chosen["dims"]).split()),
                  "--hooks", chosen["hook"], "--layer", str(chosen["layer"]), "--offset", str(chosen["offset"]),
-                 "--direction", "denoise", "--n-controls", str(N_CONTROLS), "--max-pairs", str(N_DIMS),
+                 # --test-pairs: the same seeded draw of error pairs (twins are the comparison, not tested) as
+                 # ec run and the library; --max-pairs would cut the file, twins included
+                 "--direction", "denoise", "--n-controls", str(N_CONTROLS), "--test-pairs", str(N_DIMS),
                  "--metric", decided, *model]) == 0
     assert main(["patch", str(a), "--mode", "attribution", "--hooks", "resid_pre", "--direction", "denoise",
                  "--verify-top", str(VERIFY), "--max-pairs", str(N_ATTR), *model]) == 0

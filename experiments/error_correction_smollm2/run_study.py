@@ -820,7 +820,7 @@ def analyse_stable_heads(run: Path, model, n_sentences: int = 64, share: float =
     whole = g[(g >= share).all(axis=1)]
     if whole.empty:
         return pd.DataFrame(), {"n_heads": 0}
-    pairs = spread_pairs(load_aligned(run / "pairs.jsonl"), n_sentences, shortest=False)
+    pairs = spread_pairs(load_aligned(run / "pairs.jsonl"), n_sentences)
     layers = sorted({int(L) for L, _ in whole.index})
     names = [f"blocks.{L}.attn.hook_pattern" for L in layers]
     to_first: dict[int, list] = {L: [] for L in layers}

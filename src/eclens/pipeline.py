@@ -63,13 +63,18 @@ class RunConfig:
     metric: str = "logit_diff"
     patch_batch_size: int = 64
     report_examples: int = 4
+    split: int | None = 0               # dims: choose sets on half A of the clusters, test on half B (None: no split)
+    skip_pairs: int = 0                 # layer skipping on this many error pairs (+ their twins); 0: no skip step
+    baseline: str | None = None         # "random": diff + candidate rules again on random:NAME, counts side by side
 
     def step_params(self, step: str) -> dict:
         keys = {
             "pairs": ("pairs_file", "n_per_category", "seed"),
             "diff": ("hooks", "seed", "min_pairs"),
-            "exact": ("exact_pairs", "patch_hooks"),
-            "dims": ("dims_pairs", "max_sets", "top_k", "n_controls", "metric", "seed"),
+            "exact": ("exact_pairs", "patch_hooks", "seed"),
+            "dims": ("dims_pairs", "max_sets", "top_k", "n_controls", "metric", "seed", "split"),
+            "skip": ("skip_pairs", "seed"),
+            "baseline": ("baseline", "hooks", "seed", "min_pairs"),
             "attribution": ("attribution_pairs", "verify_top", "metric", "seed", "patch_hooks"),
             "report": ("report_examples",),
         }[step]
@@ -193,10 +198,11 @@ def pipeline_steps(cfg: RunConfig) -> list[Step]:
     rule = {"min_pairs": cfg.min_pairs} if cfg.min_pairs is not None else {}
     diff_cfg = DiffConfig(hooks=cfg.hooks, seed=cfg.seed, **rule)
     exact_cfg = ExactConfig(hooks=list(cfg.patch_hooks), direction="both", metric=cfg.metric,
-                            batch_size=cfg.patch_batch_size, n_pairs=cfg.exact_pairs)
+                            batch_size=cfg.patch_batch_size, n_pairs=cfg.exact_pairs, seed=cfg.seed)
     dims_cfg = DimsConfig(method="patch", direction="denoise", metric=cfg.metric, auto_metric=True,
                           n_controls=cfg.n_controls, seed=cfg.seed, batch_size=cfg.patch_batch_size,
-                          n_pairs=cfg.dims_pairs, record={"top_k": cfg.top_k, "max_sets": cfg.max_sets})
+                          n_pairs=cfg.dims_pairs, record={"top_k": cfg.top_k, "max_sets": cfg.max_sets},
+                          split=cfg.split, diff=diff_cfg, choose=lambda cand: choose_sets(cand, cfg.max_sets, cfg.top_k))
     attr_cfg = AttributionConfig(hooks=list(cfg.patch_hooks), direction="denoise", metric=cfg.metric,
                                  verify_top=cfg.verify_top, seed=cfg.seed, batch_size=cfg.patch_batch_size,
                                  n_pairs=cfg.attribution_pairs)
@@ -215,7 +221,24 @@ def pipeline_steps(cfg: RunConfig) -> list[Step]:
                                                                                  progress=progress),
         "report": lambda run, model, pairs, progress, log: report_step(run, model, n_examples=cfg.report_examples),
     }
-    return [Step(name, fns[name], cfg.step_params(name), fixed=name == "pairs") for name in STEPS]
+    steps = [Step(name, fns[name], cfg.step_params(name), fixed=name == "pairs") for name in STEPS]
+    if cfg.skip_pairs > 0:  # opt-in (a sweep of every layer and component): before the report, which reads it
+        from .steps import SkipStepConfig, skip_step
+
+        skip_cfg = SkipStepConfig(n_pairs=cfg.skip_pairs, seed=cfg.seed, batch_size=cfg.patch_batch_size)
+        at = next((i for i, st in enumerate(steps) if st.name == "report"), len(steps))
+        steps.insert(at, Step("skip", lambda run, model, pairs, progress, log: skip_step(
+            run, model, pairs, skip_cfg, progress=progress), cfg.step_params("skip")))
+    if cfg.baseline is not None:
+        if cfg.baseline != "random":
+            raise EclensError(f"unknown baseline {cfg.baseline!r}: use random")
+        from .baseline import baseline_step
+
+        at = next((i for i, st in enumerate(steps) if st.name == "report"), len(steps))
+        steps.insert(at, Step("baseline", lambda run, model, pairs, progress, log: baseline_step(
+            run, model, pairs, diff_config=diff_cfg, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress),
+            cfg.step_params("baseline")))
+    return steps
 
 
 def run_pipeline(run: str | Path, model, config: RunConfig | None = None, *,

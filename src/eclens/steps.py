@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from .diff import DiffConfig
+from .errors import EclensError
+from .roles import cluster_of
 from .runs import merge_tensors, prepare_run_pairs, record_patch, write_table
 
 
@@ -75,24 +77,47 @@ def pairs_step(run: str | Path, model, source: str | Path | None = None, *, n_pe
     return StepOutcome("done", ["pairs.jsonl", "rejected.jsonl", "check.csv"], head, res.valid)
 
 
-def spread_pairs(pairs: Sequence, n: int | None, shortest: bool = True) -> list:
-    """``n`` pairs taken from the categories in turn (shortest sentences first: patching cost
-    grows with the tokens after the change), deterministic; ``None``: every pair, in order."""
+def _draw_key(seed: int, key: str) -> int:
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=8,
+                                          key=f"pairs{seed}".encode()).digest(), "little")
+
+
+def spread_pairs(pairs: Sequence, n: int | None, seed: int = 0) -> list:
+    """``n`` test pairs drawn at random, stratified by category and cluster; ``None``: every pair, in order.
+
+    Categories are taken in turn (sorted by name); within a category its clusters in turn, so a
+    second pair of one cluster comes only after every cluster has given one; the order of clusters and of
+    the pairs in a cluster is a draw seeded by ``seed`` (a hash of the seed and the cluster or pair id).
+    Never by length: the first study's choice of the shortest pairs made ``p+1`` the final full stop of
+    every tested pair. The order depends on the set of pairs, not on their order in the input, so
+    ``spread_pairs(spread_pairs(ps, len(ps)), k) == spread_pairs(ps, k)`` (a pairs file written in drawn
+    order and cut with ``--max-pairs k`` tests the same pairs).
+    """
+    from .roles import cluster_of
+
     if n is None:
         return list(pairs)
-    by_cat: dict[str, list] = {}
+    by_cat: dict[str, dict[str, list]] = {}
     for a in pairs:
-        by_cat.setdefault(a.category, []).append(a)
-    for v in by_cat.values():
-        if shortest:
-            v.sort(key=lambda a: (a.length - a.position, a.length, a.id))
+        by_cat.setdefault(a.category, {}).setdefault(cluster_of(a), []).append(a)
+    queues: dict[str, list] = {}
+    for cat, clusters in by_cat.items():
+        order = sorted(clusters, key=lambda c: (_draw_key(seed, f"c\x1f{c}"), c))
+        lists = [sorted(clusters[c], key=lambda a: (_draw_key(seed, f"p\x1f{a.id}"), a.id)) for c in order]
+        flat: list = []
+        while any(lists):
+            for lst in lists:
+                if lst:
+                    flat.append(lst.pop(0))
+        queues[cat] = flat
     out: list = []
-    # Categories whose best pair is cheapest go first, so n=1 takes the cheapest pair overall.
-    cats = sorted(by_cat, key=lambda c: ((by_cat[c][0].length - by_cat[c][0].position) if shortest else 0, c))
-    while len(out) < n and any(by_cat.values()):
+    cats = sorted(queues)
+    while len(out) < n and any(queues.values()):
         for cat in cats:
-            if by_cat[cat] and len(out) < n:
-                out.append(by_cat[cat].pop(0))
+            if queues[cat] and len(out) < n:
+                out.append(queues[cat].pop(0))
     return out
 
 
@@ -159,7 +184,8 @@ class ExactConfig:
     layers: list[int] | None = None      # None: every layer
     metric: str = "logit_diff"           # ranks the summary's top cells
     batch_size: int = 64
-    n_pairs: int | None = None           # None: every pair given; else spread_pairs(pairs, n_pairs)
+    n_pairs: int | None = None           # None: every pair given; else spread_pairs(pairs, n_pairs, seed)
+    seed: int = 0                        # the draw of the test pairs
 
 
 def exact_step(run: str | Path, model, pairs: Sequence, config: ExactConfig | None = None, *, ctx=None,
@@ -171,7 +197,7 @@ def exact_step(run: str | Path, model, pairs: Sequence, config: ExactConfig | No
 
     run, cfg, t0 = Path(run), config or ExactConfig(), time.perf_counter()
     active = ctx is not None and ctx.active
-    all_pairs = spread_pairs(pairs, cfg.n_pairs)
+    all_pairs = spread_pairs(pairs, cfg.n_pairs, cfg.seed)
     mine = D.shard(all_pairs, ctx) if active else all_pairs
     hooks = P.parse_hooks(cfg.hooks, model) if cfg.hooks else []
     df = P.exact_patch(model, mine, hooks=hooks, direction=cfg.direction, heads=cfg.heads, layers=cfg.layers,
@@ -199,7 +225,8 @@ def exact_step(run: str | Path, model, pairs: Sequence, config: ExactConfig | No
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     files = ["patch_exact.csv", "patch_baselines.csv", "patch.safetensors"]
     _record(run, "exact", {"hooks": hooks, "heads": cfg.heads, "direction": cfg.direction, "metric": cfg.metric,
-                           "layers": cfg.layers, "batch_size": cfg.batch_size, "pairs": ids}, t0, files, summary, ctx)
+                           "layers": cfg.layers, "batch_size": cfg.batch_size, "pairs": ids,
+                           **_draw_record(cfg.n_pairs, cfg.seed)}, t0, files, summary, ctx)
     top = (summary.get("top") or [{}])[0]
     col = f"{cfg.metric}_restored"
     head = f"maps for {len(ids)} pairs ({len(df)} patched runs)"
@@ -207,6 +234,13 @@ def exact_step(run: str | Path, model, pairs: Sequence, config: ExactConfig | No
         head += (f"; strongest: {top['direction']} {top['hook']} L{top['layer']} at {top['position_kind']} "
                  f"restores {top[col]:.2f}")
     return StepOutcome("done", files, head, df)
+
+
+def _draw_record(n_pairs: int | None, seed: int) -> dict:
+    """How the test pairs were chosen, for the manifest."""
+    if n_pairs is None:
+        return {"pair_draw": "every pair given"}
+    return {"pair_draw": "random, stratified by category then cluster (spread_pairs)", "pair_seed": seed}
 
 
 def _record(run: Path, mode: str, params: dict, t0: float, files: list[str], summary: dict, ctx) -> None:
@@ -232,6 +266,12 @@ class DimsConfig:
     # Per set kind, the test that fits its claim: kind -> (method, direction), instead of method/direction.
     tests: dict[str, tuple[str, str]] | None = None
     record: dict = field(default_factory=dict)  # further parameters to record (how the sets were chosen)
+    # Held-out selection (issue 19): the seed of the cluster halves; None: choose and test on the same pairs.
+    split: int | None = None
+    choose: Callable[[Any], Sequence] | None = None  # under a split: candidates frame of half A -> the sets
+    diff: DiffConfig | None = None       # the diff of half A (None: DiffConfig())
+    matched: bool = True                 # also controls matched on sigma and the selection statistic
+    n_perm: int = 1000                   # label permutations for the interaction p
 
 
 # A set to test: a DimSet (tested on every pair) or (DimSet, category of the pairs to test it on, None: all).
@@ -300,17 +340,50 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
 
     from . import distributed as D
     from . import patch as P
+    from .roles import role_of, twin_of
+    from .selection import halves, run_stats, select_half, set_cells
 
     run, cfg, t0 = Path(run), config or DimsConfig(), time.perf_counter()
-    chosen = sets(run) if callable(sets) else sets
+    test_pool, split_info, stats = list(pairs), {}, {}
+    if cfg.split is not None and (callable(sets) or not sets):
+        # choose on half A's clusters, test on half B's (a diff of half A: see eclens.selection's seam)
+        half_a, half_b = halves(pairs, cfg.split)
+        n_a, n_b = (sum(role_of(a) == "error" for a in h) for h in (half_a, half_b))
+        if not n_a or not n_b:
+            for f in ("patch_dims.csv", "patch_dims_controls.csv"):
+                (run / f).unlink(missing_ok=True)
+            summary = {"metric": cfg.metric, "n_sets": 0, "n_tests": 0, "n_significant": 0,
+                       "split": {"split": cfg.split, "n_select_pairs": n_a, "n_test_pairs": n_b},
+                       "verdict": f"null: --split {cfg.split} leaves {n_a} error pairs to choose on and {n_b} to "
+                                  "test on; nothing to test (use more pairs or clusters)"}
+            _record(run, "dims", {**cfg.record, "split": cfg.split}, t0, [], summary, ctx)
+            return StepOutcome("empty", [], summary["verdict"], None)
+        sel = select_half(model, half_a, cfg.diff, progress=progress)
+        cand = sel.candidates
+        chosen = cfg.choose(cand) if cfg.choose is not None else choose_sets(cand, 2, 10)
+        stats = set_cells(sel.dims_for("all"), [s if isinstance(s, P.DimSet) else s[0] for s in chosen])
+        test_pool = half_b
+        split_info = {"split": cfg.split, "selection": "diff of half A's error pairs",
+                      "n_select_pairs": sum(role_of(a) == "error" for a in half_a),
+                      "n_select_clusters": len({cluster_of(a) for a in half_a}),
+                      "n_test_clusters": len({cluster_of(a) for a in half_b})}
+    else:
+        chosen = sets(run) if callable(sets) else sets
+        if cfg.matched:
+            stats = run_stats(run, [s if isinstance(s, P.DimSet) else s[0] for s in chosen])
+        if cfg.split is not None:
+            split_info = {"split": cfg.split, "selection": "sets given by hand: tested on every pair"}
     specs = [(s, None) if isinstance(s, P.DimSet) else (s[0], s[1]) for s in chosen]
     files = ["patch_dims.csv", "patch_dims_controls.csv"]
     if not specs:
         for f in files:  # tables of earlier sets would describe something this step no longer tests
             (run / f).unlink(missing_ok=True)
         summary = {"metric": cfg.metric, "n_sets": 0, "n_tests": 0, "n_significant": 0,
-                   "verdict": "null: diff found no candidate dimensions over all pairs, so there is nothing to test"}
-        _record(run, "dims", {**cfg.record}, t0, [], summary, ctx)
+                   "verdict": "null: diff found no candidate dimensions over "
+                              + ("half A's error pairs" if split_info else "all pairs") + ", so there is nothing to test"}
+        if split_info:
+            summary["split"] = split_info
+        _record(run, "dims", {**cfg.record, **split_info}, t0, [], summary, ctx)
         return StepOutcome("empty", [], summary["verdict"], None)
     calls: dict[tuple, list] = {}
     for s, cat in specs:
@@ -320,16 +393,26 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
     tagged = cfg.tests is not None or any(cat is not None for _, cat in specs)
     tables, controls, used, metrics = [], [], {}, []
     for i, ((method, direction, cat), ss) in enumerate(calls.items()):
-        pool = [a for a in pairs if cat is None or a.category == cat]
-        chosen_pairs = spread_pairs(pool, cfg.n_pairs)
+        pool = [a for a in test_pool if (cat is None or a.category == cat) and role_of(a) == "error"]
+        if not pool:
+            raise EclensError(f"no error pairs to test{' in category ' + cat if cat else ''}"
+                              + (f" in the test half of --split {cfg.split}; use more pairs" if split_info else ""))
+        chosen_pairs = spread_pairs(pool, cfg.n_pairs, cfg.seed)
         m = dims_metric(ss, cfg.metric) if cfg.auto_metric else cfg.metric
         if m != cfg.metric and log is not None:
             log(f"      no {cfg.metric}-visible candidates at the changed token; judging sets after it by {m}")
-        mine = D.shard(chosen_pairs, ctx) if ctx is not None and ctx.active else chosen_pairs
-        res = P.dims_interventions(model, mine, ss, method=method, n_controls=cfg.n_controls,
-                                   seed=cfg.seed + i, direction=direction, metric=m, alpha=cfg.alpha,
-                                   batch_size=cfg.batch_size, progress=progress and (ctx is None or ctx.is_main),
-                                   dist=ctx)
+        if ctx is not None and ctx.active:  # sharded: uniform controls only (the matched and twin runs are not)
+            res = P.dims_interventions(model, D.shard(chosen_pairs, ctx), ss, method=method,
+                                       n_controls=cfg.n_controls, seed=cfg.seed + i, direction=direction, metric=m,
+                                       alpha=cfg.alpha, batch_size=cfg.batch_size, progress=progress and ctx.is_main,
+                                       dist=ctx)
+        else:
+            ids = {a.id for a in chosen_pairs}
+            twins = [a for a in test_pool if role_of(a) == "twin" and twin_of(a) in ids]
+            res = P.causal_test(model, chosen_pairs, ss, twins=twins, stats=stats if cfg.matched else None,
+                                method=method, direction=direction, metric=m, n_controls=cfg.n_controls,
+                                seed=cfg.seed + i, alpha=cfg.alpha, n_perm=cfg.n_perm, batch_size=cfg.batch_size,
+                                progress=progress)
         if ctx is not None and not ctx.is_main:
             continue
         t = res.table.assign(pairs_category=cat or "all", decided_by=m) if tagged else res.table
@@ -358,16 +441,24 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
     if cfg.n_pairs is not None:
         summary["n_pairs"] = len(next(iter(used.values()))) if len(used) == 1 else {k: len(v) for k, v in used.items()}
     if len(set(metrics)) == 1:
+        extra = [c for c in (f"{m}_p_matched", f"{m}_q_matched", "match_sigma", "match_stat", f"{m}_sees",
+                             "interaction", "interaction_low", "interaction_high", "interaction_p")
+                 if c in table.columns]
         summary["sets"] = table[["set", "direction", "n_pairs", f"{m}_effect", f"{m}_control_mean", f"{m}_z",
-                                 f"{m}_p", f"{m}_q", "verdict"]].to_dict(orient="records")
+                                 f"{m}_p", f"{m}_q", *extra, "verdict"]].to_dict(orient="records")
+    if split_info:
+        summary["split"] = split_info
     summary["seconds"] = round(time.perf_counter() - t0, 2)
     params = {"ablation": summary["method"], "metric": m, "n_controls": cfg.n_controls, "alpha": cfg.alpha,
               "seed": cfg.seed, "sets": [s.label for s, _ in specs],
-              "pairs": next(iter(used.values())) if len(used) == 1 else used, **cfg.record}
+              "pairs": next(iter(used.values())) if len(used) == 1 else used, **_draw_record(cfg.n_pairs, cfg.seed),
+              **cfg.record}
     if cfg.tests:
         params["tests"] = {k: list(v) for k, v in cfg.tests.items()}
     else:
         params["direction"] = cfg.direction
+    params.update(split_info or {"split": None})
+    params["controls"] = "uniform + matched (sigma, selection statistic)" if cfg.matched else "uniform"
     _record(run, "dims", params, t0, files, summary, ctx)
     return StepOutcome("done", files, summary["verdict"], table)
 
@@ -394,7 +485,7 @@ def attribution_step(run: str | Path, model, pairs: Sequence, config: Attributio
     from . import patch as P
 
     run, cfg, t0 = Path(run), config or AttributionConfig(), time.perf_counter()
-    chosen = spread_pairs(pairs, cfg.n_pairs)
+    chosen = spread_pairs(pairs, cfg.n_pairs, cfg.seed)
     hooks = P.parse_hooks(cfg.hooks, model) if cfg.hooks else []
     df, dim_scores = P.attribution_patch(model, chosen, hooks=hooks, heads=cfg.heads, direction=cfg.direction,
                                          metric=cfg.metric, verify_top=cfg.verify_top, seed=cfg.seed,
@@ -408,12 +499,68 @@ def attribution_step(run: str | Path, model, pairs: Sequence, config: Attributio
     files = ["patch_attribution.csv", "patch.safetensors"]
     _record(run, "attribution", {"hooks": hooks, "heads": cfg.heads, "direction": cfg.direction,
                                  "metric": cfg.metric, "verify_top": cfg.verify_top, "seed": cfg.seed,
-                                 "batch_size": cfg.batch_size, "pairs": ids}, t0, files, summary, None)
+                                 "batch_size": cfg.batch_size, "pairs": ids, **_draw_record(cfg.n_pairs, cfg.seed)},
+            t0, files, summary, None)
     rho = summary.get("spearman")
     head = f"{len(df)} components scored on {len(chosen)} pairs"
     if rho is not None:
         head += f"; Spearman with exact patching {rho:.2f} over {summary['n_verified']} verified"
     return StepOutcome("done", files, head, df)
+
+
+# ------------------------------------------------------------------------------ skip
+
+
+@dataclass
+class SkipStepConfig:
+    layers: list[int] | None = None      # None: every layer
+    components: tuple[str, ...] = ("block", "attn", "mlp")
+    n_pairs: int | None = None           # error pairs drawn (spread_pairs); their twins come with them
+    seed: int = 0
+    break_kl: float = 1.0                # nats: median clean-run KL above which a skip is excluded
+    min_clusters: int = 8                # clusters with an error and its twin needed for a verdict
+    exchange: bool = True                # also layer exchange (error run <- twin run, per layer)
+    batch_size: int = 64
+
+
+def skip_step(run: str | Path, model, pairs: Sequence, config: SkipStepConfig | None = None, *,
+              progress: bool = True) -> StepOutcome:
+    """Layer skipping (and exchange where pairs have twins): ``patch_skip.csv`` (one row per layer and
+    component), ``patch_skip_pairs.csv`` (per pair), ``patch_exchange.csv``."""
+    from . import patch as P
+    from .roles import role_of, twin_of
+
+    run, cfg, t0 = Path(run), config or SkipStepConfig(), time.perf_counter()
+    errors = [a for a in pairs if role_of(a) == "error"]  # 2x2 cells other than the error are not tested here
+    chosen = spread_pairs(errors, cfg.n_pairs, cfg.seed)
+    ids = {a.id for a in chosen}
+    twins = [a for a in pairs if role_of(a) == "twin" and twin_of(a) in ids]
+    tested = chosen + twins
+    scfg = P.SkipConfig(layers=tuple(cfg.layers) if cfg.layers is not None else None,
+                        components=tuple(cfg.components), batch_size=cfg.batch_size, break_kl=cfg.break_kl,
+                        min_clusters=cfg.min_clusters)
+    res = P.layer_skip(model, tested, scfg, progress=progress)
+    write_table(res.table, run / "patch_skip.csv")
+    write_table(res.per_pair, run / "patch_skip_pairs.csv")
+    files = ["patch_skip.csv", "patch_skip_pairs.csv"]
+    summary = dict(res.summary)
+    if cfg.exchange and twins:
+        ex = P.layer_exchange(model, tested, cfg.layers, batch_size=cfg.batch_size)
+        write_table(ex, run / "patch_exchange.csv")
+        files.append("patch_exchange.csv")
+        summary["exchange_moved_median"] = {f"L{L}/{c}": float(g["moved"].median())
+                                            for (L, c), g in ex.groupby(["layer", "component"])}
+    elif not twins:
+        summary["note"] = "no twins among the pairs: skip effects per role only, no error-vs-twin comparison"
+    summary["seconds"] = round(time.perf_counter() - t0, 2)
+    _record(run, "skip", {"layers": cfg.layers, "components": list(cfg.components), "break_kl": cfg.break_kl,
+                          "pairs": [a.id for a in tested], **_draw_record(cfg.n_pairs, cfg.seed)},
+            t0, files, summary, None)
+    spec = summary["error_specific"]
+    head = (f"{len(res.table)} skips on {len(chosen)} error pairs and {len(twins)} twins; "
+            f"{len(summary['excluded'])} excluded (break the clean run); "
+            + (f"error-specific recovery: {', '.join(spec)}" if spec else "null: no layer helps errors more than twins"))
+    return StepOutcome("done", files, head, res)
 
 
 # ---------------------------------------------------------------------------- report
@@ -430,6 +577,6 @@ def report_step(run: str | Path, model=None, *, n_examples: int = 4, out: str | 
     return StepOutcome("done", [path.name], f"{path} ({path.stat().st_size / 1e6:.1f} MB)", path)
 
 
-__all__ = ["StepOutcome", "pairs_step", "diff_step", "save_diff", "exact_step", "dims_step", "attribution_step",
+__all__ = ["SkipStepConfig", "skip_step", "StepOutcome", "pairs_step", "diff_step", "save_diff", "exact_step", "dims_step", "attribution_step",
            "report_step", "ExactConfig", "DimsConfig", "AttributionConfig", "choose_sets", "run_candidates",
            "dims_metric", "spread_pairs"]

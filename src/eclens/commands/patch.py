@@ -11,7 +11,7 @@ from ._common import DeviceOpt, DtypeOpt, ModelOpt, console, out
 
 app = typer.Typer()  # its commands are registered on `ec` by eclens.cli
 
-MODES = ("exact", "dims", "attribution")
+MODES = ("exact", "dims", "attribution", "skip")
 
 
 def _parse_layers(spec: str | None, n_layers: int) -> list[int] | None:
@@ -83,7 +83,7 @@ def open_patch_run(source: Path, out_dir: Path | None, m, raw=None, ctx=None) ->
 @app.command("patch")
 def patch(
     source: Path = typer.Argument(..., help="a run folder (with pairs.jsonl) or a raw pairs file"),
-    mode: str = typer.Option("exact", "--mode", help="exact | dims | attribution"),
+    mode: str = typer.Option("exact", "--mode", help="exact | dims | attribution | skip"),
     hooks: str = typer.Option("resid_pre,attn_out,mlp_out,resid_post", "--hooks",
                               help="hook points (per layer); for --dims exactly one"),
     heads: bool = typer.Option(False, "--heads", help="also patch attention heads one at a time (attn.hook_z)"),
@@ -104,6 +104,14 @@ def patch(
     alpha: float = typer.Option(0.05, "--alpha", help="false discovery rate for the dims sets (BH)"),
     verify_top: int = typer.Option(0, "--verify-top", help="attribution: exact-patch the top K (+K random) per pair"),
     max_pairs: int = typer.Option(None, "--max-pairs", help="use only the first N valid pairs"),
+    test_pairs: int = typer.Option(None, "--test-pairs",
+                                   help="dims/skip: test on N pairs drawn at random, stratified by category and "
+                                        "cluster (seeded by --seed; default every pair)"),
+    split: int = typer.Option(None, "--split", help="dims: choose candidate sets on one half of the clusters "
+                              "(a diff of that half) and test them on the other; the value seeds the halves"),
+    components: str = typer.Option("block,attn,mlp", "--components", help="skip: block, attn and/or mlp"),
+    break_kl: float = typer.Option(1.0, "--break-kl", help="skip: a skip whose median clean-run KL exceeds this "
+                                   "many nats breaks the clean run and is excluded"),
     batch_size: int = typer.Option(64, "--batch-size", help="patched copies per forward pass"),
     out_dir: Path = typer.Option(None, "--out", "-o", help="run folder to write (default: the given run)"),
     model: str = ModelOpt,
@@ -118,7 +126,7 @@ def patch(
     from ._common import load, preflight_pairs
 
     if mode not in MODES:
-        raise EclensError(f"unknown --mode {mode!r}: use exact, dims or attribution")
+        raise EclensError(f"unknown --mode {mode!r}: use exact, dims, attribution or skip")
     if metric not in METRICS:
         raise EclensError(f"unknown --metric {metric!r}: use {', '.join(METRICS)}")
     if direction not in ("denoise", "noise", "both"):
@@ -128,7 +136,7 @@ def patch(
     if source.is_file() and out_dir is None:
         raise EclensError(f"{source} is a pairs file: give --out RUN, the folder to write results into")
     cpath = candidates or (source if source.is_dir() else out_dir) / "candidates.csv"
-    if mode == "dims" and dims is None and not cpath.exists():
+    if mode == "dims" and dims is None and split is None and not cpath.exists():
         raise EclensError(f"{cpath}: no candidates file; run `ec diff` first, pass --candidates FILE, "
                           "or test one set with --dims")
     raw = preflight_pairs(source)
@@ -136,9 +144,9 @@ def patch(
     from .. import steps as S
 
     ctx = D.init(device)  # under torchrun: shard the pairs over ranks, rank 0 writes
-    if ctx.active and mode == "attribution":
+    if ctx.active and mode in ("attribution", "skip"):
         raise EclensError("under torchrun, ec patch shards --mode dims and --mode exact; "
-                          "run --mode attribution in one process")
+                          "run --mode attribution and --mode skip in one process")
     device = D.local_device(device, ctx)
     m = load(model, device, dtype)
     run, pairs = open_patch_run(source, out_dir, m, raw, ctx)
@@ -160,18 +168,31 @@ def patch(
                 _print_exact(read_summary(run)["exact"])
         elif mode == "dims":
             record = {"top_k": top_k, "kind": kind, "max_sets": max_sets}
+            choose = None
             if dims:
                 if len(hook_list) != 1 or layer is None:
                     raise EclensError("--dims needs exactly one --hooks entry and --layer")
                 sets = [P.DimSet(hook_list[0], layer, _parse_dims(dims), offset, "manual")]
+            elif split is not None:
+                sets = []
+
+                def choose(cand):  # half A may have no candidates: a stated null, not an error
+                    if cand.empty or (kind is not None and kind not in set(cand["kind"])):
+                        return []
+                    return P.candidate_sets(cand, kind=kind, top_k=top_k, max_sets=max_sets)
             else:
                 sets = P.candidate_sets(str(cpath), kind=kind, top_k=top_k, max_sets=max_sets)
                 record["candidates"] = str(cpath)
             done = S.dims_step(run, m, pairs, sets, S.DimsConfig(
                 method=ablation, direction=direction, metric=metric, n_controls=n_controls, alpha=alpha, seed=seed,
-                batch_size=batch_size, record=record), ctx=dist)
+                batch_size=batch_size, n_pairs=test_pairs, record=record, split=split, choose=choose), ctx=dist)
             if done.status == "done":
                 _print_dims(done.value, metric, read_summary(run)["dims"]["verdict"])
+        elif mode == "skip":
+            comps = tuple(c.strip() for c in components.split(",") if c.strip())
+            done = S.skip_step(run, m, pairs, S.SkipStepConfig(layers=layer_list, components=comps, n_pairs=test_pairs,
+                                                               seed=seed, break_kl=break_kl, batch_size=batch_size))
+            _print_skip(done.value.table, read_summary(run)["skip"])
         else:
             done = S.attribution_step(run, m, pairs, S.AttributionConfig(
                 hooks=hook_list, heads=heads, direction=direction, metric=metric, verify_top=verify_top, seed=seed,
@@ -201,14 +222,22 @@ def _print_exact(summary: dict) -> None:
 
 
 def _print_dims(table, metric: str, verdict: str) -> None:
-    t = Table(title=f"dimension sets vs random controls ({metric})")
-    for c in ("set", "direction", "pairs", "effect", "controls", "z", "p", "q", "verdict"):
+    t = Table(title=f"dimension sets vs uniform and matched controls ({metric}; interaction: errors minus twins)")
+    for c in ("set", "direction", "pairs", "effect", "uniform", "p", "q", "matched p", "match σ/stat", "sees",
+              "interaction [95%]", "p_int", "verdict"):
         t.add_column(c)
-    for r in table.itertuples(index=False):
-        d = r._asdict()
-        t.add_row(str(d["set"]), str(d["direction"]), str(d["n_pairs"]), f"{d[f'{metric}_effect']:.4g}",
-                  f"{d[f'{metric}_control_mean']:.3g}±{d[f'{metric}_control_std']:.2g}", f"{d[f'{metric}_z']:.2f}",
-                  f"{d[f'{metric}_p']:.3g}", f"{d[f'{metric}_q']:.3g}", str(d["verdict"]))
+
+    def f(x, fmt=".3g") -> str:
+        return "" if x is None or x != x else format(x, fmt)
+
+    for d in table.to_dict(orient="records"):
+        t.add_row(str(d["set"]), str(d["direction"]), str(d["n_pairs"]), f(d[f"{metric}_effect"], ".4g"),
+                  f"{f(d[f'{metric}_control_mean'])}±{f(d[f'{metric}_control_std'], '.2g')}", f(d[f"{metric}_p"]),
+                  f(d[f"{metric}_q"]), f(d.get(f"{metric}_p_matched")),
+                  f"{f(d.get('match_sigma'), '.2f')}/{f(d.get('match_stat'), '.2f')}", f(d.get(f"{metric}_sees"), ".2f"),
+                  (f"{f(d.get('interaction'))} [{f(d.get('interaction_low'))}, {f(d.get('interaction_high'))}]"
+                   if d.get("interaction") == d.get("interaction") and "interaction" in d else "no twins"),
+                  f(d.get("interaction_p")), str(d["verdict"]))
     out.print(t)
     out.print(verdict)
 
@@ -225,3 +254,19 @@ def _print_attribution(df, summary: dict) -> None:
     if summary.get("spearman") is not None:
         out.print(f"verified {summary['n_verified']} rows: Spearman {summary['spearman']:.3f} "
                   f"(median per pair {summary['spearman_median_pair']}), top-K overlap {summary['topk_overlap']}")
+
+
+def _print_skip(table, summary: dict) -> None:
+    t = Table(title=f"layer skipping: d_kl = log KL(clean_skip||changed_skip)/KL(clean||changed) after detect "
+                    f"({summary['n_errors']} errors, {summary['n_twins']} twins; excluded when the median clean-run "
+                    f"KL > {summary['break_kl']})")
+    for c in ("layer", "part", "clean KL", "d_kl error", "d_kl twin", "error - twin", "verdict"):
+        t.add_column(c)
+
+    def iv(r, k):
+        return f"{r[k]:.3g} [{r[k + '_low']:.3g}, {r[k + '_high']:.3g}]"
+
+    for r in table.to_dict(orient="records"):
+        t.add_row(str(r["layer"]), r["component"], f"{r['clean_kl_median']:.3g}", iv(r, "d_kl_error"),
+                  iv(r, "d_kl_twin"), iv(r, "d_kl_diff"), r["verdict"])
+    out.print(t)

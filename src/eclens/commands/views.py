@@ -85,6 +85,12 @@ def run(
     attribution_pairs: int = typer.Option(16, "--attribution-pairs", help="pairs for attribution patching"),
     verify_top: int = typer.Option(5, "--verify-top", help="attribution components exact-verified per pair"),
     metric: str = typer.Option("logit_diff", "--metric", help="logit_diff | logprob | kl"),
+    split: int = typer.Option(0, "--split", help="seed of the cluster halves: dims sets are chosen on half A "
+                              "(a diff of its error pairs) and tested on half B; -1: choose and test on all pairs"),
+    skip_pairs: int = typer.Option(0, "--skip-pairs", help="layer skipping (every layer; block, attention, MLP) "
+                                   "on N error pairs and their twins; 0: no skip step"),
+    baseline: str = typer.Option(None, "--baseline", help="random: diff and candidate rules again on "
+                                 "random:MODEL (same architecture, random weights), counts beside the real model's"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """The whole study: pairs -> check -> diff -> patch (candidates vs random controls, exact maps,
@@ -105,13 +111,16 @@ def run(
             raise EclensError(f"{name} must be at least 1")
     if pairs is not None and not pairs.is_file():
         raise EclensError(f"{pairs}: no such pairs file")
+    if baseline not in (None, "random"):
+        raise EclensError(f"unknown --baseline {baseline!r}: use random")
     if out_dir is None:
         out_dir = Path("runs") / (pairs.stem if pairs else f"templates-n{n_per_category}-seed{seed}")
     cfg = RunConfig(pairs_file=str(pairs) if pairs else None, n_per_category=n_per_category, seed=seed,
                     hooks=hooks, batch_size=batch_size, min_pairs=min_pairs,
                     patch_hooks=tuple(h.strip() for h in patch_hooks.split(",") if h.strip()), exact_pairs=exact_pairs, dims_pairs=dims_pairs,
                     max_sets=max_sets, top_k=top_k, n_controls=n_controls, attribution_pairs=attribution_pairs,
-                    verify_top=verify_top, metric=metric)
+                    verify_top=verify_top, metric=metric, split=None if split < 0 else split,
+                    skip_pairs=max(0, skip_pairs), baseline=baseline)
     raw = preflight_pairs(pairs)
     console.print(f"run folder: {out_dir}")
     from ..lock import lock_run

@@ -39,19 +39,23 @@ position[, head]) and per dimension at ``p``, from one forward and one backward 
 per batch of pairs. It estimates ``m_patched - m_base`` of exact patching.
 The package holds one idea a module: :mod:`~eclens.patch.engine` (preparation, batched patched
 copies), :mod:`~eclens.patch.exact`, :mod:`~eclens.patch.dims`, :mod:`~eclens.patch.attribution` and
-:mod:`~eclens.patch.summaries`. Which hooks can be patched, and the ``--hooks`` grammar, are
+:mod:`~eclens.patch.summaries`, :mod:`~eclens.patch.skip` (layer skipping and exchange) and
+:mod:`~eclens.patch.causal` (matched controls, interaction, metric visibility). Which hooks can be patched, and the ``--hooks`` grammar, are
 :mod:`eclens.hooks`'.
 """
 
 from ..hooks import EXACT_HOOKS, HEAD_HOOK, HOOK_ALIASES, NOT_PATCHABLE, hook_suffix, parse_hooks
 from ..stats import bh_qvalues  # the one BH implementation (patch had its own; same numbers)
 from .attribution import attribution_patch
+from .causal import causal_test, interaction, matched_controls, sees, sees_share
 from .dims import CANDIDATE_COLUMNS, DimSet, DimsResult, candidate_sets, dims_intervention, dims_interventions
 from .engine import ABLATIONS, DIRECTIONS, Prepared, Rows, parse_direction, position_kind, prepare, run_rows
 from .exact import exact_patch, exact_tensors, pair_baselines, patch_all_positions
+from .skip import COMPONENTS, SkipConfig, SkipResult, layer_exchange, layer_skip, run_skipped
 from .summaries import attribution_summary, exact_summary, topk_overlap
 
-__all__ = ["ABLATIONS", "CANDIDATE_COLUMNS", "DIRECTIONS", "EXACT_HOOKS", "HEAD_HOOK", "HOOK_ALIASES", "NOT_PATCHABLE",
+__all__ = ["ABLATIONS", "CANDIDATE_COLUMNS", "COMPONENTS", "SkipConfig", "SkipResult", "causal_test", "interaction",
+           "layer_exchange", "layer_skip", "matched_controls", "run_skipped", "sees", "sees_share", "DIRECTIONS", "EXACT_HOOKS", "HEAD_HOOK", "HOOK_ALIASES", "NOT_PATCHABLE",
            "DimSet", "DimsResult", "Prepared", "Rows", "attribution_patch", "attribution_summary", "bh_qvalues",
            "candidate_sets", "dims_intervention", "dims_interventions", "exact_patch", "exact_summary",
            "exact_tensors", "hook_suffix", "pair_baselines", "parse_direction", "parse_hooks", "patch_all_positions",

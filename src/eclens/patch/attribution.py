@@ -89,12 +89,14 @@ def attribution_patch(
     frames, dims_out = [], {}
     rng = np.random.default_rng([seed, 7])
     pair_index = {p.id: i for i, p in enumerate(pairs)}
+    ld_pos: dict[str, int] = {}  # where each pair's logit difference is read (what it can see)
     with TaskBar(progress, len(pairs), f"attribution ({metric})") as bar:
         for batch in iter_batches(pairs, batch_size, pad_id(model), dev, sort_by_length=False):
             B = batch.size
             with torch.no_grad():
                 logits, cache = model.run_with_cache(batch.tokens, names_filter=lambda n: n in wanted)
             ctxs = [prepare_pair(p, logits[i], logits[B + i], tok, bos) for i, p in enumerate(batch.pairs)]
+            ld_pos.update({p.id: c.ld_position for p, c in zip(batch.pairs, ctxs)})
             acts = {n: cache_get(cache, model, n) for n in names}
             del logits, cache
             batch_frames = []
@@ -138,7 +140,7 @@ def attribution_patch(
                                  exact_batch_size, min_delta)
             frames.append(bdf)
             bar.advance(B)
-    df = _finish_attribution(pd.concat(frames, ignore_index=True), pairs, tok, metric)
+    df = _finish_attribution(pd.concat(frames, ignore_index=True), pairs, tok, metric, ld_pos)
     return (df, dims_out) if return_dims else df
 
 
@@ -199,7 +201,7 @@ def _verify_pair(model, pair, ctx, acts, i, B, bdf, metric, K, rng, exact_batch_
     bdf.loc[top_idx, "verify_group"] = "top"
 
 
-def _finish_attribution(df: pd.DataFrame, pairs, tokenizer, metric: str) -> pd.DataFrame:
+def _finish_attribution(df: pd.DataFrame, pairs, tokenizer, metric: str, ld_pos: dict) -> pd.DataFrame:
     by_id = {p.id: p for p in pairs}
     df["rank"] = (df.assign(_a=df["attribution"].abs()).groupby(["pair_id", "direction"])["_a"]
                   .rank(ascending=False, method="first").astype("Int64"))
@@ -212,4 +214,8 @@ def _finish_attribution(df: pd.DataFrame, pairs, tokenizer, metric: str) -> pd.D
     toks = {pid: [tokenizer.decode([i]) for i in pr.clean_ids] for pid, pr in by_id.items()}
     df.insert(8, "token", [toks[pid][int(t)] for pid, t in zip(df["pair_id"], pos)])
     df.insert(df.columns.get_loc("attribution"), "metric", metric)
+    # Whether the metric can see the position at all: logit_diff is read at its target position (a patch
+    # after it cannot move it), logprob at p..T-2, kl at p..T-1; before p the two runs do not differ.
+    hi = {"logit_diff": df["pair_id"].map(ld_pos).to_numpy(), "logprob": T - 2, "kl": T - 1}[metric]
+    df["visible"] = (pos >= p) & (pos <= hi)
     return df.reset_index(drop=True)

@@ -32,6 +32,41 @@ def attribution_summary(df: pd.DataFrame, k: int | None = None) -> dict:
             overlaps.append(len(top_a & top_e) / kk)
     out["spearman_median_pair"] = float(np.median(per)) if per else None
     out["topk_overlap"] = float(np.mean(overlaps)) if overlaps else None
+    out.update(_visible_agreement(v, k))
+    return out
+
+
+def _visible_agreement(v: pd.DataFrame, k: int | None) -> dict:
+    """Spearman and top-K recall over the verified components the metric can see (``visible`` and a
+    non-zero attribution): a component the metric cannot see scores exactly 0 on both sides, and a pool of
+    such ties inflates both numbers. Pooled, per pair (median) and per position kind."""
+    from scipy.stats import spearmanr
+
+    if "visible" not in v.columns:
+        return {"n_visible": None, "spearman_visible": None, "topk_recall_visible": None}
+    s = v[v["visible"].astype(bool) & (v["attribution"] != 0)]
+    out: dict = {"n_visible": int(len(s))}
+
+    def rho(g) -> float | None:
+        if len(g) < 3 or g["exact"].nunique() < 2 or g["attribution"].nunique() < 2:
+            return None
+        return float(spearmanr(g["attribution"], g["exact"]).statistic)
+
+    out["spearman_visible"] = rho(s)
+    recalls, per = [], []
+    for _, g in s.groupby(["pair_id", "direction"]):
+        r = rho(g)
+        if r is not None:
+            per.append(r)
+        kk = min(k or max(1, int((g["verify_group"] == "top").sum())), len(g))
+        if kk:
+            top_e = set(g["exact"].abs().sort_values(ascending=False, kind="stable").head(kk).index)
+            top_a = set(g["attribution"].abs().sort_values(ascending=False, kind="stable").head(kk).index)
+            recalls.append(len(top_e & top_a) / kk)
+    out["spearman_visible_median_pair"] = float(np.median(per)) if per else None
+    out["topk_recall_visible"] = float(np.mean(recalls)) if recalls else None
+    if "position_kind" in s.columns:
+        out["spearman_visible_by_position"] = {str(kind): rho(g) for kind, g in s.groupby("position_kind")}
     return out
 
 
