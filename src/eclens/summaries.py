@@ -125,6 +125,11 @@ def glance(run) -> list[str]:
         out.append(f"Category contrasts: {sig} of {tests} per-dimension tests are significant at a "
                    f"Benjamini–Hochberg false discovery rate of {num(con.get('alpha', 0.05))}"
                    + (" — a null result: no dimension separates the categories." if sig == 0 else "."))
+    from .measure_view import glance_line
+
+    rec = glance_line(run) if hasattr(run, "measure") else None
+    if rec:
+        out.append(rec)
     ps = run.patch_summary or {}
     dims = ps.get("dims") if isinstance(ps.get("dims"), dict) else None
     if dims and dims.get("verdict"):
