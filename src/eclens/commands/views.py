@@ -85,9 +85,11 @@ def run(
     attribution_pairs: int = typer.Option(16, "--attribution-pairs", help="pairs for attribution patching"),
     verify_top: int = typer.Option(5, "--verify-top", help="attribution components exact-verified per pair"),
     metric: str = typer.Option("logit_diff", "--metric", help="logit_diff | logprob | kl"),
+    measure_clusters: int = typer.Option(10, "--measure-clusters", help="clusters per category the measure step "
+                                         "uses (0: all)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
-    """The whole study: pairs -> check -> diff -> patch (candidates vs random controls, exact maps,
+    """The whole study: pairs -> check -> diff -> measure (recovery, invariance, probe) -> patch (candidates vs random controls, exact maps,
     attribution) -> report. Resumable: finished steps are skipped on a rerun."""
     from rich.table import Table
 
@@ -103,6 +105,8 @@ def run(
                     ("--n-controls", n_controls), ("--attribution-pairs", attribution_pairs)):
         if v < 1:
             raise EclensError(f"{name} must be at least 1")
+    if measure_clusters < 0:
+        raise EclensError("--measure-clusters must be at least 0 (0: all)")
     if pairs is not None and not pairs.is_file():
         raise EclensError(f"{pairs}: no such pairs file")
     if out_dir is None:
@@ -111,7 +115,7 @@ def run(
                     hooks=hooks, batch_size=batch_size, min_pairs=min_pairs,
                     patch_hooks=tuple(h.strip() for h in patch_hooks.split(",") if h.strip()), exact_pairs=exact_pairs, dims_pairs=dims_pairs,
                     max_sets=max_sets, top_k=top_k, n_controls=n_controls, attribution_pairs=attribution_pairs,
-                    verify_top=verify_top, metric=metric)
+                    verify_top=verify_top, metric=metric, measure_clusters=measure_clusters or None)
     raw = preflight_pairs(pairs)
     console.print(f"run folder: {out_dir}")
     from ..lock import lock_run
