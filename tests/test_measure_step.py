@@ -55,6 +55,7 @@ def test_step_writes_every_file(tiny, pairs, tmp_path):
     head = out.headline
     assert "\n" not in head and head.startswith("recovery index at the last token")
     assert "permutation null" in head and "probe: peak" in head
+    assert ("layer 0 at chance" in head) == bool(s["probe"]["at_chance"])
     man = json.loads((tmp_path / "manifest.json").read_text())
     assert man["steps"]["measure"]["headline"] == head
 

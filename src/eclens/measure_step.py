@@ -242,7 +242,7 @@ def headline(s: dict) -> str:
     if pr.get("peak_acc") is not None:
         parts.append(f"probe: peak {pr['peak_acc']:.2f} [{pr['peak_low']:.2f}, {pr['peak_high']:.2f}] at layer "
                      f"{pr['peak_layer']} (null 95 % {pr['peak_null_q95']:.2f}); layer 0 "
-                     + ("at chance" if pr.get("layer0_at_chance") else "NOT at chance (token identity)"))
+                     + ("at chance" if pr.get("at_chance") else "NOT at chance (token identity)"))
     for k in ("invariance_note", "probe_note"):
         if s.get(k):
             parts.append(s[k])
