@@ -87,6 +87,8 @@ def run(
     metric: str = typer.Option("logit_diff", "--metric", help="logit_diff | logprob | kl"),
     measure_clusters: int = typer.Option(10, "--measure-clusters", help="clusters per category the measure step "
                                          "uses (0: all)"),
+    measure_permutations: int = typer.Option(3, "--measure-permutations", help="the measure step's permutation "
+                                             "null draws (invariance; the probe twice as many)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """The whole study: pairs -> check -> diff -> measure (recovery, invariance, probe) -> patch (candidates vs random controls, exact maps,
@@ -102,7 +104,8 @@ def run(
         raise EclensError(f"unknown --metric {metric!r}: use {', '.join(METRICS)}")
     for name, v in (("--n", n_per_category), ("--batch-size", batch_size), ("--exact-pairs", exact_pairs),
                     ("--dims-pairs", dims_pairs), ("--max-sets", max_sets), ("--top-k", top_k),
-                    ("--n-controls", n_controls), ("--attribution-pairs", attribution_pairs)):
+                    ("--n-controls", n_controls), ("--attribution-pairs", attribution_pairs),
+                    ("--measure-permutations", measure_permutations)):
         if v < 1:
             raise EclensError(f"{name} must be at least 1")
     if measure_clusters < 0:
@@ -115,7 +118,8 @@ def run(
                     hooks=hooks, batch_size=batch_size, min_pairs=min_pairs,
                     patch_hooks=tuple(h.strip() for h in patch_hooks.split(",") if h.strip()), exact_pairs=exact_pairs, dims_pairs=dims_pairs,
                     max_sets=max_sets, top_k=top_k, n_controls=n_controls, attribution_pairs=attribution_pairs,
-                    verify_top=verify_top, metric=metric, measure_clusters=measure_clusters or None)
+                    verify_top=verify_top, metric=metric, measure_clusters=measure_clusters or None,
+                    measure_permutations=measure_permutations)
     raw = preflight_pairs(pairs)
     console.print(f"run folder: {out_dir}")
     from ..lock import lock_run
