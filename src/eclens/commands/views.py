@@ -91,8 +91,8 @@ def run(
                                              "null draws (invariance; the probe twice as many)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
-    """The whole study: pairs -> check -> diff -> measure (recovery, invariance, probe) -> patch (candidates vs random controls, exact maps,
-    attribution) -> report. Resumable: finished steps are skipped on a rerun."""
+    """The whole study: pairs -> check -> diff -> measure (recovery, invariance, probe) -> patch (candidates
+    vs random controls, exact maps, attribution) -> report. Resumable: finished steps are skipped on a rerun."""
     from rich.table import Table
 
     from ..errors import EclensError
