@@ -34,7 +34,7 @@ refused in one line (:func:`eclens.roles.single_token_only`).
 Cost (embedded model, 2 CPU cores, the default ``ec run`` pairs): recovery is four forward
 passes per pair (clean, changed, two ignore runs), invariance one pass of both sentences with
 ``B = 100`` Poisson replicate accumulators per cell, the probe one pass plus
-``(2 + n_permutations) x folds`` logistic regressions per layer; ``max_clusters`` bounds the
+``(2 + 2 n_permutations) x folds`` logistic regressions per layer; ``max_clusters`` bounds the
 clusters per category (the README states the measured seconds).
 """
 
