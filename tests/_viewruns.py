@@ -60,7 +60,8 @@ def run_argv(pairs_file: Path, out: Path) -> list[str]:
             "--hooks", "hook_resid_post,hook_attn_out", "--min-pairs", "3",
             "--patch-hooks", "hook_resid_pre", "--exact-pairs", "1",
             "--dims-pairs", "4", "--max-sets", "2", "--n-controls", "10",
-            "--attribution-pairs", "3", "--verify-top", "3", "--split", "-1", "--quiet"]
+            "--attribution-pairs", "3", "--verify-top", "3", "--split", "-1", "--measure-clusters", "2",
+            "--measure-permutations", "1", "--quiet"]
 
 
 def get_real_run(tmp_path_factory, tokenizer) -> RealRun:

@@ -39,6 +39,9 @@ def two_runs(tmp_path_factory):
                      "--hooks", "default", "--sample", "64"]) == 0
         assert main(["patch", str(run), "--mode", "exact", "--model", str(m), "--hooks", "resid_pre",
                      "--max-pairs", "1", "--direction", "denoise"]) == 0
+        # recovery and the probe (the panels on recovery.csv and probe.csv); invariance is not compared
+        assert main(["measure", str(run), "--model", str(m), "--n-boot", "100", "--permutations", "1",
+                     "--no-invariance", "--quiet"]) == 0
         runs.append(run)
     return runs
 
@@ -55,7 +58,7 @@ def test_compare_page(two_runs, capsys):
     assert "long-1" in page and "rejected: too_long" in page
     n_a = sum(1 for _ in open(a / "pairs.jsonl"))
     assert f"{n_a - 1} pairs are valid in every run" in page
-    for sid in ("runs", "pairs", "behaviour", "layers", "candidates", "recovery"):
+    for sid in ("runs", "pairs", "behaviour", "layers", "candidates", "recovery", "recovery_kl", "probe"):
         assert f'<section id="{sid}">' in page
     assert "layer / n_layers" in page
 

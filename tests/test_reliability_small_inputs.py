@@ -12,7 +12,7 @@ import json
 import pandas as pd
 import pytest
 
-from eclens.pipeline import RunConfig, run_pipeline
+from eclens.pipeline import STEPS, RunConfig, run_pipeline
 from eclens.runs import RunData
 
 AGREE = [("The dog runs.", "The dog run."), ("The cat sits.", "The cat sit."), ("The boy eats.", "The boy eat.")]
@@ -47,7 +47,10 @@ def test_small_input_runs_to_the_report(case, tiny, tmp_path):
     cfg = RunConfig(pairs_file=str(src), exact_pairs=1, dims_pairs=2, n_controls=3, attribution_pairs=2,
                     verify_top=1, max_sets=1, top_k=2)
     res = run_pipeline(run, tiny, cfg, log=lambda s: None, progress=False)
-    assert [s.step for s in res.steps] == ["pairs", "diff", "exact", "dims", "attribution", "report"]
+    assert [s.step for s in res.steps] == list(STEPS)
+    # pairs without design fields have no twins: the measure step says so and writes headers only
+    measured = res.steps[STEPS.index("measure")]
+    assert measured.status == "empty" and "no twins" in measured.headline
     assert res.report is not None and res.report.stat().st_size > 0
     if case == "one_length":
         assert len({len(p["clean_ids"]) for p in RunData(run).pairs}) == 1

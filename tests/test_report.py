@@ -19,7 +19,8 @@ def report_html(real_run):  # noqa: F811
 
 
 def test_report_has_every_section_and_is_small(real_run, report_html):  # noqa: F811
-    for sid in ("glance", "dataset", "layers", "candidates", "causal", "contrasts", "examples", "manifest"):
+    for sid in ("glance", "dataset", "layers", "candidates", "recovery", "causal", "contrasts", "examples",
+                "manifest"):
         assert f'<section id="{sid}">' in report_html
     size = (real_run.path / "report.html").stat().st_size
     assert size < 4e6, f"report is {size / 1e6:.1f} MB"
@@ -30,6 +31,15 @@ def test_report_has_every_section_and_is_small(real_run, report_html):  # noqa: 
     assert not re.search(r"<link[^>]+href=\"?https?:", report_html)
     # figures and views are data for one boot script
     assert report_html.count('class="plot"') >= 8 and report_html.count('class="cv"') >= 3
+
+
+def test_report_recovery_section(report_html):
+    sec = report_html.split('<section id="recovery">', 1)[1].split("</section>", 1)[0]
+    for words in ("Recovery index per category", "Ignore baseline", "error-invariant", "permutation null",
+                  "Probe per layer", "Layer-0 check"):
+        assert words in sec, words
+    assert sec.count('class="plot"') == 2  # the recovery curves and the probe curve
+    assert not re.search(r"\b(None|nan|NaN|undefined)\b", re.sub(r"<script.*?</script>", "", sec, flags=re.S))
 
 
 def test_report_escapes_untrusted_text(report_html):

@@ -55,6 +55,14 @@ def test_ec_run_end_to_end(real_run):  # noqa: F811
     assert ctrl.groupby(["set", "control_kind"]).size().isin([10]).all()
     attr = pd.read_csv(real_run.path / "patch_attribution.csv")
     assert attr["pair_id"].nunique() == 3 and attr["verified"].any()
+    # the measure step: recovery per pair and position, its headline line in the progress and the table
+    rec = pd.read_csv(real_run.path / "recovery.csv")
+    assert len(rec) and {"error", "twin"} <= set(rec["role"])
+    i = STEPS.index("measure") + 1
+    assert f"[{i}/{len(STEPS)}] measure: recovery index at the last token" in real_run.stderr
+    for f in ("recovery_index.csv", "invariance.parquet", "probe.csv", "measure.json"):
+        assert (real_run.path / f).is_file(), f
+    assert "invariance_summary" in json.loads((real_run.path / "summary.json").read_text())
 
 
 def test_rerun_skips_every_finished_step(real_run, model):  # noqa: F811
@@ -71,7 +79,7 @@ def test_changed_setting_redoes_that_step_and_later_only(real_run, model, tmp_pa
     cfg = _config(run)
     cfg.report_examples = 1
     res = run_pipeline(run, model, cfg, log=lambda s: None, progress=False)
-    assert [s.status for s in res.steps] == ["skipped"] * 5 + ["done"]
+    assert [s.status for s in res.steps] == ["skipped"] * (len(STEPS) - 1) + ["done"]
     html = (run / "report.html").read_text(encoding="utf-8")
     assert html.count('class="pair"') == 1
 

@@ -156,6 +156,19 @@ def test_figures(server, real_run):  # noqa: F811
     assert get(server, f"/api/runs/{Q}/figures/nope")[0] == 404
 
 
+def test_recovery_tab(server, real_run):  # noqa: F811
+    ov = get_json(server, f"/api/runs/{Q}")
+    assert ov["has_measure"] and {"recovery_index", "probe"} <= set(ov["tables"])
+    d = get_json(server, f"/api/runs/{Q}/measure")
+    titles = [t["title"] for t in d["tables"]]
+    assert titles[0].startswith("Recovery index per category") and "Probe per layer" in titles
+    assert any("error-invariant" in x for x in d["sentences"]) and len(d["figures"]) == 2
+    assert all(f["figure"]["data"] for f in d["figures"])
+    status, headers, body = get(server, f"/api/runs/{Q}/recovery_index.csv")
+    assert status == 200 and body.decode().startswith("category,measure,offset,estimate,low,high")
+    assert any("Recovery index at the last token" in x for x in ov["glance"])
+
+
 def test_static_assets_and_report(server):
     for path, ctype in (("/", "text/html"), ("/static/app.js", "text/javascript"), ("/favicon.ico", "image/svg"),
                         ("/static/plotly.min.js", "text/javascript"), ("/static/circuitsvis.js", "text/javascript")):

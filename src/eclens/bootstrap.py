@@ -139,6 +139,8 @@ def _clean(values, clusters, statistic) -> tuple[np.ndarray, list]:
         raise EclensError(f"{len(x)} values but {len(cl)} cluster labels")
     if statistic == "ratio" and (x.ndim != 2 or x.shape[1] != 2):
         raise EclensError("the ratio statistic needs values of shape [n, 2] (numerator, denominator)")
+    if len(x) == 0:  # no rows (e.g. no sentence reaches an offset): reshape(0, -1) is ambiguous
+        return x, []
     keep = ~np.isnan(x.reshape(len(x), -1)).any(1)
     return x[keep], [c for c, k in zip(cl, keep) if k]
 

@@ -19,9 +19,9 @@ app = typer.Typer(
 )
 
 # Each command module defines its commands on a typer app of its own; they are gathered here, explicitly.
-from .commands import compare, diff, model, pairs, patch, sources, verify, views  # noqa: E402, F401
+from .commands import compare, diff, measure, model, pairs, patch, sources, verify, views  # noqa: E402, F401
 
-for _mod in (diff, patch, sources, views, compare):
+for _mod in (diff, measure, patch, sources, views, compare):
     app.registered_commands += _mod.app.registered_commands
 app.add_typer(model.model_app, name="model")
 app.add_typer(pairs.pairs_app, name="pairs")

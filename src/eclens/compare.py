@@ -8,8 +8,9 @@ own valid pairs (``layers.csv``, ``candidates.csv``) cannot be restricted to the
 the page says how large it is against each run's own set.
 
 Each panel is a :class:`Panel` naming the run files it needs; a panel whose file is missing from
-any run is skipped and listed as such on the page. Later tables (recovery, probes, causal tests)
-plug in by adding a panel to :data:`PANELS`.
+any run is skipped and listed as such on the page. The measure step's recovery curves (recomputed
+from ``recovery.csv`` on the shared pairs) and probe curves (on depth) are panels too; later tables
+(causal tests) plug in by adding a panel to :data:`PANELS`.
 """
 
 from __future__ import annotations
@@ -288,6 +289,90 @@ def _recovery_panel(page: Page, c: Compared) -> None:
                         "fraction restored", offset=None))
 
 
+def _recovery_kl(c: Compared) -> list[tuple[str, object]]:
+    """Each run's recovery summaries recomputed from its ``recovery.csv`` on the pairs valid in every run."""
+    from .bootstrap import BootstrapConfig
+    from .recovery import RecoveryConfig, recovery_curves, summarize
+
+    out = []
+    for rd, lab in zip(c.runs, c.labels):
+        pos = rd.recovery
+        if pos is None or pos.empty:
+            out.append((lab, None))
+            continue
+        pos = pos[pos["id"].astype(str).isin(c.common)]
+        max_off = int(((rd.measure or {}).get("recovery") or {}).get("max_offset") or 4)
+        cfg = RecoveryConfig(max_offset=max_off, boot=BootstrapConfig(n_boot=500))
+        if pos.empty:
+            out.append((lab, None))
+            continue
+        res = summarize(pos, cfg)
+        pooled = recovery_curves(pos[pos["role"].isin(["error", "twin"])].assign(category="all"), cfg)
+        out.append((lab, (res, pooled)))
+    return out
+
+
+def _recovery_kl_panel(page: Page, c: Compared) -> None:
+    from .measure_view import interval
+
+    got = _recovery_kl(c)
+    page.add(f"<p>Recovery on the {len(c.common)} pairs valid in every run (recomputed from each run's "
+             "recovery.csv): median KL(clean ‖ run) of the next-token distribution per token after the error's "
+             "detect position, errors (solid) and their twins (dashed), all error categories pooled; and per "
+             "category the recovery index at the last token (log KL decay of errors minus twins; negative: errors "
+             "fade faster), cluster-bootstrap median with a 95 % interval. Token offsets, not layers: the same "
+             "sentences in every run.</p>")
+    rows: dict[str, dict] = {}
+    fig = go.Figure()
+    for i, (lab, r) in enumerate(got):
+        if r is None:
+            c.notes.append(f"{lab}: no recovery rows on the shared pairs")
+            continue
+        res, pooled = r
+        for run, dash in (("error", "solid"), ("twin", "dash")):
+            d = pooled[pooled["run"] == run]
+            fig.add_trace(go.Scatter(x=d["offset"].astype(str), y=d["kl_median"], mode="lines+markers",
+                                     name=f"{lab} · {run}s", line={"color": COLORS[i % len(COLORS)], "dash": dash},
+                                     error_y={"type": "data", "symmetric": False, "array": d["high"] - d["kl_median"],
+                                              "arrayminus": d["kl_median"] - d["low"]}))
+        last = res.index[res.index["offset"] == "last"]
+        for rec in last.itertuples(index=False):
+            rows.setdefault(rec.category, {"category": rec.category})[lab] = interval(rec.index, rec.low, rec.high, 2)
+    fig.update_yaxes(type="log", title_text="median KL (nats)")
+    fig.update_xaxes(title_text="tokens after detect")
+    fig.update_layout(title="recovery after the error (pooled error categories)", height=380,
+                      legend={"orientation": "h", "y": -0.25})
+    page.figure(fig)
+    page.add(html_table(pd.DataFrame(list(rows.values())), max_rows=50))
+
+
+def _probe_panel(page: Page, c: Compared) -> None:
+    page.add("<p>Error-signal probe per layer (cross-validated by cluster, each run's own probe items), on "
+             "depth-normalised layers: the embedding at 0, the output of block L at (L + 1) / n_layers. Bands: "
+             "cluster-bootstrap 95 % intervals; dotted: the within-cluster permutation null's 95th percentile.</p>")
+    fig = go.Figure()
+    for i, (rd, lab, n) in enumerate(zip(c.runs, c.labels, c.n_layers)):
+        pr = rd.probe
+        if pr is None or pr.empty:
+            c.notes.append(f"{lab}: probe.csv has no rows (no probe items)")
+            continue
+        x = (pr["layer"] + 1) / n
+        col = COLORS[i % len(COLORS)]
+        fig.add_trace(go.Scatter(x=x, y=pr["high"], mode="lines", line={"width": 0}, showlegend=False,
+                                 hoverinfo="skip"))
+        fig.add_trace(go.Scatter(x=x, y=pr["low"], mode="lines", line={"width": 0}, fill="tonexty",
+                                 fillcolor="rgba(0,0,0,0.08)", showlegend=False, hoverinfo="skip"))
+        fig.add_trace(go.Scatter(x=x, y=pr["acc"], mode="lines+markers", name=lab, line={"color": col},
+                                 customdata=pr["layer"], hovertemplate=f"{esc(lab)}<br>layer %{{customdata}}"
+                                 "<br>accuracy %{y:.3f}<extra></extra>"))
+        fig.add_trace(go.Scatter(x=x, y=pr["null_q95"], mode="lines", name=f"{lab}: null 95 %",
+                                 line={"color": col, "dash": "dot"}))
+    fig.update_xaxes(title_text="depth (layer + 1) / n_layers", range=[0, 1])
+    fig.update_layout(title="error-signal probe by depth", yaxis_title="CV accuracy", yaxis_range=[0.3, 1.02],
+                      height=380, legend={"orientation": "h", "y": -0.25})
+    page.figure(fig)
+
+
 PANELS: list[Panel] = [
     Panel("runs", "Runs", ("manifest.json",), _runs_panel),
     Panel("pairs", "Pairs", ("pairs.jsonl",), _pairs_panel),
@@ -295,6 +380,8 @@ PANELS: list[Panel] = [
     Panel("layers", "Relative change by depth", ("layers.csv",), _layers_panel),
     Panel("candidates", "Candidate shares", ("layers.csv", "candidates.csv", "summary.json"), _candidates_panel),
     Panel("recovery", "Recovery by depth", ("patch_exact.csv",), _recovery_panel),
+    Panel("recovery_kl", "Recovery after an error", ("recovery.csv",), _recovery_kl_panel),
+    Panel("probe", "Error signal by depth", ("probe.csv",), _probe_panel),
 ]
 
 

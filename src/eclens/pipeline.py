@@ -7,13 +7,16 @@ Steps, each writing the run-folder files of ``docs/run-folder.md`` atomically:
    ``rejected.jsonl``, ``check.csv``;
 2. ``diff``    — :func:`eclens.diff.run_diff` over every valid pair (its own checkpoint
    resumes an interrupted pass): ``layers.csv``, ``dims.parquet``, ``candidates.csv``, ...;
-3. ``exact``   — exact patching maps (both directions) for a few pairs, spread over the
+3. ``measure`` — recovery, selective invariance and the error-signal probe
+   (:func:`eclens.measure_step.measure_step`): ``recovery.csv``, ``recovery_index.csv``,
+   ``invariance.parquet``, ``probe.csv``, ``measure.json``, ...;
+4. ``exact``   — exact patching maps (both directions) for a few pairs, spread over the
    categories: ``patch_exact.csv``;
-4. ``dims``    — the top candidate dimension sets patched against random sets of the
+5. ``dims``    — the top candidate dimension sets patched against random sets of the
    same size: ``patch_dims.csv``, ``patch_dims_controls.csv``;
-5. ``attribution`` — attribution patching on a subset, its top components verified
+6. ``attribution`` — attribution patching on a subset, its top components verified
    by exact patching: ``patch_attribution.csv``;
-6. ``report``  — ``report.html``.
+7. ``report``  — ``report.html``.
 
 Each step is a function of :mod:`eclens.steps` (the same that ``ec diff``, ``ec patch`` and
 ``ec report`` call); this module only chains them with :func:`run_steps`, the one resume
@@ -38,7 +41,7 @@ from pathlib import Path
 from .errors import EclensError
 from .steps import StepOutcome, choose_sets, dims_metric, spread_pairs  # noqa: F401 - the library's names for ec run
 
-STEPS = ("pairs", "diff", "exact", "dims", "attribution", "report")
+STEPS = ("pairs", "diff", "measure", "exact", "dims", "attribution", "report")
 
 
 @dataclass
@@ -66,11 +69,14 @@ class RunConfig:
     split: int | None = 0               # dims: choose sets on half A of the clusters, test on half B (None: no split)
     skip_pairs: int = 0                 # layer skipping on this many error pairs (+ their twins); 0: no skip step
     baseline: str | None = None         # "random": diff + candidate rules again on random:NAME, counts side by side
+    measure_clusters: int | None = 10   # clusters per category the measure step uses (None: all)
+    measure_permutations: int = 3       # the measure step's permutation null (invariance; the probe 2x)
 
     def step_params(self, step: str) -> dict:
         keys = {
             "pairs": ("pairs_file", "n_per_category", "seed"),
             "diff": ("hooks", "seed", "min_pairs"),
+            "measure": ("measure_clusters", "measure_permutations", "seed"),
             "exact": ("exact_pairs", "patch_hooks", "seed"),
             "dims": ("dims_pairs", "max_sets", "top_k", "n_controls", "metric", "seed", "split"),
             "skip": ("skip_pairs", "seed"),
@@ -206,12 +212,18 @@ def pipeline_steps(cfg: RunConfig) -> list[Step]:
     attr_cfg = AttributionConfig(hooks=list(cfg.patch_hooks), direction="denoise", metric=cfg.metric,
                                  verify_top=cfg.verify_top, seed=cfg.seed, batch_size=cfg.patch_batch_size,
                                  n_pairs=cfg.attribution_pairs)
+    from .measure_step import MeasureConfig, measure_step
+
+    measure_cfg = MeasureConfig(max_clusters=cfg.measure_clusters, seed=cfg.seed,
+                                n_permutations=cfg.measure_permutations)
     fns = {
         "pairs": lambda run, model, pairs, progress, log: pairs_step(
             run, model, cfg.pairs_file, n_per_category=cfg.n_per_category, seed=cfg.seed,
             manifest={"seed": cfg.seed}),
         "diff": lambda run, model, pairs, progress, log: diff_step(run, model, pairs, diff_cfg,
                                                                    batch_size=cfg.batch_size, progress=progress),
+        "measure": lambda run, model, pairs, progress, log: measure_step(run, model, pairs, measure_cfg,
+                                                                         progress=progress, log=log),
         "exact": lambda run, model, pairs, progress, log: exact_step(run, model, pairs, exact_cfg,
                                                                      progress=progress),
         "dims": lambda run, model, pairs, progress, log: dims_step(

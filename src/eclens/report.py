@@ -440,6 +440,23 @@ def control_figures(run: RunData, limit: int = 6, metric: str | None = None) -> 
     return figs
 
 
+def _recovery_section(page: _Page, run: RunData) -> None:
+    from .measure_view import measure_panel
+
+    _section(page, "recovery", "Recovery")
+    panel = measure_panel(run)
+    if panel is None:
+        _missing(page, "the measure step's results (measure.json)", f"ec measure {run.path}")
+    else:
+        page.add("".join(f"<p>{esc(x)}</p>" for x in panel.sentences))
+        for title, df in panel.tables:
+            page.add(f"<h3>{esc(title)}</h3>" + html_table(df, max_rows=40))
+        for caption, fig in panel.figures:
+            page.add(f'<p class="muted">{esc(caption)}</p>')
+            page.figure(fig)
+    page.add("</section>")
+
+
 def _contrasts_section(page: _Page, run: RunData) -> None:
     _section(page, "contrasts", "Category contrasts")
     df = run.contrasts
@@ -556,7 +573,7 @@ def build_report(run: str | os.PathLike, out: str | os.PathLike | None = None, *
                  pair_views: bool = True, n_examples: int = 4, layer: int | None = None,
                  compress: bool = True) -> Path:
     """Write ``RUN/report.html`` (or ``out``): manifest, dataset, layer view, candidates,
-    causal confirmation, contrasts and example pairs, from whatever steps the run has.
+    recovery (the measure step), causal confirmation, contrasts and example pairs, from whatever steps the run has.
 
     ``model``: the run's model for per-pair views (loaded from the manifest when
     ``None`` and ``pair_views``); ``compress``: gzip the inlined libraries (about
@@ -584,6 +601,7 @@ def render_report(rd: RunData, *, model=None, model_note: str | None = None, n_e
     _dataset_section(page, rd)
     _layer_section(page, rd)
     _candidates_section(page, rd)
+    _recovery_section(page, rd)
     _causal_section(page, rd)
     _contrasts_section(page, rd)
     used_cv = _examples_section(page, rd, model, model_note, n_examples, layer)
@@ -592,7 +610,7 @@ def render_report(rd: RunData, *, model=None, model_note: str | None = None, n_e
     model_name = (man.get("model") or {}).get("name", "")
     nav = "".join(f'<a href="#{s}">{t}</a>' for s, t in (
         ("glance", "At a glance"), ("dataset", "Dataset"), ("layers", "Layers"), ("candidates", "Candidates"),
-        ("causal", "Causal"), ("contrasts", "Contrasts"), ("examples", "Examples"), ("manifest", "Run")))
+        ("recovery", "Recovery"), ("causal", "Causal"), ("contrasts", "Contrasts"), ("examples", "Examples"), ("manifest", "Run")))
     return (
         "<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>"

@@ -520,6 +520,27 @@ class RunData:
     def patch_summary(self) -> dict | None:
         return self._json("patch_summary.json")
 
+    # the measure step (eclens.measure_step)
+    @cached_property
+    def recovery(self) -> pd.DataFrame | None:
+        return self._table("recovery.csv")
+
+    @cached_property
+    def recovery_curves(self) -> pd.DataFrame | None:
+        return self._table("recovery_curves.csv")
+
+    @cached_property
+    def recovery_index(self) -> pd.DataFrame | None:
+        return self._table("recovery_index.csv")
+
+    @cached_property
+    def probe(self) -> pd.DataFrame | None:
+        return self._table("probe.csv")
+
+    @cached_property
+    def measure(self) -> dict | None:
+        return self._json("measure.json")
+
     @cached_property
     def pairs_by_id(self) -> dict[str, dict]:
         return {str(p["id"]): p for p in (self.pairs or [])}

@@ -126,6 +126,11 @@ def glance(run) -> list[str]:
                    f"labels permuted across clusters) are significant at a Benjamini–Hochberg false discovery rate "
                    f"of {num(con.get('alpha', 0.05))}"
                    + (" — a null result: no layer separates the categories." if sig == 0 else "."))
+    from .measure_view import glance_line
+
+    rec = glance_line(run) if hasattr(run, "measure") else None
+    if rec:
+        out.append(rec)
     ps = run.patch_summary or {}
     dims = ps.get("dims") if isinstance(ps.get("dims"), dict) else None
     if dims and dims.get("verdict"):

@@ -91,10 +91,14 @@ def run(
                                    "on N error pairs and their twins; 0: no skip step"),
     baseline: str = typer.Option(None, "--baseline", help="random: diff and candidate rules again on "
                                  "random:MODEL (same architecture, random weights), counts beside the real model's"),
+    measure_clusters: int = typer.Option(10, "--measure-clusters", help="clusters per category the measure step "
+                                         "uses (0: all)"),
+    measure_permutations: int = typer.Option(3, "--measure-permutations", help="the measure step's permutation "
+                                             "null draws (invariance; the probe twice as many)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
-    """The whole study: pairs -> check -> diff -> patch (candidates vs random controls, exact maps,
-    attribution) -> report. Resumable: finished steps are skipped on a rerun."""
+    """The whole study: pairs -> check -> diff -> measure (recovery, invariance, probe) -> patch (candidates
+    vs random controls, exact maps, attribution) -> report. Resumable: finished steps are skipped on a rerun."""
     from rich.table import Table
 
     from ..errors import EclensError
@@ -106,9 +110,12 @@ def run(
         raise EclensError(f"unknown --metric {metric!r}: use {', '.join(METRICS)}")
     for name, v in (("--n", n_per_category), ("--batch-size", batch_size), ("--exact-pairs", exact_pairs),
                     ("--dims-pairs", dims_pairs), ("--max-sets", max_sets), ("--top-k", top_k),
-                    ("--n-controls", n_controls), ("--attribution-pairs", attribution_pairs)):
+                    ("--n-controls", n_controls), ("--attribution-pairs", attribution_pairs),
+                    ("--measure-permutations", measure_permutations)):
         if v < 1:
             raise EclensError(f"{name} must be at least 1")
+    if measure_clusters < 0:
+        raise EclensError("--measure-clusters must be at least 0 (0: all)")
     if pairs is not None and not pairs.is_file():
         raise EclensError(f"{pairs}: no such pairs file")
     if baseline not in (None, "random"):
@@ -120,7 +127,8 @@ def run(
                     patch_hooks=tuple(h.strip() for h in patch_hooks.split(",") if h.strip()), exact_pairs=exact_pairs, dims_pairs=dims_pairs,
                     max_sets=max_sets, top_k=top_k, n_controls=n_controls, attribution_pairs=attribution_pairs,
                     verify_top=verify_top, metric=metric, split=None if split < 0 else split,
-                    skip_pairs=max(0, skip_pairs), baseline=baseline)
+                    skip_pairs=max(0, skip_pairs), baseline=baseline,
+                    measure_clusters=measure_clusters or None, measure_permutations=measure_permutations)
     raw = preflight_pairs(pairs)
     console.print(f"run folder: {out_dir}")
     from ..lock import lock_run

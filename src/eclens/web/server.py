@@ -61,6 +61,9 @@ TABLES = {  # API name -> (RunData attribute, file name for messages)
     "patch_controls": ("patch_controls", "patch_dims_controls.csv"),
     "patch_attribution": ("patch_attribution", "patch_attribution.csv"),
     "patch_exact": ("patch_exact", "patch_exact.csv"),
+    "recovery_index": ("recovery_index", "recovery_index.csv"),
+    "recovery_curves": ("recovery_curves", "recovery_curves.csv"),
+    "probe": ("probe", "probe.csv"),
 }
 
 
@@ -227,6 +230,8 @@ class RunsApp:
             return self.pairs(rd, query), "json"
         if head == "pairs" and len(rest) == 2:
             return self.pair(rd, rest[1], query), "json"
+        if head == "measure" and len(rest) == 1:
+            return self.measure(rd), "json"
         if head == "figures" and len(rest) == 2:
             return self.figure(rd, rest[1], query), "json"
         if len(rest) == 1:
@@ -266,8 +271,20 @@ class RunsApp:
             else [],
             "exact_pairs": rd.exact_pair_ids(),
             "has_dims": rd.file("dims.parquet") is not None,
+            "has_measure": rd.file("measure.json") is not None,
             "n_layers": (rd.manifest.get("model") or {}).get("n_layers"),
         }
+
+    def measure(self, rd: RunData) -> dict:
+        """The Recovery tab: the measure step's sentences, tables and figures (what the report's section shows)."""
+        from ..measure_view import measure_panel
+
+        panel = measure_panel(rd)
+        if panel is None:
+            raise NotFound(f"{rd.name}/measure.json")
+        return {"sentences": panel.sentences,
+                "tables": [{"title": t, "table": table_json(df)} for t, df in panel.tables],
+                "figures": [{"caption": c, "figure": viz.figure_json(f)} for c, f in panel.figures]}
 
     def pairs(self, rd: RunData, query: dict[str, str]) -> dict:
         items = rd.pairs or []

@@ -149,7 +149,7 @@ async function runsPage() {
 }
 
 const TABS = [["overview", "Overview"], ["pairs", "Pairs"], ["layers", "Layers"], ["candidates", "Candidates"],
-  ["causal", "Causal"], ["contrasts", "Contrasts"]];
+  ["recovery", "Recovery"], ["causal", "Causal"], ["contrasts", "Contrasts"]];
 
 async function runPage(name, tab) {
   const info = await api("runs/" + enc(name));
@@ -159,7 +159,7 @@ async function runPage(name, tab) {
   const body = el("div");
   main.replaceChildren(el("h2", {}, name), nav, body);
   await ({overview: overviewTab, pairs: pairsTab, layers: layersTab, candidates: candidatesTab,
-    causal: causalTab, contrasts: contrastsTab}[tab] || overviewTab)(name, info, body);
+    recovery: recoveryTab, causal: causalTab, contrasts: contrastsTab}[tab] || overviewTab)(name, info, body);
 }
 
 function overviewTab(name, info, body) {
@@ -251,6 +251,15 @@ async function candidatesTab(name, info, body) {
 async function contrastsTab(name, info, body) {
   if (!info.tables.includes("contrasts")) { add(body, note("contrasts.parquet not found: run `ec diff` on this run.")); return; }
   await tableTab(name, body, "contrasts", [["hook", info.hooks]], info.contrasts_note);
+}
+
+// The measure step: recovery index, ignore baseline, invariance counts vs null, probe (as in the report).
+async function recoveryTab(name, info, body) {
+  if (!info.has_measure) { add(body, note("measure.json not found: run `ec measure` on this run.")); return; }
+  const d = await api(`runs/${enc(name)}/measure`);
+  add(body, d.sentences.map((x) => el("p", {}, x)));
+  for (const t of d.tables) add(body, el("h3", {}, t.title), table(t.table.columns, t.table.rows));
+  for (const f of d.figures) add(body, el("p", {class: "muted"}, f.caption), plot(f.figure));
 }
 
 async function causalTab(name, info, body) {
