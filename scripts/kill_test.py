@@ -5,10 +5,12 @@ steps (the report included), rerun to the end, must give the same tables as an u
 
 The model is a 2-layer random-weight Llama with the embedded model's tokenizer (made in DIR unless
 --model is given), with small patching settings so that one run takes about half a minute on 2 CPU
-cores. An uninterrupted `ec run` (a child process, timed, with the moment each step finished) is the
-reference; point i of n kills a fresh run at a moment drawn uniformly from the i-th of n equal slices
-of the reference's working time (after its run folder appears), so the points cover every step. Each
-killed run is rerun with the same command to the end and compared with scripts/compare_runs.py
+cores. An uninterrupted `ec run` (a child process, timed, noting when each step finished) is the
+reference. Point i of n kills a fresh run inside step ``STEPS[i % 6]`` (its start counted from the
+moment the step before it is recorded done, or from the process start for the first step, whose
+time includes the imports and the model load) at a seeded uniform fraction of that step's duration
+in the reference; so the points cover every step, the report included, whatever the machine's load.
+Each killed run is rerun with the same command to the end and compared with scripts/compare_runs.py
 (rtol 1e-4: a resumed diff may fall on other batch boundaries; ``diff_stats.safetensors``, the
 checkpoint, is left out, its raw power sums depend on when checkpoints fell), and `ec verify` must
 pass. Prints one line per point and a last line ``matched K of N``; exits 1 unless all matched.
@@ -65,18 +67,28 @@ def timed_reference(cmd: list[str], run: Path) -> tuple[float, float, dict[str, 
     return start or 0.0, time.monotonic() - t0, seen
 
 
-def kill_at(cmd: list[str], moment: float, run: Path) -> tuple[bool, list[str]]:
-    """Start ``cmd``, SIGKILL it ``moment`` seconds later; (was it still running, steps done by then)."""
+STEPS = ("pairs", "diff", "exact", "dims", "attribution", "report")
+
+
+def kill_at(cmd: list[str], after: str | None, delay: float, run: Path) -> tuple[bool, list[str], float]:
+    """Start ``cmd``; ``delay`` seconds after step ``after`` is recorded done (after the start when None),
+    SIGKILL it. Returns (was it still running, steps done by then, seconds since the start)."""
     t0 = time.monotonic()
     p = subprocess.Popen(cmd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while p.poll() is None and time.monotonic() - t0 < moment:
+    since = t0 if after is None else None
+    while p.poll() is None:
+        now = time.monotonic()
+        if since is None and after in steps_done(run):
+            since = now
+        if since is not None and now - since >= delay:
+            break
         time.sleep(0.01)
     running = p.poll() is None
     done = steps_done(run)
     if running:
         p.send_signal(signal.SIGKILL)
     p.communicate()
-    return running, done
+    return running, done, time.monotonic() - t0
 
 
 def main() -> int:
@@ -105,12 +117,14 @@ def main() -> int:
           + ", ".join(f"{k} {v:.1f}" for k, v in seen.items()), flush=True)
     rng = random.Random(args.seed)
     n, matched, t_all = args.points, 0, time.monotonic()
+    marks = [0.0, *[seen[s] for s in STEPS]]  # when each step began and ended in the reference
     for i in range(n):
-        moment = start + (end - start) * (i + rng.random()) / n
+        k = i % len(STEPS)
+        delay = (marks[k + 1] - marks[k]) * rng.random()
         run = work / f"run{i:02d}"
         shutil.rmtree(run, ignore_errors=True)
         cmd = ec(["run", "--out", str(run), *base])
-        running, done = kill_at(cmd, moment, run)
+        running, done, moment = kill_at(cmd, STEPS[k - 1] if k else None, delay, run)
         r = subprocess.run(cmd, env=ENV, capture_output=True, text=True)
         ok = r.returncode == 0
         why = "" if ok else f"rerun failed ({r.returncode}): {r.stderr.strip().splitlines()[-1:]}"
@@ -124,7 +138,7 @@ def main() -> int:
                                  if c.returncode else f"ec verify: {v.stdout.strip().splitlines()[-1:]}")
         matched += ok
         state = f"killed after steps [{', '.join(done)}]" if running else "finished before the kill"
-        print(f"point {i + 1:2d}/{n}: kill at {moment:5.1f} s, {state}: {'same' if ok else 'DIFFERS ' + why}",
+        print(f"point {i + 1:2d}/{n}: in {STEPS[k]} (+{delay:.1f} s), kill at {moment:5.1f} s, {state}: {'same' if ok else 'DIFFERS ' + why}",
               flush=True)
         if not args.keep and ok:
             shutil.rmtree(run, ignore_errors=True)
