@@ -141,7 +141,7 @@ def test_ec_run_on_a_full_disk_at_seeded_writes_across_the_steps(tiny_dir, tmp_p
     assert n > 20
     rng = random.Random(21)
     points = sorted(rng.randrange(1 + q * n // 4, (q + 1) * n // 4) for q in range(4))  # one per quarter
-    run = tmp_path / "run"
+    run, fired = tmp_path / "run", 0
     for at in points:  # one folder, each failure resumed by the next attempt, as a user would
         disk = FailingDisk(at)
         monkeypatch.setattr(os, "fsync", disk)
@@ -151,10 +151,25 @@ def test_ec_run_on_a_full_disk_at_seeded_writes_across_the_steps(tiny_dir, tmp_p
         if disk.calls >= at:  # the resumed run writes less than the first: a late point may not be reached
             assert rc == 2, err[-2000:]
             one_line_error(err, run)
+            fired += 1
         loads_and_verifies(run)
+    assert fired >= 2  # the first two always are: each resumed run still writes more than a quarter
     assert main(["run", "--out", str(run), *args]) == 0
     loads_and_verifies(run)
     same_tables(ref, run)
+
+
+def test_a_disk_error_outside_the_atomic_writes_is_one_line_too(tmp_path, monkeypatch, capsys):
+    """Any write (a lock file, a library's own file) that fails for space: one line, no traceback."""
+    from eclens import integrity
+
+    def full(run):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "x.bin"))
+
+    monkeypatch.setattr(integrity, "verify_run", full)
+    assert main(["verify", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {tmp_path}: cannot write x.bin: no space left")
 
 
 def _mount_tmpfs(where: Path, size: int) -> str | None:
