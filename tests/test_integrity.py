@@ -193,3 +193,18 @@ def test_a_flipped_byte_in_a_stats_file_is_refused_without_a_model(tmp_path):
     with pytest.raises(EclensError, match=r"diff_stats.safetensors: corrupt .* delete it and rerun `ec diff"):
         load_stats(tmp_path)
     assert [c.status for c in integrity.verify_run(tmp_path)] == ["corrupt"]
+
+
+def test_a_reader_racing_a_writer_is_not_told_corrupt(tmp_path):
+    """Readers take no lock: the record they read may be one version behind the file they hash."""
+    import torch
+
+    from eclens.runs import save_tensors
+
+    p = tmp_path / "x.safetensors"
+    save_tensors({"a": torch.zeros(8)}, p)
+    stale = integrity.records(tmp_path)["x.safetensors"]
+    save_tensors({"a": torch.ones(8)}, p)  # a new version and its record, after the reader looked
+    assert integrity.check_file(p, stale).status == "intact"
+    flip(p, 0.95)
+    assert integrity.check_file(p, stale).status == "corrupt"

@@ -169,33 +169,57 @@ class FileCheck:
     path: Path
     status: str  # intact | corrupt | missing | unrecorded
     detail: str = ""
+    key: tuple | None = None  # (path, inode, size, mtime) of the version checked
 
 
 def check_file(path: str | os.PathLike, accepted: list[dict] | None = None) -> FileCheck:
-    """Compare ``path`` with its record (``accepted``: the records, default the folder's)."""
+    """Compare ``path`` with its record (``accepted``: the records, default the folder's).
+
+    Readers never take the writer's lock, so a writer may record and rename a new version between our
+    reading the record and hashing the file: a mismatch is confirmed only once a second look finds the
+    same record and the same file."""
     path = Path(path)
-    if accepted is None:
-        accepted = records(path.parent).get(path.name) or []
+    for _ in range(3):
+        if accepted is None:
+            accepted = records(path.parent).get(path.name) or []
+        c = _check_once(path, accepted)
+        if c.status != "corrupt":
+            return c
+        again = records(path.parent).get(path.name) or []
+        if again == accepted and _stat_key(path) == c.key:
+            break
+        accepted = again
+    return c
+
+
+def _stat_key(path: Path) -> tuple | None:
     try:
         st = path.stat()
-    except FileNotFoundError:
+    except OSError:
+        return None
+    return (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _check_once(path: Path, accepted: list[dict]) -> FileCheck:
+    key = _stat_key(path)
+    if key is None:
         return FileCheck(path, "missing", "recorded but not on disk")
     if not accepted:
         return FileCheck(path, "unrecorded", "no checksum recorded")
-    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    size = key[2]
     sizes = {int(a.get("size", -1)) for a in accepted}
-    if st.st_size not in sizes:
+    if size not in sizes:
         want = ", ".join(str(s) for s in sorted(sizes))
-        return FileCheck(path, "corrupt", f"{st.st_size} bytes, {want} recorded (cut short or overwritten)")
+        return FileCheck(path, "corrupt", f"{size} bytes, {want} recorded (cut short or overwritten)", key)
     known = _VERIFIED.get(key)
     if known is not None and any(a.get("digest") == known for a in accepted):
         return FileCheck(path, "intact")
-    for algo in dict.fromkeys(str(a.get("digest", "")).split(":", 1)[0] for a in accepted if a.get("size") == st.st_size):
+    for algo in dict.fromkeys(str(a.get("digest", "")).split(":", 1)[0] for a in accepted if a.get("size") == size):
         got = file_digest(path, algo)
         if any(a.get("digest") == got for a in accepted):
             _VERIFIED[key] = got
             return FileCheck(path, "intact")
-    return FileCheck(path, "corrupt", "its bytes differ from the checksum recorded when it was written")
+    return FileCheck(path, "corrupt", "its bytes differ from the checksum recorded when it was written", key)
 
 
 def verify_file(path: str | os.PathLike) -> None:
