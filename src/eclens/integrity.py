@@ -130,15 +130,6 @@ def settle(path: Path, new: dict) -> None:
         _write_index(path.parent, files)
 
 
-def forget(path: str | os.PathLike) -> None:
-    """Drop the record of a file this process deletes on purpose."""
-    path = Path(path)
-    with _LOCK:
-        files = _read_index(path.parent / index_name())
-        if files.pop(path.name, None) is not None:
-            _write_index(path.parent, files)
-
-
 def recording(path: Path) -> bool:
     """Whether writes to ``path`` get a digest: tensor files always, other files in a run folder (one with a
     manifest) or in a folder that has a checksum index already."""
