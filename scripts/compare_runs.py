@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-SKIP_FILES = {"manifest.json", "report.html"}
+# checksums.json: digests of files whose timing fields differ from run to run (eclens.integrity)
+SKIP_FILES = {"manifest.json", "report.html", "checksums.json"}
 TIMING_KEYS = {"seconds", "timing", "created", "pairs_per_second", "elapsed", "time", "wall_seconds"}
 
 

@@ -39,6 +39,7 @@ import torch
 
 from .errors import EclensError
 from .hooks import PATTERN_HOOKS, iter_batches, pad_id, select_hooks, split_hook
+from .integrity import check_file, verify_file
 from .model import DTYPES
 from .pairs import AlignedPair, aligned_from_dict, aligned_position
 from .runs import save_tensors, write_json
@@ -379,6 +380,7 @@ class ActivationStore:
             if k not in self._done_shards:
                 raise EclensError(f"{self.folder}: shard {k} was not written yet; rerun `ec cache` to finish it")
             fname = next(s["file"] for s in self.index["shards"] if s["index"] == k)
+            verify_file(self.folder / fname)  # once per shard per process: a flipped byte is refused by name
             try:
                 f = safe_open(str(self.folder / fname), framework="pt", device="cpu")
                 rows, pos_start = f.get_tensor("rows"), f.get_tensor("pos_start")
@@ -487,6 +489,9 @@ def shard_problem(path: Path) -> str | None:
     """Why a cache shard cannot be read (missing, cut short, not a shard), or ``None``: reads only its header."""
     from safetensors import safe_open
 
+    c = check_file(path)
+    if c.status == "corrupt":
+        return f"corrupt: {c.detail}"
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             json.loads((f.metadata() or {})["pairs"])

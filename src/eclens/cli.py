@@ -19,9 +19,9 @@ app = typer.Typer(
 )
 
 # Each command module defines its commands on a typer app of its own; they are gathered here, explicitly.
-from .commands import compare, diff, measure, model, pairs, patch, sources, verify, views  # noqa: E402, F401
+from .commands import compare, diff, measure, model, pairs, patch, runcheck, sources, verify, views  # noqa: E402, F401
 
-for _mod in (diff, measure, patch, sources, views, compare):
+for _mod in (diff, measure, patch, sources, views, compare, runcheck):
     app.registered_commands += _mod.app.registered_commands
 app.add_typer(model.model_app, name="model")
 app.add_typer(pairs.pairs_app, name="pairs")
@@ -48,6 +48,17 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(e).replace("\r", "\\r").replace("\n", "\\n")
         print(f"error: {msg}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        # A write that failed for lack of space or permission outside eclens.runs.atomic_path (which says
+        # the same with the bytes it needed): one line naming the file, never a traceback.
+        from .integrity import disk_error, disk_full_error
+
+        code = disk_error(e)
+        if code is None:
+            raise
+        msg = str(disk_full_error(e.filename or os.getcwd() + "/?", code, None))
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("interrupted: finished work is saved; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -30,23 +30,41 @@ from typing import Any
 import pandas as pd
 
 from .errors import EclensError
+from .integrity import verify_file
 
 MANIFEST = "manifest.json"
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike, need: int | None = None, checksum: bool | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` on success only.
 
     The temporary name holds the writer's process id (``.NAME.PID.RANDOM.tmp``), so the
     next successful write of ``path`` removes what a killed writer (SIGKILL, power loss)
     left behind, and never a live writer's file.
+
+    ``checksum``: record the file's digest in its folder's ``checksums.json``
+    (:mod:`eclens.integrity`; default: tensor files, and any file of a run folder). A write that fails
+    for lack of space or permission removes its temporary file, leaves ``path`` as it was and raises the
+    one-line :class:`EclensError` naming the folder and ``need`` (the bytes it needed; default: what was
+    written before it failed, or the size of the file it replaces).
     """
+    from . import integrity
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        code = integrity.disk_error(e)
+        if code is None:
+            raise
+        raise integrity.disk_full_error(path, code, need or _size(path)) from None
     tmp_path = Path(tmp)
+    if checksum is None:
+        checksum = integrity.recording(path)
+    record = None
     try:
         yield tmp_path
         with open(tmp_path, "rb") as fh:
@@ -54,12 +72,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         # mkstemp makes 0600 (and a writer may recreate the file); the result gets the mode a plain open()
         # gives, 0644 under umask 022, so that colleagues on a shared server can read it.
         os.chmod(tmp_path, 0o666 & ~_umask())
+        if checksum:
+            record = integrity.expect(path, tmp_path)
         os.replace(tmp_path, path)
-    except BaseException:
+        if record is not None:
+            integrity.settle(path, record)
+    except BaseException as e:
+        written = _size(tmp_path)
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()
-        raise
+        code = integrity.disk_error(e)
+        if code is None:
+            raise
+        raise integrity.disk_full_error(path, code, need or max(written, _size(path))) from None
     remove_stale_temps(path)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _umask() -> int:
@@ -100,7 +133,8 @@ def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
 
 def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
     """Write text or bytes to ``path`` atomically."""
-    with atomic_path(path) as tmp:
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    with atomic_path(path, need=len(raw)) as tmp:
         if isinstance(data, str):
             tmp.write_text(data, encoding="utf-8")
         else:
@@ -151,7 +185,9 @@ def write_table(df, path: str | os.PathLike) -> Path:
     (:func:`table_with_header`), so every table a run writes can be read back."""
     path = Path(path)
     df = table_with_header(df, path)
-    with atomic_path(path) as tmp:
+    # About what the file takes: a CSV writes each number as ~2.5x its 8 bytes, Parquet about its bytes.
+    need = int(df.memory_usage(index=False, deep=False).sum() * (1 if path.suffix == ".parquet" else 2.5)) + 4096
+    with atomic_path(path, need=need) as tmp:
         if path.suffix == ".parquet":
             df.to_parquet(tmp, index=False)
         else:
@@ -165,7 +201,8 @@ def save_tensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str
 
     path = Path(path)
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    with atomic_path(path) as tmp:
+    need = sum(v.numel() * v.element_size() for v in clean.values()) + 1024 + len(json.dumps(metadata or {}))
+    with atomic_path(path, need=need) as tmp:
         save_file(clean, str(tmp), metadata=metadata)
     return path
 
@@ -343,6 +380,7 @@ def merge_tensors(path: str | os.PathLike, tensors: dict, meta: dict) -> None:
     path = Path(path)
     old, old_meta = {}, {}
     if path.exists():
+        verify_file(path)
         old = load_file(str(path))
         with safe_open(str(path), framework="pt") as fh:
             old_meta = fh.metadata() or {}
@@ -392,6 +430,7 @@ class RunData:
         p = self.file(name)
         if p is None:
             return None
+        verify_file(p)
         try:
             return pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p, keep_default_na=False,
                                                                                    na_values=[""])
@@ -402,6 +441,7 @@ class RunData:
         p = self.file(name)
         if p is None:
             return None
+        verify_file(p)
         try:
             return json.loads(p.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -411,6 +451,7 @@ class RunData:
         p = self.file(name)
         if p is None:
             return None
+        verify_file(p)
         out = []
         for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
             if line.strip():
@@ -456,6 +497,7 @@ class RunData:
             return None
         import pyarrow.parquet as pq
 
+        verify_file(p)
         try:
             pf = pq.ParquetFile(p)
             names = set(pf.schema_arrow.names)
@@ -482,6 +524,7 @@ class RunData:
             return []
         import pyarrow.parquet as pq
 
+        verify_file(p)
         return sorted(pq.read_table(p, columns=["hook"]).column("hook").unique().to_pylist())
 
     @cached_property

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ..errors import EclensError
+from ..integrity import verify_file
 from .config import META_KEY, STATS_FILE
 
 
@@ -23,6 +24,7 @@ def load_stats(run: str | Path, device="cpu") -> tuple[dict[str, torch.Tensor], 
     path = Path(run) / STATS_FILE
     if not path.exists():
         raise EclensError(f"{path}: no diff statistics here; run `ec diff` first")
+    verify_file(path)  # a flipped byte inside a file of the right length reads as numbers: refuse it by name
     try:
         with safe_open(str(path), framework="pt", device=str(device)) as f:
             meta = json.loads((f.metadata() or {})[META_KEY])
