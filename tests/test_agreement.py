@@ -61,6 +61,7 @@ def assert_tables_close(a: pd.DataFrame, b: pd.DataFrame, name: str) -> None:
 
 def assert_candidates_agree(a: pd.DataFrame, b: pd.DataFrame) -> None:
     key = ["category", "hook", "layer", "offset", "dim", "kind"]
+    key += [k for k in ("swap_direction",) if k in a.columns]  # one row per direction as well as pooled
     m = a.merge(b, on=key, how="outer", suffixes=("_a", "_b"), indicator=True)
     odd = m[m["_merge"] != "both"]
     for r in odd.to_dict("records"):

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from eclens.diff import DiffResult, load_stats, merge_results, run_diff
+from eclens.diff import DiffConfig, DiffResult, load_stats, merge_results, resolve_cells, run_diff
 from eclens.errors import EclensError
 from eclens.hooks import iter_batches, pad_id, select_hooks, split_hook
 from eclens.pairs import AlignedPair, MinimalPair, check_with_model, write_jsonl
@@ -261,9 +261,11 @@ def test_two_halves_merged_equal_the_whole(model, pairs):
     cats = sorted({a.category for a in pairs})
     hooks = ["blocks.1.hook_resid_post", "blocks.15.mlp.hook_post", "blocks.15.attn.hook_z",
              "blocks.29.hook_attn_out"]
+    # shards of one dataset share its categories and its (category, swap direction) cells
+    cells = resolve_cells(order, DiffConfig(categories=cats))
     whole = run_diff(model, order, hooks=hooks, batch_size=4, sample_size=5, categories=cats)
-    a = run_diff(model, order[:4], hooks=hooks, batch_size=4, sample_size=5, categories=cats)
-    b = run_diff(model, order[4:], hooks=hooks, batch_size=4, sample_size=5, categories=cats)
+    a = run_diff(model, order[:4], hooks=hooks, batch_size=4, sample_size=5, categories=cats, cells=cells)
+    b = run_diff(model, order[4:], hooks=hooks, batch_size=4, sample_size=5, categories=cats, cells=cells)
     m = merge_results(a, b)
     assert sorted(m.meta["sample_ids"]) == sorted(whole.meta["sample_ids"])  # bottom-k merges exactly
     for h in whole.hooks:

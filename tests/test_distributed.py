@@ -47,7 +47,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     torch.set_grad_enabled(False)
     from eclens import distributed as D
-    from eclens.diff import resolve_categories, run_diff
+    from eclens.diff import DiffConfig, resolve_categories, resolve_cells, run_diff
     from eclens.model import tiny_model
     from eclens.patch import DimSet, dims_interventions
 
@@ -55,7 +55,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     model = tiny_model(seed=0)
     pairs = _pairs(model.tokenizer)
     _, cats = resolve_categories(pairs, True)
-    res = run_diff(model, D.shard(pairs, ctx), batch_size=3, categories=cats)
+    # shards share the whole dataset's categories and (category, swap direction) cells
+    cells = resolve_cells(pairs, DiffConfig(categories=cats))
+    res = run_diff(model, D.shard(pairs, ctx), batch_size=3, categories=cats, cells=cells)
     merged = D.merge_diff(res, ctx)
     sets = [DimSet("hook_resid_post", 1, [1, 5, 9], 0, "stable"), DimSet("hook_mlp_out", 0, [2, 3], 1, "responsive")]
     dims = {m: dims_interventions(model, D.shard(pairs, ctx), sets, method=m, n_controls=20, seed=0, dist=ctx).table

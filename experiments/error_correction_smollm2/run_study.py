@@ -259,6 +259,11 @@ def choose_study_sets(run: Path, top_k: int, max_sets: int) -> list[tuple[Any, s
     if cand.empty:
         return []
     cand = cand[~cand["hook"].isin(NOT_PATCHABLE)]
+    # the pooled rows only: per-swap-direction rows are tests of their own, chosen elsewhere
+    if "swap_direction" in cand.columns:
+        cand = cand[cand["swap_direction"] == "all"]
+    if "swap_direction" in lay.columns:
+        lay = lay[lay["swap_direction"] == "all"]
     groups = ["category", "hook", "layer", "offset"]
     min_size = min(top_k, 5)
     out_stable, out_resp = [], []

@@ -297,16 +297,22 @@ def choose_sets(cand, max_sets: int, top_k: int) -> list:
     if cand.empty or not {"kind", "hook", "layer", "offset", "dim", "rank"} <= set(cand.columns):
         return []
     pool = cand[cand["category"] == "all"] if "category" in cand.columns else cand
+    if "swap_direction" not in pool.columns:
+        pool = pool.assign(swap_direction="all")
     ranked: dict[str, list] = {}
     for kind, score, asc in (("stable", "absz_q90", True), ("responsive", "absz_median", False)):
         groups = []
-        for (h, L, off), d in pool[pool["kind"] == kind].groupby(["hook", "layer", "offset"], sort=True):
+        # one swap direction per set: signed (responsive) candidates exist per direction only, and dims of
+        # opposite directions in one set would cancel
+        keys = ["hook", "layer", "offset", "swap_direction"]
+        for (h, L, off, sd), d in pool[pool["kind"] == kind].groupby(keys, sort=True):
             d = d.sort_values("rank").drop_duplicates("dim").head(top_k)
             val = float(d[score].mean()) if score in d.columns else float(d["rank"].mean())
             off_key = int(off) if int(off) >= 0 else 10**6  # the last token after every p+k
+            label = None if sd == "all" else f"{h}/L{int(L)}/o{int(off)}/{kind}[{sd}]/k{len(d)}"
             # full sets of top_k dims before groups with fewer candidates
-            groups.append(((off_key, len(d) < top_k, val if asc else -val, str(h), int(L)),
-                           DimSet(str(h), int(L), d["dim"].astype(int).tolist(), int(off), kind)))
+            groups.append(((off_key, len(d) < top_k, val if asc else -val, str(h), int(L), str(sd)),
+                           DimSet(str(h), int(L), d["dim"].astype(int).tolist(), int(off), kind, label)))
         ranked[kind] = [g for _, g in sorted(groups, key=lambda x: x[0])]
     sets: list = []
     while len(sets) < max_sets and any(ranked.values()):
@@ -402,10 +408,14 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
         if m != cfg.metric and log is not None:
             log(f"      no {cfg.metric}-visible candidates at the changed token; judging sets after it by {m}")
         if ctx is not None and ctx.active:  # sharded: uniform controls only (the matched and twin runs are not)
+            from .patch.causal import uniform_control_sets
+
+            # the same uniform controls the one-process path draws (its first n_controls), so 1 and N ranks agree
             res = P.dims_interventions(model, D.shard(chosen_pairs, ctx), ss, method=method,
                                        n_controls=cfg.n_controls, seed=cfg.seed + i, direction=direction, metric=m,
                                        alpha=cfg.alpha, batch_size=cfg.batch_size, progress=progress and ctx.is_main,
-                                       dist=ctx)
+                                       dist=ctx, control_sets=uniform_control_sets(model, ss, cfg.n_controls,
+                                                                                  cfg.seed + i))
         else:
             ids = {a.id for a in chosen_pairs}
             twins = [a for a in test_pool if role_of(a) == "twin" and twin_of(a) in ids]

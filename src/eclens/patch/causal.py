@@ -81,6 +81,19 @@ def uniform_controls(dims: Sequence[int], n_features: int, n: int, rng: np.rando
     return [sorted(rng.choice(rest, size=len(dims), replace=False).tolist()) for _ in range(n)]
 
 
+def uniform_control_sets(model, sets: Sequence, n_controls: int, seed: int) -> list[list[list[int]]]:
+    """Per set, the uniform random control sets :func:`causal_test` draws (same seed, same sets), so a
+    sharded run that tests against uniform controls only draws exactly the uniform half of them."""
+    out = []
+    for j, s in enumerate(sets):
+        name = f"blocks.{s.layer}.{s.hook}"
+        if name not in model.hook_dict:
+            raise EclensError(f"set {s.label}: hook {name!r} does not exist in this model")
+        rng = np.random.default_rng([seed, j, 3])
+        out.append(uniform_controls(s.dims, _n_features(model, name), n_controls, rng))
+    return out
+
+
 def matched_controls(dims: Sequence[int], cell: pd.DataFrame, stat: str, n: int, rng: np.random.Generator,
                      neighbours: int = 10) -> tuple[list[list[int]], float, float]:
     """``n`` sets matched dim by dim on σ and on ``stat`` (columns ``dim``, ``sigma_clean``, ``stat``,
