@@ -459,7 +459,7 @@ def test_truncated_diff_statistics_are_refused(complete, tiny_dir, small_pairs_f
     capsys.readouterr()
     one_line_error(main(argv), capsys.readouterr().err, str(stats_file), "delete it")
     assert_unchanged(run, before)
-    with pytest.raises(EclensError, match="unreadable"):
+    with pytest.raises(EclensError, match="unreadable|corrupt"):  # the checksum sees a cut-short file first
         DiffResult.load(run)
 
 

@@ -63,7 +63,17 @@ sys.path.insert(0, str(HERE))
 from write_readme import read_table  # noqa: E402
 
 from eclens.errors import EclensError  # noqa: E402
-from eclens.runs import atomic_write, write_json, write_table  # noqa: E402
+from eclens.runs import atomic_write, read_manifest, write_json  # noqa: E402
+from eclens.runs import write_table as write_run_table  # noqa: E402
+
+
+def write_table(df: pd.DataFrame, path: Path) -> Path:
+    """:func:`eclens.runs.write_table`; an analysis that found nothing to tabulate (a frame without
+    columns, e.g. no stable heads on a random-weight model) writes a header-only table with one column,
+    ``none``, so the file still reads back as "no rows"."""
+    if not len(df.columns):
+        df = pd.DataFrame(columns=["none"])
+    return write_run_table(df, path)
 
 METRICS_SHOWN = ("logit_diff", "kl")
 MAIN_HOOK = "hook_resid_post"
@@ -390,8 +400,17 @@ def matched_step(run: Path, model, pairs, *, rc, progress: bool, log, n_matched:
             log(f"[study] {s.label}: too few dims of similar spread for matched controls; skipped")
             continue
         cat = r.get("pairs_category", "all")
-        pool = [a for a in pairs if cat in (None, "all") or a.category == cat]
-        chosen = spread_pairs(pool, rc.dims_pairs)
+        # exactly the pairs the dims step tested this set on (its seeded, stratified draw, recorded)
+        used = (((read_manifest(run).get("steps") or {}).get("patch") or {}).get("dims") or {}) \
+            .get("params", {}).get("pairs")
+        if isinstance(used, dict):
+            used = used.get(f"{r['method']}:{r['direction']}:{cat or 'all'}")
+        if used:
+            by_id = {a.id: a for a in pairs}
+            chosen = [by_id[i] for i in used if i in by_id]
+        else:
+            pool = [a for a in pairs if cat in (None, "all") or a.category == cat]
+            chosen = spread_pairs(pool, rc.dims_pairs, rc.seed)
         res = P.dims_interventions(model, chosen, [s], method=r["method"], seed=rc.seed, direction=r["direction"],
                                    metric=r.get("decided_by", "kl"), batch_size=rc.patch_batch_size,
                                    progress=progress, control_sets=[[x.dims for x in ms]])
@@ -766,6 +785,11 @@ def _offset_name(o) -> str:
     return "p" if o == 0 else "last" if o == -1 else f"p+{o}"
 
 
+MASSIVE_COLUMNS = ["dataset", "hook", "dim", "n_cells_massive", "layers", "positions", "rms_ratio_max",
+                   "mean_clean_at_max", "layer_at_max", "position_at_max", "absz_median_at_massive",
+                   "others_absz_median", "frac_under_at_massive", "sign_consistency_at_massive"]
+
+
 def analyse_massive(runs: dict[str, Path]) -> tuple[pd.DataFrame, dict]:
     """How the massive-activation dimensions behave: where they are massive, how large, and how much they move
     (normalised) compared with the other dimensions at the same cells."""
@@ -797,7 +821,7 @@ def analyse_massive(runs: dict[str, Path]) -> tuple[pd.DataFrame, dict]:
         sub = [r for r in rows if r["dataset"] == name]
         find[name] = {"n": len(sub), "by_hook": {h: sorted(r["dim"] for r in sub if r["hook"] == h)
                                                  for h in sorted({r["hook"] for r in sub})}}
-    return pd.DataFrame(rows), find
+    return pd.DataFrame(rows, columns=MASSIVE_COLUMNS), find
 
 
 def analyse_stable_heads(run: Path, model, n_sentences: int = 64, share: float = 0.9) -> tuple[pd.DataFrame, dict]:
@@ -1277,6 +1301,7 @@ def build_figures(study: Study) -> dict[str, Any]:
     cbl = read_table(R / "contrasts_by_layer.csv")
     if not cbl.empty:
         cbl = cbl[cbl["measure"] == "abs"]
+    if not cbl.empty and {"p", "last"} & set(cbl["position"]):
         contrasts = list(dict.fromkeys(cbl["contrast"]))
         positions = [x for x in ("p", "last") if x in set(cbl["position"])]
         fig = make_subplots(rows=len(contrasts), cols=len(positions), shared_yaxes=True, vertical_spacing=0.12,

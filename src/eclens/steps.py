@@ -397,9 +397,16 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
             (cfg.method, cfg.direction)
         calls.setdefault((method, direction, cat), []).append(s)
     tagged = cfg.tests is not None or any(cat is not None for _, cat in specs)
-    tables, controls, used, metrics = [], [], {}, []
+    tables, controls, used, metrics, skipped = [], [], {}, [], []
     for i, ((method, direction, cat), ss) in enumerate(calls.items()):
         pool = [a for a in test_pool if (cat is None or a.category == cat) and role_of(a) == "error"]
+        if not pool and cat is not None and len(calls) > 1:
+            # one category's sets without error pairs to test them on (e.g. its errors were all span pairs):
+            # the other categories' tests still stand; the summary lists what was skipped
+            skipped.append(cat)
+            if log is not None:
+                log(f"      no error pairs to test in category {cat}; its sets are skipped")
+            continue
         if not pool:
             raise EclensError(f"no error pairs to test{' in category ' + cat if cat else ''}"
                               + (f" in the test half of --split {cfg.split}; use more pairs" if split_info else ""))
@@ -432,6 +439,9 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
         used[f"{method}:{direction}:{cat or 'all'}"] = [a.id for a in chosen_pairs]
     if ctx is not None and not ctx.is_main:
         return _worker()
+    if not tables:
+        raise EclensError("no error pairs to test in any category" + (f" in the test half of --split {cfg.split}"
+                                                                       if split_info else "") + "; use more pairs")
     table = pd.concat(tables, ignore_index=True) if len(tables) > 1 else tables[0]
     write_table(table, run / files[0])
     write_table(pd.concat(controls, ignore_index=True) if len(controls) > 1 else controls[0], run / files[1])
@@ -448,6 +458,8 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
         "verdict": (f"{n_sig} of {len(table)} set tests beat their random controls{on} ({q})" if n_sig else
                     f"null: no set beats its random controls{on} at {q} ({len(table)} tests)"),
     }
+    if skipped:
+        summary["skipped_categories"] = skipped
     if cfg.n_pairs is not None:
         summary["n_pairs"] = len(next(iter(used.values()))) if len(used) == 1 else {k: len(v) for k, v in used.items()}
     if len(set(metrics)) == 1:
