@@ -13,16 +13,8 @@ import pandas as pd
 import torch
 
 from ..errors import EclensError
-from ..hooks import (
-    HookGroup,
-    head_of,
-)
-from ..stats import (
-    F64,
-    Moments,
-    PowerSums,
-    masked_quantiles,
-)
+from ..hooks import HookGroup, head_of
+from ..stats import F64, Moments, PowerSums, masked_quantiles
 from .accumulate import FEATURES, HEAD_SCALARS, SCALARS
 from .config import (
     QUANTILES,
