@@ -310,13 +310,8 @@ def test_attribution_agreement_counts_only_what_the_metric_can_see():
     assert s["topk_recall_visible"] == 0.0
 
 
-def test_cli_patch_skip_on_a_run(tiny, tmp_path, monkeypatch):
-    """`ec patch --mode skip` writes its tables and records itself (pairs without twins: per role only)."""
-    import json
-
-    import pandas as pd
-
-    from eclens.cli import main
+def _two_pair_run(tiny, tmp_path, monkeypatch):
+    """A run folder of two checked pairs (no twins) made with ``tiny``, which the CLI then loads."""
     from eclens.commands import _common
     from eclens.model import manifest_model_entry
     from eclens.pairs import check_with_model, write_jsonl
@@ -328,6 +323,18 @@ def test_cli_patch_skip_on_a_run(tiny, tmp_path, monkeypatch):
     write_jsonl(run / "pairs.jsonl", check_with_model(raw, tiny).valid)
     update_manifest(run, model=manifest_model_entry(tiny))
     monkeypatch.setattr(_common, "load", lambda *a, **k: tiny)
+    return run
+
+
+def test_cli_patch_skip_on_a_run(tiny, tmp_path, monkeypatch):
+    """`ec patch --mode skip` writes its tables and records itself (pairs without twins: per role only)."""
+    import json
+
+    import pandas as pd
+
+    from eclens.cli import main
+
+    run = _two_pair_run(tiny, tmp_path, monkeypatch)
     assert main(["patch", str(run), "--mode", "skip", "--components", "block,mlp"]) == 0
     t = pd.read_csv(run / "patch_skip.csv")
     assert len(t) == 2 * 2 and set(t["component"]) == {"block", "mlp"}
@@ -371,17 +378,8 @@ def test_cli_patch_dims_split_records_the_split(tiny, tmp_path, monkeypatch):
     import json
 
     from eclens.cli import main
-    from eclens.commands import _common
-    from eclens.model import manifest_model_entry
-    from eclens.pairs import check_with_model, write_jsonl
-    from eclens.runs import update_manifest
 
-    raw = [MinimalPair("cat", "The cat is here.", "The cats is here.", "grammar/agreement"),
-           MinimalPair("run", "A dog ran.", "A dog run.", "grammar/tense")]
-    run = tmp_path / "run"
-    write_jsonl(run / "pairs.jsonl", check_with_model(raw, tiny).valid)
-    update_manifest(run, model=manifest_model_entry(tiny))
-    monkeypatch.setattr(_common, "load", lambda *a, **k: tiny)
+    run = _two_pair_run(tiny, tmp_path, monkeypatch)
     assert main(["patch", str(run), "--mode", "dims", "--split", "5", "--hooks", "resid_pre"]) == 0
     s = json.loads((run / "patch_summary.json").read_text())["dims"]
     assert s["n_sets"] == 0 and s["verdict"].startswith("null") and s["split"]["split"] == 5
