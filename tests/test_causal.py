@@ -24,7 +24,10 @@ def test_spread_pairs_is_a_seeded_stratified_draw_never_by_length():
     pairs = [_fake(i, cat, f"c{i % 4}", 3 + i) for cat in ("a", "b") for i in range(12)]
     got = spread_pairs(pairs, 8, seed=0)
     # categories in turn, and within one category every cluster once before any cluster twice
-    assert [a.category for a in got] == ["a", "b"] * 4
+    cats = [a.category for a in got]
+    assert cats[:2] in (["a", "b"], ["b", "a"]) and cats == cats[:2] * 4
+    # fewer pairs than categories: which category gets them is part of the draw, not the alphabet
+    assert {spread_pairs(pairs, 1, seed=s)[0].category for s in range(12)} == {"a", "b"}
     for cat in ("a", "b"):
         assert len({a.pair.cluster for a in got if a.category == cat}) == 4
     # a function of the set of pairs (input order does not matter), a prefix of the full order, and seeded
@@ -383,3 +386,60 @@ def test_cli_patch_dims_split_records_the_split(tiny, tmp_path, monkeypatch):
     assert main(["patch", str(run), "--mode", "dims", "--split", "5", "--hooks", "resid_pre"]) == 0
     s = json.loads((run / "patch_summary.json").read_text())["dims"]
     assert s["n_sets"] == 0 and s["verdict"].startswith("null") and s["split"]["split"] == 5
+
+
+def _sweep_frames(attr_vals, sweep_vals, visible):
+    import pandas as pd
+
+    n = len(attr_vals)
+    keys = {"pair_id": "a", "direction": "denoise", "hook": "hook_resid_pre", "layer": np.arange(n) // 4,
+            "position": np.arange(n) % 4, "head": -1}
+    attr = pd.DataFrame({**keys, "position_kind": np.where(np.arange(n) % 4 == 3, "last", "p+1"),
+                         "visible": visible, "attribution": attr_vals})
+    exact = pd.DataFrame({**keys, "logit_diff": np.asarray(sweep_vals) + 2.0, "logit_diff_clean": 5.0,
+                          "logit_diff_corrupt": 2.0})
+    return attr, exact
+
+
+def test_sweep_agreement_finds_agreement_and_disagreement_over_visible_components():
+    """Against the full sweep: attribution equal to the exact effect agrees perfectly, reversed it
+    disagrees perfectly, and components the metric cannot see are not scored at all."""
+    from eclens.patch import sweep_agreement
+
+    effect = np.arange(1.0, 13.0)
+    visible = np.r_[[True] * 12, [False] * 8]
+    hidden = np.zeros(8)
+    attr, exact = _sweep_frames(np.r_[effect, hidden], np.r_[effect, hidden], visible)
+    t = sweep_agreement(attr, exact, "logit_diff", k=3).set_index("position_kind")
+    assert t.loc["all", "n_components"] == 12 and t.loc["all", "n_pairs"] == 1
+    assert t.loc["all", "spearman"] == pytest.approx(1.0) and t.loc["all", "top3_recall"] == 1.0
+    assert set(t.index) == {"all", "p+1", "last"}
+    attr, exact = _sweep_frames(np.r_[effect[::-1], hidden], np.r_[effect, hidden], visible)
+    t = sweep_agreement(attr, exact, "logit_diff", k=3).set_index("position_kind")
+    assert t.loc["all", "spearman"] == pytest.approx(-1.0) and t.loc["all", "top3_recall"] == 0.0
+
+
+def test_attribution_step_checks_against_the_exact_steps_full_sweep(tiny, tmp_path, monkeypatch):
+    """In a run whose exact step swept a pair in full, attribution scores that pair too (even when its own
+    draw missed it) and writes the sweep check; its summary sentence reaches the patch summary."""
+    import pandas as pd
+
+    from eclens import steps as S
+    from eclens.pairs import load_aligned
+    from eclens.runs import RunData
+
+    run = _two_pair_run(tiny, tmp_path, monkeypatch)
+    pairs = load_aligned(run / "pairs.jsonl")
+    S.exact_step(run, tiny, pairs, S.ExactConfig(hooks=("hook_resid_pre",), direction="denoise", n_pairs=1,
+                                                 seed=0), progress=False)
+    swept = set(RunData(run).patch_exact["pair_id"])
+    other_seed = next(s for s in range(50) if {a.id for a in S.spread_pairs(pairs, 1, s)} != swept)
+    out = S.attribution_step(run, tiny, pairs, S.AttributionConfig(hooks=("hook_resid_pre",), n_pairs=1, metric="kl",
+                                                                   seed=other_seed), progress=False)
+    assert "patch_attribution_check.csv" in out.files and "full exact sweep" in out.headline
+    check = pd.read_csv(run / "patch_attribution_check.csv")
+    assert check.loc[check["scope"] == "all", "n_pairs"].item() == 1
+    assert set(out.value["pair_id"]) == {a.id for a in pairs}
+    exact = RunData(run).patch_exact
+    n_visible = int(((exact["position"] >= exact["pair_id"].map({a.id: a.position for a in pairs}))).sum())
+    assert 0 < check.loc[check["scope"] == "all", "n_components"].item() <= n_visible

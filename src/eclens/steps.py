@@ -22,7 +22,7 @@ from typing import Any
 from .diff import DiffConfig
 from .errors import EclensError
 from .roles import cluster_of
-from .runs import merge_tensors, prepare_run_pairs, record_patch, write_table
+from .runs import RunData, merge_tensors, prepare_run_pairs, record_patch, write_table
 
 
 @dataclass
@@ -87,7 +87,8 @@ def _draw_key(seed: int, key: str) -> int:
 def spread_pairs(pairs: Sequence, n: int | None, seed: int = 0) -> list:
     """``n`` test pairs drawn at random, stratified by category and cluster; ``None``: every pair, in order.
 
-    Categories are taken in turn (sorted by name); within a category its clusters in turn, so a
+    Categories are taken in turn, in a seeded order (so fewer pairs than categories do not always go to the
+    first names of the alphabet); within a category its clusters in turn, so a
     second pair of one cluster comes only after every cluster has given one; the order of clusters and of
     the pairs in a cluster is a draw seeded by ``seed`` (a hash of the seed and the cluster or pair id).
     Never by length: the first study's choice of the shortest pairs made ``p+1`` the final full stop of
@@ -113,7 +114,7 @@ def spread_pairs(pairs: Sequence, n: int | None, seed: int = 0) -> list:
                     flat.append(lst.pop(0))
         queues[cat] = flat
     out: list = []
-    cats = sorted(queues)
+    cats = sorted(queues, key=lambda c: (_draw_key(seed, f"k\x1f{c}"), c))
     while len(out) < n and any(queues.values()):
         for cat in cats:
             if queues[cat] and len(out) < n:
@@ -508,6 +509,12 @@ def attribution_step(run: str | Path, model, pairs: Sequence, config: Attributio
 
     run, cfg, t0 = Path(run), config or AttributionConfig(), time.perf_counter()
     chosen = spread_pairs(pairs, cfg.n_pairs, cfg.seed)
+    # The pairs the exact step swept in full join the draw, so attribution is also checked against every
+    # component's exact effect there, not only inside the top it chose itself.
+    exact = RunData(run).patch_exact if run.is_dir() else None
+    swept = set(exact["pair_id"].astype(str)) if exact is not None and len(exact) else set()
+    have = {a.id for a in chosen}
+    chosen = chosen + [a for a in pairs if a.id in swept and a.id not in have]
     hooks = P.parse_hooks(cfg.hooks, model) if cfg.hooks else []
     df, dim_scores = P.attribution_patch(model, chosen, hooks=hooks, heads=cfg.heads, direction=cfg.direction,
                                          metric=cfg.metric, verify_top=cfg.verify_top, seed=cfg.seed,
@@ -517,8 +524,19 @@ def attribution_step(run: str | Path, model, pairs: Sequence, config: Attributio
     merge_tensors(run / "patch.safetensors", {f"attribution_dims/{k}": v for k, v in dim_scores.items()},
                   {"attribution_pair_ids": ids})
     summary = P.attribution_summary(df, cfg.verify_top or None)
-    summary.update(metric=cfg.metric, verify_top=cfg.verify_top, seconds=round(time.perf_counter() - t0, 2))
     files = ["patch_attribution.csv", "patch.safetensors"]
+    k = 10
+    check = P.sweep_agreement(df, exact if exact is not None else df.iloc[0:0], cfg.metric, k)
+    if len(check):
+        write_table(check, run / "patch_attribution_check.csv")
+        files.append("patch_attribution_check.csv")
+        top = check[check["scope"] == "all"].iloc[0]
+        summary["sweep"] = {"n_pairs": int(top["n_pairs"]), "n_components": int(top["n_components"]),
+                            "spearman": top["spearman"], "spearman_median_pair": top["spearman_median_pair"],
+                            "topk_recall": top[f"top{k}_recall"], "k": k,
+                            "by_position": {r.position_kind: r.spearman for r in check.itertuples()
+                                            if r.scope == "position"}}
+    summary.update(metric=cfg.metric, verify_top=cfg.verify_top, seconds=round(time.perf_counter() - t0, 2))
     _record(run, "attribution", {"hooks": hooks, "heads": cfg.heads, "direction": cfg.direction,
                                  "metric": cfg.metric, "verify_top": cfg.verify_top, "seed": cfg.seed,
                                  "batch_size": cfg.batch_size, "pairs": ids, **_draw_record(cfg.n_pairs, cfg.seed)},
@@ -527,6 +545,12 @@ def attribution_step(run: str | Path, model, pairs: Sequence, config: Attributio
     head = f"{len(df)} components scored on {len(chosen)} pairs"
     if rho is not None:
         head += f"; Spearman with exact patching {rho:.2f} over {summary['n_verified']} verified"
+    sw = summary.get("sweep")
+    if sw:
+        def f2(v):
+            return "n/a" if v is None or v != v else f"{v:.2f}"
+        head += (f"; against the full exact sweep of {sw['n_pairs']} pairs: Spearman {f2(sw['spearman'])}, "
+                 f"top-{sw['k']} recall {f2(sw['topk_recall'])} over {sw['n_components']} visible components")
     return StepOutcome("done", files, head, df)
 
 

@@ -226,6 +226,16 @@ def _attribution_block(a: dict) -> Block:
                            f"with Spearman ρ = {num(a['spearman'], 2)} (median per pair "
                            f"{num(a.get('spearman_median_pair'), 2)}); the top components overlap by "
                            f"{pct(a.get('topk_overlap'), 2)}.")
+    sw = a.get("sweep")
+    if isinstance(sw, dict) and sw.get("n_components"):
+        b.sentences.append(
+            f"Against the full exact sweep of {plural(int(sw['n_pairs']), 'pair')} (every component the metric "
+            f"can see, {sw['n_components']} in all), Spearman ρ = {num(sw.get('spearman'), 2)} (median per pair "
+            f"{num(sw.get('spearman_median_pair'), 2)}) and attribution's top {sw.get('k')} recovers "
+            f"{pct(sw.get('topk_recall'), 2)} of exact patching's top {sw.get('k')}.")
+        by = {k: v for k, v in (sw.get("by_position") or {}).items() if v is not None}
+        if by:
+            b.sentences.append("By position: " + ", ".join(f"{k} ρ = {num(v, 2)}" for k, v in by.items()) + ".")
     return b
 
 

@@ -52,11 +52,11 @@ from .dims import CANDIDATE_COLUMNS, DimSet, DimsResult, candidate_sets, dims_in
 from .engine import ABLATIONS, DIRECTIONS, Prepared, Rows, parse_direction, position_kind, prepare, run_rows
 from .exact import exact_patch, exact_tensors, pair_baselines, patch_all_positions
 from .skip import COMPONENTS, SkipConfig, SkipResult, layer_exchange, layer_skip, run_skipped
-from .summaries import attribution_summary, exact_summary, topk_overlap
+from .summaries import attribution_summary, exact_summary, sweep_agreement, topk_overlap
 
 __all__ = ["ABLATIONS", "CANDIDATE_COLUMNS", "COMPONENTS", "SkipConfig", "SkipResult", "causal_test", "interaction",
            "layer_exchange", "layer_skip", "matched_controls", "run_skipped", "sees", "sees_share", "DIRECTIONS", "EXACT_HOOKS", "HEAD_HOOK", "HOOK_ALIASES", "NOT_PATCHABLE",
-           "DimSet", "DimsResult", "Prepared", "Rows", "attribution_patch", "attribution_summary", "bh_qvalues",
+           "DimSet", "DimsResult", "Prepared", "Rows", "attribution_patch", "attribution_summary", "sweep_agreement", "bh_qvalues",
            "candidate_sets", "dims_intervention", "dims_interventions", "exact_patch", "exact_summary",
            "exact_tensors", "hook_suffix", "pair_baselines", "parse_direction", "parse_hooks", "patch_all_positions",
            "position_kind", "prepare", "run_rows", "topk_overlap"]

@@ -70,6 +70,59 @@ def _visible_agreement(v: pd.DataFrame, k: int | None) -> dict:
     return out
 
 
+SWEEP_KEYS = ["pair_id", "direction", "hook", "layer", "position", "head"]
+
+
+def sweep_agreement(attr: pd.DataFrame, exact: pd.DataFrame, metric: str, k: int = 10) -> pd.DataFrame:
+    """Attribution against the *full* exact sweep of the same pairs (issue 19): one row per position kind
+    (and ``all``) with the number of components, Spearman pooled and the median per pair, and top-K recall
+    (the share of each pair's K largest exact effects that attribution also puts in its top K).
+
+    Only components the metric can see are scored (``visible`` and a non-zero exact or attribution value):
+    the verified-top-K check ranks inside a pool attribution chose itself, and invisible components tie at
+    0 on both sides; both inflate agreement. The exact effect is the patched run's metric minus the base
+    run's (corrupt for denoising, clean for noising), the quantity attribution estimates."""
+    from scipy.stats import spearmanr
+
+    cols = ["scope", "position_kind", "n_components", "n_pairs", "spearman", "spearman_median_pair",
+            f"top{k}_recall"]
+    need = {metric, f"{metric}_clean", f"{metric}_corrupt", *SWEEP_KEYS}
+    if attr.empty or exact.empty or not need <= set(exact.columns):
+        return pd.DataFrame(columns=cols)
+    e = exact[[*SWEEP_KEYS, metric, f"{metric}_clean", f"{metric}_corrupt"]].copy()
+    base = np.where(e["direction"].to_numpy() == "denoise", e[f"{metric}_corrupt"], e[f"{metric}_clean"])
+    e["sweep"] = e[metric].to_numpy(dtype=float) - base.astype(float)
+    a = attr[[*SWEEP_KEYS, "position_kind", "visible", "attribution"]]
+    j = a.merge(e[[*SWEEP_KEYS, "sweep"]], on=SWEEP_KEYS, how="inner")
+    j = j[j["visible"].astype(bool) & np.isfinite(j["attribution"]) & np.isfinite(j["sweep"])
+          & ((j["attribution"] != 0) | (j["sweep"] != 0))]
+
+    def rho(g) -> float | None:
+        if len(g) < 3 or g["sweep"].nunique() < 2 or g["attribution"].nunique() < 2:
+            return None
+        return float(spearmanr(g["attribution"], g["sweep"]).statistic)
+
+    def row(scope: str, kind: str, g: pd.DataFrame) -> dict:
+        per, recalls = [], []
+        for _, h in g.groupby(["pair_id", "direction"]):
+            r = rho(h)
+            if r is not None:
+                per.append(r)
+            kk = min(k, len(h))
+            if kk:
+                top_e = set(h["sweep"].abs().sort_values(ascending=False, kind="stable").head(kk).index)
+                top_a = set(h["attribution"].abs().sort_values(ascending=False, kind="stable").head(kk).index)
+                recalls.append(len(top_e & top_a) / kk)
+        return {"scope": scope, "position_kind": kind, "n_components": int(len(g)),
+                "n_pairs": int(g["pair_id"].nunique()), "spearman": rho(g),
+                "spearman_median_pair": float(np.median(per)) if per else None,
+                f"top{k}_recall": float(np.mean(recalls)) if recalls else None}
+
+    rows = [row("all", "all", j)] if len(j) else []
+    rows += [row("position", str(kind), g) for kind, g in j.groupby("position_kind", sort=False)]
+    return pd.DataFrame(rows, columns=cols)
+
+
 def topk_overlap(a: Sequence[float], b: Sequence[float], k: int) -> float:
     """Share of the ``k`` largest ``|a|`` that are among the ``k`` largest ``|b|``."""
     a, b = np.abs(np.asarray(a, dtype=float)), np.abs(np.asarray(b, dtype=float))
