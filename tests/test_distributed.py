@@ -35,6 +35,34 @@ def _pairs(tokenizer):
     return res.valid
 
 
+def _roled(pairs):
+    """Errors and their twins, two to a cluster, so the causal test has an interaction to compute."""
+    from dataclasses import replace
+
+    errs, twins = [], []
+    for k in range(0, len(pairs) - 1, 2):
+        a, b = pairs[k], pairs[k + 1]
+        errs.append(replace(a, pair=replace(a.pair, cluster=f"c{k}", role="error")))
+        twins.append(replace(b, pair=replace(b.pair, cluster=f"c{k}", role="twin", twin_of=a.id)))
+    return errs, twins
+
+
+def _causal(model, pairs, sets, dist=None):
+    """causal_test with matched controls (selection statistics seeded per set) and twins."""
+    import pandas as pd
+
+    from eclens.patch.causal import causal_test
+
+    errs, twins = _roled(pairs)
+    rng = np.random.default_rng(7)
+    width = {"hook_resid_post": model.cfg.d_model, "hook_mlp_out": model.cfg.d_model}
+    stats = {s.label: pd.DataFrame({"dim": np.arange(width[s.hook]), "sigma_clean": rng.uniform(0.5, 2, width[s.hook]),
+                                    "absz_median": rng.uniform(0, 1, width[s.hook]),
+                                    "absz_q90": rng.uniform(0, 2, width[s.hook]), "massive": False}) for s in sets}
+    return causal_test(model, errs, sets, twins=twins, stats=stats, n_controls=10, n_perm=200, seed=0,
+                       metric="kl", dist=dist).table
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -62,6 +90,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     sets = [DimSet("hook_resid_post", 1, [1, 5, 9], 0, "stable"), DimSet("hook_mlp_out", 0, [2, 3], 1, "responsive")]
     dims = {m: dims_interventions(model, D.shard(pairs, ctx), sets, method=m, n_controls=20, seed=0, dist=ctx).table
             for m in ("patch", "mean")}
+    dims["causal"] = _causal(model, pairs, sets, dist=ctx)
     # ec cache: an interrupted distributed run (one shard per rank), then the rest.
     from eclens.cache import write_cache
 
@@ -151,6 +180,16 @@ def test_two_gloo_processes_equal_one(tmp_path):
         for col in [c for c in one.columns if c.endswith("_p")]:
             assert np.allclose(two[col], one[col], equal_nan=True), f"{method}:{col}"
         assert list(two["n_pairs"]) == list(one["n_pairs"])
+
+    # the causal test (matched controls, twins' interaction) shards too: issue 19's torchrun gap
+    one, two = _causal(model, pairs, sets), got["patch"]["causal"]
+    assert one["matched"].astype(bool).all() and one["interaction"].notna().all()
+    for col in ("kl_effect", "kl_matched_mean", "interaction", "interaction_low", "interaction_high",
+                "match_sigma", "match_stat"):
+        close(two[col], one[col], f"causal:{col}", kl_atol if col.startswith(("kl_", "interaction")) else 0.0)
+    for col in ("kl_p_uniform", "kl_p_matched", "interaction_p"):
+        assert np.allclose(two[col], one[col], equal_nan=True), f"causal:{col}"
+    assert list(two["verdict"]) == list(one["verdict"])
 
     # ec cache: each rank wrote its own shards; rank 0 merged the index; the same activations as one process.
     from eclens.cache import open_cache, write_cache

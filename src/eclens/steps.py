@@ -345,7 +345,6 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
     """
     import pandas as pd
 
-    from . import distributed as D
     from . import patch as P
     from .roles import role_of, twin_of
     from .selection import halves, run_stats, select_half, set_cells
@@ -415,22 +414,13 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
         m = dims_metric(ss, cfg.metric) if cfg.auto_metric else cfg.metric
         if m != cfg.metric and log is not None:
             log(f"      no {cfg.metric}-visible candidates at the changed token; judging sets after it by {m}")
-        if ctx is not None and ctx.active:  # sharded: uniform controls only (the matched and twin runs are not)
-            from .patch.causal import uniform_control_sets
-
-            # the same uniform controls the one-process path draws (its first n_controls), so 1 and N ranks agree
-            res = P.dims_interventions(model, D.shard(chosen_pairs, ctx), ss, method=method,
-                                       n_controls=cfg.n_controls, seed=cfg.seed + i, direction=direction, metric=m,
-                                       alpha=cfg.alpha, batch_size=cfg.batch_size, progress=progress and ctx.is_main,
-                                       dist=ctx, control_sets=uniform_control_sets(model, ss, cfg.n_controls,
-                                                                                  cfg.seed + i))
-        else:
-            ids = {a.id for a in chosen_pairs}
-            twins = [a for a in test_pool if role_of(a) == "twin" and twin_of(a) in ids]
-            res = P.causal_test(model, chosen_pairs, ss, twins=twins, stats=stats if cfg.matched else None,
-                                method=method, direction=direction, metric=m, n_controls=cfg.n_controls,
-                                seed=cfg.seed + i, alpha=cfg.alpha, n_perm=cfg.n_perm, batch_size=cfg.batch_size,
-                                progress=progress)
+        ids = {a.id for a in chosen_pairs}
+        twins = [a for a in test_pool if role_of(a) == "twin" and twin_of(a) in ids]
+        # under torchrun every rank runs its shard and gets the whole result (causal_test's ``dist``)
+        res = P.causal_test(model, chosen_pairs, ss, twins=twins, stats=stats if cfg.matched else None,
+                            method=method, direction=direction, metric=m, n_controls=cfg.n_controls,
+                            seed=cfg.seed + i, alpha=cfg.alpha, n_perm=cfg.n_perm, batch_size=cfg.batch_size,
+                            progress=progress and (ctx is None or ctx.is_main), dist=ctx)
         if ctx is not None and not ctx.is_main:
             continue
         t = res.table.assign(pairs_category=cat or "all", decided_by=m) if tagged else res.table

@@ -81,19 +81,6 @@ def uniform_controls(dims: Sequence[int], n_features: int, n: int, rng: np.rando
     return [sorted(rng.choice(rest, size=len(dims), replace=False).tolist()) for _ in range(n)]
 
 
-def uniform_control_sets(model, sets: Sequence, n_controls: int, seed: int) -> list[list[list[int]]]:
-    """Per set, the uniform random control sets :func:`causal_test` draws (same seed, same sets), so a
-    sharded run that tests against uniform controls only draws exactly the uniform half of them."""
-    out = []
-    for j, s in enumerate(sets):
-        name = f"blocks.{s.layer}.{s.hook}"
-        if name not in model.hook_dict:
-            raise EclensError(f"set {s.label}: hook {name!r} does not exist in this model")
-        rng = np.random.default_rng([seed, j, 3])
-        out.append(uniform_controls(s.dims, _n_features(model, name), n_controls, rng))
-    return out
-
-
 def matched_controls(dims: Sequence[int], cell: pd.DataFrame, stat: str, n: int, rng: np.random.Generator,
                      neighbours: int = 10) -> tuple[list[list[int]], float, float]:
     """``n`` sets matched dim by dim on σ and on ``stat`` (columns ``dim``, ``sigma_clean``, ``stat``,
@@ -205,7 +192,7 @@ def interaction(values: Sequence[float], roles: Sequence[str], clusters: Sequenc
 def causal_test(model, pairs: Sequence[AlignedPair], sets: Sequence, *, twins: Sequence[AlignedPair] = (),
                 stats: dict | None = None, method: str = "patch", direction: str = "denoise",
                 metric: str = "kl", n_controls: int = 50, seed: int = 0, alpha: float = 0.05, n_perm: int = 1000,
-                batch_size: int = 64, progress: bool = False, neighbours: int = 10):
+                batch_size: int = 64, progress: bool = False, neighbours: int = 10, dist=None):
     """Each set of ``sets`` on ``pairs`` against uniform and matched controls, with its interaction.
 
     ``twins``: the twins of ``pairs`` (the same sets run on them give the interaction; none: its columns
@@ -216,6 +203,10 @@ def causal_test(model, pairs: Sequence[AlignedPair], sets: Sequence, *, twins: S
     ``{m}_p_matched`` (and their ``_q``), ``{m}_sees``, the match ratios ``match_sigma``,
     ``match_stat`` and the interaction columns. ``significant``: ``metric`` sees the set, and its q
     beats ``alpha`` against the uniform controls and (where there are some) the matched ones.
+
+    ``dist`` (a torchrun context): every rank runs its shard of ``pairs`` and ``twins`` and gets the whole
+    result; the controls are drawn from the seed alone, and the gathered per-pair rows are put back in
+    one-process order, so 1 and N ranks give the same table (matched controls and interaction included).
     """
     from ..roles import cluster_of, role_of
     from ..stats import bh_qvalues
@@ -241,9 +232,15 @@ def causal_test(model, pairs: Sequence[AlignedPair], sets: Sequence, *, twins: S
         mat, rs, rt = matched_controls(s.dims, cell, stat, n_controls, rng, neighbours)
         ratios.append((len(mat) > 0, rs, rt, stat))
         ctrl_sets.append(uni + (mat if mat else uni))  # without matched sets the second half repeats the first
-    res = dims_interventions(model, pairs, sets, method=method, n_controls=2 * n_controls, seed=seed,
+    active = dist is not None and dist.active
+    if active:
+        from ..distributed import shard
+    mine = shard(pairs, dist) if active else pairs
+    res = dims_interventions(model, mine, sets, method=method, n_controls=2 * n_controls, seed=seed,
                              direction=direction, metric=metric, alpha=alpha, batch_size=batch_size,
-                             progress=progress, control_sets=ctrl_sets)
+                             progress=progress, control_sets=ctrl_sets, dist=dist)
+    if active:
+        res = type(res)(res.table, res.controls, _in_pair_order(res.per_pair, pairs))
     table, controls = res.table.copy(), res.controls
     for k, row in table.iterrows():
         j = next(i for i, s in enumerate(sets) if s.label == row["set"])
@@ -276,9 +273,11 @@ def causal_test(model, pairs: Sequence[AlignedPair], sets: Sequence, *, twins: S
     per = res.per_pair.assign(role=[role_of(a) for a in _by_id(pairs, res.per_pair["pair_id"])],
                               cluster=[cluster_of(a) for a in _by_id(pairs, res.per_pair["pair_id"])])
     if twins:
-        tw = dims_interventions(model, twins, sets, method=method, n_controls=1, seed=seed, direction=direction,
-                                metric=metric, batch_size=batch_size, progress=progress,
-                                control_sets=[c[:1] for c in ctrl_sets]).per_pair
+        tw = dims_interventions(model, shard(twins, dist) if active else twins, sets, method=method, n_controls=1,
+                                seed=seed, direction=direction, metric=metric, batch_size=batch_size,
+                                progress=progress, control_sets=[c[:1] for c in ctrl_sets], dist=dist).per_pair
+        if active:
+            tw = _in_pair_order(tw, twins)
         tw = tw.assign(role="twin", cluster=[cluster_of(a) for a in _by_id(twins, tw["pair_id"])])
         per = pd.concat([per, tw], ignore_index=True)
     for k, row in table.iterrows():
@@ -315,6 +314,18 @@ def _n_features(model, name: str) -> int:
         model.run_with_hooks(torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device),
                              fwd_hooks=[(name, grab)])
     return int(np.prod(cache["shape"]))
+
+
+def _in_pair_order(per: pd.DataFrame, pairs: Sequence[AlignedPair]) -> pd.DataFrame:
+    """Gathered per-pair rows (rank by rank) in one-process order: grouped by (set, direction) as first
+    seen, then in the order of ``pairs``; the interaction's permutation stream depends on that order."""
+    if per.empty:
+        return per
+    index = {a.id: i for i, a in enumerate(pairs)}
+    group = pd.Series(list(zip(per["set"], per["direction"])), index=per.index)
+    first = {g: k for k, g in enumerate(dict.fromkeys(group))}
+    key = pd.DataFrame({"g": group.map(first), "i": per["pair_id"].map(index)}, index=per.index)
+    return per.loc[key.sort_values(["g", "i"], kind="stable").index].reset_index(drop=True)
 
 
 def _by_id(pairs: Sequence[AlignedPair], ids) -> list[AlignedPair]:

@@ -121,7 +121,8 @@ def dims_interventions(
         if len(control_sets) != len(sets) or len({len(c) for c in control_sets}) > 1:
             raise EclensError("control_sets: give one list of control sets per set, the same number for each")
         n_controls = len(control_sets[0]) if control_sets else n_controls
-    check_pairs(pairs)
+    if pairs or dist is None or not dist.active:  # a rank's shard may be empty (fewer pairs than ranks)
+        check_pairs(pairs)
     if method not in ABLATIONS:
         raise EclensError(f"unknown ablation {method!r}: use {', '.join(ABLATIONS)}")
     if metric not in METRICS:
