@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import tempfile
 from pathlib import Path
@@ -59,8 +60,15 @@ def tok():
     return load_tokenizer("smollm2-135m")
 
 
+# One folder for every generated file, removed when the module is done (hypothesis makes hundreds of
+# examples: a folder each left thousands behind in /tmp).
+_ROOT = tempfile.TemporaryDirectory(prefix="eclens-fuzz-")
+_SEQ = itertools.count()
+
+
 def _file(data: bytes, suffix: str) -> Path:
-    d = Path(tempfile.mkdtemp(prefix="eclens-fuzz-"))
+    d = Path(_ROOT.name) / str(next(_SEQ))
+    d.mkdir()
     p = d / f"pairs{suffix}"
     p.write_bytes(data)
     return p
