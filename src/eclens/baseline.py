@@ -47,13 +47,14 @@ def baseline_step(run: str | Path, model, pairs: Sequence, *, diff_config=None, 
     from .model import load_model, model_id
     from .runs import record_step, write_table
     from .steps import StepOutcome
+    from .tables import read_table_file, table_file
 
     run, t0 = Path(run), time.perf_counter()
     name = model_id(model)
-    real_path = run / "candidates.csv"
-    if not real_path.exists():
-        raise EclensError(f"{run}: no candidates.csv; the baseline compares with the run's diff, run it first")
-    real = pd.read_csv(real_path) if real_path.stat().st_size > 1 else pd.DataFrame()
+    real_path = table_file(run, "candidates")
+    if real_path is None:
+        raise EclensError(f"{run}: no candidates.parquet; the baseline compares with the run's diff, run it first")
+    real = read_table_file(real_path) if real_path.stat().st_size > 1 else pd.DataFrame()
     rnd_name = f"random:{name}@{seed}"
     rnd = (loader or load_model)(rnd_name)
     if rnd.tokenizer.get_vocab() != model.tokenizer.get_vocab():
