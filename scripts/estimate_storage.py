@@ -21,12 +21,13 @@ import argparse
 
 # Measured on the default `ec run` (smollm2-135m: 30 layers, d_model 576, 5 diff hooks, 5 offsets,
 # 9 categories, 15 (category, direction) cells -> 30 groups, C = 40 state rows, 358 pairs): bytes per row.
-DIMS_BYTES_PER_ROW = 28.0        # dims.parquet: 33.8 MB / 1,209,600 rows (fill in from the resave if changed)
-CAND_BYTES_PER_ROW = 27.0        # candidates.parquet (float32)
+DIMS_BYTES_PER_ROW = 27.9        # dims.parquet: 33.73 MB / 1,209,600 rows
+CAND_BYTES_PER_ROW = 26.6        # candidates.parquet (float32): 4.66 MB / 175,267 rows
 CAND_FILL = 175267 / (30 * 5 * 30 * 5 * 2 * 50)  # share of the max_candidates slots filled (7.8 %)
-LAYERS_BYTES_PER_ROW = 143.0     # layers.parquet (float64)
+LAYERS_BYTES_PER_ROW = 106.7     # layers.parquet (float64): 2.48 MB / 23,250 rows
 PAIRS_BYTES_PER_PAIR = 480.0     # pairs.csv + pairs.jsonl
-FIXED_MB = 3.7 + 2.6 + 1.5       # report.html (plotly inlined), invariance.parquet, patch files and the rest
+INV_BYTES_PER_ROW = 34.7         # invariance.parquet (measure step): 1.78 MB / 51,324 rows, one per (layer, 3 offsets, dim)
+FIXED_MB = 3.7 + 2.5             # report.html (plotly inlined), patch and other measure files
 
 
 def estimate(layers: int, d_model: int, pairs: int, hooks: int = 5, offsets: int = 5, categories: int = 9,
@@ -44,6 +45,7 @@ def estimate(layers: int, d_model: int, pairs: int, hooks: int = 5, offsets: int
         "layers.parquet": layer_rows * LAYERS_BYTES_PER_ROW,
         "diff_directions.safetensors": 2 * hooks * cell * 4,
         "pairs": pairs * PAIRS_BYTES_PER_PAIR,
+        "invariance.parquet": layers * 3 * d_model * INV_BYTES_PER_ROW,
         "report, measure and patch files": FIXED_MB * 1e6 * layers / 30,
     }
     return {"state": state, "results": results, "results_total": sum(results.values())}
