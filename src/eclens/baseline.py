@@ -23,7 +23,7 @@ COLUMNS = ["model", "weights", "kind", "hook", "n_candidates", "n_cells"]
 
 
 def candidate_counts(cand: pd.DataFrame, model: str, weights: str) -> pd.DataFrame:
-    """``n_candidates`` and ``n_cells`` per (kind, hook) of a ``candidates.csv`` frame (category ``all``)."""
+    """``n_candidates`` and ``n_cells`` per (kind, hook) of a ``candidates.parquet`` frame (category ``all``)."""
     if cand.empty:
         return pd.DataFrame([{"model": model, "weights": weights, "kind": k, "hook": "(any)", "n_candidates": 0,
                               "n_cells": 0} for k in ("stable", "responsive")], columns=COLUMNS)
@@ -42,7 +42,7 @@ def candidate_counts(cand: pd.DataFrame, model: str, weights: str) -> pd.DataFra
 def baseline_step(run: str | Path, model, pairs: Sequence, *, diff_config=None, seed: int = 0, batch_size: int = 16,
                   loader: Callable | None = None, progress: bool = False):
     """Diff ``pairs`` on ``random:<model>@<seed>`` and write ``baseline_random.csv`` beside the real counts
-    (the run's ``candidates.csv``). ``loader``: how to load a model name (default :func:`eclens.load_model`)."""
+    (the run's ``candidates.parquet``). ``loader``: how to load a model name (default :func:`eclens.load_model`)."""
     from .diff import run_diff
     from .model import load_model, model_id
     from .runs import record_step, write_table
