@@ -129,6 +129,7 @@ def test_state_deleted_when_the_run_completes_and_readers_use_the_tables(tiny, t
     assert [s.status for s in res.steps] == ["skipped"] * 3 and not any("state" in ln for ln in lines)
 
 
+@pytest.mark.slow  # a second small pipeline (17 s on 2 cores at load 18; the deletion test covers the engine)
 def test_keep_state_keeps_it_and_says_its_size(tiny, tmp_path):
     pf = tmp_path / "pairs.jsonl"
     write_jsonl(pf, [{"id": f"r{i}", "clean": c, "corrupt": x, "category": cat}
