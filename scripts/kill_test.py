@@ -11,8 +11,9 @@ moment the step before it is recorded done, or from the process start for the fi
 time includes the imports and the model load) at a seeded uniform fraction of that step's duration
 in the reference; so the points cover every step, the report included, whatever the machine's load.
 Each killed run is rerun with the same command to the end and compared with scripts/compare_runs.py
-(rtol 1e-4: a resumed diff may fall on other batch boundaries; ``diff_stats.safetensors``, the
-checkpoint, is left out, its raw power sums depend on when checkpoints fell), and `ec verify` must
+(rtol 1e-4: a resumed diff may fall on other batch boundaries; the checkpoint, ``state/`` (deleted
+when the run completes; ``diff_stats.safetensors`` in folders from before), is left out, its raw power
+sums depend on when checkpoints fell), and `ec verify` must
 pass. Prints one line per point and a last line ``matched K of N``; exits 1 unless all matched.
 """
 

@@ -36,14 +36,16 @@ from eclens.steps import (
 RTOL = 1e-4
 HOOKS = "hook_resid_post"
 N_EXACT, N_DIMS, N_ATTR, N_CONTROLS, VERIFY = 2, 4, 3, 10, 2
-DIFF_TABLES = ("layers.csv", "dims.parquet", "pairs.csv", "contrasts.parquet")
+DIFF_TABLES = ("layers.parquet", "dims.parquet", "pairs.csv", "contrasts.parquet")
 PATCH_TABLES = ("patch_exact.csv", "patch_baselines.csv", "patch_attribution.csv")
 # the rule's thresholds (DiffConfig defaults): a candidate this close to one may flip with float noise
 THRESHOLDS = {"frac_under": 0.9, "absz_median": 1.0, "sign_consistency": 0.8}
 
 
 def _read(path):
-    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    from eclens.tables import read_table_file
+
+    return read_table_file(path)
 
 
 def assert_tables_close(a: pd.DataFrame, b: pd.DataFrame, name: str) -> None:
@@ -134,7 +136,7 @@ def test_cli_library_and_ec_run_write_the_same_tables(three_runs, other):
     a, b = three_runs["cli"], three_runs[other]
     for name in (*DIFF_TABLES, *PATCH_TABLES):
         assert_tables_close(_read(a / name), _read(b / name), f"{other}/{name}")
-    assert_candidates_agree(pd.read_csv(a / "candidates.csv"), pd.read_csv(b / "candidates.csv"))
+    assert_candidates_agree(_read(a / "candidates.parquet"), _read(b / "candidates.parquet"))
     da, db = pd.read_csv(a / "patch_dims.csv"), pd.read_csv(b / "patch_dims.csv")
     assert len(da) == len(db) == 1
     cols = [c for c in da.columns if c.endswith(("_effect", "_control_mean", "_control_std", "_z", "_p", "_q"))]

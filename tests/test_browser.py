@@ -19,6 +19,7 @@ import pytest
 from _sweep import ARGS, CHROMIUM, Sweeper, Watch, check_page, wait_drawn
 from _viewruns import RUN_NAME, XSS_CLEAN, XSS_ID, real_run  # noqa: F401 - session fixture
 from conftest import require
+from eclens.tables import read_table_file
 from eclens.web.server import make_server, url_of
 
 pytestmark = pytest.mark.browser
@@ -100,9 +101,8 @@ def test_sweep_web_ui(browser, ui, shots, real_run):  # noqa: F811
 
 
 def real_run_candidates(real_run):  # noqa: F811
-    import pandas as pd
 
-    return pd.read_csv(real_run.path / "candidates.csv")
+    return read_table_file(real_run.path / "candidates.parquet")
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from eclens.diff import run_diff
 from eclens.errors import EclensError
 from eclens.hooks import iter_batches, pad_id
 from eclens.pairs import MinimalPair, check_with_model, write_jsonl
+from eclens.tables import read_table_file
 
 SENTENCES = [
     ("The keys to the cabinet are here.", "The keys to the cabinet is here.", "grammar/agreement"),
@@ -144,8 +145,8 @@ def test_cli_cache_then_diff_from_cache(tiny_dir, tmp_path, capsys):
     assert main(["diff", "--from-cache", str(run)]) == 0, capsys.readouterr().err
     ref = tmp_path / "ref"
     assert main(["diff", str(raw), "--out", str(ref), *common]) == 0, capsys.readouterr().err
-    a = pd.read_csv(run / "layers.csv")
-    b = pd.read_csv(ref / "layers.csv")
+    a = read_table_file(run / "layers.parquet")
+    b = read_table_file(ref / "layers.parquet")
     pd.testing.assert_frame_equal(a, b)
     man = json.loads((run / "manifest.json").read_text())
     assert man["steps"]["diff"]["from_cache"] == str(run)

@@ -15,10 +15,11 @@ import pandas as pd
 import pytest
 import torch
 
-from eclens.diff import DiffConfig, DiffResult, load_stats, merge_results, resolve_cells, run_diff
+from eclens.diff import STATS_FILE, DiffConfig, DiffResult, load_stats, merge_results, resolve_cells, run_diff
 from eclens.errors import EclensError
 from eclens.hooks import iter_batches, pad_id, select_hooks, split_hook
 from eclens.pairs import AlignedPair, MinimalPair, check_with_model, write_jsonl
+from eclens.tables import read_table_file
 
 SENTENCES = [
     ("The keys to the cabinet are here.", "The keys to the cabinet is here.", "grammar/agreement"),
@@ -458,28 +459,30 @@ def test_cli_diff_writes_the_run_folder_and_resumes(tiny_dir, tokenizer, tmp_pat
     raw = _write_raw(tmp_path / "raw.jsonl", tokenizer)
     run = tmp_path / "run"
     rc = main(["diff", str(raw), "--model", str(tiny_dir), "--out", str(run), "--batch-size", "4",
-               "--hooks", "default,attn.hook_z"])
+               "--hooks", "default,attn.hook_z", "--keep-state"])
     assert rc == 0, capsys.readouterr().err
-    for f in ("manifest.json", "pairs.jsonl", "rejected.jsonl", "check.csv", "diff_stats.safetensors", "layers.csv",
-              "dims.parquet", "candidates.csv", "contrasts.parquet", "sensitivity.csv", "pairs.csv", "summary.json",
+    for f in ("manifest.json", "pairs.jsonl", "rejected.jsonl", "check.csv", STATS_FILE, "layers.parquet",
+              "dims.parquet", "candidates.parquet", "contrasts.parquet", "sensitivity.csv", "pairs.csv", "summary.json",
               "heads.csv", "diff_directions.safetensors"):
         assert (run / f).exists(), f
     assert not list(run.glob(".*.tmp"))
     man = json.loads((run / "manifest.json").read_text())
     assert man["model"]["name"] == str(tiny_dir) and man["dataset"]["n_valid"] == 24
-    assert man["steps"]["diff"]["n_pairs"] == 24 and "layers.csv" in man["steps"]["diff"]["outputs"]
+    assert man["steps"]["diff"]["n_pairs"] == 24 and "layers.parquet" in man["steps"]["diff"]["outputs"]
     rej = [json.loads(x) for x in (run / "rejected.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rej] == ["bad"] and rej[0]["reason"] == "multiple_differences"
     pairs_csv = pd.read_csv(run / "pairs.csv")
     assert len(pairs_csv) == 24 and {"clean_logprob", "corrupt_logprob", "kl_0", "kl_last", "kl"} <= set(pairs_csv)
-    layers = pd.read_csv(run / "layers.csv")
-    assert not (run / "contrasts.csv").exists()
+    layers = read_table_file(run / "layers.parquet")
+    assert not (run / "contrasts.csv").exists() and not (run / "layers.csv").exists()
+    assert man["state"]["kept"] is True and man["state"]["bytes"] > 0
     assert len(layers) == (1 + 2) * (5 * 2 + 2) * 5  # categories x hook points x offsets
     _check_directions_and_contrasts(run, tiny_dir)
-    # A rerun on the run folder resumes from the complete statistics instead of recomputing.
+    # A rerun on the run folder resumes from the complete statistics (kept) instead of recomputing.
     capsys.readouterr()
     rc = main(["diff", str(run), "--model", str(tiny_dir), "--batch-size", "4", "--hooks", "default,attn.hook_z"])
     assert rc == 0 and "resumed: 24 pairs" in capsys.readouterr().err
+    assert not (run / "state").exists() and not (run / ".state.deleting").exists()  # no --keep-state this time
 
 
 def _check_directions_and_contrasts(run: Path, tiny_dir: Path) -> None:
@@ -540,7 +543,7 @@ def test_cli_refuses_a_run_of_another_model(tiny_dir, tokenizer, tmp_path, capsy
     last = err.strip().splitlines()[-1]
     assert rc == 2 and last.startswith("error:") and "Meta-Llama-3-8B" in last and "another --out" in last
     assert "Traceback" not in err
-    assert not (run / "diff_stats.safetensors").exists()
+    assert not (run / STATS_FILE).exists()
 
 
 def test_cli_bad_input_is_one_line(tmp_path, capsys):
@@ -569,7 +572,7 @@ def _start_and_signal(cmd, env, stats: Path, sig, after_done: int) -> subprocess
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         try:
-            if stats.exists() and len(load_stats(stats.parent)[1]["done"]) > after_done:
+            if stats.exists() and len(load_stats(stats.parent.parent)[1]["done"]) > after_done:
                 break
         except EclensError:
             pass  # being replaced right now: os.replace is atomic, so the next look sees a whole file
@@ -585,8 +588,8 @@ def test_interrupted_runs_leave_whole_files_and_resume(tiny_dir, tokenizer, tmp_
     run = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "eclens", "diff", str(raw), "--model", str(tiny_dir), "--out", str(run),
-           "--batch-size", "1", "--checkpoint-every", "1", "--hooks", "all"]
-    stats = run / "diff_stats.safetensors"
+           "--batch-size", "1", "--checkpoint-every", "1", "--hooks", "all", "--keep-state"]
+    stats = run / STATS_FILE
     # Ctrl-C: the loop stops at the end of the batch, saves, and says so. The signal goes out once the
     # checkpoint holds a pair, with 35 one-pair batches still to run: a run that finished first would
     # prove nothing, so it fails the test.

@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 
 from conftest import require
 from eclens.pairs import MinimalPair, check_pairs
+from eclens.tables import read_table_file
 
 SENTENCES = [
     ("The cat sits on the mat.", "The cat sit on the mat."),
@@ -305,8 +306,8 @@ def test_ec_diff_under_torchrun_equals_one_process(tmp_path):
 
     folder, pairs_file = _tiny_folder_and_pairs(tmp_path)
     _ec_one_and_two(tmp_path, ["diff", str(pairs_file), "--model", str(folder), "--batch-size", "3"])
-    one = pd.read_csv(tmp_path / "one" / "layers.csv")
-    two = pd.read_csv(tmp_path / "two" / "layers.csv")
+    one = read_table_file(tmp_path / "one" / "layers.parquet")
+    two = read_table_file(tmp_path / "two" / "layers.parquet")
     _same_columns(one, two, ("rel_l2_mean", "cos_mean", "l2_mean", "dir_consistency", "rel_l2_rms_nomassive",
                              "rel_l2_mean_lo", "rel_l2_mean_hi"))
     # the per-half state merges across the ranks too

@@ -36,7 +36,7 @@ def made_run(tiny_dir, tmp_path_factory):
     run = tmp / "run"
     common = ["--model", str(tiny_dir), "--batch-size", "2"]
     assert main(["cache", str(raw), "--out", str(run), "--shard-size", "2", *common]) == 0
-    assert main(["diff", str(raw), "--out", str(run), *common]) == 0
+    assert main(["diff", str(raw), "--out", str(run), *common, "--keep-state"]) == 0
     assert main(["patch", str(run), "--mode", "exact", "--model", str(tiny_dir), "--max-pairs", "1",
                  "--hooks", "resid_pre"]) == 0
     return run
@@ -60,10 +60,11 @@ def flip(path, at: float = 0.5) -> None:
 @pytest.mark.slow  # the run fixture: `ec cache`, `ec diff` and `ec patch` on the tiny model, ~25 s on 2 loaded cores
 def test_every_data_file_is_recorded_and_verifies(run, capsys):
     recs = integrity.records(run)
-    for name in ("diff_stats.safetensors", "diff_directions.safetensors", "patch.safetensors", "layers.csv",
-                 "dims.parquet", "candidates.csv", "patch_exact.csv", "pairs.jsonl"):
+    for name in ("diff_directions.safetensors", "patch.safetensors", "layers.parquet",
+                 "dims.parquet", "candidates.parquet", "patch_exact.csv", "pairs.jsonl"):
         assert name in recs and (run / name).is_file(), name
         assert recs[name][0]["digest"].startswith(integrity.algorithm() + ":")
+    assert "diff_stats.safetensors" in integrity.records(run / "state")  # the state, in its own folder
     assert {"shard-00000.safetensors", "shard-00001.safetensors"} <= set(integrity.records(run / "cache"))
     capsys.readouterr()
     assert main(["verify", str(run)]) == 0
@@ -75,9 +76,9 @@ def test_every_data_file_is_recorded_and_verifies(run, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("name,reader", [
     ("cache/shard-00001.safetensors", "cache"),
-    ("diff_stats.safetensors", "stats"),
+    ("state/diff_stats.safetensors", "stats"),
     ("patch.safetensors", "patch"),
-    ("layers.csv", "table"),
+    ("layers.parquet", "table"),
 ])
 def test_a_flipped_byte_is_refused_by_name_and_a_rerun_resumes(run, tiny_dir, name, reader, capsys):
     target = run / name
@@ -110,7 +111,10 @@ def test_a_flipped_byte_is_refused_by_name_and_a_rerun_resumes(run, tiny_dir, na
     assert "corrupt" in text and target.name in text and "1 corrupt" in text
     # Recovery as the message says: delete it, rerun the command that wrote it.
     target.unlink()
-    assert main(["verify", str(run)]) == 1 and "1 missing" in capsys.readouterr().out
+    if reader == "stats":  # the state is no result: a deleted one is not missing
+        assert main(["verify", str(run)]) == 0
+    else:
+        assert main(["verify", str(run)]) == 1 and "1 missing" in capsys.readouterr().out
     raw = run.parent / "raw.jsonl"
     write_jsonl(raw, [{"id": f"q{i}", "clean": c, "corrupt": x, "category": k}
                       for i, (c, x, k) in enumerate(SENTENCES)])
@@ -188,7 +192,7 @@ def test_a_flipped_byte_in_a_stats_file_is_refused_without_a_model(tmp_path):
 
     save_stats(tmp_path, {"count": torch.arange(1000, dtype=torch.float64)}, {"complete": True})
     assert load_stats(tmp_path)[1] == {"complete": True}
-    p = tmp_path / "diff_stats.safetensors"
+    p = tmp_path / "state" / "diff_stats.safetensors"
     flip(p, 0.9)  # inside the tensor data: safetensors itself would read it as another number
     with pytest.raises(EclensError, match=r"diff_stats.safetensors: corrupt .* delete it and rerun `ec diff"):
         load_stats(tmp_path)

@@ -68,7 +68,7 @@ def test_second_writer_is_refused_and_a_killed_holders_lock_is_taken_over(tiny_d
     assert (run / LOCK_FILE).exists()  # the dead holder's file stays; its flock went with the process
     r = _ec_diff(pairs, run, tiny_dir)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert (run / "candidates.csv").exists() and not (run / LOCK_FILE).exists()
+    assert (run / "candidates.parquet").exists() and not (run / LOCK_FILE).exists()
     print(f"refused after {refused_s:.1f} s (interpreter start and imports; before the model loads)")
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from eclens.cli import main
+from eclens.diff import STATS_FILE
 
 CMDS = ("check", "generate", "cache", "diff", "patch", "run")
 N_CTX = 64
@@ -293,7 +294,7 @@ def test_bad_input_matrix(case: Case, cmd: str, tiny_dir, llm, tmp_path, capsys)
         assert (reasons_in(rej) if rej.stat().st_size else {}) == want.rejected
         man = json.loads((out / "manifest.json").read_text())
         assert man["dataset"]["n_valid"] == want.valid
-        expect_file = {"cache": "cache/index.json", "diff": "layers.csv", "patch": "patch_exact.csv",
+        expect_file = {"cache": "cache/index.json", "diff": "layers.parquet", "patch": "patch_exact.csv",
                        "run": "report.html"}[cmd]
         assert (out / expect_file).is_file()
         n_rej = sum(want.rejected.values())
@@ -404,7 +405,7 @@ def test_truncated_cache_shard_is_refused_then_rewritten(tiny_dir, small_pairs_f
     # Reading it: one line naming the shard, nothing written.
     rc = main(["diff", "--from-cache", str(run)])
     one_line_error(rc, capsys.readouterr().err, str(shard), "rerun `ec cache`")
-    assert not (run / "layers.csv").exists() and not (run / "diff_stats.safetensors").exists()
+    assert not (run / "layers.parquet").exists() and not (run / STATS_FILE).exists()
     store = open_cache(run)
     with pytest.raises(EclensError, match="shard-00001"):
         store.get("blocks.0.hook_resid_post", store.pairs[2].id)
@@ -453,7 +454,7 @@ def test_truncated_diff_statistics_are_refused(complete, tiny_dir, small_pairs_f
 
         run_diff(m, aligned, hooks="hook_resid_post", batch_size=2, run=run, max_batches=2)
         update_manifest(run, model=manifest_model_entry(m), world_size=1)  # as `ec diff` records it
-    stats_file = run / "diff_stats.safetensors"
+    stats_file = run / STATS_FILE
     truncate(stats_file)
     before = snapshot(run)
     capsys.readouterr()
@@ -495,7 +496,7 @@ def test_cache_and_statistics_of_another_model_without_a_manifest(tiny_dir, smal
     index.write_text(json.dumps(doc))
     from safetensors.torch import load_file, save_file
 
-    stats_file = run / "diff_stats.safetensors"
+    stats_file = run / STATS_FILE
     from safetensors import safe_open
 
     with safe_open(str(stats_file), framework="pt") as f:

@@ -24,6 +24,7 @@ import pytest
 import torch
 
 from eclens.cli import main
+from eclens.diff import STATS_FILE
 from eclens.pairs import write_jsonl
 from llm_server import LLMServer
 
@@ -134,7 +135,9 @@ def assert_same_tensors(a: dict, b: dict, exact: bool = False) -> None:
 
 
 def assert_same_table(a: Path, b: Path, keys: list[str]) -> None:
-    x, y = pd.read_csv(a), pd.read_csv(b)
+    from eclens.tables import read_table_file
+
+    x, y = read_table_file(a), read_table_file(b)
     assert list(x.columns) == list(y.columns) and len(x) == len(y), a.name
     keys = [k for k in keys if k in x.columns]
     x = x.sort_values(keys).reset_index(drop=True)
@@ -150,11 +153,12 @@ def test_diff_interrupted_twice_equals_uninterrupted(tiny_dir, pairs_file, tmp_p
     args = ["--model", str(tiny_dir), "--batch-size", "1", "--hooks", "hook_resid_post,attn.hook_z",
             "--sample", "16"]
     ref, run = tmp_path / "ref", tmp_path / "run"
+    args += ["--keep-state"]  # the state is compared below
     assert main(["diff", str(pairs_file), "--out", str(ref), *args]) == 0
     # A checkpoint after every pair, so the stops land part way (it changes no number).
     args += ["--checkpoint-every", "1"]
     cmd = [sys.executable, "-m", "eclens", "diff", str(pairs_file), "--out", str(run), *args]
-    stats_file = run / "diff_stats.safetensors"
+    stats_file = run / STATS_FILE
 
     def done_more_than(n):
         return lambda: stats_file.exists() and len(stats(run)[1]["done"]) > n
@@ -186,7 +190,7 @@ def test_diff_interrupted_twice_equals_uninterrupted(tiny_dir, pairs_file, tmp_p
                         {k: v for k, v in tb.items() if k == "count" or k.startswith("sample")}, exact=True)
     assert ma["sample_ids"] == mb["sample_ids"]
     keys = ["category", "hook", "layer", "offset"]
-    assert_same_table(ref / "layers.csv", run / "layers.csv", keys)
+    assert_same_table(ref / "layers.parquet", run / "layers.parquet", keys)
     assert_same_table(ref / "pairs.csv", run / "pairs.csv", ["id"])
     da, db = pd.read_parquet(ref / "dims.parquet"), pd.read_parquet(run / "dims.parquet")
     pd.testing.assert_frame_equal(da.sort_values([*keys, "dim"]).reset_index(drop=True),

@@ -1,6 +1,6 @@
 """Random kills (issue 21): `ec run --n 3` killed with SIGKILL at seeded moments, then rerun to the
 end, gives the same tables as an uninterrupted run (scripts/compare_runs.py, rtol 1e-4: a resumed diff
-may fall on other batch boundaries; the checkpoint diff_stats.safetensors is left out) and a folder
+may fall on other batch boundaries; the checkpoint, state/, is deleted when the run completes) and a folder
 that `ec verify` passes. Two kill points, one after the other on the same folder (the second kills the
 resumed run); scripts/kill_test.py is the 20-point version. Fixtures of test_reliability_interrupt.
 """
@@ -49,6 +49,7 @@ def test_ec_run_killed_twice_at_seeded_moments_equals_uninterrupted(tiny_dir, tm
     assert main(["run", "--out", str(run), *args]) == 0  # the same command, to the end
     assert main(["verify", str(run)]) == 0, capsys.readouterr().out
     assert not list(run.rglob("*.tmp"))
+    assert not (run / "state").exists() and not (run / ".state.deleting").exists()  # deleted as the last act
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_runs.py"), str(ref), str(run), "--rtol", "1e-4",
                         "--skip", "diff_stats.safetensors"], capture_output=True, text=True, env=ENV)
     assert r.returncode == 0, r.stdout[-3000:]

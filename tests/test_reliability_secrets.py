@@ -158,5 +158,5 @@ def test_model_steps_with_the_key_set_write_no_key(env_key, tiny_dir, tmp_path, 
                "hook_resid_post"])
     cap = capsys.readouterr()
     assert rc == 0, cap.err
-    assert (tmp_path / "run" / "manifest.json").is_file() and (tmp_path / "run" / "layers.csv").is_file()
+    assert (tmp_path / "run" / "manifest.json").is_file() and (tmp_path / "run" / "layers.parquet").is_file()
     assert_no_secret(tmp_path, cap.out, cap.err)

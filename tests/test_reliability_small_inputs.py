@@ -21,7 +21,7 @@ SUBJECT = [("The bird walks every day.", "The horse walks every day.")]
 CASES = {
     # one pair: every statistic over pairs has a single sample
     "one_pair": [(*AGREE[0], "grammar/agreement")],
-    # six pairs, fewer than the candidate rule's min_pairs (10): diff finds no candidate (candidates.csv empty)
+    # six pairs, fewer than the candidate rule's min_pairs (10): diff finds no candidate (candidates.parquet empty)
     "fewer_than_min_pairs": [(c, x, k) for c, x, k in
                              [(*p, "grammar/agreement") for p in AGREE] + [(*SUBJECT[0], "meaning/subject")] * 3],
     # one category: no category contrast to test
@@ -57,7 +57,9 @@ def test_small_input_runs_to_the_report(case, tiny, tmp_path):
     if case == "change_at_last_token":
         assert all(p["position"] == len(p["clean_ids"]) - 1 for p in RunData(run).pairs)
     csvs = sorted(run.glob("*.csv"))
-    assert {"candidates.csv", "layers.csv", "pairs.csv", "check.csv"} <= {p.name for p in csvs}
+    assert {"pairs.csv", "check.csv"} <= {p.name for p in csvs}
+    assert (run / "candidates.parquet").is_file() and (run / "layers.parquet").is_file()
+    assert RunData(run).candidates is not None  # an empty table keeps its header
     for p in csvs:
         assert p.read_text(encoding="utf-8").splitlines()[0].strip(), f"{p.name} has no header"
         assert len(pd.read_csv(p).columns) > 1, p.name

@@ -12,9 +12,10 @@ from _viewruns import XSS_ID, real_run  # noqa: F401 - session fixture
 from eclens.cli import main
 from eclens.errors import EclensError
 from eclens.pipeline import STEPS, RunConfig, run_pipeline, spread_pairs
+from eclens.tables import read_table_file
 
-CONTRACT = ("manifest.json", "pairs.jsonl", "rejected.jsonl", "check.csv", "layers.csv", "dims.parquet",
-            "candidates.csv", "contrasts.parquet", "sensitivity.csv", "pairs.csv", "summary.json", "patch_exact.csv", "patch_dims.csv",
+CONTRACT = ("manifest.json", "pairs.jsonl", "rejected.jsonl", "check.csv", "layers.parquet", "dims.parquet",
+            "candidates.parquet", "contrasts.parquet", "sensitivity.csv", "pairs.csv", "summary.json", "patch_exact.csv", "patch_dims.csv",
             "patch_dims_controls.csv", "patch_attribution.csv", "patch_summary.json", "report.html")
 
 
@@ -119,7 +120,7 @@ def test_bad_input_is_one_line(argv, msg, capsys):
 def test_choose_sets_prefers_the_changed_token_and_both_kinds(real_run):  # noqa: F811
     from eclens.pipeline import choose_sets, dims_metric
 
-    cand = pd.read_csv(real_run.path / "candidates.csv")
+    cand = read_table_file(real_run.path / "candidates.parquet")
     sets = choose_sets(cand, 4, 10)
     allc = cand[cand["category"] == "all"]
     offs = [s.offset if s.offset >= 0 else 10**6 for s in sets]

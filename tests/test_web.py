@@ -10,11 +10,11 @@ import os
 import threading
 from urllib.parse import quote
 
-import pandas as pd
 import pytest
 
 from _viewruns import RUN_NAME, XSS_CLEAN, XSS_ID, real_run  # noqa: F401 - session fixture
 from eclens.errors import EclensError
+from eclens.tables import read_table_file
 from eclens.web.server import NotFound, make_server, safe_segment, url_of
 
 Q = quote(RUN_NAME, safe="")
@@ -108,7 +108,7 @@ def test_one_pair_with_views(server, real_run):  # noqa: F811
 
 
 def test_candidates_json_and_csv(server, real_run):  # noqa: F811
-    want = pd.read_csv(real_run.path / "candidates.csv")
+    want = read_table_file(real_run.path / "candidates.parquet")
     j = get_json(server, f"/api/runs/{Q}/candidates?limit=100000")
     assert j["total"] == len(want) and j["columns"] == list(want.columns)
     st = get_json(server, f"/api/runs/{Q}/candidates?kind=stable&hook=hook_attn_out")
@@ -121,7 +121,7 @@ def test_candidates_json_and_csv(server, real_run):  # noqa: F811
 
 
 def test_long_tables_are_paged_and_sorted_by_the_server(server, real_run):  # noqa: F811
-    want = pd.read_csv(real_run.path / "candidates.csv")
+    want = read_table_file(real_run.path / "candidates.parquet")
     first = get_json(server, f"/api/runs/{Q}/candidates")
     assert first["total"] == len(want) and len(first["rows"]) == min(100, len(want)) and first["start"] == 0
     by = want.sort_values("absz_median", ascending=False, kind="stable")

@@ -65,6 +65,7 @@ from write_readme import read_table  # noqa: E402
 from eclens.errors import EclensError  # noqa: E402
 from eclens.runs import atomic_write, read_manifest, write_json  # noqa: E402
 from eclens.runs import write_table as write_run_table  # noqa: E402
+from eclens.tables import read_table_file, table_file  # noqa: E402
 
 
 def write_table(df: pd.DataFrame, path: Path) -> Path:
@@ -140,6 +141,7 @@ class Study:
     timing: dict[str, dict] = field(default_factory=dict)
     log_lines: list[str] = field(default_factory=list)
     quiet: bool = False
+    keep_state: bool = False  # keep each run's state/ (the diff accumulators) once its steps complete
 
     @property
     def results(self) -> Path:
@@ -253,7 +255,7 @@ def choose_study_sets(run: Path, top_k: int, max_sets: int) -> list[tuple[Any, s
     responsive only because the input token differs. So:
 
     * **stable** (over all pairs): cells ranked by how much the *rest* of their layer moves there (the
-      layer's mean median |Δ|/σ from ``layers.csv``): dims that stay put while their layer changes; at most
+      layer's mean median |Δ|/σ from ``layers.parquet``): dims that stay put while their layer changes; at most
       one set per hook, so the sets span the model's parts;
     * **responsive** (per category: over all pairs, signs disagree between categories, so few or none pass):
       cells after ``p`` first (the change's effect carried forward along the sentence: the last token, then
@@ -264,8 +266,8 @@ def choose_study_sets(run: Path, top_k: int, max_sets: int) -> list[tuple[Any, s
     """
     from eclens.patch import NOT_PATCHABLE, DimSet
 
-    cand = read_table(run / "candidates.csv")
-    lay = read_table(run / "layers.csv")
+    cand = read_table(run / "candidates.parquet")
+    lay = read_table(run / "layers.parquet")
     if cand.empty:
         return []
     cand = cand[~cand["hook"].isin(NOT_PATCHABLE)]
@@ -379,7 +381,6 @@ MATCHED_COLUMNS = ["set", "metric", "effect", "n_matched", "matched_sigma_ratio"
 
 def matched_step(run: Path, model, pairs, *, rc, progress: bool, log, n_matched: int) -> pd.DataFrame:
     """The stable sets' ablation again, against σ-matched random sets (:func:`matched_sets`) as the controls."""
-    import pyarrow.parquet as pq
 
     from eclens import patch as P
     from eclens.patch import DimSet
@@ -392,9 +393,9 @@ def matched_step(run: Path, model, pairs, *, rc, progress: bool, log, n_matched:
     for i, r in enumerate(t[t["kind"] == "stable"].to_dict("records")):
         s = DimSet(r["hook"], int(r["layer"]), [int(x) for x in str(r["dims"]).split()], int(r["offset"]),
                    "stable", r["set"])
-        cell = pq.read_table(run / "dims.parquet", columns=["dim", "sigma_clean", "massive"], filters=[
+        cell = read_table_file(run / "dims.parquet", columns=["dim", "sigma_clean", "massive"], filters=[
             ("category", "==", "all"), ("hook", "==", s.hook), ("layer", "==", s.layer),
-            ("offset", "==", s.offset)]).to_pandas()
+            ("offset", "==", s.offset)])
         ms = matched_sets(s, cell, n_matched, np.random.default_rng([rc.seed, 77, i]))
         if not ms:
             log(f"[study] {s.label}: too few dims of similar spread for matched controls; skipped")
@@ -478,7 +479,7 @@ def step_templates(study: Study, model) -> None:
               "report": ("report_examples",)}
     steps = [Step(name, fns[name], {k: getattr(cfg, k) for k in keys}) for name, keys in params.items()]
     res = run_steps(run, model, steps, config=cfg.numbers(), log=lambda m: study.log(f"[study] templates {m}"),
-                    progress=not study.quiet, manifest={"seed": cfg.seed})
+                    progress=not study.quiet, manifest={"seed": cfg.seed}, keep_state=study.keep_state)
     info = {s.step: {"status": "skipped (done earlier)" if s.status == "skipped" else s.status, "seconds": s.seconds}
             for s in res.steps}
     skipped = all(v["status"].startswith("skipped") for v in info.values())
@@ -568,7 +569,7 @@ def step_blimp_diff(study: Study, model) -> None:
              Step("diff", partial(diff_step, rc=rc), {k: getattr(cfg, k) for k in ("hooks", "batch_size", "min_pairs",
                                                                                     "seed")})]
     res = run_steps(run, model, steps, config=cfg.numbers(), log=lambda m: study.log(f"[study] blimp {m}"),
-                    progress=not study.quiet, manifest={"seed": cfg.seed})
+                    progress=not study.quiet, manifest={"seed": cfg.seed}, keep_state=study.keep_state)
     if all(s.status == "skipped" for s in res.steps):
         _skipped(study, "blimp_diff")
 
@@ -660,7 +661,7 @@ def analyse_layers(runs: dict[str, Path]) -> tuple[pd.DataFrame, pd.DataFrame, d
     """Per-layer profiles (category all at every offset; every category at p) and their headline numbers."""
     alls, cats, find = [], [], {}
     for name, run in runs.items():
-        lay = read_table(run / "layers.csv")
+        lay = read_table(run / "layers.parquet")
         if lay.empty:
             continue
         if "swap_direction" in lay.columns:  # the pooled rows (per-direction rows are in the run's own table)
@@ -708,7 +709,7 @@ def analyse_candidates(runs: dict[str, Path]) -> tuple[pd.DataFrame, pd.DataFram
     cands: dict[str, pd.DataFrame] = {}
     find: dict = {}
     for name, run in runs.items():
-        c = read_table(run / "candidates.csv")
+        c = read_table(run / "candidates.parquet")
         cands[name] = c
         if c.empty:
             find[name] = {"stable": 0, "responsive": 0}
@@ -793,7 +794,6 @@ MASSIVE_COLUMNS = ["dataset", "hook", "dim", "n_cells_massive", "layers", "posit
 def analyse_massive(runs: dict[str, Path]) -> tuple[pd.DataFrame, dict]:
     """How the massive-activation dimensions behave: where they are massive, how large, and how much they move
     (normalised) compared with the other dimensions at the same cells."""
-    import pyarrow.parquet as pq
 
     rows, find = [], {}
     for name, run in runs.items():
@@ -802,7 +802,7 @@ def analyse_massive(runs: dict[str, Path]) -> tuple[pd.DataFrame, dict]:
             continue
         cols = ["category", "hook", "layer", "offset", "dim", "massive", "rms_ratio", "mean_clean",
                 "absz_median", "sign_consistency", "frac_under"]
-        d = pq.read_table(p, columns=cols, filters=[("category", "==", "all")]).to_pandas()
+        d = read_table_file(p, columns=cols, filters=[("category", "==", "all")])
         ref = (d[~d["massive"]].groupby(["hook", "layer", "offset"])["absz_median"].median()
                .rename("others_absz_median"))
         m = d[d["massive"]].join(ref, on=["hook", "layer", "offset"])
@@ -828,7 +828,6 @@ def analyse_stable_heads(run: Path, model, n_sentences: int = 64, share: float =
     """Whole attention heads whose output does not change at any aligned position (at least ``share`` of their
     ``attn.hook_z`` dims pass the stable share ``frac_under >= 0.9``), and where they look: their mean attention,
     from the changed token on, to the first token and to the changed token, on clean template sentences."""
-    import pyarrow.parquet as pq
     import torch
 
     from eclens.pairs import load_aligned
@@ -838,8 +837,8 @@ def analyse_stable_heads(run: Path, model, n_sentences: int = 64, share: float =
     if not p.exists() or model is None:
         return pd.DataFrame(), {}
     try:
-        d = pq.read_table(p, columns=["hook", "layer", "offset", "head", "frac_under"],
-                          filters=[("category", "==", "all"), ("hook", "==", "attn.hook_z")]).to_pandas()
+        d = read_table_file(p, columns=["hook", "layer", "offset", "head", "frac_under"],
+                          filters=[("category", "==", "all"), ("hook", "==", "attn.hook_z")])
     except Exception:  # noqa: BLE001 - no attn.hook_z in this run (e.g. the smoke hooks)
         return pd.DataFrame(), {}
     if d.empty:
@@ -1001,12 +1000,11 @@ def analyse_causal(run: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     df["sigma_ratio"] = np.nan
     df["size_ratio"] = np.nan
     if dims_pq.exists():
-        import pyarrow.parquet as pq
 
         for i, r in df.iterrows():
-            cell = pq.read_table(dims_pq, columns=["dim", "sigma_clean", "rms_ratio"], filters=[
+            cell = read_table_file(dims_pq, columns=["dim", "sigma_clean", "rms_ratio"], filters=[
                 ("category", "==", "all"), ("hook", "==", r["hook"]), ("layer", "==", int(r["layer"])),
-                ("offset", "==", int(r["offset"]))]).to_pandas()
+                ("offset", "==", int(r["offset"]))])
             if cell.empty:
                 continue
             mine = cell[cell["dim"].isin([int(x) for x in r["dims"].split()])]
@@ -1143,7 +1141,7 @@ def analyse(study: Study, model_entry: dict, model=None) -> dict:
     """Write the small result tables of ``results/`` and return the findings for ``study.json``."""
     R = study.results
     runs = {"templates": study.templates_run, "blimp": study.blimp_run}
-    runs = {k: v for k, v in runs.items() if (v / "layers.csv").exists()}
+    runs = {k: v for k, v in runs.items() if table_file(v, "layers") is not None}
     find: dict = {}
     # datasets
     ds = []
@@ -1230,7 +1228,7 @@ def build_figures(study: Study) -> dict[str, Any]:
 
     R, T = study.results, study.templates_run
     figs: dict[str, Any] = {}
-    lay = read_table(T / "layers.csv")
+    lay = read_table(T / "layers.parquet")
     if not lay.empty:
         figs["decay_layers_offsets"] = viz.layer_offset_heatmap(
             lay, hook=MAIN_HOOK, title="Relative L2 change ‖Δ‖/‖a‖ of resid_post by layer and position (templates)")
@@ -1264,14 +1262,13 @@ def build_figures(study: Study) -> dict[str, Any]:
             title="Median |Δ|/σ per dimension of resid_post at p (templates; massive dims in red)")
     mass = read_table(R / "massive_dims.csv")
     if not mass.empty and rd is not None:
-        import pyarrow.parquet as pq
 
         m = mass[(mass["dataset"] == "templates") & (mass["hook"] == MAIN_HOOK)]
         dims_m = m.sort_values("rms_ratio_max", ascending=False)["dim"].astype(int).tolist()[:2]
         if dims_m:
-            d = pq.read_table(T / "dims.parquet", columns=["category", "hook", "layer", "offset", "dim", "rms_ratio",
+            d = read_table_file(T / "dims.parquet", columns=["category", "hook", "layer", "offset", "dim", "rms_ratio",
                                                            "absz_median", "massive"],
-                              filters=[("category", "==", "all"), ("hook", "==", MAIN_HOOK)]).to_pandas()
+                              filters=[("category", "==", "all"), ("hook", "==", MAIN_HOOK)])
             fig = make_subplots(rows=len(dims_m), cols=2, vertical_spacing=0.16,
                                 subplot_titles=[t for dm in dims_m for t in
                                                 (f"dim {dm}: mean |a| / median dim's", f"dim {dm}: median |Δ|/σ "
@@ -1501,6 +1498,8 @@ def parse_args(argv: list[str] | None) -> tuple[StudyConfig, argparse.Namespace]
     ap.add_argument("--no-png", action="store_true", help="skip the PNG figures")
     ap.add_argument("--readme-only", action="store_true", help="only regenerate README.md from results/")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--keep-state", action="store_true", help="keep each run's state/ (the diff accumulators, "
+                    "which only a resume or a merge reads) once its steps complete")
     a = ap.parse_args(argv)
     cfg = StudyConfig(blimp=a.blimp, model=a.model, device=a.device, dtype=a.dtype, seed=a.seed, smoke=a.smoke,
                       png=not a.no_png)
@@ -1519,13 +1518,13 @@ def parse_args(argv: list[str] | None) -> tuple[StudyConfig, argparse.Namespace]
     return cfg, a
 
 
-def run_study(cfg: StudyConfig, out: str | Path, *, model=None, quiet: bool = False) -> dict:
+def run_study(cfg: StudyConfig, out: str | Path, *, model=None, quiet: bool = False, keep_state: bool = False) -> dict:
     """Run every step into ``out``; returns the ``study.json`` document."""
     import torch
 
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None  # other jobs slow a timed run
-    study = Study(Path(out).resolve(), cfg, quiet=quiet)
+    study = Study(Path(out).resolve(), cfg, quiet=quiet, keep_state=keep_state)
     blimp_files(cfg)  # fail early, before minutes of work, on a wrong --blimp
     study.results.mkdir(parents=True, exist_ok=True)
     study.runs.mkdir(parents=True, exist_ok=True)
@@ -1605,7 +1604,7 @@ def main(argv: list[str] | None = None) -> int:
 
             print(write_readme(Path(a.out).resolve()))
             return 0
-        doc = run_study(cfg, a.out, quiet=a.quiet)
+        doc = run_study(cfg, a.out, quiet=a.quiet, keep_state=a.keep_state)
     except EclensError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -105,9 +105,15 @@ def claim(ok: bool, text: str, what: str) -> str:
 
 
 def read_table(path: Path) -> pd.DataFrame:
-    """A results CSV, or an empty frame when the file is missing or empty (a step that found nothing)."""
+    """A results table (CSV or Parquet: a run folder's table under either name), or an empty frame when the
+    file is missing or empty (a step that found nothing)."""
+    from eclens.tables import read_table_file, table_file
+
+    path = table_file(path.parent, path.name) or path
     if not path.exists() or path.stat().st_size <= 1:
         return pd.DataFrame()
+    if path.suffix == ".parquet":
+        return read_table_file(path)
     try:
         return pd.read_csv(path)
     except pd.errors.EmptyDataError:

@@ -23,7 +23,7 @@ COLUMNS = ["model", "weights", "kind", "hook", "n_candidates", "n_cells"]
 
 
 def candidate_counts(cand: pd.DataFrame, model: str, weights: str) -> pd.DataFrame:
-    """``n_candidates`` and ``n_cells`` per (kind, hook) of a ``candidates.csv`` frame (category ``all``)."""
+    """``n_candidates`` and ``n_cells`` per (kind, hook) of a ``candidates.parquet`` frame (category ``all``)."""
     if cand.empty:
         return pd.DataFrame([{"model": model, "weights": weights, "kind": k, "hook": "(any)", "n_candidates": 0,
                               "n_cells": 0} for k in ("stable", "responsive")], columns=COLUMNS)
@@ -42,18 +42,19 @@ def candidate_counts(cand: pd.DataFrame, model: str, weights: str) -> pd.DataFra
 def baseline_step(run: str | Path, model, pairs: Sequence, *, diff_config=None, seed: int = 0, batch_size: int = 16,
                   loader: Callable | None = None, progress: bool = False):
     """Diff ``pairs`` on ``random:<model>@<seed>`` and write ``baseline_random.csv`` beside the real counts
-    (the run's ``candidates.csv``). ``loader``: how to load a model name (default :func:`eclens.load_model`)."""
+    (the run's ``candidates.parquet``). ``loader``: how to load a model name (default :func:`eclens.load_model`)."""
     from .diff import run_diff
     from .model import load_model, model_id
     from .runs import record_step, write_table
     from .steps import StepOutcome
+    from .tables import read_table_file, table_file
 
     run, t0 = Path(run), time.perf_counter()
     name = model_id(model)
-    real_path = run / "candidates.csv"
-    if not real_path.exists():
-        raise EclensError(f"{run}: no candidates.csv; the baseline compares with the run's diff, run it first")
-    real = pd.read_csv(real_path) if real_path.stat().st_size > 1 else pd.DataFrame()
+    real_path = table_file(run, "candidates")
+    if real_path is None:
+        raise EclensError(f"{run}: no candidates.parquet; the baseline compares with the run's diff, run it first")
+    real = read_table_file(real_path) if real_path.stat().st_size > 1 else pd.DataFrame()
     rnd_name = f"random:{name}@{seed}"
     rnd = (loader or load_model)(rnd_name)
     if rnd.tokenizer.get_vocab() != model.tokenizer.get_vocab():

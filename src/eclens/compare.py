@@ -4,7 +4,7 @@ Models differ in depth, so every curve is drawn against depth-normalised layers
 (``layer / n_layers``: 0 is the first layer's input, values near 1 the last layers). Pairs are
 matched by id; a pair valid under one tokenizer and not another is listed, and per-pair numbers
 use the pairs valid in every run (the intersection). Tables the runs store aggregated over their
-own valid pairs (``layers.csv``, ``candidates.csv``) cannot be restricted to the intersection;
+own valid pairs (``layers.parquet``, ``candidates.parquet``) cannot be restricted to the intersection;
 the page says how large it is against each run's own set.
 
 Each panel is a :class:`Panel` naming the run files it needs; a panel whose file is missing from
@@ -89,7 +89,7 @@ def _n_layers(rd: RunData) -> int:
     lay = rd.layers
     if lay is not None and len(lay):
         return int(lay["layer"].max()) + 1
-    raise EclensError(f"{rd.path}: no model entry in manifest.json and no layers.csv: cannot place its layers")
+    raise EclensError(f"{rd.path}: no model entry in manifest.json and no layers.parquet: cannot place its layers")
 
 
 def load_compared(runs: list[str | os.PathLike]) -> Compared:
@@ -152,7 +152,7 @@ def _pairs_panel(page: Page, c: Compared) -> None:
              "run's pairs altogether (e.g. a run made from fewer pairs):</p>")
     page.add(html_table(pd.DataFrame(rows), max_rows=200) if rows else '<p class="muted">(none)</p>')
     if any(len(v) != len(c.common) for v in c.valid):
-        c.notes.append("layers.csv and candidates.csv aggregate each run's own valid pairs, which differ from "
+        c.notes.append("layers.parquet and candidates.parquet aggregate each run's own valid pairs, which differ from "
                        f"the intersection ({len(c.common)} pairs): {own}.")
 
 
@@ -234,7 +234,7 @@ def _candidates_panel(page: Page, c: Compared) -> None:
             passing = int(lay[col].sum()) if lay is not None and col in lay else 0
             rows.append({"run": lab, "kind": kind, "candidates (capped)": n, "passing the rule": passing,
                          "share of tested dims": passing / tested if tested else float("nan")})
-    page.add("<p>Candidates of category <code>all</code>: the number listed in candidates.csv (at most 50 per "
+    page.add("<p>Candidates of category <code>all</code>: the number listed in candidates.parquet (at most 50 per "
              "hook, layer, offset and kind), the number of dimensions passing the rule before that cap, and "
              "that number as a share of the reachable (hook, layer, offset, dimension) points tested — a "
              "share, so models of different width compare.</p>")
@@ -377,8 +377,8 @@ PANELS: list[Panel] = [
     Panel("runs", "Runs", ("manifest.json",), _runs_panel),
     Panel("pairs", "Pairs", ("pairs.jsonl",), _pairs_panel),
     Panel("behaviour", "Behaviour on shared pairs", ("pairs.csv",), _pairs_metrics_panel),
-    Panel("layers", "Relative change by depth", ("layers.csv",), _layers_panel),
-    Panel("candidates", "Candidate shares", ("layers.csv", "candidates.csv", "summary.json"), _candidates_panel),
+    Panel("layers", "Relative change by depth", ("layers.parquet",), _layers_panel),
+    Panel("candidates", "Candidate shares", ("layers.parquet", "candidates.parquet", "summary.json"), _candidates_panel),
     Panel("recovery", "Recovery by depth", ("patch_exact.csv",), _recovery_panel),
     Panel("recovery_kl", "Recovery after an error", ("recovery.csv",), _recovery_kl_panel),
     Panel("probe", "Error signal by depth", ("probe.csv",), _probe_panel),

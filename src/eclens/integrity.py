@@ -1,6 +1,6 @@
 """Checksummed run folders and writes that fail cleanly (issue 21).
 
-Digests. Every tensor file a run writes (cache shards, ``diff_stats.safetensors``, the patch and
+Digests. Every tensor file a run writes (cache shards, ``state/diff_stats.safetensors``, the patch and
 direction tensors) and every table of a run folder gets its digest recorded, when it is written, in
 ``checksums.json`` of the folder that holds it (``RUN/checksums.json``, ``RUN/cache/checksums.json``).
 The hash is xxhash's XXH3-128 (``scripts/bench_hash.py`` on the 2-core dev machine: 0.07 s/GB in memory,

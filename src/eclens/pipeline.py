@@ -6,7 +6,7 @@ Steps, each writing the run-folder files of ``docs/run-folder.md`` atomically:
    a user's pairs file, aligned under the model's tokenizer: ``pairs.jsonl``,
    ``rejected.jsonl``, ``check.csv``;
 2. ``diff``    — :func:`eclens.diff.run_diff` over every valid pair (its own checkpoint
-   resumes an interrupted pass): ``layers.csv``, ``dims.parquet``, ``candidates.csv``, ...;
+   resumes an interrupted pass, from ``state/``): ``layers.parquet``, ``dims.parquet``, ``candidates.parquet``, ...;
 3. ``measure`` — recovery, selective invariance and the error-signal probe
    (:func:`eclens.measure_step.measure_step`): ``recovery.csv``, ``recovery_index.csv``,
    ``invariance.parquet``, ``probe.csv``, ``measure.json``, ...;
@@ -16,7 +16,10 @@ Steps, each writing the run-folder files of ``docs/run-folder.md`` atomically:
    same size: ``patch_dims.csv``, ``patch_dims_controls.csv``;
 6. ``attribution`` — attribution patching on a subset, its top components verified
    by exact patching: ``patch_attribution.csv``;
-7. ``report``  — ``report.html``.
+7. ``report``  — ``report.html``;
+
+then ``RUN/state`` (the diff's accumulators: only a resume or a merge reads them) is deleted unless
+``keep_state`` (``ec run --keep-state``), and its size is said (:mod:`eclens.state`).
 
 Each step is a function of :mod:`eclens.steps` (the same that ``ec diff``, ``ec patch`` and
 ``ec report`` call); this module only chains them with :func:`run_steps`, the one resume
@@ -126,11 +129,14 @@ def _key(prev: str, params: dict) -> str:
 
 
 def run_steps(run: str | Path, model, steps: Sequence[Step], *, config: dict | None = None,
-              log: Callable[[str], None] = print, progress: bool = True, manifest: dict | None = None) -> RunResult:
+              log: Callable[[str], None] = print, progress: bool = True, manifest: dict | None = None,
+              keep_state: bool = False) -> RunResult:
     """Run (or resume) ``steps`` in order into ``run`` with ``model``; returns what each step did.
 
     The first step makes the pairs; each later step gets them (read from ``RUN/pairs.jsonl`` when the
     pairs step was skipped). ``config``: recorded with the state; ``manifest``: fields for a new manifest.
+    Once every step is done, ``RUN/state`` (what only a resume or a merge reads) is deleted unless
+    ``keep_state`` (:func:`eclens.state.finish_state`: the very last act, after the report).
     """
     from .model import model_id, weights_hash
     from .pairs import load_aligned
@@ -182,6 +188,9 @@ def run_steps(run: str | Path, model, steps: Sequence[Step], *, config: dict | N
         state = record
         record_step(run, "run", state)
     result.report = run / "report.html" if (run / "report.html").exists() else None
+    from .state import finish_state
+
+    finish_state(run, keep=keep_state, log=log)
     return result
 
 
@@ -254,8 +263,9 @@ def pipeline_steps(cfg: RunConfig) -> list[Step]:
 
 
 def run_pipeline(run: str | Path, model, config: RunConfig | None = None, *,
-                 log: Callable[[str], None] = print, progress: bool = True) -> RunResult:
-    """Run (or resume) every step into ``run`` with ``model``; returns what each step did."""
+                 log: Callable[[str], None] = print, progress: bool = True, keep_state: bool = False) -> RunResult:
+    """Run (or resume) every step into ``run`` with ``model``; returns what each step did (``keep_state``:
+    keep ``RUN/state`` once the run completes)."""
     cfg = config or RunConfig()
     return run_steps(run, model, pipeline_steps(cfg), config=asdict(cfg), log=log, progress=progress,
-                     manifest={"seed": cfg.seed})
+                     manifest={"seed": cfg.seed}, keep_state=keep_state)

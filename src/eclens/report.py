@@ -325,7 +325,7 @@ def _dataset_section(page: _Page, run: RunData) -> None:
 def _layer_section(page: _Page, run: RunData) -> None:
     _section(page, "layers", "Layer view")
     if run.layers is None:
-        _missing(page, "layers.csv", f"ec diff {run.path}")
+        _missing(page, "layers.parquet", f"ec diff {run.path}")
         page.add("</section>")
         return
     page.add("<p>Relative L2 change ‖Δ‖/‖a‖ of the activations, per layer and position relative to the changed "
@@ -337,7 +337,7 @@ def _layer_section(page: _Page, run: RunData) -> None:
     for h in shown:
         page.figure(viz.layer_offset_heatmap(run.layers, hook=h))
     if len(hooks) > len(shown):
-        page.add(f'<p class="muted">Also in layers.csv: {esc(", ".join(h for h in hooks if h not in shown))}</p>')
+        page.add(f'<p class="muted">Also in layers.parquet: {esc(", ".join(h for h in hooks if h not in shown))}</p>')
     if "category" in run.layers.columns and run.layers["category"].nunique() > 1:
         page.add("<h3>By category</h3>")
         offs = set(run.layers["offset"].astype(int)) if "offset" in run.layers.columns else {0}
@@ -355,7 +355,7 @@ def _candidates_section(page: _Page, run: RunData) -> None:
     _section(page, "candidates", "Candidates")
     df = run.candidates
     if df is None:
-        _missing(page, "candidates.csv", f"ec diff {run.path}")
+        _missing(page, "candidates.parquet", f"ec diff {run.path}")
         page.add("</section>")
         return
     s = run.summary or {}
@@ -474,7 +474,7 @@ def _contrasts_section(page: _Page, run: RunData) -> None:
 
 def choose_attention_layer(run: RunData, n_layers: int) -> int:
     """The layer whose attention output changes most one token after the change (where the
-    change is read by later positions), from ``layers.csv``; the middle layer without it."""
+    change is read by later positions), from ``layers.parquet``; the middle layer without it."""
     df = run.layers
     if df is not None and {"hook", "offset", "layer", "category"} <= set(df.columns):
         try:

@@ -182,14 +182,17 @@ def table_with_header(df, path: str | os.PathLike):
 
 def write_table(df, path: str | os.PathLike) -> Path:
     """Write a DataFrame as CSV or Parquet (by suffix), atomically; a table with no rows keeps its header
-    (:func:`table_with_header`), so every table a run writes can be read back."""
+    (:func:`table_with_header`), so every table a run writes can be read back. Parquet is written at the
+    precision :data:`eclens.tables.PRECISION` declares for the file."""
     path = Path(path)
     df = table_with_header(df, path)
     # About what the file takes: a CSV writes each number as ~2.5x its 8 bytes, Parquet about its bytes.
     need = int(df.memory_usage(index=False, deep=False).sum() * (1 if path.suffix == ".parquet" else 2.5)) + 4096
     with atomic_path(path, need=need) as tmp:
-        if path.suffix == ".parquet":
-            df.to_parquet(tmp, index=False)
+        if path.suffix == ".parquet":  # at the declared precision (eclens.tables.PRECISION)
+            from .tables import narrow, write_parquet
+
+            write_parquet(narrow(df, path.name), tmp)
         else:
             df.to_csv(tmp, index=False)
     return path
@@ -419,7 +422,13 @@ class RunData:
         return self.path.name
 
     def file(self, name: str) -> Path | None:
+        """``name`` in the run folder, or None; a table asked for by its CSV or Parquet name is found under
+        either (:func:`eclens.tables.table_file`: folders from before and after issue 20 read alike)."""
+        from .tables import table_file
+
         p = self.path / name
+        if not p.is_file() and name.endswith((".csv", ".parquet")):
+            p = table_file(self.path, name) or p
         if not p.is_file():
             return None
         if self.root is not None and not p.resolve().is_relative_to(self.root):
@@ -432,8 +441,9 @@ class RunData:
             return None
         verify_file(p)
         try:
-            return pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p, keep_default_na=False,
-                                                                                   na_values=[""])
+            from .tables import read_table_file
+
+            return read_table_file(p)
         except Exception as e:  # noqa: BLE001 - any parse failure is the same user-facing problem
             raise EclensError(f"{p}: cannot read ({type(e).__name__}: {e}); rerun the step that wrote it") from None
 
@@ -479,7 +489,7 @@ class RunData:
 
     @cached_property
     def layers(self) -> pd.DataFrame | None:
-        return self._table("layers.csv")
+        return self._table("layers.parquet")
 
     @cached_property
     def dims(self) -> pd.DataFrame | None:
@@ -506,8 +516,10 @@ class RunData:
                 hook = DEFAULT_HOOK if DEFAULT_HOOK in hooks else (hooks[-1] if hooks else None)
             filters = [(k, "==", v) for k, v in (("category", category), ("hook", hook), ("offset", offset))
                        if v is not None and k in names]
-            cols = [c for c in self.DIM_VIEW_COLUMNS if c in names]
-            return pq.read_table(p, columns=cols, filters=filters or None).to_pandas()
+            from .tables import DERIVED, read_table_file
+
+            cols = [c for c in self.DIM_VIEW_COLUMNS if c in names or c in DERIVED and set(DERIVED[c]) <= names]
+            return read_table_file(p, columns=cols, filters=filters or None)
         except Exception as e:  # noqa: BLE001 - any parse failure is the same user-facing problem
             raise EclensError(f"{p}: cannot read ({type(e).__name__}: {e}); rerun `ec diff`") from None
 
@@ -529,7 +541,7 @@ class RunData:
 
     @cached_property
     def candidates(self) -> pd.DataFrame | None:
-        return self._table("candidates.csv")
+        return self._table("candidates.parquet")
 
     @cached_property
     def contrasts(self) -> pd.DataFrame | None:

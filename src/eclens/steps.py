@@ -139,7 +139,7 @@ def diff_step(run: str | Path, model, pairs: Sequence, config: DiffConfig | None
         cfg = replace(cfg, categories=labels if mode != "none" else [],
                       by_category=cfg.by_category if mode != "none" else "none")
         cfg = replace(cfg, cells=cfg.cells or resolve_cells(pairs, cfg))
-        res = run_diff(model, D.shard(pairs, ctx), batch_size=batch_size, run=run / f"rank{ctx.rank}of{ctx.world_size}",
+        res = run_diff(model, D.shard(pairs, ctx), batch_size=batch_size, run=run / "state" / f"rank{ctx.rank}of{ctx.world_size}",
                        checkpoint_every=checkpoint_every, progress=ctx.is_main, config=cfg)
         res = D.merge_diff(res, ctx)
         if not ctx.is_main:
@@ -324,11 +324,13 @@ def choose_sets(cand, max_sets: int, top_k: int) -> list:
 
 
 def run_candidates(run: str | Path, max_sets: int, top_k: int) -> list:
-    """:func:`choose_sets` over ``RUN/candidates.csv`` (an empty file: no sets)."""
+    """:func:`choose_sets` over ``RUN/candidates.parquet`` (an empty table: no sets)."""
     import pandas as pd
 
-    path = Path(run) / "candidates.csv"
-    cand = pd.read_csv(path) if path.exists() and path.stat().st_size > 1 else pd.DataFrame()
+    from .tables import read_table_file, table_file
+
+    path = table_file(run, "candidates")
+    cand = read_table_file(path) if path is not None and path.stat().st_size > 1 else pd.DataFrame()
     return choose_sets(cand, max_sets, top_k)
 
 

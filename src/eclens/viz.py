@@ -120,7 +120,7 @@ def layer_offset_heatmap(layers: pd.DataFrame, *, hook: str | None = None, categ
                          value: str | None = None, title: str | None = None) -> go.Figure:
     """Layer × offset heatmap of the relative L2 change ‖Δ‖/‖a‖ for one hook and category.
 
-    Reads ``layers.csv`` rows (category, hook, layer, offset, value). Offset ``0`` is
+    Reads ``layers.parquet`` rows (category, hook, layer, offset, value). Offset ``0`` is
     the changed token, ``k`` the ``k``-th token after it and ``-1`` the last token:
     the picture shows how a one-token change spreads along the sentence and through depth.
     """

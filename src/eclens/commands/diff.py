@@ -109,9 +109,12 @@ def diff(
     device_map: str = DeviceMapOpt,
     load_in_8bit: bool = Load8Opt,
     load_in_4bit: bool = Load4Opt,
+    keep_state: bool = typer.Option(False, "--keep-state", help="keep RUN/state (the accumulators, which only a "
+                                    "resume or a merge reads) once the diff completes"),
 ) -> None:
     """Stream position-aligned, normalised activation differences; write layers, dims, candidates, contrasts, sensitivity."""
-    from ..diff import DiffConfig
+    from ..diff import STATS_FILE, DiffConfig
+    from ..state import finish_state
     from ..steps import diff_step, save_diff
 
     if anchor not in ("p", "detect"):
@@ -134,6 +137,7 @@ def diff(
         save_diff(run, res, batch_size=res.timing.get("batch_size"), from_cache=str(from_cache),
                   manifest={"model": model_entry})
         print_summary(res, run)
+        finish_state(run, keep=keep_state, log=console.print)
         return
     if pairs is None:
         raise typer.BadParameter("give a PAIRS file or run folder, or --from-cache RUN")
@@ -147,7 +151,7 @@ def diff(
                          ctx=ctx if ctx.active else None, progress=True)
     except KeyboardInterrupt:
         # click would turn this into "Aborted!"; say what was kept instead.
-        console.print(f"interrupted: the statistics so far are saved in {run / 'diff_stats.safetensors'}; "
+        console.print(f"interrupted: the statistics so far are saved in {run / STATS_FILE}; "
                       "rerun the same command to resume")
         raise typer.Exit(130) from None
     finally:
@@ -158,6 +162,8 @@ def diff(
     if res.timing.get("resumed_from"):
         console.print(f"resumed: {res.timing['resumed_from']} pairs were already done")
     print_summary(res, run)
+    if res.meta.get("complete"):  # the last act: the tables are written, only a resume would read the state
+        finish_state(run, keep=keep_state, log=console.print)
 
 
 def print_summary(res, run: Path) -> None:

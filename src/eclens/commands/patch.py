@@ -91,7 +91,7 @@ def patch(
     direction: str = typer.Option("both", "--direction", help="denoise | noise | both"),
     metric: str = typer.Option("logit_diff", "--metric",
                                help="logit_diff | logprob | kl: ranks results, drives attribution and significance"),
-    candidates: Path = typer.Option(None, "--candidates", help="candidates.csv from `ec diff` (default RUN/candidates.csv)"),
+    candidates: Path = typer.Option(None, "--candidates", help="candidates.parquet (or .csv) from `ec diff` (default RUN/candidates.parquet)"),
     kind: str = typer.Option(None, "--kind", help="stable | responsive: which candidates to test (default both)"),
     top_k: int = typer.Option(10, "--top-k", help="dims per candidate set (best-ranked in each hook/layer/offset)"),
     max_sets: int = typer.Option(10, "--max-sets", help="test at most this many candidate sets (best first)"),
@@ -123,6 +123,7 @@ def patch(
     (denoise) or break it in the clean run (noise)."""
     from ..errors import EclensError
     from ..metrics import METRICS
+    from ..tables import table_file
     from ._common import load, preflight_pairs
 
     if mode not in MODES:
@@ -135,7 +136,8 @@ def patch(
         raise EclensError(f"{source}: no such run folder or pairs file")
     if source.is_file() and out_dir is None:
         raise EclensError(f"{source} is a pairs file: give --out RUN, the folder to write results into")
-    cpath = candidates or (source if source.is_dir() else out_dir) / "candidates.csv"
+    folder = source if source.is_dir() else out_dir
+    cpath = candidates or table_file(folder, "candidates") or folder / "candidates.parquet"
     if mode == "dims" and dims is None and split is None and not cpath.exists():
         raise EclensError(f"{cpath}: no candidates file; run `ec diff` first, pass --candidates FILE, "
                           "or test one set with --dims")

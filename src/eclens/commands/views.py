@@ -95,6 +95,8 @@ def run(
                                          "uses (0: all)"),
     measure_permutations: int = typer.Option(3, "--measure-permutations", help="the measure step's permutation "
                                              "null draws (invariance; the probe twice as many)"),
+    keep_state: bool = typer.Option(False, "--keep-state", help="keep RUN/state (the diff's accumulators, "
+                                    "which only a resume or a merge reads) once the run completes"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """The whole study: pairs -> check -> diff -> measure (recovery, invariance, probe) -> patch (candidates
@@ -141,7 +143,8 @@ def run(
         chk = check_with_model(raw, m)
         if not chk.valid:  # before the run folder is made, so a failed start leaves nothing behind
             raise chk.none_valid_error(pairs)
-    res = run_pipeline(out_dir, m, cfg, log=lambda s: console.print(s, markup=False), progress=not quiet)
+    res = run_pipeline(out_dir, m, cfg, log=lambda s: console.print(s, markup=False), progress=not quiet,
+                       keep_state=keep_state)
     t = Table(title=f"ec run: {out_dir}")
     for c in ("step", "status", "seconds", "result"):
         t.add_column(c, justify="right" if c == "seconds" else "left")

@@ -52,7 +52,7 @@ root mean square of its clean activation is at least ``massive_ratio`` (100) tim
 the median dimension's at one aligned position of a (hook, layer) — and then at every
 aligned position of that layer (a dimension massive at ``p+1`` dominates ‖a‖ at ``p`` too;
 flagged per cell, SmolLM2's L2 #90 slipped through as "stable") — RMS rather than mean |a|
-because it follows exactly from the accumulated moments; ``layers.csv`` reports the
+because it follows exactly from the accumulated moments; ``layers.parquet`` reports the
 largest ratio and its dimension (``rms_ratio_max``, ``rms_ratio_dim``) so outliers
 under the threshold stay visible (on a handful of test sentences SmolLM2-135M's dimension 507 sat at 30-130x at the
 aligned positions, above 100x only at ``p+1`` of the early layers; the 1000x values of
@@ -69,7 +69,7 @@ massive is known only at the end).
 exact merges of rows, so nothing is stored twice and every group merges across shards.
 Tables have a ``swap_direction`` column: ``all`` pools the category's directions, and where
 it holds two or more its signed statistics (sign consistency, mean Δ in the candidates, the
-direction cosines and ``dir_consistency`` in ``layers.csv``) are NaN and the responsive rule
+direction cosines and ``dir_consistency`` in ``layers.parquet``) are NaN and the responsive rule
 is not applied — opposite directions cancel in them — while each direction has its own rows.
 :meth:`DiffResult.for_half` (``candidates_for_half``) restricts everything, σ included, to
 one half of the clusters: choose on half 0, test on half 1.
@@ -78,7 +78,7 @@ one half of the clusters: choose on half 0, test on half 1.
 the token where the error becomes detectable (``roles.detect_of``; ``p`` without a detect
 word). Per-pair log-probs and KL still start at ``p``.
 
-**Intervals**: ``rel_l2_mean_lo``/``_hi`` in ``layers.csv`` and the headline numbers in
+**Intervals**: ``rel_l2_mean_lo``/``_hi`` in ``layers.parquet`` and the headline numbers in
 ``summary.json`` are percentile cluster-bootstrap intervals (``n_boot`` replicates) over the
 sampled pairs' per-pair relative L2 (all pairs up to ``sample_size``).
 
@@ -125,7 +125,7 @@ of the clean and of the corrupt token at ``p`` (both read from the clean run's
 prediction at ``p-1``: the prefixes are identical), and ``KL(P_clean || P_corrupt)``
 of the next-token distributions at every position from ``p`` on.
 
-Key layout of ``diff_stats.safetensors`` (``H`` a hook suffix such as
+Key layout of ``state/diff_stats.safetensors`` (``H`` a hook suffix such as
 ``hook_resid_pre``; ``C`` categories, ``L`` the hook's layers, ``O`` offsets, ``D``
 its flattened width; all float64 unless noted):
 

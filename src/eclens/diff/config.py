@@ -9,7 +9,7 @@ from ..errors import EclensError
 from ..pairs import AlignedPair
 from ..roles import detect_of, swap_direction_of
 
-STATS_FILE = "diff_stats.safetensors"
+STATS_FILE = "state/diff_stats.safetensors"  # RUN/state: what only a resume or a merge reads (eclens.state)
 META_KEY = "eclens_diff"
 
 

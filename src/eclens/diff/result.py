@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,14 +19,12 @@ from .config import (
     QUANTILES,
     RESPONSIVE_SIGN_GRID,
     RESPONSIVE_Z_GRID,
-    STATS_FILE,
     THRESHOLD_GRID,
     DiffConfig,
     position_kind,
 )
 from .contrasts import compute_contrasts
 from .intervals import mean_intervals
-from .stats_io import load_stats, save_stats
 
 
 class DiffResult:
@@ -647,47 +644,14 @@ class DiffResult:
                 "outputs": files}
 
     def save(self, run: str | Path, *, stats: bool = True) -> list[str]:
-        """Write every output of the diff step into ``run`` (atomically); returns the file names."""
-        from ..runs import save_tensors, write_json, write_table
+        """Write every output of the diff step into ``run`` (:func:`eclens.diff.storage.save_result`)."""
+        from .storage import save_result
 
-        run = Path(run)
-        files = []
-        if stats:
-            save_stats(run, self.tensors, self.meta)
-            files.append(STATS_FILE)
-        write_table(self.layers, run / "layers.csv")
-        write_table(self.dims, run / "dims.parquet")
-        write_table(self.candidates, run / "candidates.csv")
-        write_table(self.contrasts, run / "contrasts.parquet")
-        write_table(self.sensitivity, run / "sensitivity.csv")
-        write_table(self.pairs, run / "pairs.csv")
-        files += ["layers.csv", "dims.parquet", "candidates.csv", "contrasts.parquet", "sensitivity.csv", "pairs.csv"]
-        if any(g.n_heads for g in self.groups):
-            write_table(self.heads, run / "heads.csv")
-            files.append("heads.csv")
-        mean_dirs = {}
-        for g in self.groups:
-            mean_dirs[f"{g.suffix}/mean_delta"] = self.cell_stats(g.suffix, "all")["mean_delta"].float()
-            mean_dirs[f"{g.suffix}/sigma_clean"] = self.cell_stats(g.suffix, "all")["sigma_clean"].float()
-        save_tensors(mean_dirs, run / "diff_directions.safetensors",
-                     metadata={"layers": json.dumps({g.suffix: g.layers for g in self.groups}),
-                               "offsets": json.dumps(self.offsets)})
-        files.append("diff_directions.safetensors")
-        write_json(run / "summary.json", self.summary)
-        files.append("summary.json")
-        return files
+        return save_result(self, run, stats=stats)
 
     @classmethod
     def load(cls, run: str | Path) -> DiffResult:
-        """Read a run's ``diff_stats.safetensors``; tables are recomputed from it on access."""
-        run = Path(run)
-        tensors, meta = load_stats(run)
-        if not meta.get("complete"):
-            raise EclensError(f"{run / STATS_FILE}: the diff run is not complete; rerun `ec diff` to resume it")
-        from ..runs import read_manifest
+        """A run's diff from its state (:func:`eclens.diff.storage.load_result`)."""
+        from .storage import load_result
 
-        man = read_manifest(run)
-        step = (man.get("steps") or {}).get("diff") or {}
-        # Tables are recomputed lazily from the statistics (deterministic; the files are for other tools).
-        res = cls(meta, tensors, man.get("model") or {}, step.get("timing") or {})
-        return res
+        return load_result(cls, run)

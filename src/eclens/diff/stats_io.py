@@ -1,4 +1,4 @@
-"""``diff_stats.safetensors``: the statistics and the checkpoint of a diff run."""
+"""``state/diff_stats.safetensors``: the statistics and the checkpoint of a diff run (:mod:`eclens.state`)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from ..errors import EclensError
 from ..integrity import verify_file
 from .config import META_KEY, STATS_FILE
 
+LEGACY_STATS_FILE = "diff_stats.safetensors"
+
 
 def save_stats(run: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     from ..runs import json_default, save_tensors
@@ -22,6 +24,8 @@ def load_stats(run: str | Path, device="cpu") -> tuple[dict[str, torch.Tensor], 
     from safetensors import safe_open
 
     path = Path(run) / STATS_FILE
+    if not path.exists() and (Path(run) / LEGACY_STATS_FILE).exists():
+        path = Path(run) / LEGACY_STATS_FILE  # a run folder from before RUN/state (issue 20)
     if not path.exists():
         raise EclensError(f"{path}: no diff statistics here; run `ec diff` first")
     verify_file(path)  # a flipped byte inside a file of the right length reads as numbers: refuse it by name

@@ -347,7 +347,7 @@ def candidate_sets(
     category: str | None = "all",
     max_sets: int | None = None,
 ) -> list[DimSet]:
-    """Dimension sets from ``ec diff``'s ``candidates.csv``: the ``top_k`` best-ranked dims of each
+    """Dimension sets from ``ec diff``'s ``candidates.parquet`` (or a CSV of the same columns): the ``top_k`` best-ranked dims of each
     (hook, layer, offset, kind) group, at most ``max_sets``.
 
     Groups are ordered strongest first within each kind (stable: lowest ``absz_q90`` of
@@ -362,10 +362,12 @@ def candidate_sets(
         path = Path(candidates)
         if not path.exists():
             raise EclensError(f"{path}: no candidates file; run `ec diff` first or pass --candidates")
+        from ..tables import read_table_file
+
         try:
-            candidates = pd.read_csv(path)
-        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-            raise EclensError(f"{path}: not a readable CSV ({e}); rerun `ec diff`") from None
+            candidates = read_table_file(path)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, OSError, ValueError) as e:
+            raise EclensError(f"{path}: not a readable table ({type(e).__name__}: {e}); rerun `ec diff`") from None
     missing = [c for c in CANDIDATE_COLUMNS if c not in candidates.columns]
     if missing:
         raise EclensError(f"{src}: missing column(s) {', '.join(missing)} (has {', '.join(candidates.columns)}); "

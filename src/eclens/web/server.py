@@ -52,9 +52,9 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline';
        "form-action 'none'")
 LOOPBACK = {"127.0.0.1", "localhost", "::1", "[::1]"}
 TABLES = {  # API name -> (RunData attribute, file name for messages)
-    "candidates": ("candidates", "candidates.csv"),
+    "candidates": ("candidates", "candidates.parquet"),
     "contrasts": ("contrasts", "contrasts.parquet"),
-    "layers": ("layers", "layers.csv"),
+    "layers": ("layers", "layers.parquet"),
     "check": ("check", "check.csv"),
     "pair_metrics": ("pair_metrics", "pairs.csv"),
     "patch_dims": ("patch_dims", "patch_dims.csv"),

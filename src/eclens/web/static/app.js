@@ -198,7 +198,7 @@ async function pairsTab(name, info, body) {
 }
 
 async function layersTab(name, info, body) {
-  if (!info.tables.includes("layers")) { add(body, note("layers.csv not found: run `ec diff` on this run.")); return; }
+  if (!info.tables.includes("layers")) { add(body, note("layers.parquet not found: run `ec diff` on this run.")); return; }
   let hook = info.hooks.includes("hook_resid_post") ? "hook_resid_post" : info.hooks[0] || "";
   let category = "all";
   const figs = el("div");
@@ -243,7 +243,7 @@ async function tableTab(name, body, table_, filters, intro) {
 }
 
 async function candidatesTab(name, info, body) {
-  if (!info.tables.includes("candidates")) { add(body, note("candidates.csv not found: run `ec diff` on this run.")); return; }
+  if (!info.tables.includes("candidates")) { add(body, note("candidates.parquet not found: run `ec diff` on this run.")); return; }
   await tableTab(name, body, "candidates", [["kind", ["stable", "responsive"]], ["category", ["all", ...info.categories]],
     ["hook", info.hooks]], "Stable: change consistently little across pairs; responsive: change consistently much. Click a column to sort.");
 }

@@ -1,0 +1,78 @@
+"""Writing a diff run's results and reading its state back (:meth:`DiffResult.save`, :meth:`DiffResult.load`).
+
+Results (what the report, the web UI and the later steps read) go into the run folder at the precision
+:data:`eclens.tables.PRECISION` declares: ``layers.parquet``, ``dims.parquet``, ``candidates.parquet``,
+``contrasts.parquet``, ``sensitivity.csv``, ``pairs.csv``, ``heads.csv``, ``diff_directions.safetensors``,
+``summary.json``. The state (accumulators and pair sample, :data:`STATS_FILE`) goes into ``RUN/state/``
+(:mod:`eclens.state`): only a resume or a merge reads it, and ``ec run``/``ec diff`` delete it when the run
+completes unless ``--keep-state``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ..errors import EclensError
+from .config import STATS_FILE
+from .stats_io import load_stats, save_stats
+
+if TYPE_CHECKING:
+    from .result import DiffResult
+
+# The diff step's results, in the order they are written.
+RESULT_FILES = ("layers.parquet", "dims.parquet", "candidates.parquet", "contrasts.parquet", "sensitivity.csv",
+                "pairs.csv")
+
+
+def save_result(res: DiffResult, run: str | Path, *, stats: bool = True) -> list[str]:
+    """Write every output of the diff step into ``run`` (atomically): the state (``stats``) first, so a kill
+    while the tables are written resumes from it; returns the result files (the state is not one)."""
+    from ..runs import save_tensors, write_json, write_table
+
+    run = Path(run)
+    if stats:
+        save_stats(run, res.tensors, res.meta)
+    tables = (res.layers, res.dims, res.candidates, res.contrasts, res.sensitivity, res.pairs)
+    files = list(RESULT_FILES)
+    for df, name in zip(tables, files):
+        write_table(df, run / name)
+    if any(g.n_heads for g in res.groups):
+        write_table(res.heads, run / "heads.csv")
+        files.append("heads.csv")
+    mean_dirs = {}
+    for g in res.groups:
+        st = res.cell_stats(g.suffix, "all")
+        mean_dirs[f"{g.suffix}/mean_delta"] = st["mean_delta"].float()
+        mean_dirs[f"{g.suffix}/sigma_clean"] = st["sigma_clean"].float()
+    save_tensors(mean_dirs, run / "diff_directions.safetensors",
+                 metadata={"layers": json.dumps({g.suffix: g.layers for g in res.groups}),
+                           "offsets": json.dumps(res.offsets)})
+    files.append("diff_directions.safetensors")
+    write_json(run / "summary.json", res.summary)
+    files.append("summary.json")
+    return files
+
+
+def load_result(cls: type[DiffResult], run: str | Path) -> DiffResult:
+    """A run's diff from its state (``RUN/state/diff_stats.safetensors``); the tables are recomputed from it
+    on access. A state deleted when the run completed is the one-line error saying so (its tables are in
+    the run folder: :class:`eclens.RunData` reads them)."""
+    from ..runs import read_manifest
+    from ..state import deleted_hint
+
+    run = Path(run)
+    if not (run / STATS_FILE).exists():
+        hint = deleted_hint(run)
+        if hint:
+            raise EclensError(hint)
+    tensors, meta = load_stats(run)
+    if not meta.get("complete"):
+        raise EclensError(f"{run / STATS_FILE}: the diff run is not complete; rerun `ec diff` to resume it")
+    man = read_manifest(run)
+    step = (man.get("steps") or {}).get("diff") or {}
+    return cls(meta, tensors, man.get("model") or {}, step.get("timing") or {})
+
+
+__all__ = ["RESULT_FILES", "load_result", "save_result"]
