@@ -75,6 +75,20 @@ def assert_candidates_agree(a: pd.DataFrame, b: pd.DataFrame) -> None:
         np.testing.assert_allclose(both[f"{c}_a"], both[f"{c}_b"], rtol=RTOL, atol=1e-7, err_msg=c)
 
 
+def _cli_side(main, src, a, model, chosen, decided) -> None:
+    assert main(["diff", str(src), "--out", str(a), "--hooks", HOOKS, *model]) == 0
+    assert main(["patch", str(a), "--mode", "exact", "--hooks", "resid_pre", "--max-pairs", str(N_EXACT),
+                 *model]) == 0
+    assert main(["patch", str(a), "--mode", "dims", "--dims", ",".join(str(chosen["dims"]).split()),
+                 "--hooks", chosen["hook"], "--layer", str(chosen["layer"]), "--offset", str(chosen["offset"]),
+                 # --test-pairs: the same seeded draw of error pairs (twins are the comparison, not tested) as
+                 # ec run and the library; --max-pairs would cut the file, twins included
+                 "--direction", "denoise", "--n-controls", str(N_CONTROLS), "--test-pairs", str(N_DIMS),
+                 "--metric", decided, *model]) == 0
+    assert main(["patch", str(a), "--mode", "attribution", "--hooks", "resid_pre", "--direction", "denoise",
+                 "--verify-top", str(VERIFY), "--max-pairs", str(N_ATTR), *model]) == 0
+
+
 @pytest.fixture(scope="module")
 def three_runs(tmp_path_factory, model):
     from eclens.cli import main
@@ -93,27 +107,29 @@ def three_runs(tmp_path_factory, model):
     c = tmp / "run"
     # split=None: the CLI and the library test a set given by hand on every pair; ec run's default --split
     # would choose its set on one half of the clusters and test it on the other (a different table by design)
+    # measure_*: the smallest measure step (its tables are not compared here; test_run checks them)
     run_pipeline(c, m, RunConfig(pairs_file=str(src), hooks=HOOKS, exact_pairs=N_EXACT, dims_pairs=N_DIMS, max_sets=1,
                                  split=None,
                                  n_controls=N_CONTROLS, attribution_pairs=N_ATTR, verify_top=VERIFY,
-                                 report_examples=0), log=lambda s: None, progress=False)
+                                 report_examples=0, measure_clusters=2, measure_permutations=1),
+                 log=lambda s: None, progress=False)
     chosen = pd.read_csv(c / "patch_dims.csv").iloc[0]
     decided = json.loads((c / "patch_summary.json").read_text())["dims"]["metric"]
 
-    # the CLI, in this process (same threads as the others)
+    # the CLI, in this process (same threads as the others), on the session's model: each command would
+    # otherwise load the embedded model again (four loads, ~5 s each)
+    from eclens.commands import _common
+    from eclens.commands import diff as diff_cmd
+
     a = tmp / "cli"
     model = ["--model", "smollm2-135m"]
-    assert main(["diff", str(src), "--out", str(a), "--hooks", HOOKS, *model]) == 0
-    assert main(["patch", str(a), "--mode", "exact", "--hooks", "resid_pre", "--max-pairs", str(N_EXACT),
-                 *model]) == 0
-    assert main(["patch", str(a), "--mode", "dims", "--dims", ",".join(str(chosen["dims"]).split()),
-                 "--hooks", chosen["hook"], "--layer", str(chosen["layer"]), "--offset", str(chosen["offset"]),
-                 # --test-pairs: the same seeded draw of error pairs (twins are the comparison, not tested) as
-                 # ec run and the library; --max-pairs would cut the file, twins included
-                 "--direction", "denoise", "--n-controls", str(N_CONTROLS), "--test-pairs", str(N_DIMS),
-                 "--metric", decided, *model]) == 0
-    assert main(["patch", str(a), "--mode", "attribution", "--hooks", "resid_pre", "--direction", "denoise",
-                 "--verify-top", str(VERIFY), "--max-pairs", str(N_ATTR), *model]) == 0
+    mp = pytest.MonkeyPatch()
+    for mod in (_common, diff_cmd):  # `ec diff` binds the name at import, `ec patch` looks it up per call
+        mp.setattr(mod, "load", lambda name, *a, **k: m if name == "smollm2-135m" else pytest.fail(name))
+    try:
+        _cli_side(main, src, a, model, chosen, decided)
+    finally:
+        mp.undo()
 
     # the library
     b = tmp / "lib"

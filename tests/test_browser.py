@@ -147,6 +147,8 @@ CLEAN = """<!doctype html><html><head><title>clean</title></head><body data-read
 </body></html>"""
 
 
+# the sweep's own check: it guards the two sweeps above (both slow), so it runs with them (~5 s with chromium's start)
+@pytest.mark.slow
 def test_sweep_catches_a_broken_page(browser, tmp_path):
     from eclens import viz
 

@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # a child process that imports torch and runs every smoke benchmark: ~13 s on 2 idle cores
 def test_gpu_check_smoke(tmp_path):
     out = tmp_path / "smoke.json"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "--smoke", "--profile", "--out", str(out)],

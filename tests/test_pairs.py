@@ -248,12 +248,17 @@ def test_cli_bad_file_one_line_no_traceback(tmp_path):
     assert not (tmp_path / "out.jsonl").exists()
 
 
-def test_cli_pairs_check(tmp_path):
+def test_cli_pairs_check(tmp_path, capsys):
+    # in this process (a child process costs ~5 s of imports): the terminal's view of `ec` is
+    # test_cli_bad_file_one_line_no_traceback's
+    from eclens.cli import main
+
     f = tmp_path / "p.jsonl"
     write_jsonl(f, [MinimalPair("1", "The cat sits.", "The cat sit.", "grammar/agreement"),
                     MinimalPair("2", "The cat sat on the mat.", "A cat sat on a mat.", "grammar/article")])
-    r = _ec("pairs", "check", str(f), "--out", str(tmp_path / "ok.jsonl"), "--rejected", str(tmp_path / "rej.jsonl"))
-    assert r.returncode == 0, r.stderr
-    assert "1 valid of 2 pairs" in r.stdout and "multiple_differences(2)" in r.stdout
+    rc = main(["pairs", "check", str(f), "--out", str(tmp_path / "ok.jsonl"), "--rejected", str(tmp_path / "rej.jsonl")])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "1 valid of 2 pairs" in out.out and "multiple_differences(2)" in out.out
     assert len(load_aligned(tmp_path / "ok.jsonl")) == 1
     assert json.loads((tmp_path / "rej.jsonl").read_text())["reason"] == "multiple_differences"

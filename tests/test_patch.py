@@ -62,6 +62,9 @@ def tiny_pairs(tiny):
 # ------------------------------------------------------------------------ exact patching
 
 
+# ~14 s: TransformerLens patches one position per forward pass; the fast tests compare it with ec on the tiny
+# model (test_bench_script_smoke)
+@pytest.mark.slow
 def test_exact_resid_pre_matches_transformerlens(model, short):
     """Our batched sweep equals TransformerLens's one-pass-per-patch sweep (all positions,
     a subset of layers to keep the reference cheap), for every metric, within 1e-4."""
@@ -317,6 +320,7 @@ def test_topk_overlap():
 # ---------------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow  # a child process loads the embedded model: ~15 s; in-process `ec patch` runs in the fast tests
 def test_cli_patch_end_to_end(tmp_path):
     """Real `ec patch` in a subprocess: a raw pairs file aligned into a run, exact patching written."""
     f = tmp_path / "pairs.jsonl"

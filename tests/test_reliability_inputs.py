@@ -311,7 +311,8 @@ def test_bad_input_matrix(case: Case, cmd: str, tiny_dir, llm, tmp_path, capsys)
 # ----------------------------------------------------------------------- as a user sees it
 
 
-@pytest.mark.parametrize("cmd", ["diff", "run"])
+# one child process (~4 s of imports) each; `ec run` reads the file the same way, so it is in the slow set only
+@pytest.mark.parametrize("cmd", ["diff", pytest.param("run", marks=pytest.mark.slow)])
 def test_subprocess_error_is_one_line_without_traceback(cmd, tiny_dir, tmp_path):
     """What reaches the terminal: exactly one line on stderr, exit 2, nothing written."""
     src = tmp_path / "bad.jsonl"
