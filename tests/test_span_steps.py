@@ -191,3 +191,34 @@ def test_recovery_after_a_span_equals_plain_transformers(model):
         p = lc[r.t].exp()
         assert r.kl_changed == pytest.approx(float((p * (lc[r.t] - lx[a.corrupt_end - 1 + k])).sum()), abs=1e-4)
         assert r.kl_ignore_delete == pytest.approx(float((p * (lc[r.t] - ld[a.position - 1 + k])).sum()), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_ec_run_takes_span_pairs_end_to_end(tiny, tmp_path):
+    """`ec run --span` on codespell's natural typos: diff and measure read the span pairs; the patching steps
+    run on the single-token ones (or record themselves empty) with one line saying what they left out."""
+    import pandas as pd
+
+    from eclens.pairs import load_aligned, write_jsonl
+    from eclens.pipeline import RunConfig, run_pipeline
+    from eclens.sources.codespell import codespell_pairs
+
+    f = tmp_path / "typos.jsonl"
+    write_jsonl(f, codespell_pairs(8, seed=3))
+    run, logs = tmp_path / "run", []
+    cfg = RunConfig(pairs_file=str(f), span=True, exact_pairs=1, dims_pairs=2, n_controls=2, attribution_pairs=2,
+                    verify_top=1, measure_clusters=None, measure_permutations=1, skip_pairs=1)
+    res = run_pipeline(run, tiny, cfg, log=logs.append, progress=False)
+    status = {s.step: s.status for s in res.steps}
+    assert status["pairs"] == status["diff"] == status["measure"] == "done" and res.report is not None
+    pairs = load_aligned(run / "pairs.jsonl")
+    spans = [a for a in pairs if a.is_span]
+    assert len(spans) >= 8 and len(pairs) == 16
+    rec = pd.read_csv(run / "recovery.csv")
+    moved = rec[rec["id"].isin({a.id for a in spans if a.corrupt_end != a.clean_end})]
+    assert len(moved) and (moved["t_changed"] != moved["t"]).all()
+    for step in ("exact", "dims", "attribution", "skip"):
+        line = next(s for s in logs if s.strip().startswith(f"{step}: "))
+        assert "span-aligned pair(s) left out" in line and "\n" not in line
+        if not any(a.mode == "single" for a in pairs):
+            assert status[step] == "empty"

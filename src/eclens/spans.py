@@ -152,5 +152,6 @@ def single_token_subset(pairs: Sequence, step: str) -> tuple[list, str | None]:
     n = len(pairs) - len(keep)
     if not n:
         return keep, None
-    return keep, (f"{step}: {n} span-aligned pair(s) left out ({step} swaps activations position by position, "
-                  f"which a span of another length has not); {len(keep)} single-token pair(s) remain")
+    return keep, (f"{step}: {n} span-aligned pair(s) left out (this step swaps activations position by position, "
+                  f"and a span of another length has no position-by-position counterpart); {len(keep)} "
+                  "single-token pair(s) remain")
