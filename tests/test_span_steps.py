@@ -55,7 +55,8 @@ def test_diff_on_span_pairs_equals_the_hand_aligned_delta(tiny):
     acts, logp = {}, {}
     for a in pairs:
         for side, ids in (("clean", a.clean_ids), ("corrupt", a.corrupt_ids)):
-            logits, cache = tiny.run_with_cache(torch.tensor([ids]), names_filter=lambda n: n == hook)
+            with torch.no_grad():
+                logits, cache = tiny.run_with_cache(torch.tensor([ids]), names_filter=lambda n: n == hook)
             acts[a.id, side] = cache[hook][0].double()
             logp[a.id, side] = torch.log_softmax(logits[0].double(), -1)
     for o, k in enumerate(res.offsets):
@@ -91,10 +92,16 @@ PREFIX, SUFFIX = [100, 200, 300], [400, 500, 600]
 N = 16
 
 
+_BASE: dict = {}
+
+
 def _planted(plant: bool):
+    """Built once per session and re-planted in place (every weight the plant uses is rewritten)."""
     from eclens import tiny_model
 
-    m = tiny_model(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_mlp=128, seed=0, compat=False)
+    if "m" not in _BASE:
+        _BASE["m"] = tiny_model(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, d_mlp=128, seed=0, compat=False)
+    m = _BASE["m"]
     hf = m.original_model
     g = torch.Generator().manual_seed(7)
     v = torch.zeros(64)
@@ -104,7 +111,8 @@ def _planted(plant: bool):
         for layer in hf.model.layers:
             layer.self_attn.o_proj.weight.zero_()
             layer.mlp.down_proj.weight.zero_()
-        hf.model.embed_tokens.weight = torch.nn.Parameter(hf.model.embed_tokens.weight[:VOCAB].clone())
+        if hf.model.embed_tokens.weight.shape[0] != VOCAB:
+            hf.model.embed_tokens.weight = torch.nn.Parameter(hf.model.embed_tokens.weight[:VOCAB].clone())
         hf.lm_head.weight = torch.nn.Parameter(torch.randn(VOCAB, 64, generator=g) * 0.5)
         if getattr(hf.lm_head, "bias", None) is not None:
             hf.lm_head.bias = torch.zeros(VOCAB)
@@ -222,3 +230,19 @@ def test_ec_run_takes_span_pairs_end_to_end(tiny, tmp_path):
         assert "span-aligned pair(s) left out" in line and "\n" not in line
         if not any(a.mode == "single" for a in pairs):
             assert status[step] == "empty"
+
+
+def test_pair_view_reads_a_span_pair_from_its_span_end():
+    """The report's and `ec serve`'s per-pair view: rows are clean positions, the changed sentence read at the
+    aligned one, so on the position-local model nothing differs after the span and the span end does."""
+    from eclens import viz
+
+    m, pairs = _planted(True)
+    a = pairs[0]
+    v = viz.pair_view(m, a, hooks=("hook_resid_post",), attention_layers=[0])
+    d = v.diffs[v.diffs["layer"] == 1].set_index("position")["rel_l2"]
+    assert len(d) == a.length and d.loc[: a.position - 1].max() == 0 and d.loc[a.clean_end:].max() == 0
+    assert d.loc[a.clean_end - 1] > 0.5  # e - c at the span end
+    assert len(v.kl) == a.length and max(v.kl[a.clean_end:]) < 1e-6
+    clean, corrupt = v.attention[0]
+    assert clean.shape[1:] == (a.length, a.length) and corrupt.shape[1:] == (len(a.corrupt_ids),) * 2
