@@ -46,7 +46,6 @@ def main() -> None:
         return isinstance(s, AlignedPair), isinstance(sp, AlignedPair), isinstance(sp, AlignedPair) and sp.is_span
 
     pairs = load_pairs(args.templates)
-    by_id = {p.id: p for p in pairs}
     twins_of = defaultdict(list)
     for p in pairs:
         if p.role == "twin" and p.twin_of:
@@ -112,7 +111,6 @@ def main() -> None:
                    "detect word": e.detect if e.detect is not None else "p",
                    "kind / direction": e.typo_kind or e.swap_direction or "-"}
                   for e in rng.sample(err, min(args.examples, len(err))) for t in twins_of[e.id][:1]]))
-    del by_id
 
 
 if __name__ == "__main__":
