@@ -60,14 +60,13 @@ def test_span_records_round_trip_and_are_refused_by_exact_steps(tokenizer, tmp_p
     bad.write_text((tmp_path / "pairs.jsonl").read_text().replace('"corrupt_end": ', '"corrupt_end": 1'))
     with pytest.raises(EclensError, match=r"bad.jsonl:1: .*differ in"):
         load_aligned(bad)
-    from eclens.diff import run_diff
-    from eclens.patch import exact_patch
+    from eclens.patch import exact_patch, layer_exchange, layer_skip
 
-    with pytest.raises(EclensError, match=r"^ec diff needs single-token pairs.*span-aligned") as e:
-        run_diff(None, [a])
-    assert "\n" not in str(e.value)
-    with pytest.raises(EclensError, match=r"^patching needs single-token pairs"):
-        exact_patch(None, [a])
+    # Exact patching, layer exchange and layer skipping swap activations position by position: one line each.
+    for fn, step in ((exact_patch, "patching"), (layer_exchange, "layer exchange"), (layer_skip, "layer skipping")):
+        with pytest.raises(EclensError, match=rf"^{step} needs single-token pairs.*span-aligned") as e:
+            fn(None, [a])
+        assert "\n" not in str(e.value)
 
 
 def _one_replace(x: list[int], y: list[int]) -> bool:

@@ -41,7 +41,7 @@ from .errors import EclensError
 from .hooks import PATTERN_HOOKS, iter_batches, pad_id, select_hooks, split_hook
 from .integrity import check_file, verify_file
 from .model import DTYPES
-from .pairs import AlignedPair, aligned_from_dict, aligned_position
+from .pairs import AlignedPair, aligned_from_dict, aligned_position, require_single
 from .runs import save_tensors, write_json
 
 CACHE_DIR = "cache"
@@ -134,6 +134,8 @@ def write_cache(
         raise EclensError("--shard-size must be at least 1")
     if not aligned_pairs:
         raise EclensError("no valid pairs to cache")
+    # The cache stores both sentences at one set of positions (and Δ between them): a span has none.
+    require_single(aligned_pairs, "ec cache")
     names = select_hooks(model, expand_hook_spec(hooks))
     extra: list[str] = []
     if for_tl:

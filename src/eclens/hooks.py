@@ -106,7 +106,8 @@ def select_hooks(model, spec: str | Sequence[str] | None = None) -> list[str]:
 
 @dataclass
 class PairBatch:
-    """Clean rows ``0..B-1`` and corrupt rows ``B..2B-1`` of one right-padded tensor."""
+    """Clean rows ``0..B-1`` and corrupt rows ``B..2B-1`` of one right-padded tensor (``lengths``: the clean
+    sentences'; a span pair's corrupt sentence may be longer or shorter)."""
 
     pairs: list[AlignedPair]
     tokens: Int[torch.Tensor, "two_b seq"]
@@ -129,12 +130,13 @@ class PairBatch:
 def make_batch(pairs: Sequence[AlignedPair], pad_id: int, device: str | torch.device = "cpu") -> PairBatch:
     if not pairs:
         raise ValueError("empty batch")
-    T = max(p.length for p in pairs)
+    # each side its own length: a span pair's sentences may differ in length (span mode)
+    T = max(max(len(p.clean_ids), len(p.corrupt_ids)) for p in pairs)
     B = len(pairs)
     toks = torch.full((2 * B, T), int(pad_id), dtype=torch.long)
     for i, p in enumerate(pairs):
-        toks[i, : p.length] = torch.tensor(p.clean_ids)
-        toks[B + i, : p.length] = torch.tensor(p.corrupt_ids)
+        toks[i, : len(p.clean_ids)] = torch.tensor(p.clean_ids)
+        toks[B + i, : len(p.corrupt_ids)] = torch.tensor(p.corrupt_ids)
     lengths = torch.tensor([p.length for p in pairs], dtype=torch.long)
     positions = torch.tensor([p.position for p in pairs], dtype=torch.long)
     return PairBatch(list(pairs), toks.to(device), lengths.to(device), positions.to(device))

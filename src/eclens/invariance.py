@@ -37,11 +37,11 @@ import torch
 from scipy.stats import norm
 
 from .bootstrap import PoissonBootstrap, PoissonConfig, split_half
-from .diff import aligned_index, hook_groups
+from .diff import hook_groups, pair_index
 from .errors import EclensError
 from .hooks import iter_batches, pad_id, select_hooks
 from .pairs import AlignedPair
-from .roles import cluster_of, detect_of, role_of, single_token_only
+from .roles import cluster_of, role_of
 from .stats import bh_qvalues
 
 CLASSES = ("invariant", "specific")
@@ -118,7 +118,6 @@ def measure_invariance(model, pairs: Sequence[AlignedPair], cfg: InvarianceConfi
     ``error`` or anything else (the comparison: twins by default)."""
     if not pairs:
         raise EclensError("invariance needs at least one valid pair")
-    single_token_only(pairs, "invariance")
     roles = [role(a) for a in pairs]
     if "error" not in roles or all(r == "error" for r in roles):
         raise EclensError("invariance needs error pairs and comparison pairs (twins, or another role via `role`)")
@@ -135,13 +134,12 @@ def measure_invariance(model, pairs: Sequence[AlignedPair], cfg: InvarianceConfi
     cells = {g.suffix: _Cells(len(g.names), len(offsets), g.width, cfg) for g in groups}
     index = {a.id: i for i, a in enumerate(pairs)}
     dev = next(model.parameters()).device
-    # Position-aligned at detect: a batch's rows are read at detect + k; one hook per name fills one layer slot.
-    view = [_DetectPair(a) for a in pairs]
+    # Position-aligned at detect: a batch's rows are read at detect + k, each side from its own span end
+    # (diff.pair_index; the same position for single-token pairs); one hook per name fills one layer slot.
     with torch.no_grad():
-        for batch in iter_batches(view, cfg.batch_size, pad_id(model), dev):
+        for batch in iter_batches(pairs, cfg.batch_size, pad_id(model), dev):
             B = batch.size
-            ix = aligned_index([a.position for a in batch.pairs], [a.length for a in batch.pairs], offsets, dev,
-                               batch.tokens.shape[1])
+            ix = pair_index(batch.pairs, offsets, dev, batch.tokens.shape[1], anchor="detect")
             got: dict[str, list] = {g.suffix: [None] * len(g.names) for g in groups}
 
             def grab(suffix, slot, got=got, ix=ix, B=B):
@@ -178,33 +176,6 @@ def measure_invariance(model, pairs: Sequence[AlignedPair], cfg: InvarianceConfi
                             acc.dsum[h, r] += (delta[s] * m[s]).sum(0).transpose(0, 1)
                             acc.dn[h, r] += m[s].sum(0).transpose(0, 1)
     return _classify(groups, cells, offsets, cfg, null_kind)
-
-
-@dataclass
-class _DetectPair:
-    """A pair seen through its detect position, for batching: ``position`` = detect."""
-
-    a: AlignedPair
-
-    @property
-    def id(self) -> str:
-        return self.a.id
-
-    @property
-    def position(self) -> int:
-        return detect_of(self.a)
-
-    @property
-    def length(self) -> int:
-        return self.a.length
-
-    @property
-    def clean_ids(self) -> list[int]:
-        return self.a.clean_ids
-
-    @property
-    def corrupt_ids(self) -> list[int]:
-        return self.a.corrupt_ids
 
 
 def _classes(err: PoissonBootstrap, cmp: PoissonBootstrap, reached: torch.Tensor, cfg: InvarianceConfig):

@@ -29,7 +29,7 @@ kept in a ``design_role`` column. The probe reads the 2x2 error cells when the r
 
 Pairs without twins (files from before designs, BLiMP) cannot be measured this way: the step
 says so in one line and writes every table with its header and no rows. Span-aligned pairs are
-refused in one line (:func:`eclens.roles.single_token_only`).
+measured from their span end (offset 0, on each side its own position: :mod:`eclens.spans`).
 
 Cost (embedded model, 2 CPU cores, the default ``ec run`` pairs): recovery is four forward
 passes per pair (clean, changed, two ignore runs), invariance one pass of both sentences with
@@ -58,7 +58,6 @@ from .invariance import InvarianceConfig, measure_invariance
 from .pairs import AlignedPair
 from .probe import ProbeConfig, items_from_pairs, layer0_check, probe_curve
 from .recovery import RecoveryConfig, RecoveryResult, measure_recovery
-from .roles import single_token_only
 from .runs import merge_json, record_step, write_json, write_table
 from .steps import StepOutcome
 
@@ -256,8 +255,6 @@ def measure(model, pairs: Sequence[AlignedPair], cfg: MeasureConfig = MeasureCon
             log=None, progress: bool = False) -> MeasureResult:
     """Recovery, selective invariance and the probe on ``pairs`` (see the module docstring)."""
     say = log or (lambda s: None)
-    if pairs:
-        single_token_only(pairs, "ec measure")
     chosen = with_roles(choose_clusters(pairs, cfg.max_clusters, cfg.seed), cfg.comparison)
     design = {a.id: str(a.pair.role) for a in pairs}
     roles = [a.pair.role for a in chosen]

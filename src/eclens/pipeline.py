@@ -74,6 +74,7 @@ class RunConfig:
     baseline: str | None = None         # "random": diff + candidate rules again on random:NAME, counts side by side
     measure_clusters: int | None = 10   # clusters per category the measure step uses (None: all)
     measure_permutations: int = 3       # the measure step's permutation null (invariance; the probe 2x)
+    span: bool = False                  # align in span mode: keep pairs that differ in one span of tokens
 
     def step_params(self, step: str) -> dict:
         keys = {
@@ -87,7 +88,10 @@ class RunConfig:
             "attribution": ("attribution_pairs", "verify_top", "metric", "seed", "patch_hooks"),
             "report": ("report_examples",),
         }[step]
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((k, getattr(self, k)) for k in keys)}
+        out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in ((k, getattr(self, k)) for k in keys)}
+        if step == "pairs" and self.span:  # only when set: run folders made before span mode keep their key
+            out["span"] = True
+        return out
 
 
 @dataclass
@@ -228,7 +232,7 @@ def pipeline_steps(cfg: RunConfig) -> list[Step]:
     fns = {
         "pairs": lambda run, model, pairs, progress, log: pairs_step(
             run, model, cfg.pairs_file, n_per_category=cfg.n_per_category, seed=cfg.seed,
-            manifest={"seed": cfg.seed}),
+            manifest={"seed": cfg.seed}, mode="span" if cfg.span else "single"),
         "diff": lambda run, model, pairs, progress, log: diff_step(run, model, pairs, diff_cfg,
                                                                    batch_size=cfg.batch_size, progress=progress),
         "measure": lambda run, model, pairs, progress, log: measure_step(run, model, pairs, measure_cfg,
@@ -242,14 +246,16 @@ def pipeline_steps(cfg: RunConfig) -> list[Step]:
                                                                                  progress=progress),
         "report": lambda run, model, pairs, progress, log: report_step(run, model, n_examples=cfg.report_examples),
     }
+    for name in ("exact", "dims", "attribution"):
+        fns[name] = _single_token(fns[name], name)
     steps = [Step(name, fns[name], cfg.step_params(name), fixed=name == "pairs") for name in STEPS]
     if cfg.skip_pairs > 0:  # opt-in (a sweep of every layer and component): before the report, which reads it
         from .steps import SkipStepConfig, skip_step
 
         skip_cfg = SkipStepConfig(n_pairs=cfg.skip_pairs, seed=cfg.seed, batch_size=cfg.patch_batch_size)
         at = next((i for i, st in enumerate(steps) if st.name == "report"), len(steps))
-        steps.insert(at, Step("skip", lambda run, model, pairs, progress, log: skip_step(
-            run, model, pairs, skip_cfg, progress=progress), cfg.step_params("skip")))
+        steps.insert(at, Step("skip", _single_token(lambda run, model, pairs, progress, log: skip_step(
+            run, model, pairs, skip_cfg, progress=progress), "skip"), cfg.step_params("skip")))
     if cfg.baseline is not None:
         if cfg.baseline != "random":
             raise EclensError(f"unknown baseline {cfg.baseline!r}: use random")
@@ -260,6 +266,23 @@ def pipeline_steps(cfg: RunConfig) -> list[Step]:
             run, model, pairs, diff_config=diff_cfg, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress),
             cfg.step_params("baseline")))
     return steps
+
+
+def _single_token(fn: Callable[..., StepOutcome], step: str) -> Callable[..., StepOutcome]:
+    """``fn`` on the run's single-token pairs only (exact patching, the candidate sets' tests, attribution and
+    layer skipping swap activations position by position): the span pairs left out are said in one line, and a
+    run with none left records the step as empty with that line."""
+    from .spans import single_token_subset
+
+    def run_on_single(run, model, pairs, progress, log):
+        keep, note = single_token_subset(pairs, step)
+        if note:
+            log(f"      {note}")
+        if pairs and not keep:
+            return StepOutcome("empty", [], note)
+        return fn(run, model, keep, progress=progress, log=log)
+
+    return run_on_single
 
 
 def run_pipeline(run: str | Path, model, config: RunConfig | None = None, *,

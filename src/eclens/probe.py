@@ -1,7 +1,8 @@
 """Error signal: a linear probe per layer that tells error from acceptable activations.
 
 Items are sentences with a label (1 = contains the error, 0 = acceptable), the position read
-(``detect`` plus an optional offset) and a cluster. Per layer (the embedding, then the residual
+(``detect`` plus an optional offset; in a span pair each sentence at its own, counted from its span
+end as in :mod:`eclens.spans`) and a cluster. Per layer (the embedding, then the residual
 stream after every block) a standardised logistic regression (scikit-learn) is trained and scored
 with out-of-fold predictions, folds grouped by cluster (``GroupKFold``), so that no frame is in
 both the training and the test fold. Reported per layer, beside the accuracy and its
@@ -36,7 +37,7 @@ from .bootstrap import BootstrapConfig, cluster_bootstrap, cluster_codes
 from .errors import EclensError
 from .hooks import pad_id
 from .pairs import AlignedPair
-from .roles import cluster_of, detect_of, role_of, single_token_only
+from .roles import cluster_of, role_of
 
 
 @dataclass(frozen=True)
@@ -76,14 +77,16 @@ def items_from_pairs(pairs: Sequence[AlignedPair], offset: int = 0) -> ProbeItem
     """Each pair's clean sentence (label 0) and changed sentence (1 for an ``error`` role, 0 otherwise), read at
     ``detect + offset``; a clean sentence shared by pairs of one cluster counts once. Pairs too short for the
     offset are left out, and counted in the one-line error if none remain."""
-    single_token_only(pairs, "the probe")
+    from .spans import side_anchor
+
     seen: set[tuple[str, tuple[int, ...]]] = set()
     ids, pos, lab, cl = [], [], [], []
     for a in pairs:
-        t = detect_of(a) + offset
-        if t >= a.length:
+        # each sentence read at its own detect + offset: a span pair's sides differ in length before it
+        tc, tx = side_anchor(a, "clean", "detect") + offset, side_anchor(a, "corrupt", "detect") + offset
+        if tc >= a.length or tx >= len(a.corrupt_ids):
             continue
-        for toks, y in ((a.clean_ids, 0), (a.corrupt_ids, int(role_of(a) == "error"))):
+        for toks, y, t in ((a.clean_ids, 0, tc), (a.corrupt_ids, int(role_of(a) == "error"), tx)):
             key = (cluster_of(a), tuple(toks))
             if key in seen:
                 continue

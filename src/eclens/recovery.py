@@ -8,6 +8,12 @@ distributions (the deleted run is read at ``t - 1``, which predicts the same nex
 log-prob the run gives the clean sentence's next token minus the clean run's. Positions are also
 stated as offsets after ``detect`` (``offset = t - detect``).
 
+**Span pairs** (a misspelling of another number of tokens): ``p`` is the span's last token on each
+side (:mod:`eclens.spans`), rows run from it to the last token, the clean run read at ``t`` and the
+changed runs at ``t_changed`` (the same token after the span); the mean embedding replaces every token
+of the span and the deleted run loses the whole span, so it is read at the token before the span plus
+the offset. Positions inside a span have no counterpart and are not rows.
+
 **Recovery index** (DESIGN.md) per cluster and offset ``k`` after detect::
 
     R(k) = mean_err log(KL(k) / KL(0)) − mean_twin log(KL(k) / KL(0))
@@ -48,7 +54,7 @@ from .bootstrap import BootstrapConfig, Interval, cluster_bootstrap, cluster_rep
 from .errors import EclensError
 from .hooks import pad_id
 from .pairs import AlignedPair
-from .roles import cluster_of, detect_of, role_of, single_token_only
+from .roles import cluster_of, detect_of, role_of
 from .runs import write_json, write_table
 
 RUNS = ("changed", "ignore_mean", "ignore_delete")
@@ -71,9 +77,10 @@ def mean_embedding(model) -> Float[torch.Tensor, " d_model"]:
 
 
 def _tokens(pairs: Sequence[AlignedPair], pad: int) -> tuple[torch.Tensor, list[list[int]]]:
-    """``[4B, T]``: clean, changed, changed (its token's embedding replaced in the hook), changed minus its token."""
+    """``[4B, T]``: clean, changed, changed (its changed tokens' embeddings replaced in the hook), changed minus
+    its changed tokens (a span pair loses its whole span)."""
     rows = [a.clean_ids for a in pairs] + [a.corrupt_ids for a in pairs] * 2
-    rows += [a.corrupt_ids[: a.position] + a.corrupt_ids[a.position + 1:] for a in pairs]
+    rows += [a.corrupt_ids[: a.position] + a.corrupt_ids[a.corrupt_end:] for a in pairs]
     T = max(len(r) for r in rows)
     toks = torch.full((len(rows), T), pad, dtype=torch.long)
     for i, r in enumerate(rows):
@@ -82,14 +89,20 @@ def _tokens(pairs: Sequence[AlignedPair], pad: int) -> tuple[torch.Tensor, list[
 
 
 def batch_rows(logits: Float[torch.Tensor, "four_b seq vocab"], pairs: Sequence[AlignedPair]) -> pd.DataFrame:
-    """Rows of ``recovery.csv`` from the logits of one :func:`_tokens` batch (pair × position ``t >= p``)."""
+    """Rows of ``recovery.csv`` from the logits of one :func:`_tokens` batch: pair × aligned position from the
+    change's last token (``p``; a span pair's span end, :mod:`eclens.spans`) to the last token. ``t`` is the
+    clean sentence's position, ``t_changed`` the changed one's (they differ after a span of another length);
+    the deleted run is read at the token before the change plus the same offset (it predicts the same token)."""
     B = len(pairs)
     dev = logits.device
     p = torch.tensor([a.position for a in pairs])
     n = torch.tensor([a.length for a in pairs])
-    cnt = n - p
+    ce = torch.tensor([int(a.clean_end) for a in pairs])
+    xe = torch.tensor([int(a.corrupt_end) for a in pairs])
+    cnt = n - ce + 1
     ri = torch.repeat_interleave(torch.arange(B), cnt)
-    ti = torch.arange(int(cnt.sum())) - torch.repeat_interleave(cnt.cumsum(0) - cnt, cnt) + p[ri]
+    k = torch.arange(int(cnt.sum())) - torch.repeat_interleave(cnt.cumsum(0) - cnt, cnt)  # offset from the end
+    ti, tx, td = ce[ri] - 1 + k, xe[ri] - 1 + k, p[ri] - 1 + k
     last = ti == n[ri] - 1
     # the clean next token at t (a dummy at the last position, whose value is dropped)
     rl = [pairs[i] for i in ri.tolist()]
@@ -99,26 +112,29 @@ def batch_rows(logits: Float[torch.Tensor, "four_b seq vocab"], pairs: Sequence[
     pc = lc.exp()
     nxt_d = nxt.to(dev)[:, None]
     lp_c = lc.gather(-1, nxt_d).squeeze(-1)
-    src = {"changed": (B + ri, ti), "ignore_mean": (2 * B + ri, ti), "ignore_delete": (3 * B + ri, (ti - 1).clamp_min(0))}
+    src = {"changed": (B + ri, tx), "ignore_mean": (2 * B + ri, tx), "ignore_delete": (3 * B + ri, td.clamp_min(0))}
     cols: dict[str, np.ndarray] = {}
     for name, (rows, pos) in src.items():
         lx = torch.log_softmax(logits[rows.to(dev), pos.to(dev)].double(), -1)
         kl = (pc * (lc - lx)).sum(-1).double().cpu()
         lpd = (lx.gather(-1, nxt_d).squeeze(-1) - lp_c).double().cpu()
         lpd[last] = float("nan")  # the last token has no next token
-        if name == "ignore_delete":  # nothing predicts the first token of a sentence that lost its first token
-            kl[ti == 0] = float("nan")
-            lpd[ti == 0] = float("nan")
+        if name == "ignore_delete":  # nothing predicts the first token of a sentence that lost its first tokens
+            kl[td < 0] = float("nan")
+            lpd[td < 0] = float("nan")
         cols[f"kl_{name}"], cols[f"lp_{name}"] = kl.numpy(), lpd.numpy()
+    from .spans import side_anchor
+
     df = pd.DataFrame({
         "id": [a.id for a in rl], "category": [a.category for a in rl],
         "cluster": [cluster_of(a) for a in rl], "role": [role_of(a) for a in rl],
-        "p": p[ri].numpy(), "detect": [detect_of(a) for a in rl], "length": n[ri].numpy(),
+        "p": p[ri].numpy(), "detect": [side_anchor(a, "clean", "detect") for a in rl], "length": n[ri].numpy(),
         "t": ti.numpy(), "last": last.numpy(),
     })
     df.insert(8, "offset", df["t"] - df["detect"])
-    for k, v in cols.items():
-        df[k] = v
+    df.insert(9, "t_changed", tx.numpy())
+    for key, v in cols.items():
+        df[key] = v
     return df
 
 
@@ -128,10 +144,11 @@ def pair_recovery(model, pairs: Sequence[AlignedPair], cfg: RecoveryConfig = Rec
     the changed run and of both ignore runs against the clean run (columns ``kl_*``, ``lp_*``)."""
     if not pairs:
         raise EclensError("recovery needs at least one valid pair")
-    single_token_only(pairs, "recovery")
     for a in pairs:
-        if not a.position <= detect_of(a) < a.length:
-            raise EclensError(f"pair {a.id!r}: detect {detect_of(a)} is outside p..last ({a.position}..{a.length - 1})")
+        first = int(a.corrupt_end) - 1  # p, or a span pair's span end: where its aligned positions start
+        if not first <= detect_of(a) < len(a.corrupt_ids):
+            raise EclensError(f"pair {a.id!r}: detect {detect_of(a)} is outside p..last ({first}.."
+                              f"{len(a.corrupt_ids) - 1})")
     pad = pad_id(model)
     emb = mean_embedding(model)
     order = sorted(range(len(pairs)), key=lambda i: pairs[i].length)
@@ -141,8 +158,9 @@ def pair_recovery(model, pairs: Sequence[AlignedPair], cfg: RecoveryConfig = Rec
             chunk = [pairs[i] for i in order[s:s + cfg.batch_size]]
             toks, _ = _tokens(chunk, pad)
             B = len(chunk)
-            rr = torch.arange(2 * B, 3 * B)
-            pp = torch.tensor([a.position for a in chunk])
+            # the mean embedding at every changed token of the third block's rows (a span pair's whole span)
+            rr = torch.cat([torch.full((a.corrupt_end - a.position,), 2 * B + i) for i, a in enumerate(chunk)])
+            pp = torch.cat([torch.arange(a.position, a.corrupt_end) for a in chunk])
 
             def embed_hook(act, hook, rr=rr, pp=pp):
                 act[rr.to(act.device), pp.to(act.device)] = emb.to(act.device, act.dtype)

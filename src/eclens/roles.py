@@ -36,8 +36,9 @@ def swap_direction_of(a: AlignedPair) -> str | None:
 
 
 def detect_of(a: AlignedPair) -> int:
-    """The token position where the error becomes detectable; ``p`` when unknown."""
-    return int(a.position if a.detect_position is None else a.detect_position)
+    """The token position (in the changed sentence) where the error becomes detectable; ``p`` when unknown,
+    which for a span pair is the span's last token (:mod:`eclens.spans`: offset 0 is the span end)."""
+    return int(a.corrupt_end - 1 if a.detect_position is None else a.detect_position)
 
 
 def single_token_only(pairs, step: str) -> None:

@@ -317,13 +317,14 @@ def save_check(run: str | os.PathLike, res, source, dataset: dict, **manifest: A
 
 
 def prepare_run_pairs(model, source: str | os.PathLike, run: str | os.PathLike, fmt: str | None = None,
-                      raw: Sequence | None = None, manifest: dict | None = None):
+                      raw: Sequence | None = None, manifest: dict | None = None, mode: str = "single"):
     """Aligned pairs for a run: from a run folder's ``pairs.jsonl``, or a raw pairs file aligned now.
 
     A raw file (``raw``: its pairs, when the caller has read them already) is checked with
     :func:`eclens.pairs.check_with_model`; ``pairs.jsonl``, ``rejected.jsonl`` and ``check.csv`` are
     written into ``run`` and the manifest gets its ``dataset`` entry; a file without one valid pair is
-    the one-line error and nothing is written (``manifest``: further fields to record). Returns ``(aligned_pairs, check_result_or_None)``.
+    the one-line error and nothing is written (``manifest``: further fields to record; ``mode``: the alignment
+    mode, ``span`` to keep pairs that differ in one span of tokens). Returns ``(aligned_pairs, check_result_or_None)``.
     """
     from .pairs import check_with_model, load_aligned, load_pairs, write_jsonl
 
@@ -341,7 +342,7 @@ def prepare_run_pairs(model, source: str | os.PathLike, run: str | os.PathLike, 
         return aligned, None
     if not source.exists():
         raise EclensError(f"{source}: no such run folder or pairs file")
-    res = check_with_model(raw if raw is not None else load_pairs(source, fmt=fmt), model)
+    res = check_with_model(raw if raw is not None else load_pairs(source, fmt=fmt), model, mode=mode)
     save_check(run, res, source, {"path": str(source), "sha256": file_sha256(source)}, **(manifest or {}))
     return res.valid, res
 

@@ -1,9 +1,11 @@
-"""Where two token sequences differ, and where a word of a sentence sits in its tokens.
+"""Where two token sequences differ, where a word of a sentence sits in its tokens, and where a
+pair's two sentences are read.
 
 Pure functions on token-id lists and strings (no tokenizer state), used by
 :func:`eclens.pairs.align`: the one contiguous span in which a pair's tokenizations
 differ (span mode), and the conversion of a ``detect`` word index to a token position
-under a given tokenizer.
+under a given tokenizer. Then the aligned positions every step that reads both runs of a
+pair uses (diff, recovery, invariance, the probe): offset 0 at each side's own span end.
 """
 
 from __future__ import annotations
@@ -98,3 +100,58 @@ def map_char(clean: str, corrupt: str, char: int) -> int:
     if char < i:
         return char
     return max(i, char - len(corrupt) + len(clean))
+
+
+# ----------------------------------------------------------------------------- aligned positions of a pair
+#
+# One meaning of "p" for every step that reads both runs of a pair (diff, recovery, invariance, the probe):
+# offset 0 is the change's last token on each side (its own span end; the changed token of a single-token
+# pair), offset k >= 1 the k-th token after it, offset -1 the last token. After the span the two sentences
+# hold the same tokens, so offset k names the same word on both sides although the positions differ by the
+# span's length difference. Positions inside a span have no counterpart and are never read.
+
+
+def anchor_offset(a, anchor: str = "p") -> int:
+    """Where offset 0 sits, in offsets from the change's last token: 0 for ``p``, the detect word's offset
+    for ``detect`` (0 when the record names none)."""
+    if anchor == "p":
+        return 0
+    d = a.detect_offset
+    return 0 if d is None else int(d)
+
+
+def side_anchor(a, side: str, anchor: str = "p") -> int:
+    """The token position of offset 0 on ``side`` (``clean`` or ``corrupt``) under ``anchor`` (``p``/``detect``)."""
+    end = a.clean_end if side == "clean" else a.corrupt_end
+    return int(end) - 1 + anchor_offset(a, anchor)
+
+
+def side_length(a, side: str) -> int:
+    return len(a.clean_ids if side == "clean" else a.corrupt_ids)
+
+
+def side_position(a, side: str, offset: int, anchor: str = "p") -> int | None:
+    """The position read at ``offset`` after the anchor on ``side`` (``-1``: the last token), or ``None`` past
+    the sentence's end."""
+    n = side_length(a, side)
+    if offset < 0:
+        return n - 1
+    t = side_anchor(a, side, anchor) + offset
+    return t if t < n else None
+
+
+def suffix_count(a) -> int:
+    """How many aligned positions a pair has from its span end to its last token (the same on both sides)."""
+    return len(a.clean_ids) - int(a.clean_end) + 1
+
+
+def single_token_subset(pairs: Sequence, step: str) -> tuple[list, str | None]:
+    """The single-token pairs, for a step of a run that cannot take span pairs, and a one-line note saying how
+    many were left out and why (``None`` when none were)."""
+    keep = [a for a in pairs if a.mode == "single"]
+    n = len(pairs) - len(keep)
+    if not n:
+        return keep, None
+    return keep, (f"{step}: {n} span-aligned pair(s) left out (this step swaps activations position by position, "
+                  f"and a span of another length has no position-by-position counterpart); {len(keep)} "
+                  "single-token pair(s) remain")

@@ -42,11 +42,12 @@ def _worker() -> StepOutcome:
 
 def pairs_step(run: str | Path, model, source: str | Path | None = None, *, n_per_category: int = 25,
                seed: int = 0, fmt: str | None = None, raw: Sequence | None = None,
-               manifest: dict | None = None) -> StepOutcome:
+               manifest: dict | None = None, mode: str = "single") -> StepOutcome:
     """Align the run's pairs under ``model`` and write ``pairs.jsonl``, ``rejected.jsonl``, ``check.csv``.
 
     ``source``: a pairs file (``raw``: its pairs, if already read), a run folder (its ``pairs.jsonl``), or
     ``None`` for template pairs (``n_per_category``, ``seed``). ``manifest``: further fields to record.
+    ``mode``: ``single`` (default) or ``span`` (also pairs that differ in one span of tokens, e.g. misspellings).
     """
     manifest = manifest or {}
     import hashlib
@@ -64,11 +65,11 @@ def pairs_step(run: str | Path, model, source: str | Path | None = None, *, n_pe
         blob = "\n".join(json.dumps(p.to_dict(), sort_keys=True, ensure_ascii=False) for p in raw)
         dataset = {"path": f"templates(n_per_category={n_per_category}, seed={seed})",
                    "sha256": hashlib.sha256(blob.encode()).hexdigest()}
-        res = check_with_model(raw, model)
+        res = check_with_model(raw, model, mode=mode)
         save_check(run, res, dataset["path"], dataset, **manifest)
         aligned = res.valid
     else:
-        aligned, res = prepare_run_pairs(model, source, run, fmt, raw=raw, manifest=manifest)
+        aligned, res = prepare_run_pairs(model, source, run, fmt, raw=raw, manifest=manifest, mode=mode)
     if res is None:
         return StepOutcome("done", ["pairs.jsonl"], f"{len(aligned)} aligned pairs from {Path(source) / 'pairs.jsonl'}",
                            aligned)

@@ -405,8 +405,11 @@ def _kl_per_position(logits: Float[Any, "two seq vocab"]) -> np.ndarray:
 def pair_view(model, pair, *, hooks: Sequence[str] = (DEFAULT_HOOK,), attention_layers: Sequence[int] = ()) -> PairView:
     """Per-layer, per-position differences, downstream KL and attention patterns for one aligned pair.
 
-    One forward pass over the two sentences (no padding: they have the same length),
-    caching only the requested hooks, so it is cheap enough to run on demand.
+    One forward pass over the two sentences (right-padded: a span pair's may differ in length),
+    caching only the requested hooks, so it is cheap enough to run on demand. Rows are the clean
+    sentence's positions; a span pair's changed sentence is read at the aligned position (after the
+    span: the same token, from its own span end; inside it: the changed span's token at that place,
+    its last one where the clean span is longer).
     """
     import torch
 
@@ -419,9 +422,15 @@ def pair_view(model, pair, *, hooks: Sequence[str] = (DEFAULT_HOOK,), attention_
     want = {f"blocks.{L}.{h}" for L in range(n_layers) for h in hooks}
     want |= {f"blocks.{int(L)}.attn.hook_pattern" for L in attention_layers}
     dev = next(model.parameters()).device
-    toks = torch.tensor([pair.clean_ids, pair.corrupt_ids], dtype=torch.long, device=dev)
+    nc, nx = len(pair.clean_ids), len(pair.corrupt_ids)
+    toks = torch.full((2, max(nc, nx)), int(pair.clean_ids[-1]), dtype=torch.long)
+    toks[0, :nc], toks[1, :nx] = torch.tensor(pair.clean_ids), torch.tensor(pair.corrupt_ids)
+    start, shift = int(pair.position), int(pair.corrupt_end) - int(pair.clean_end)
+    xs = torch.tensor([t if t < start else t + shift if t >= pair.clean_end - 1 else min(t, pair.corrupt_end - 1)
+                       for t in range(nc)], device=dev)  # the changed sentence's position of each clean one
     with torch.no_grad():
-        logits, cache = model.run_with_cache(toks, names_filter=lambda n: n in want)
+        logits, cache = model.run_with_cache(toks.to(dev), names_filter=lambda n: n in want)
+    logits = torch.stack([logits[0, :nc], logits[1, xs]])
     rows = []
     for h in hooks:
         for L in range(n_layers):
@@ -430,6 +439,7 @@ def pair_view(model, pair, *, hooks: Sequence[str] = (DEFAULT_HOOK,), attention_
                 raise EclensError(f"hook {name} was not cached; see `ec model info` for hook names")
             a = cache[name].float()
             a = a.reshape(a.shape[0], a.shape[1], -1)  # per-head hooks [2, seq, heads, d] flatten to [2, seq, heads*d]
+            a = torch.stack([a[0, :nc], a[1, xs]])
             d = a[1] - a[0]
             rel = (d.norm(dim=-1) / a[0].norm(dim=-1).clamp_min(1e-8)).cpu().numpy()
             cos = torch.nn.functional.cosine_similarity(a[0], a[1], dim=-1).cpu().numpy()
@@ -439,7 +449,7 @@ def pair_view(model, pair, *, hooks: Sequence[str] = (DEFAULT_HOOK,), attention_
     att = {}
     for L in attention_layers:
         pat = cache[f"blocks.{int(L)}.attn.hook_pattern"].float().cpu().numpy()
-        att[int(L)] = (pat[0], pat[1])
+        att[int(L)] = (pat[0][:, :nc, :nc], pat[1][:, :nx, :nx])
     tok = model.tokenizer
     return PairView(pair.id, pair.category, pair.pair.clean, pair.pair.corrupt, int(pair.position),
                     token_strings(tok, pair.clean_ids), token_strings(tok, pair.corrupt_ids), diffs,

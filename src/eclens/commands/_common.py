@@ -48,7 +48,7 @@ def preflight_pairs(path: Path | None, fmt: str | None = None):
 
 
 def aligned_pairs(m, source: Path, run: Path, ctx=None, *, fmt: str | None = None, raw=None,
-                  manifest: dict | None = None, say=None) -> list:
+                  manifest: dict | None = None, say=None, mode: str = "single") -> list:
     """The run's aligned pairs, aligned and written once (:func:`eclens.runs.prepare_run_pairs`, by rank 0
     under torchrun; the other ranks read what it wrote). ``say(check)`` reports a fresh check."""
     from .. import distributed as D
@@ -58,11 +58,11 @@ def aligned_pairs(m, source: Path, run: Path, ctx=None, *, fmt: str | None = Non
 
     main = ctx is None or ctx.is_main
     if main:
-        aligned, chk = prepare_run_pairs(m, source, run, fmt, raw=raw, manifest=manifest)
+        aligned, chk = prepare_run_pairs(m, source, run, fmt, raw=raw, manifest=manifest, mode=mode)
         if chk is not None and say is not None:
             say(chk)
     elif raw is not None:  # fail with rank 0 on a file without one valid pair rather than wait for it
-        chk = check_with_model(raw, m)
+        chk = check_with_model(raw, m, mode=mode)
         if not chk.valid:
             raise chk.none_valid_error(source)
     if ctx is not None:

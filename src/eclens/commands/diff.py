@@ -58,7 +58,7 @@ def _model_entry(run: Path, m) -> dict:
 
 
 def _open_pairs_run(pairs: Path, out_dir: Path | None, fmt, model: str, device: str, dtype: str, device_map,
-                    load_in_8bit: bool, load_in_4bit: bool):
+                    load_in_8bit: bool, load_in_4bit: bool, mode: str = "single"):
     """What `ec diff` and `ec cache` do before their pass: check the pairs file, join torchrun, lock the
     run folder, load the model and align the pairs once. Returns (ctx, run, model, manifest entry, pairs)."""
     if not pairs.exists():
@@ -77,7 +77,7 @@ def _open_pairs_run(pairs: Path, out_dir: Path | None, fmt, model: str, device: 
     m = load(model, device, dtype, device_map, load_in_8bit, load_in_4bit)
     entry = _model_entry(run, m)
     aligned = aligned_pairs(m, pairs, run, ctx, fmt=fmt, raw=raw, say=_say_check,
-                            manifest={"model": entry, "world_size": ctx.world_size})
+                            manifest={"model": entry, "world_size": ctx.world_size}, mode=mode)
     return ctx, run, m, entry, aligned
 
 
@@ -104,6 +104,8 @@ def diff(
                                     "instead of the model"),
     fmt: str = FormatOpt,
     seed: int = typer.Option(0, "--seed", help="seed of the pair sample"),
+    span: bool = typer.Option(False, "--span", help="align in span mode: also pairs that differ in one span of "
+                              "tokens (misspellings), read from each sentence's own span end"),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     device_map: str = DeviceMapOpt,
@@ -142,7 +144,7 @@ def diff(
     if pairs is None:
         raise typer.BadParameter("give a PAIRS file or run folder, or --from-cache RUN")
     ctx, run, m, entry, aligned = _open_pairs_run(pairs, out_dir, fmt, model, device, dtype, device_map,
-                                                   load_in_8bit, load_in_4bit)
+                                                   load_in_8bit, load_in_4bit, "span" if span else "single")
     from .. import distributed as D
     cfg = DiffConfig(hooks=hooks, max_offset=max_offset, include_last=last, by_category=by_category,
                      sample_size=sample_size, seed=seed, **rule)

@@ -97,6 +97,8 @@ def run(
                                              "null draws (invariance; the probe twice as many)"),
     keep_state: bool = typer.Option(False, "--keep-state", help="keep RUN/state (the diff's accumulators, "
                                     "which only a resume or a merge reads) once the run completes"),
+    span: bool = typer.Option(False, "--span", help="align in span mode: also keep pairs that differ in one "
+                              "contiguous span of tokens (misspellings); patching steps use the single-token ones"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
 ) -> None:
     """The whole study: pairs -> check -> diff -> measure (recovery, invariance, probe) -> patch (candidates
@@ -130,7 +132,8 @@ def run(
                     max_sets=max_sets, top_k=top_k, n_controls=n_controls, attribution_pairs=attribution_pairs,
                     verify_top=verify_top, metric=metric, split=None if split < 0 else split,
                     skip_pairs=max(0, skip_pairs), baseline=baseline,
-                    measure_clusters=measure_clusters or None, measure_permutations=measure_permutations)
+                    measure_clusters=measure_clusters or None, measure_permutations=measure_permutations,
+                    span=span)
     raw = preflight_pairs(pairs)
     console.print(f"run folder: {out_dir}")
     from ..lock import lock_run
@@ -140,7 +143,7 @@ def run(
     if raw is not None:
         from ..pairs import check_with_model
 
-        chk = check_with_model(raw, m)
+        chk = check_with_model(raw, m, mode="span" if span else "single")
         if not chk.valid:  # before the run folder is made, so a failed start leaves nothing behind
             raise chk.none_valid_error(pairs)
     res = run_pipeline(out_dir, m, cfg, log=lambda s: console.print(s, markup=False), progress=not quiet,

@@ -78,6 +78,11 @@ one half of the clusters: choose on half 0, test on half 1.
 the token where the error becomes detectable (``roles.detect_of``; ``p`` without a detect
 word). Per-pair log-probs and KL still start at ``p``.
 
+**Span pairs** (``align(..., mode="span")``): offset 0 is the span's last token on each side, offset
+``k`` the ``k``-th token after it, read in each sentence at its own position (:func:`pair_index`,
+:mod:`eclens.spans`); a single-token pair reads both at ``p + k`` as before. The KL list of
+``pairs.csv`` then starts at the span end, and ``*_token_logprob`` is the whole span's log-prob.
+
 **Intervals**: ``rel_l2_mean_lo``/``_hi`` in ``layers.parquet`` and the headline numbers in
 ``summary.json`` are percentile cluster-bootstrap intervals (``n_boot`` replicates) over the
 sampled pairs' per-pair relative L2 (all pairs up to ``sample_size``).
@@ -179,7 +184,7 @@ from .config import (
     resolve_cells,
 )
 from .contrasts import compute_contrasts
-from .gather import AlignedIndex, Gatherer, aligned_index
+from .gather import AlignedIndex, Gatherer, aligned_index, pair_index
 from .logprobs import metric_rows, pair_info, pair_metric_tensors, pair_metrics
 from .merge import merge_results
 from .result import DiffResult
@@ -187,7 +192,8 @@ from .stats_io import load_stats, save_stats
 from .stream import run_diff, stream_batches
 
 __all__ = ["DiffConfig", "DiffResult", "DiffAccumulator", "HookGroup", "run_diff", "merge_results", "hook_groups",
-           "pair_metrics", "pair_metric_tensors", "metric_rows", "aligned_index", "load_stats", "save_stats",
+           "pair_metrics", "pair_metric_tensors", "metric_rows", "aligned_index", "pair_index", "load_stats",
+           "save_stats",
            "prepare_run_pairs", "save_check", "DEFAULT_HOOKS",
            # also importable from here, as before the split
            "HEAD_HOOKS", "NEURON_HOOKS", "PATTERN_HOOKS", "expand_hook_spec", "progress_bar", "FEATURES",

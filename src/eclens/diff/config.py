@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ..errors import EclensError
 from ..pairs import AlignedPair
-from ..roles import detect_of, swap_direction_of
+from ..roles import swap_direction_of
 
 STATS_FILE = "state/diff_stats.safetensors"  # RUN/state: what only a resume or a merge reads (eclens.state)
 META_KEY = "eclens_diff"
@@ -130,5 +130,8 @@ def resolve_cells(pairs: Sequence[AlignedPair], cfg: DiffConfig) -> list[list[st
 
 
 def anchor_position(a: AlignedPair, anchor: str) -> int:
-    """The token position offset 0 stands for under ``anchor``."""
-    return detect_of(a) if anchor == "detect" else int(a.position)
+    """The token position offset 0 stands for under ``anchor`` in the clean sentence (the changed one's is
+    :func:`eclens.spans.side_anchor`; the same for a single-token pair)."""
+    from ..spans import side_anchor
+
+    return side_anchor(a, "clean", anchor)

@@ -6,6 +6,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from jaxtyping import Int
 
 from ..errors import EclensError
 from ..hooks import (
@@ -17,11 +18,12 @@ from ..pairs import aligned_position
 
 @dataclass
 class AlignedIndex:
-    """Where every pair of a batch is read: rows ``[2B, 1]``, positions ``[2B, O]`` (clamped), validity ``[B, O]``."""
+    """Where every pair of a batch is read: rows ``[2B, 1]``, positions ``[2B, O]`` (clamped; each side its own
+    for a span pair), validity ``[B, O]``."""
 
     rows: torch.Tensor
     pos: torch.Tensor
-    key: torch.Tensor  # [2B, 1] the changed position, for attention patterns
+    key: torch.Tensor  # [2B, 1] the changed position (a span's last token), for attention patterns
     valid: torch.Tensor  # bool [B, O], on the device
     valid_cpu: torch.Tensor
     all_valid: bool
@@ -30,23 +32,44 @@ class AlignedIndex:
 
 def aligned_index(positions: Sequence[int], lengths: Sequence[int], offsets: Sequence[int], device,
                   seq_len: int | None = None, anchors: Sequence[int] | None = None) -> AlignedIndex:
-    """``positions``: the changed tokens ``p`` (attention patterns look at them); ``anchors``: where offset 0
-    sits (``p`` when not given; the detect position under ``--anchor detect``)."""
+    """Both sides read at the same positions (single-token pairs): ``positions``: the changed tokens ``p``
+    (attention patterns look at them); ``anchors``: where offset 0 sits (``p`` when not given; the detect
+    position under ``--anchor detect``). :func:`pair_index` reads each side from its own span end."""
     p = torch.tensor(list(positions), dtype=torch.long)
     n = torch.tensor(list(lengths), dtype=torch.long)
     a = p if anchors is None else torch.tensor(list(anchors), dtype=torch.long)
-    cols = [aligned_position(a, n, k) for k in offsets]
-    pos = torch.stack(cols, 1)
-    valid = pos < n[:, None]
+    return _index(torch.cat([a, a]), torch.cat([n, n]), torch.cat([p, p]), offsets, device, seq_len)
+
+
+def pair_index(pairs: Sequence, offsets: Sequence[int], device, seq_len: int | None = None,
+               anchor: str = "p") -> AlignedIndex:
+    """Where every pair of a batch is read, each side from its own span end (:mod:`eclens.spans`): offset ``k``
+    is ``end - 1 + k`` on the clean side and ``corrupt_end - 1 + k`` on the changed one (the same position for a
+    single-token pair), shifted by the detect offset under ``anchor="detect"``; attention patterns look at the
+    span's last token of their own side."""
+    from ..spans import side_anchor
+
+    rows = [(side_anchor(a, s, anchor), len(a.clean_ids if s == "clean" else a.corrupt_ids), side_anchor(a, s))
+            for s in ("clean", "corrupt") for a in pairs]
+    anc, n, key = (torch.tensor(list(c), dtype=torch.long) for c in zip(*rows))
+    return _index(anc, n, key, offsets, device, seq_len)
+
+
+def _index(anc: Int[torch.Tensor, " two_b"], n: Int[torch.Tensor, " two_b"], key: Int[torch.Tensor, " two_b"],
+           offsets: Sequence[int], device, seq_len: int | None) -> AlignedIndex:
+    """The index from per-row anchors, lengths and attention keys (clean rows, then changed rows)."""
+    pos = torch.stack([aligned_position(anc, n, k) for k in offsets], 1)  # [2B, O]
+    B = len(anc) // 2
+    # a pair's offset is valid when it lies inside both sentences (after a span they have the same length left)
+    ok = pos < n[:, None]
+    valid = ok[:B] & ok[B:]
     pos = torch.minimum(pos, (n - 1)[:, None])  # never read a padded position
-    B = len(p)
     T = int(seq_len if seq_len is not None else n.max())
-    pos2 = torch.cat([pos, pos])
-    flat = (torch.arange(2 * B)[:, None] * T + pos2).reshape(-1)
+    flat = (torch.arange(2 * B)[:, None] * T + pos).reshape(-1)
     rows = torch.arange(2 * B, device=device)[:, None]
-    key = torch.cat([p, p])[:, None].to(device, non_blocking=True)
-    return AlignedIndex(rows, pos2.to(device, non_blocking=True), key, valid.to(device, non_blocking=True), valid,
-                        bool(valid.all()), flat.to(device, non_blocking=True))
+    return AlignedIndex(rows, pos.to(device, non_blocking=True), key[:, None].to(device, non_blocking=True),
+                        valid.to(device, non_blocking=True), valid, bool(valid.all()),
+                        flat.to(device, non_blocking=True))
 
 
 class Gatherer:

@@ -7,30 +7,42 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from jaxtyping import Float
+from jaxtyping import Float, Int
 
 from ..pairs import AlignedPair, aligned_position
 from ..roles import cluster_of, detect_of, swap_direction_of
 
 
+def span_rows(pairs: Sequence[AlignedPair]) -> list[tuple[int, int, int, int]]:
+    """``(start, clean_end, corrupt_end, corrupt length)`` of each pair, for :func:`pair_metric_tensors`."""
+    return [(int(a.position), int(a.clean_end), int(a.corrupt_end), len(a.corrupt_ids)) for a in pairs]
+
+
 def pair_metric_tensors(logits: Float[torch.Tensor, "two_b seq vocab"], tokens: torch.Tensor,
-                        positions: Sequence[int], lengths: Sequence[int]) -> dict[str, torch.Tensor]:
+                        positions: Sequence[int], lengths: Sequence[int],
+                        spans: Sequence[tuple[int, int, int, int]] | None = None) -> dict[str, torch.Tensor]:
     """Per-pair log-probs and KL, as tensors on the logits' device (no host sync).
 
     ``clean_logprob``/``corrupt_logprob`` ``[B]``: teacher-forced log-prob of each sentence;
     ``clean_token_logprob``/``corrupt_token_logprob`` ``[B]``: log p of the clean and of the
     corrupt token at ``p`` under the clean run's prediction at ``p-1`` (the prefixes are
-    identical); ``kl`` ``[sum(len - p)]``: KL(P_clean || P_corrupt) at ``t = p..len-1``,
-    pair after pair (only those rows of the vocabulary-sized log-probs are read again).
+    identical) — for a span pair the whole span's log-prob (its first token so, the rest under
+    each side's own run); ``kl`` ``[sum(len - end + 1)]``: KL(P_clean || P_corrupt) at each offset
+    from the span end (``p`` for a single-token pair) to the last token, read on each side at its own
+    position, pair after pair (only those rows of the vocabulary-sized log-probs are read again).
+    ``spans``: :func:`span_rows` (``None``: single-token pairs at ``positions``).
     """
     B = len(positions)
     T = tokens.shape[1]
     dev = logits.device
     tok = tokens.to(dev)
-    p_cpu = torch.tensor(list(positions), dtype=torch.long)
+    if spans is None:
+        spans = [(int(p), int(p) + 1, int(p) + 1, int(n)) for p, n in zip(positions, lengths)]
+    st, ce, xe, nx = (torch.tensor(c, dtype=torch.long) for c in zip(*spans))
     n_cpu = torch.tensor(list(lengths), dtype=torch.long)
-    tmask = torch.arange(T - 1)[None] < (n_cpu - 1)[:, None]  # [B, T-1]: predictions inside the sentence
-    cnt = n_cpu - p_cpu  # KL rows per pair: t = p .. len-1
+    ar = torch.arange(T - 1)[None]
+    tmask = {"clean": ar < (n_cpu - 1)[:, None], "corrupt": ar < (nx - 1)[:, None]}  # predictions inside
+    cnt = n_cpu - ce + 1  # KL rows per pair: offsets 0 (the span end) .. the last token
     # Log-softmax over the vocabulary (one fused pass; faster on the CPU than logsumexp, and the KL reuses it),
     # a few pairs at a time on the CPU: the [k, T, V] log-probs stay in cache and their memory is reused,
     # where one [2B, T, V] tensor (190 MB for 32 SmolLM2 pairs) ran half as fast. One block on a GPU.
@@ -41,23 +53,37 @@ def pair_metric_tensors(logits: Float[torch.Tensor, "two_b seq vocab"], tokens: 
         e = min(B, s + k)
         c = cnt[s:e]
         ri = torch.repeat_interleave(torch.arange(e - s), c)
-        ti = torch.arange(int(c.sum())) - torch.repeat_interleave(c.cumsum(0) - c, c) + p_cpu[s:e][ri]
-        ri, ti = ri.to(dev, non_blocking=True), ti.to(dev, non_blocking=True)
-        mask = tmask[s:e].to(dev, non_blocking=True)
+        j = torch.arange(int(c.sum())) - torch.repeat_interleave(c.cumsum(0) - c, c)  # offset from the span end
+        tc, tx = ce[s:e][ri] - 1 + j, xe[s:e][ri] - 1 + j
+        ri, tc, tx = (x.to(dev, non_blocking=True) for x in (ri, tc, tx))
         lp = {}
         for side, o in (("clean", 0), ("corrupt", B)):
             lp[side] = torch.log_softmax(logits[o + s:o + e].float(), dim=-1)  # [k, T, V]
             tl = lp[side][:, :-1].gather(-1, tok[o + s:o + e, 1:, None]).squeeze(-1)
-            out[f"{side}_logprob"].append((tl * mask).sum(-1))
-        # log p of the clean and of the corrupt token at p under the clean run's prediction at p-1
-        pos = p_cpu[s:e].to(dev, non_blocking=True)
-        before = lp["clean"][torch.arange(e - s, device=dev), (pos - 1).clamp_min(0)]  # [k, V]
-        for side, o in (("clean", 0), ("corrupt", B)):
-            out[f"{side}_token_logprob"].append(before.gather(-1, tok[o + s:o + e].gather(1, pos[:, None])))
-        lc, lx = lp["clean"][ri, ti], lp["corrupt"][ri, ti]
+            out[f"{side}_logprob"].append((tl * tmask[side][s:e].to(dev, non_blocking=True)).sum(-1))
+        for side, o, end in (("clean", 0, ce), ("corrupt", B, xe)):
+            out[f"{side}_token_logprob"].append(_span_logprob(lp, side, tok[o + s:o + e], st[s:e], end[s:e]))
+        lc, lx = lp["clean"][ri, tc], lp["corrupt"][ri, tx]
         out["kl"].append((lc.exp() * (lc - lx)).sum(-1))
-        del lp, lc, lx, before
+        del lp, lc, lx
     return {key: torch.cat(v).reshape(-1) for key, v in out.items()}
+
+
+def _span_logprob(lp: dict[str, torch.Tensor], side: str, tok: Int[torch.Tensor, "k seq"],
+                  start: Int[torch.Tensor, " k"], end: Int[torch.Tensor, " k"]) -> Float[torch.Tensor, " k"]:
+    """log p of ``side``'s changed tokens ``[start, end)``: the first under the clean run's prediction at
+    ``start - 1`` (the prefixes are identical), the rest under ``side``'s own run."""
+    dev = tok.device
+    m = end - start
+    ri = torch.repeat_interleave(torch.arange(len(m)), m)
+    t = start[ri] + torch.arange(int(m.sum())) - torch.repeat_interleave(m.cumsum(0) - m, m)
+    first = t == start[ri]
+    ri, t, first = ri.to(dev), t.to(dev), first.to(dev)
+    pred = (t - 1).clamp_min(0)  # nothing predicts the first token: its value is dropped by metric_rows
+    nxt = tok[ri, t][:, None]
+    v = torch.where(first, lp["clean"][ri, pred].gather(-1, nxt).squeeze(-1),
+                    lp[side][ri, pred].gather(-1, nxt).squeeze(-1))
+    return torch.zeros(len(m), dtype=v.dtype, device=dev).index_add_(0, ri, v)
 
 
 def metric_rows(batches: Sequence[tuple[Sequence[AlignedPair], dict[str, torch.Tensor]]],
@@ -69,8 +95,9 @@ def metric_rows(batches: Sequence[tuple[Sequence[AlignedPair], dict[str, torch.T
     cols = {k: torch.cat([m[k].reshape(-1) for _, m in batches]).double().cpu().numpy()
             for k in batches[0][1]}
     p = np.array([a.position for a in pairs])
+    e = np.array([a.clean_end - 1 for a in pairs])  # offset 0: the span end (p for a single-token pair)
     n = np.array([a.length for a in pairs])
-    cnt = n - p
+    cnt = n - e
     start = np.concatenate([[0], np.cumsum(cnt)[:-1]])
     kl_all = cols.pop("kl")
     out = {k: cols[k] for k in ("clean_logprob", "corrupt_logprob")}
@@ -79,9 +106,9 @@ def metric_rows(batches: Sequence[tuple[Sequence[AlignedPair], dict[str, torch.T
         out[k] = np.where(p > 0, cols[k], np.nan)  # nothing predicts the first token
     out["token_logprob_diff"] = out["corrupt_token_logprob"] - out["clean_token_logprob"]
     for k in offsets:
-        t = aligned_position(p, n, k)
+        t = aligned_position(e, n, k)
         ok = t < n
-        out[f"kl_{k}" if k >= 0 else "kl_last"] = np.where(ok, kl_all[start + np.where(ok, t - p, 0)], np.nan)
+        out[f"kl_{k}" if k >= 0 else "kl_last"] = np.where(ok, kl_all[start + np.where(ok, t - e, 0)], np.nan)
     seg = np.split(kl_all, np.cumsum(cnt)[:-1])
     out["kl_mean"] = np.add.reduceat(kl_all, start) / cnt
     out["kl_max"] = np.maximum.reduceat(kl_all, start)
@@ -94,11 +121,13 @@ def metric_rows(batches: Sequence[tuple[Sequence[AlignedPair], dict[str, torch.T
 def pair_metrics(logits: Float[torch.Tensor, "two_b seq vocab"], tokens: torch.Tensor, pairs: Sequence[AlignedPair],
                  offsets: Sequence[int]) -> list[dict]:
     """:func:`pair_metric_tensors` of one batch as ``pairs.csv`` rows (log-probs, per-offset KL, the KL list)."""
-    m = pair_metric_tensors(logits, tokens, [a.position for a in pairs], [a.length for a in pairs])
+    m = pair_metric_tensors(logits, tokens, [a.position for a in pairs], [a.length for a in pairs],
+                            spans=span_rows(pairs))
     return metric_rows([(pairs, m)], offsets)
 
 
 def pair_info(a: AlignedPair) -> dict:
     return {"id": a.id, "category": a.category, "source": a.pair.source, "position": a.position,
             "length": a.length, "clean_token": a.clean_token, "corrupt_token": a.corrupt_token,
-            "cluster": cluster_of(a), "swap_direction": swap_direction_of(a) or "none", "detect_position": detect_of(a)}
+            "cluster": cluster_of(a), "swap_direction": swap_direction_of(a) or "none", "detect_position": detect_of(a),
+            "mode": a.mode, "clean_end": a.clean_end, "corrupt_end": a.corrupt_end}

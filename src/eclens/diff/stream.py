@@ -20,12 +20,12 @@ from ..hooks import (
     select_hooks,
 )
 from ..model import model_device
-from ..pairs import AlignedPair, require_single
+from ..pairs import AlignedPair
 from ..progress import progress_bar
 from .accumulate import DiffAccumulator
-from .config import STATS_FILE, DiffConfig, anchor_position, resolve_categories, resolve_cells
-from .gather import Gatherer, aligned_index
-from .logprobs import pair_metric_tensors
+from .config import STATS_FILE, DiffConfig, resolve_categories, resolve_cells
+from .gather import Gatherer, pair_index
+from .logprobs import pair_metric_tensors, span_rows
 from .result import DiffResult
 from .stats_io import load_stats, save_stats
 
@@ -97,8 +97,6 @@ def run_diff(
         rule = {**{f: getattr(config, f) for f in DiffConfig.__dataclass_fields__ if f not in _SETUP_FIELDS}, **rule}
     if not aligned_pairs:
         raise EclensError("no valid pairs to diff")
-    # Span pairs need offsets taken from each side's own span end: not supported here yet.
-    require_single(aligned_pairs, "ec diff")
     ids = [a.id for a in aligned_pairs]
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
@@ -135,14 +133,13 @@ def run_diff(
     with prog as pr, _Interrupt() as intr, torch.inference_mode(), model.hooks(fwd_hooks=gat.hooks()):
         task = pr.add_task("diff", total=len(aligned_pairs), completed=n_done0) if pr is not None else None
         for batch in iter_batches(todo, batch_size, pid, device):
-            ix = aligned_index([a.position for a in batch.pairs], [a.length for a in batch.pairs], cfg.offsets,
-                               device, batch.tokens.shape[1],
-                               anchors=[anchor_position(a, cfg.anchor) for a in batch.pairs])
+            # each side read from its own span end (the same positions for single-token pairs)
+            ix = pair_index(batch.pairs, cfg.offsets, device, batch.tokens.shape[1], anchor=cfg.anchor)
             gat.index = ix
             logits = model(batch.tokens)
             acts = gat.collect()
             rows = pair_metric_tensors(logits, batch.tokens, [a.position for a in batch.pairs],
-                                       [a.length for a in batch.pairs])
+                                       [a.length for a in batch.pairs], spans=span_rows(batch.pairs))
             del logits
             acc.update(batch.pairs, acts, ix.valid, rows, ix.valid_cpu)
             del acts
