@@ -45,6 +45,15 @@ def test_half_a_of_the_run_diff_equals_a_diff_of_half_a(planted, tmp_path):
     gained = responsive(whole.for_half(0), "test/x", "up") - responsive(base, "test/x", "up")
     assert {u for _, u in gained} == set(UNITS)
     assert responsive(whole.for_half(0), "test/x", "down") == responsive(base, "test/x", "down")
+    # issue 17: the summary's means and relative changes carry cluster-bootstrap intervals around their estimate
+    sm = whole.summary
+    for col in ("logprob_diff", "kl_0"):
+        lo, hi = sm[f"mean_{col}_ci"]
+        assert lo <= sm[f"mean_{col}"] <= hi and lo < hi
+    top = sm["max_rel_l2_at_p"]["hook_resid_post"]
+    for k in ("rel_l2_mean", "rel_l2_rms", "rel_l2_rms_nomassive"):
+        assert top[f"{k}_lo"] <= top[k] <= top[f"{k}_hi"] and top[f"{k}_lo"] < top[f"{k}_hi"], (k, top)
+    assert "no interval" in sm["interval_notes"]["counts"]
     # from a run folder: the same statistics, unless the split seed or the pairs differ
     whole.save(tmp_path)
     read = run_half(tmp_path, 0, pairs)
