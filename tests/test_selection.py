@@ -27,6 +27,7 @@ def _norm(df: pd.DataFrame) -> pd.DataFrame:
     return df.sort_values(list(df.columns[:6])).reset_index(drop=True)
 
 
+@pytest.mark.slow  # three diffs of the tiny model (~140 s at load 17 on 2 cores)
 def test_half_a_of_the_run_diff_equals_a_diff_of_half_a(planted, tmp_path):
     pairs, model = planted
     whole = run_diff(model, pairs, **KW)
