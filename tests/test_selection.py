@@ -75,3 +75,25 @@ def test_set_direction_and_2x2_error_cells(tiny):
     twin = MinimalPair("y", "The dog runs fast.", "The dog ran fast.", "grammar/agreement", "t", {}, cluster="c",
                        role="twin", twin_kind="acceptable", twin_of="x")
     assert not is_error_of(align(twin, tiny.tokenizer))
+
+
+def test_a_direction_chosen_set_is_tested_on_its_own_direction(tiny, tmp_path):
+    import json
+
+    from eclens.model import manifest_model_entry
+    from eclens.runs import update_manifest
+    from eclens.steps import DimsConfig, dims_step
+
+    pairs = direction_pairs(tiny.tokenizer, n_clusters=6)
+    update_manifest(tmp_path, model=manifest_model_entry(tiny))
+    sets = [DimSet("hook_resid_pre", 1, [3, 7], 0, "responsive", "hook_resid_pre/L1/o0/responsive[up]/k2"),
+            DimSet("hook_resid_pre", 1, [4, 9], 0, "stable")]
+    out = dims_step(tmp_path, tiny, pairs, sets, DimsConfig(n_controls=3, n_perm=20, matched=False, n_pairs=4),
+                    progress=False)
+    t = out.value
+    by_set = dict(zip(t["set"], t["pairs_swap_direction"]))
+    assert by_set == {sets[0].label: "up", sets[1].label: "all"}
+    used = json.loads((tmp_path / "manifest.json").read_text())["steps"]["patch"]["dims"]["params"]["pairs"]
+    up = next(v for k, v in used.items() if k.endswith("[up]"))
+    assert up and all(i.endswith("-up") for i in up)
+    assert any(i.endswith("-down") for k, v in used.items() if not k.endswith("[up]") for i in v)
