@@ -346,7 +346,8 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
 
     from . import distributed as D
     from . import patch as P
-    from .roles import is_error_of, role_of, swap_direction_of, twin_of
+    from .diff.config import direction_label
+    from .roles import is_error_of, role_of, twin_of
     from .selection import halves, run_half, run_stats, select_half, set_cells, set_direction
 
     run, cfg, t0 = Path(run), config or DimsConfig(), time.perf_counter()
@@ -409,7 +410,7 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
     tables, controls, used, metrics, skipped = [], [], {}, [], []
     for i, ((method, direction, cat, swap), ss) in enumerate(calls.items()):
         pool = [a for a in test_pool if (cat is None or a.category == cat) and is_error_of(a)
-                and (swap is None or swap_direction_of(a) == swap)]
+                and (swap is None or direction_label(a) == swap)]  # "none": pairs whose record names none
         if not pool and (cat is not None or swap is not None) and len(calls) > 1:
             # one category's (or swap direction's) sets without error pairs to test them on (e.g. its errors
             # were all span pairs): the other tests still stand; the summary lists what was skipped
