@@ -57,7 +57,7 @@ def select_half(model, pairs_a: Sequence[AlignedPair], config=None, batch_size: 
 def run_half(run: str | Path | None, seed: int, pairs: Sequence[AlignedPair] | None = None):
     """Half A (``for_half(0)``) of the run's own diff, or ``None`` where it cannot stand in for a diff of half A:
     no readable complete diff state, no per-half rows, halves drawn with another seed than ``seed``, or a diff
-    over other pairs than ``pairs`` (when given)."""
+    of pairs that are not among ``pairs`` (when given)."""
     if run is None:
         return None
     from .diff import DiffResult
@@ -68,7 +68,8 @@ def run_half(run: str | Path | None, seed: int, pairs: Sequence[AlignedPair] | N
         return None
     if not res.config.cells or int(res.config.seed) != int(seed):
         return None
-    if pairs is not None and set(res.pairs.get("id", [])) != {a.id for a in pairs}:
+    # the diff must have been made from these pairs (it may have left out some it could not use, e.g. spans)
+    if pairs is not None and (res.pairs.empty or not set(res.pairs["id"]) <= {a.id for a in pairs}):
         return None
     return res.for_half(0)
 
