@@ -123,15 +123,15 @@ def glance(run) -> list[str]:
         out.append(f"On average the corrupt sentence's log-probability differs from the clean one's by "
                    f"{num(s['mean_logprob_diff'], 3, 'nats')}{ci(s.get('mean_logprob_diff_ci'))}, and "
                    f"the next-token distribution at the changed token moves by a KL divergence of "
-                   f"{num(s.get('mean_kl_0'), 3, 'nats')}{ci(s.get('mean_kl_0_ci'))} (95 % cluster-"
-                   "bootstrap intervals).")
+                   f"{num(s.get('mean_kl_0'), 3, 'nats')}{ci(s.get('mean_kl_0_ci'))}"
+                   + (" (95 % cluster-bootstrap intervals)" if ci(s.get("mean_kl_0_ci")) else "") + ".")
     top = s.get("max_rel_l2_at_p") or {}
     if top:
         out.append("At the changed token the activations move most, relative to their size (‖Δ‖/‖a‖), in: " + "; ".join(
             f"{h} at layer {v.get('layer')} ({pct(v.get('rel_l2_mean'), 2)} of the activation's norm"
-            f"{ci([v.get('rel_l2_mean_lo'), v.get('rel_l2_mean_hi')], percent=True)}; root mean square without "
+            f"{ci([v.get('rel_l2_mean_lo'), v.get('rel_l2_mean_hi')], 2, percent=True)}; root mean square without "
             f"massive dimensions {pct(v.get('rel_l2_rms_nomassive'), 2)}"
-            f"{ci([v.get('rel_l2_rms_nomassive_lo'), v.get('rel_l2_rms_nomassive_hi')], percent=True)})"
+            f"{ci([v.get('rel_l2_rms_nomassive_lo'), v.get('rel_l2_rms_nomassive_hi')], 2, percent=True)})"
             for h, v in top.items() if isinstance(v, dict)) + ".")
     nc = s.get("n_candidates")
     if nc is not None:
