@@ -97,3 +97,15 @@ def test_a_direction_chosen_set_is_tested_on_its_own_direction(tiny, tmp_path):
     up = next(v for k, v in used.items() if k.endswith("[up]"))
     assert up and all(i.endswith("-up") for i in up)
     assert any(i.endswith("-down") for k, v in used.items() if not k.endswith("[up]") for i in v)
+
+
+def test_sets_of_a_direction_without_error_pairs_are_a_stated_null(tiny, tmp_path):
+    from eclens.model import manifest_model_entry
+    from eclens.runs import update_manifest
+    from eclens.steps import DimsConfig, dims_step
+
+    pairs = direction_pairs(tiny.tokenizer, n_clusters=4)
+    update_manifest(tmp_path, model=manifest_model_entry(tiny))
+    s = DimSet("hook_resid_pre", 1, [3, 7], 0, "responsive", "hook_resid_pre/L1/o0/responsive[sideways]/k2")
+    out = dims_step(tmp_path, tiny, pairs, [s], DimsConfig(n_controls=3, n_perm=20, matched=False), progress=False)
+    assert out.status == "empty" and out.headline.startswith("null: no error pairs") and "[sideways]" in out.headline

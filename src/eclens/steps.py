@@ -411,7 +411,7 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
     for i, ((method, direction, cat, swap), ss) in enumerate(calls.items()):
         pool = [a for a in test_pool if (cat is None or a.category == cat) and is_error_of(a)
                 and (swap is None or direction_label(a) == swap)]  # "none": pairs whose record names none
-        if not pool and (cat is not None or swap is not None) and len(calls) > 1:
+        if not pool and (cat is not None or swap is not None) and (len(calls) > 1 or swap is not None):
             # one category's (or swap direction's) sets without error pairs to test them on (e.g. its errors
             # were all span pairs): the other tests still stand; the summary lists what was skipped
             what = " ".join(x for x in (cat, f"[{swap}]" if swap else None) if x)
@@ -453,6 +453,16 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
         used[f"{method}:{direction}:{cat or 'all'}" + (f"[{swap}]" if swap else "")] = [a.id for a in chosen_pairs]
     if ctx is not None and not ctx.is_main:
         return _worker()
+    if not tables and skipped:  # e.g. sets chosen on a direction only comparison (meaning) pairs have
+        for f in files:
+            (run / f).unlink(missing_ok=True)
+        summary = {"metric": cfg.metric, "n_sets": len(specs), "n_tests": 0, "n_significant": 0,
+                   "skipped_categories": skipped,
+                   "verdict": "null: no error pairs to test the chosen sets on (" + ", ".join(skipped) + ")"}
+        if split_info:
+            summary["split"] = split_info
+        _record(run, "dims", {**cfg.record, **split_info}, t0, [], summary, ctx)
+        return StepOutcome("empty", [], summary["verdict"], None)
     if not tables:
         raise EclensError("no error pairs to test in any category" + (f" in the test half of --split {cfg.split}"
                                                                        if split_info else "") + "; use more pairs")
