@@ -54,6 +54,8 @@ import pandas as pd
 from .bootstrap import BootstrapConfig
 from .designs import is_error
 from .errors import EclensError
+from .interaction import COLUMNS as INTERACTION_COLUMNS
+from .interaction import design_columns, headline_rows, interaction_table
 from .invariance import InvarianceConfig, measure_invariance
 from .pairs import AlignedPair
 from .probe import ProbeConfig, items_from_pairs, layer0_check, probe_curve
@@ -61,8 +63,8 @@ from .recovery import RecoveryConfig, RecoveryResult, measure_recovery
 from .runs import merge_json, record_step, write_json, write_table
 from .steps import StepOutcome
 
-FILES = ("recovery.csv", "recovery_pairs.csv", "recovery_curves.csv", "recovery_index.csv", "invariance.parquet",
-         "invariance_directions.csv", "probe.csv", "measure.json")
+FILES = ("recovery.csv", "recovery_pairs.csv", "recovery_curves.csv", "recovery_index.csv", "recovery_2x2.csv",
+         "invariance.parquet", "invariance_directions.csv", "probe.csv", "measure.json")
 
 # Every table's columns, so a step with nothing to measure still writes readable headers.
 COLUMNS: dict[str, tuple[str, ...]] = {
@@ -75,6 +77,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
                            "kllast_ignore_mean", "kl0_ignore_delete", "kllast_ignore_delete", "decay_last"),
     "recovery_curves.csv": ("category", "run", "offset", "kl_median", "low", "high", "n_clusters"),
     "recovery_index.csv": ("category", "measure", "offset", "estimate", "low", "high", "n_clusters", "note"),
+    "recovery_2x2.csv": tuple(INTERACTION_COLUMNS),
     "invariance.parquet": ("hook", "layer", "offset", "unit", "err_absz", "twin_absz", "ratio", "low", "high",
                            "q_invariant", "q_specific", "class"),
     "invariance_directions.csv": ("hook", "layer", "offset", "split_half_cos", "heldout_projection",
@@ -135,6 +138,12 @@ def measure_role(a: AlignedPair, comparison: str = "meaning/*") -> str:
 def with_roles(pairs: Sequence[AlignedPair], comparison: str = "meaning/*") -> list[AlignedPair]:
     """The pairs with ``role`` set to :func:`measure_role` (the measurement modules read ``role``)."""
     return [replace(a, pair=replace(a.pair, role=measure_role(a, comparison))) for a in pairs]
+
+
+def rec_pairs_design(pairs: Sequence[AlignedPair], chosen: Sequence[AlignedPair]) -> list[AlignedPair]:
+    """The ``chosen`` pairs with their design roles back (the measurement roles replace them in ``with_roles``)."""
+    by_id = {a.id: a for a in pairs}
+    return [by_id.get(a.id, a) for a in chosen]
 
 
 def choose_clusters(pairs: Sequence[AlignedPair], max_clusters: int | None, seed: int = 0) -> list[AlignedPair]:
@@ -226,6 +235,12 @@ def headline(s: dict) -> str:
         parts.append("recovery index at the last token (< 0: errors fade faster than twins): " + ", ".join(
             f"{_short(r['category'])} {r['index']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}]"
             if r.get("low") is not None else f"{_short(r['category'])} {r['index']:+.2f}" for r in idx))
+    i2 = [r for r in rec.get("interaction_2x2") or [] if r.get("estimate") is not None]
+    if i2:
+        parts.append("2x2 error effect on log KL decay to the last token (error vs twin, cluster effects, adjusted "
+                     "for KL at detect): " + ", ".join(
+                         f"{_short(r['category'])} {r['estimate']:+.2f} [{r['low']:+.2f}, {r['high']:+.2f}] "
+                         f"p={r['p_perm']:.3g}" for r in i2))
     ign = [r for r in rec.get("ignore") or [] if r.get("ignore") == "ignore_mean"]
     if ign:
         n = len(ign)
@@ -290,6 +305,13 @@ def measure(model, pairs: Sequence[AlignedPair], cfg: MeasureConfig = MeasureCon
     tables["recovery_curves.csv"] = rec.curves
     tables["recovery_index.csv"] = index_table(rec)
     summary["recovery"] = recovery_summary(rec)
+    # the 2x2 designs' estimand: error vs twin with cluster effects, adjusted for KL at detect (eclens.interaction)
+    rcfg = cfg.recovery_cfg()
+    outcomes = [f"decay_{k}" for k in range(1, cfg.max_offset + 1)] + ["decay_last", "suffix_changed"]
+    inter = interaction_table(rec.pairs, design_columns(rec_pairs_design(pairs, rec_pairs)), outcomes, rcfg.boot,
+                              n_perm=cfg.n_boot)
+    tables["recovery_2x2.csv"] = inter if len(inter) else empty("recovery_2x2.csv")
+    summary["recovery"]["interaction_2x2"] = headline_rows(inter)
     summary["seconds"] = {"recovery": round(time.perf_counter() - t0, 2)}
     say(f"      recovery: {len(rec_pairs)} pairs in {summary['seconds']['recovery']:.1f} s")
     if cfg.invariance:
@@ -348,6 +370,7 @@ def save_measure(run: str | Path, res: MeasureResult) -> list[str]:
     if (run / "summary.json").exists():  # beside diff's aggregates; a rerun of diff rewrites it, measure.json stays
         merge_json(run / "summary.json", "invariance_summary", res.summary.get("invariance_summary"))
         merge_json(run / "summary.json", "recovery_index", (res.summary.get("recovery") or {}).get("index_last"))
+        merge_json(run / "summary.json", "recovery_2x2", (res.summary.get("recovery") or {}).get("interaction_2x2"))
     return list(FILES)
 
 

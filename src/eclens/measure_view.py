@@ -137,6 +137,19 @@ def measure_panel(rd) -> MeasurePanel | None:
                 "Correction means the error run ends closer to the clean run than the ignore run; where ignoring "
                 "costs almost nothing the test has no power, and the verdict says so.")
             panel.tables.append(("Ignore baseline", ign))
+    t2 = two_by_two_table(_csv(rd, "recovery_2x2.csv"))
+    if t2 is not None:
+        panel.sentences.append(
+            "2x2 designs: the error effect (error minus twin, both error cells weighted equally so the changed "
+            "token's identity cancels: the design's interaction) and whether it differs between the cells, from a "
+            "model with cluster effects adjusted for log KL at detect; 95 % full cluster bootstrap intervals, "
+            "Freedman–Lane permutation p.")
+        panel.tables.append(("2x2 designs: error effect with cluster effects", t2))
+    bt = baseline_table(_csv(rd, "baseline_random_measure.csv"))
+    if bt is not None:
+        panel.sentences.append("Random-weight baseline: the same measurements on the architecture with random "
+                               "weights; a number it reaches as well says nothing about training.")
+        panel.tables.append(("Trained vs random weights", bt))
     curves = rd.recovery_curves
     if curves is not None and not curves.empty:
         panel.figures.append(("median KL(clean ‖ run) per token after detect, cluster-bootstrap intervals",
@@ -157,6 +170,53 @@ def measure_panel(rd) -> MeasurePanel | None:
     return panel
 
 
+def _csv(rd, name: str) -> pd.DataFrame | None:
+    p = rd.file(name) if hasattr(rd, "file") else None
+    if p is None or p.stat().st_size <= 1:
+        return None
+    try:
+        return pd.read_csv(p)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError):
+        return None
+
+
+OUTCOME_WORDS = {"decay_last": "log KL decay to the last token", "suffix_changed": "suffix log-prob (nats)"}
+
+
+def two_by_two_table(t: pd.DataFrame | None) -> pd.DataFrame | None:
+    """``recovery_2x2.csv`` as a small table: per category and outcome, the error effect and its cell difference."""
+    if t is None or t.empty:
+        return None
+    t = t[t["outcome"].isin(list(OUTCOME_WORDS))]
+    rows = []
+    for (cat, out), g in t.groupby(["category", "outcome"], sort=True):
+        e = g[g["term"] == "error_effect"]
+        x = g[g["term"] == "error_x_cell"]
+        if e.empty:
+            continue
+        e, x = e.iloc[0], (x.iloc[0] if len(x) else None)
+        rows.append({"category": cat, "outcome": OUTCOME_WORDS[out],
+                     "error effect": interval(e["estimate"], e["low"], e["high"], 2), "p": num(e["p_perm"], 2),
+                     "cell difference": interval(x["estimate"], x["low"], x["high"], 2) if x is not None else MISSING,
+                     "p (cells)": num(x["p_perm"], 2) if x is not None else MISSING,
+                     "clusters": int(_f(e["n_clusters"])), "cells": e["cells"]})
+    return pd.DataFrame(rows) if rows else None
+
+
+def baseline_table(t: pd.DataFrame | None) -> pd.DataFrame | None:
+    """``baseline_random_measure.csv`` as one row per (measure, category) with both weights side by side."""
+    if t is None or t.empty:
+        return None
+    rows = []
+    for (m, cat), g in t.groupby(["measure", "category"], sort=True):
+        row = {"measure": m, "category": cat}
+        for w in ("trained", "random"):
+            r = g[g["weights"] == w]
+            row[w] = interval(r["estimate"].iloc[0], r["low"].iloc[0], r["high"].iloc[0], 2) if len(r) else MISSING
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
 def glance_line(rd) -> str | None:
     """The at-a-glance sentence of the measure step."""
     s = rd.measure
@@ -168,8 +228,15 @@ def glance_line(rd) -> str | None:
     if not idx:
         return None
     parts = [f"{r['category']} {interval(r['index'], r.get('low'), r.get('high'), 2)}" for r in idx]
-    return ("Recovery index at the last token (negative: errors fade faster than their twins; cluster-bootstrap "
-            "95 % intervals): " + "; ".join(parts) + ".")
+    out = ("Recovery index at the last token (negative: errors fade faster than their twins; cluster-bootstrap "
+           "95 % intervals): " + "; ".join(parts) + ".")
+    i2 = [r for r in (s.get("recovery") or {}).get("interaction_2x2") or [] if r.get("estimate") is not None]
+    if i2:
+        out += (" 2x2 designs, error effect on the decay to the last token with cluster effects (adjusted for KL at "
+                "detect): " + "; ".join(f"{r['category']} {interval(r['estimate'], r.get('low'), r.get('high'), 2)}"
+                                        f" (permutation p {num(r.get('p_perm'), 2)})" for r in i2) + ".")
+    return out
 
 
-__all__ = ["MeasurePanel", "measure_panel", "glance_line", "index_pivot", "ignore_table", "interval"]
+__all__ = ["MeasurePanel", "measure_panel", "glance_line", "index_pivot", "ignore_table", "interval",
+           "two_by_two_table", "baseline_table"]

@@ -38,7 +38,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .errors import EclensError
@@ -134,13 +134,15 @@ def _key(prev: str, params: dict) -> str:
 
 def run_steps(run: str | Path, model, steps: Sequence[Step], *, config: dict | None = None,
               log: Callable[[str], None] = print, progress: bool = True, manifest: dict | None = None,
-              keep_state: bool = False) -> RunResult:
+              keep_state: bool = False, plan: Callable[[list], list[str]] | None = None) -> RunResult:
     """Run (or resume) ``steps`` in order into ``run`` with ``model``; returns what each step did.
 
     The first step makes the pairs; each later step gets them (read from ``RUN/pairs.jsonl`` when the
     pairs step was skipped). ``config``: recorded with the state; ``manifest``: fields for a new manifest.
     Once every step is done, ``RUN/state`` (what only a resume or a merge reads) is deleted unless
     ``keep_state`` (:func:`eclens.state.finish_state`: the very last act, after the report).
+    ``plan``: called once with the pairs before the second step; its lines (the planned cost) are logged
+    (``log`` prints under ``--quiet`` too: only progress bars are quiet).
     """
     from .model import model_id, weights_hash
     from .pairs import load_aligned
@@ -162,6 +164,11 @@ def run_steps(run: str | Path, model, steps: Sequence[Step], *, config: dict | N
     pairs: list | None = None
     n = len(steps)
     for i, st in enumerate(steps, start=1):
+        if i == 2 and plan is not None:
+            if pairs is None:
+                pairs = load_aligned(run / "pairs.jsonl")
+            for line in plan(pairs):
+                log(line)
         key = _key(prev, st.params)
         prev = key
         files = (state.get("files") or {}).get(st.name) or []
@@ -263,7 +270,8 @@ def pipeline_steps(cfg: RunConfig) -> list[Step]:
 
         at = next((i for i, st in enumerate(steps) if st.name == "report"), len(steps))
         steps.insert(at, Step("baseline", lambda run, model, pairs, progress, log: baseline_step(
-            run, model, pairs, diff_config=diff_cfg, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress),
+            run, model, pairs, diff_config=diff_cfg, seed=cfg.seed, batch_size=cfg.batch_size, progress=progress,
+            measure_config=replace(measure_cfg, invariance=False)),
             cfg.step_params("baseline")))
     return steps
 
@@ -289,6 +297,9 @@ def run_pipeline(run: str | Path, model, config: RunConfig | None = None, *,
                  log: Callable[[str], None] = print, progress: bool = True, keep_state: bool = False) -> RunResult:
     """Run (or resume) every step into ``run`` with ``model``; returns what each step did (``keep_state``:
     keep ``RUN/state`` once the run completes)."""
+    from .budget import plan_lines
+
     cfg = config or RunConfig()
-    return run_steps(run, model, pipeline_steps(cfg), config=asdict(cfg), log=log, progress=progress,
-                     manifest={"seed": cfg.seed}, keep_state=keep_state)
+    steps = pipeline_steps(cfg)
+    return run_steps(run, model, steps, config=asdict(cfg), log=log, progress=progress, manifest={"seed": cfg.seed},
+                     keep_state=keep_state, plan=lambda pairs: plan_lines(cfg, model, pairs, [st.name for st in steps]))

@@ -23,11 +23,14 @@ which is what makes a large error and a small twin comparable). Per category: th
 ``R`` over clusters with a cluster-bootstrap percentile interval. We keep the median (robust to
 the heavy tails of log KL ratios) and a floor of ``kl_floor`` nats on every KL, so a twin that
 barely registers cannot dominate through ``log(0)``. Where a category has twins in the same
-clusters the index is paired within clusters — for a 2x2 design whose twins are the acceptable
-cells sharing the frame this is the interaction, adjusted for the change at detect by the
-normalisation. Where it has none (the template pairs today), the comparison is unpaired:
-the error clusters' median log decay minus that of the comparison categories (``meaning/*``),
-replicates drawn independently per group; the tables say which comparison each row used.
+clusters (every error category of the template pairs: each error pair, 2x2 error cells included,
+has a twin in its cluster) the index is paired within clusters, adjusted for the change at detect
+by the normalisation only. For the 2x2 designs (agreement, anaphor) the main estimand is the
+interaction, estimated with cluster effects and adjusted for KL at detect as a covariate:
+:mod:`eclens.interaction` (``recovery_2x2.csv``). Where a category has no twins (BLiMP, pair
+files without designs), the comparison is unpaired: the error clusters' median log decay minus
+that of the comparison categories (``meaning/*``), replicates drawn independently per group; the
+tables say which comparison each row used.
 
 **Ignore baseline comparison** on error pairs: ``cost`` = clean − ignore suffix log-prob of the
 clean continuation from detect on (what ignoring the token costs), ``gap`` = error − ignore

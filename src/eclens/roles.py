@@ -8,6 +8,7 @@ read them through these functions, so the defaults live in one place.
 
 from __future__ import annotations
 
+from .designs import is_error
 from .pairs import AlignedPair, require_single
 
 ROLES = ("error", "twin")
@@ -19,8 +20,17 @@ def cluster_of(a: AlignedPair) -> str:
 
 
 def role_of(a: AlignedPair) -> str:
-    """``error``, ``twin`` or a 2x2 cell name; ``error`` when the record says nothing."""
+    """``error``, ``twin`` or a 2x2 cell name (e.g. ``subj_sg:verb_pl``, as the record gives it); ``error``
+    when the record says nothing. Whether a pair is an error: :func:`is_error_of` (a 2x2 error cell is one)."""
     return str(a.pair.role or "error")
+
+
+def is_error_of(a: AlignedPair) -> bool:
+    """Whether the pair is an error pair: role ``error`` (or none), or a 2x2 cell marked as an error.
+
+    Code that picks the error pairs must ask this, not ``role_of(a) == "error"``: the latter drops the
+    2x2 designs' error cells (agreement and anaphor in the template pairs)."""
+    return role_of(a) == "error" or is_error(a.pair)
 
 
 def twin_kind_of(a: AlignedPair) -> str | None:

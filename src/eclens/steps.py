@@ -349,15 +349,16 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
     import pandas as pd
 
     from . import patch as P
-    from .roles import role_of, twin_of
-    from .selection import halves, run_stats, select_half, set_cells
+    from .diff.config import direction_label
+    from .roles import is_error_of, role_of, twin_of
+    from .selection import halves, run_half, run_stats, select_half, set_cells, set_direction
 
     run, cfg, t0 = Path(run), config or DimsConfig(), time.perf_counter()
     test_pool, split_info, stats = list(pairs), {}, {}
     if cfg.split is not None and (callable(sets) or not sets):
         # choose on half A's clusters, test on half B's (a diff of half A: see eclens.selection's seam)
         half_a, half_b = halves(pairs, cfg.split)
-        n_a, n_b = (sum(role_of(a) == "error" for a in h) for h in (half_a, half_b))
+        n_a, n_b = (sum(is_error_of(a) for a in h) for h in (half_a, half_b))
         if not n_a or not n_b:
             for f in ("patch_dims.csv", "patch_dims_controls.csv"):
                 (run / f).unlink(missing_ok=True)
@@ -367,13 +368,20 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
                                   "test on; nothing to test (use more pairs or clusters)"}
             _record(run, "dims", {**cfg.record, "split": cfg.split}, t0, [], summary, ctx)
             return StepOutcome("empty", [], summary["verdict"], None)
-        sel = select_half(model, half_a, cfg.diff, progress=progress)
+        # half A's rows of the run's own diff where it kept them; else a second diff of half A's error pairs
+        sel = run_half(run, cfg.split, pairs)
+        how = "the run's diff, half A's state rows (DiffResult.for_half)"
+        if sel is None:
+            sel = select_half(model, half_a, cfg.diff, progress=progress)
+            how = "diff of half A's error pairs (the run's diff kept no usable per-half statistics)"
+        if log is not None:
+            log(f"      candidates chosen on half A: {how}")
         cand = sel.candidates
         chosen = cfg.choose(cand) if cfg.choose is not None else choose_sets(cand, 2, 10)
         stats = set_cells(sel.dims_for("all"), [s if isinstance(s, P.DimSet) else s[0] for s in chosen])
         test_pool = half_b
-        split_info = {"split": cfg.split, "selection": "diff of half A's error pairs",
-                      "n_select_pairs": sum(role_of(a) == "error" for a in half_a),
+        split_info = {"split": cfg.split, "selection": how,
+                      "n_select_pairs": sum(is_error_of(a) for a in half_a),
                       "n_select_clusters": len({cluster_of(a) for a in half_a}),
                       "n_test_clusters": len({cluster_of(a) for a in half_b})}
     else:
@@ -398,17 +406,21 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
     for s, cat in specs:
         method, direction = (cfg.tests or {}).get(s.kind, (cfg.method, cfg.direction)) if cfg.tests else \
             (cfg.method, cfg.direction)
-        calls.setdefault((method, direction, cat), []).append(s)
+        # a set chosen on one swap direction's pairs is tested on (held-out) pairs of that direction only
+        calls.setdefault((method, direction, cat, set_direction(s)), []).append(s)
     tagged = cfg.tests is not None or any(cat is not None for _, cat in specs)
+    by_swap = any(k[3] is not None for k in calls)
     tables, controls, used, metrics, skipped = [], [], {}, [], []
-    for i, ((method, direction, cat), ss) in enumerate(calls.items()):
-        pool = [a for a in test_pool if (cat is None or a.category == cat) and role_of(a) == "error"]
-        if not pool and cat is not None and len(calls) > 1:
-            # one category's sets without error pairs to test them on (e.g. its errors were all span pairs):
-            # the other categories' tests still stand; the summary lists what was skipped
-            skipped.append(cat)
+    for i, ((method, direction, cat, swap), ss) in enumerate(calls.items()):
+        pool = [a for a in test_pool if (cat is None or a.category == cat) and is_error_of(a)
+                and (swap is None or direction_label(a) == swap)]  # "none": pairs whose record names none
+        if not pool and (cat is not None or swap is not None) and (len(calls) > 1 or swap is not None):
+            # one category's (or swap direction's) sets without error pairs to test them on (e.g. its errors
+            # were all span pairs): the other tests still stand; the summary lists what was skipped
+            what = " ".join(x for x in (cat, f"[{swap}]" if swap else None) if x)
+            skipped.append(what)
             if log is not None:
-                log(f"      no error pairs to test in category {cat}; its sets are skipped")
+                log(f"      no error pairs to test in {what}; its sets are skipped")
             continue
         if not pool:
             raise EclensError(f"no error pairs to test{' in category ' + cat if cat else ''}"
@@ -427,12 +439,24 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
         if ctx is not None and not ctx.is_main:
             continue
         t = res.table.assign(pairs_category=cat or "all", decided_by=m) if tagged else res.table
+        if by_swap:  # which pairs tested the set: its own swap direction's, or every direction's
+            t = t.assign(pairs_swap_direction=swap or "all")
         tables.append(t)
         controls.append(res.controls)
         metrics.append(m)
-        used[f"{method}:{direction}:{cat or 'all'}"] = [a.id for a in chosen_pairs]
+        used[f"{method}:{direction}:{cat or 'all'}" + (f"[{swap}]" if swap else "")] = [a.id for a in chosen_pairs]
     if ctx is not None and not ctx.is_main:
         return _worker()
+    if not tables and skipped:  # e.g. sets chosen on a direction only comparison (meaning) pairs have
+        for f in files:
+            (run / f).unlink(missing_ok=True)
+        summary = {"metric": cfg.metric, "n_sets": len(specs), "n_tests": 0, "n_significant": 0,
+                   "skipped_categories": skipped,
+                   "verdict": "null: no error pairs to test the chosen sets on (" + ", ".join(skipped) + ")"}
+        if split_info:
+            summary["split"] = split_info
+        _record(run, "dims", {**cfg.record, **split_info}, t0, [], summary, ctx)
+        return StepOutcome("empty", [], summary["verdict"], None)
     if not tables:
         raise EclensError("no error pairs to test in any category" + (f" in the test half of --split {cfg.split}"
                                                                        if split_info else "") + "; use more pairs")
@@ -458,7 +482,8 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
         summary["n_pairs"] = len(next(iter(used.values()))) if len(used) == 1 else {k: len(v) for k, v in used.items()}
     if len(set(metrics)) == 1:
         extra = [c for c in (f"{m}_p_matched", f"{m}_q_matched", "match_sigma", "match_stat", f"{m}_sees",
-                             "interaction", "interaction_low", "interaction_high", "interaction_p")
+                             "interaction", "interaction_low", "interaction_high", "interaction_p",
+                             "pairs_swap_direction")
                  if c in table.columns]
         summary["sets"] = table[["set", "direction", "n_pairs", f"{m}_effect", f"{m}_control_mean", f"{m}_z",
                                  f"{m}_p", f"{m}_q", *extra, "verdict"]].to_dict(orient="records")
@@ -567,10 +592,10 @@ def skip_step(run: str | Path, model, pairs: Sequence, config: SkipStepConfig | 
     """Layer skipping (and exchange where pairs have twins): ``patch_skip.csv`` (one row per layer and
     component), ``patch_skip_pairs.csv`` (per pair), ``patch_exchange.csv``."""
     from . import patch as P
-    from .roles import role_of, twin_of
+    from .roles import is_error_of, role_of, twin_of
 
     run, cfg, t0 = Path(run), config or SkipStepConfig(), time.perf_counter()
-    errors = [a for a in pairs if role_of(a) == "error"]  # 2x2 cells other than the error are not tested here
+    errors = [a for a in pairs if is_error_of(a)]  # 2x2 error cells are error pairs too
     chosen = spread_pairs(errors, cfg.n_pairs, cfg.seed)
     ids = {a.id for a in chosen}
     twins = [a for a in pairs if role_of(a) == "twin" and twin_of(a) in ids]

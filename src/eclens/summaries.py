@@ -51,6 +51,26 @@ def pct(v: Any, digits: int = 3) -> str:
     return f"{x * 100:.{digits}g} %" if math.isfinite(x) else MISSING
 
 
+def ci(bounds: Any, digits: int = 3, unit: str = "", percent: bool = False) -> str:
+    """`` [lo, hi]`` for an interval beside its number (``""`` where there is none: one cluster, no data)."""
+    if not isinstance(bounds, (list, tuple)) or len(bounds) != 2 or any(
+            b is None or not math.isfinite(float(b)) for b in bounds):
+        return ""
+    f = (lambda b: pct(b, digits)) if percent else (lambda b: num(b, digits))
+    return f" [{f(bounds[0])}, {f(bounds[1])}]" + (f" {unit}" if unit and not percent else "")
+
+
+def _random_counts(s: dict) -> str:
+    """``; with random weights …`` from the random-weight baseline in ``summary.json``, if it ran."""
+    rows = [r for r in ((s.get("baseline_random") or {}).get("candidates") or [])
+            if r.get("weights") == "random" and r.get("hook") == "(any)"]
+    if not rows:
+        return ""
+    k = {r["kind"]: int(r["n_candidates"]) for r in rows}
+    return (f"; the same rules on the architecture with random weights find {k.get('stable', 0)} stable and "
+            f"{k.get('responsive', 0)} responsive")
+
+
 def verdict_text(v: Any) -> str:
     """A step's verdict as a sentence: the writers' terse "null: …" prefix reads "a null result: …"."""
     t = str(v).strip().rstrip(".")
@@ -101,12 +121,17 @@ def glance(run) -> list[str]:
     s = run.summary or {}
     if s.get("mean_logprob_diff") is not None:
         out.append(f"On average the corrupt sentence's log-probability differs from the clean one's by "
-                   f"{num(s['mean_logprob_diff'], 3, 'nats')}, and the next-token distribution at the changed "
-                   f"token moves by a KL divergence of {num(s.get('mean_kl_0'), 3, 'nats')}.")
+                   f"{num(s['mean_logprob_diff'], 3, 'nats')}{ci(s.get('mean_logprob_diff_ci'))}, and "
+                   f"the next-token distribution at the changed token moves by a KL divergence of "
+                   f"{num(s.get('mean_kl_0'), 3, 'nats')}{ci(s.get('mean_kl_0_ci'))}"
+                   + (" (95 % cluster-bootstrap intervals)" if ci(s.get("mean_kl_0_ci")) else "") + ".")
     top = s.get("max_rel_l2_at_p") or {}
     if top:
         out.append("At the changed token the activations move most, relative to their size (‖Δ‖/‖a‖), in: " + "; ".join(
-            f"{h} at layer {v.get('layer')} ({pct(v.get('rel_l2_mean'), 2)} of the activation's norm)"
+            f"{h} at layer {v.get('layer')} ({pct(v.get('rel_l2_mean'), 2)} of the activation's norm"
+            f"{ci([v.get('rel_l2_mean_lo'), v.get('rel_l2_mean_hi')], 2, percent=True)}; root mean square without "
+            f"massive dimensions {pct(v.get('rel_l2_rms_nomassive'), 2)}"
+            f"{ci([v.get('rel_l2_rms_nomassive_lo'), v.get('rel_l2_rms_nomassive_hi')], 2, percent=True)})"
             for h, v in top.items() if isinstance(v, dict)) + ".")
     nc = s.get("n_candidates")
     if nc is not None:
@@ -117,7 +142,8 @@ def glance(run) -> list[str]:
                    + (" — no responsive dimension was found" if rs == 0 else "")
                    + (("; massive-activation dimensions were left out (" + "; ".join(
                        f"{h}: {', '.join(map(str, d))}" for h, d in massive.items()) + ")") if massive else "")
-                   + ".")
+                   + "; these are counts under a stated rule, without an interval (the threshold grid is in "
+                   "sensitivity.csv)" + _random_counts(s) + ".")
     con = s.get("contrasts") or {}
     if con.get("n_tests"):
         tests = sum(con["n_tests"].values())

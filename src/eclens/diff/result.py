@@ -14,6 +14,7 @@ import torch
 from ..errors import EclensError
 from ..hooks import HookGroup, head_of
 from ..stats import F64, Moments, PowerSums, masked_quantiles
+from ..summary_intervals import add_intervals
 from .accumulate import FEATURES, HEAD_SCALARS, SCALARS
 from .config import (
     QUANTILES,
@@ -629,8 +630,7 @@ class DiffResult:
             "alpha": cfg.alpha, "test": "difference of group means per (hook, layer, offset), labels permuted "
                                         "across clusters", "n_perm": cfg.n_perm, "n_boot": cfg.n_boot,
         }
-        s["timing"] = self.timing
-        self._cache["summary"] = s
+        self._cache["summary"] = s = add_intervals(self, {**s, "timing": self.timing})  # issue 17: every mean
         return s
 
     # ---- files
