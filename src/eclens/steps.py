@@ -351,7 +351,7 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
     from . import patch as P
     from .diff.config import direction_label
     from .roles import is_error_of, role_of, twin_of
-    from .selection import halves, run_half, run_stats, select_half, set_cells, set_direction
+    from .selection import halves, run_stats, select_half, set_cells, set_direction
 
     run, cfg, t0 = Path(run), config or DimsConfig(), time.perf_counter()
     test_pool, split_info, stats = list(pairs), {}, {}
@@ -368,12 +368,12 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
                                   "test on; nothing to test (use more pairs or clusters)"}
             _record(run, "dims", {**cfg.record, "split": cfg.split}, t0, [], summary, ctx)
             return StepOutcome("empty", [], summary["verdict"], None)
-        # half A's rows of the run's own diff where it kept them; else a second diff of half A's error pairs
-        sel = run_half(run, cfg.split, pairs)
-        how = "the run's diff, half A's state rows (DiffResult.for_half)"
-        if sel is None:
-            sel = select_half(model, half_a, cfg.diff, progress=progress)
-            how = "diff of half A's error pairs (the run's diff kept no usable per-half statistics)"
+        # A second diff of half A's *error* pairs. The run's own per-half state rows (selection.run_half) cannot
+        # stand in: they are kept per category and swap direction, not per role, so their "all" rows pool half
+        # A's twins and meaning changes with its errors (and ranking every category's rows cost ~800 s and 5 GB
+        # on the default run, against ~150 s for this diff).
+        sel = select_half(model, half_a, cfg.diff, progress=progress)
+        how = "diff of half A's error pairs"
         if log is not None:
             log(f"      candidates chosen on half A: {how}")
         cand = sel.candidates
