@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from .config import (
 from .contrasts import compute_contrasts
 from .intervals import mean_intervals
 from .stats_io import load_stats, save_stats
+from .tables import candidates_table, heads_table, layers_table, sensitivity_table
 
 
 class DiffResult:
@@ -385,68 +385,14 @@ class DiffResult:
         category's directions, and there its signed columns (direction cosines, sign consistency) are NaN
         where it holds two or more: opposite directions cancel in them."""
         if "layers" not in self._cache:
-            rows = []
-            signed = ("dir_norm", "dir_consistency", "loo_cos_mean", "loo_cos_median", "loo_cos_q10", "loo_cos_q90",
-                      "sign_consistency_mean")
-            for cat, dr in self.stat_groups():
-                mixed = self.mixed(cat, dr)
-                for h in self.hooks:
-                    g = self.group(h)
-                    st = self.cell_stats(h, cat, dr)
-                    iv = self.layer_intervals(h, cat, dr)
-                    mass = st["massive"]
-                    cand = self._candidate_masks(h, cat, dr)
-                    for li, layer in enumerate(g.layers):
-                        for oi, off in enumerate(self.offsets):
-                            keep = ~mass[li, oi]
-                            r = {"category": cat, "swap_direction": dr, "hook": h, "layer": layer, "offset": off,
-                                 "position_kind": position_kind(off), "n": int(st["n"][oi]),
-                                 "n_sample": int(st["n_sample"][oi]), "reachable": bool(st["reachable"][li, oi])}
-                            for k in ("rel_l2_mean", "rel_l2_std", "rel_l2_median", "cos_mean", "cos_std", "l2_mean",
-                                      "l2_std", "dir_norm", "dir_consistency", "loo_cos_mean", "loo_cos_median",
-                                      "loo_cos_q10", "loo_cos_q90", "rel_l2_rms", "rel_l2_rms_nomassive"):
-                                r[k] = float(st[k][li, oi])
-                            r["rel_l2_mean_lo"] = float(iv["rel_l2_mean_lo"][li, oi])
-                            r["rel_l2_mean_hi"] = float(iv["rel_l2_mean_hi"][li, oi])
-                            for k, name in (("absz_mean", "absz_mean"), ("absz_median", "absz_median"),
-                                            ("frac_under", "frac_under_mean"),
-                                            ("sign_consistency", "sign_consistency_mean")):
-                                v = st[k][li, oi][keep]
-                                v = v[torch.isfinite(v)]
-                                r[name] = float(v.mean()) if v.numel() else math.nan
-                            if mixed:
-                                r.update({k: math.nan for k in signed})
-                            r["n_massive"] = int(mass[li, oi].sum())
-                            rr = st["rms_ratio"][li, oi]
-                            ok = torch.isfinite(rr)
-                            r["rms_ratio_max"] = float(rr[ok].max()) if ok.any() else math.nan
-                            r["rms_ratio_dim"] = int(torch.where(ok, rr, -1).argmax()) if ok.any() else -1
-                            r["n_stable"] = int(cand["stable"][li, oi].sum())
-                            r["n_responsive"] = int(cand["responsive"][li, oi].sum())
-                            rows.append(r)
-            self._cache["layers"] = pd.DataFrame(rows)
+            self._cache["layers"] = layers_table(self)
         return self._cache["layers"]
 
     @property
     def heads(self) -> pd.DataFrame:
         """Per-head relative L2 and cosine for per-head hooks (``attn.hook_q/k/v/z``); empty otherwise."""
         if "heads" not in self._cache:
-            rows = []
-            for cat in self.categories:
-                for g in self.groups:
-                    if not g.n_heads:
-                        continue
-                    st = self.cell_stats(g.suffix, cat)
-                    for li, layer in enumerate(g.layers):
-                        for oi, off in enumerate(self.offsets):
-                            for h in range(g.n_heads):
-                                rows.append({"category": cat, "hook": g.suffix, "layer": layer, "offset": off,
-                                             "position_kind": position_kind(off), "head": h, "n": int(st["n"][oi]),
-                                             "rel_l2_mean": float(st["head_rel_l2_mean"][li, oi, h]),
-                                             "rel_l2_std": float(st["head_rel_l2_std"][li, oi, h]),
-                                             "cos_mean": float(st["head_cos_mean"][li, oi, h]),
-                                             "cos_std": float(st["head_cos_std"][li, oi, h])})
-            self._cache["heads"] = pd.DataFrame(rows)
+            self._cache["heads"] = heads_table(self)
         return self._cache["heads"]
 
     def grid(self, parameter: str) -> list[float]:
@@ -455,9 +401,9 @@ class DiffResult:
                 "responsive_sign": RESPONSIVE_SIGN_GRID}[parameter]
         return sorted(set(base) | {float(getattr(self.config, parameter))})
 
-    def _candidate_masks(self, hook: str, category: str, direction: str = "all", *, threshold_index: int | None = None,
-                         responsive_z: float | None = None, responsive_sign: float | None = None
-                         ) -> dict[str, torch.Tensor]:
+    def candidate_masks(self, hook: str, category: str, direction: str = "all", *, threshold_index: int | None = None,
+                        responsive_z: float | None = None, responsive_sign: float | None = None
+                        ) -> dict[str, torch.Tensor]:
         """Stable and responsive masks ``[L, O, D]``; the rule's thresholds may be overridden (sensitivity).
         The responsive rule needs a sign consistency, so it is evaluated per swap direction only: a group
         pooling two or more directions has no responsive candidates."""
@@ -485,66 +431,17 @@ class DiffResult:
         """Stable and responsive dimensions (rule in the module docstring), ranked per (category, swap direction,
         hook, layer, offset); ``swap_direction`` ``all`` pools the category's directions (stable only, and its
         signed columns NaN, where it holds two or more)."""
-        if "candidates" in self._cache:
-            return self._cache["candidates"]
-        cfg = self.config
-        rows = []
-        cols = ("n", "n_sample", "absz_median", "absz_q10", "absz_q90", "frac_under", "sign_consistency", "absz_mean",
-                "mean_delta", "mean_abs_delta", "sigma_clean", "frac_pos", "frac_neg")
-        signed = ("sign_consistency", "mean_delta", "frac_pos", "frac_neg")
-        for cat, dr in self.stat_groups():
-            mixed = self.mixed(cat, dr)
-            for h in self.hooks:
-                g = self.group(h)
-                st = self.cell_stats(h, cat, dr)
-                masks = self._candidate_masks(h, cat, dr)
-                for kind, score, asc in (("stable", "absz_q90", True), ("responsive", "absz_median", False)):
-                    m = masks[kind]
-                    for li, oi in zip(*np.nonzero(m.any(-1).numpy())):
-                        dims = torch.nonzero(m[li, oi]).flatten()
-                        sc = st[score][li, oi, dims]
-                        order = torch.argsort(sc if asc else -sc, stable=True)[: cfg.max_candidates]
-                        for rank, j in enumerate(order.tolist(), start=1):
-                            d = int(dims[j])
-                            off = self.offsets[oi]
-                            r = {"category": cat, "swap_direction": dr, "hook": h, "layer": g.layers[li],
-                                 "offset": off, "position_kind": position_kind(off), "dim": d, "unit": g.kind,
-                                 "head": head_of(g, d), "kind": kind, "rank": rank,
-                                 "n_passing": int(len(dims))}
-                            for c in cols:
-                                v = st[c]
-                                r[c] = math.nan if (mixed and c in signed) else \
-                                    float(v[oi]) if v.ndim == 1 else float(v[li, oi, d])
-                            rows.append(r)
-        df = pd.DataFrame(rows)
-        if not df.empty:
-            df["n"] = df["n"].astype(int)
-            df["n_sample"] = df["n_sample"].astype(int)
-        self._cache["candidates"] = df
-        return df
+        if "candidates" not in self._cache:
+            self._cache["candidates"] = candidates_table(self)
+        return self._cache["candidates"]
 
     @property
     def sensitivity(self) -> pd.DataFrame:
         """Candidate counts (every passing dimension, not only the listed ``max_candidates``) per (category, swap
         direction, hook, kind) over a grid of each rule's threshold, the others at their set values
         (``sensitivity.csv``). ``default`` marks the run's own setting."""
-        if "sensitivity" in self._cache:
-            return self._cache["sensitivity"]
-        cfg = self.config
-        rows = []
-        grids = [("stable", "threshold", v, {"threshold_index": i}) for i, v in enumerate(self.grid("threshold"))]
-        grids += [("responsive", "responsive_z", v, {"responsive_z": v}) for v in self.grid("responsive_z")]
-        grids += [("responsive", "responsive_sign", v, {"responsive_sign": v}) for v in self.grid("responsive_sign")]
-        for cat, dr in self.stat_groups():
-            for h in self.hooks:
-                for kind, param, v, kw in grids:
-                    if kind == "stable" and dr != "all":
-                        continue  # stable is unsigned: its pooled groups say it
-                    m = self._candidate_masks(h, cat, dr, **kw)[kind]
-                    rows.append({"category": cat, "swap_direction": dr, "hook": h, "kind": kind, "parameter": param,
-                                 "value": v, "default": bool(math.isclose(v, getattr(cfg, param))),
-                                 "n_candidates": int(m.sum())})
-        self._cache["sensitivity"] = pd.DataFrame(rows)
+        if "sensitivity" not in self._cache:
+            self._cache["sensitivity"] = sensitivity_table(self)
         return self._cache["sensitivity"]
 
     @property
