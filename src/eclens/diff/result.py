@@ -14,7 +14,7 @@ import torch
 from ..errors import EclensError
 from ..hooks import HookGroup, head_of
 from ..stats import F64, Moments, PowerSums, masked_quantiles
-from .accumulate import FEATURES, HEAD_SCALARS, SCALARS
+from .accumulate import FEATURES, HEAD_SCALARS, SCALARS, recentre
 from .config import (
     QUANTILES,
     RESPONSIVE_SIGN_GRID,
@@ -26,6 +26,7 @@ from .config import (
 )
 from .contrasts import compute_contrasts
 from .intervals import mean_intervals
+from .sample_stats import sample_stats
 from .stats_io import load_stats, save_stats
 from .tables import candidates_table, heads_table, layers_table, sensitivity_table
 
@@ -167,27 +168,49 @@ class DiffResult:
         m = Moments(m.count[feature], m.mean[feature], m.m2[feature])
         return Moments(*(t.transpose(0, 1) for t in (m.count, m.mean, m.m2)))
 
+    def _rows_key(self, r: torch.Tensor | None) -> tuple | None:
+        return None if r is None else tuple(r.tolist())
+
+    def _common(self, hook: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shifted power sums of Δ and of the clean activation (features 0-3, ``[O, C, 4, L, D]``) of every row
+        re-expressed about one shift per (offset, layer, dimension), and that shift ``[2, O, L, D]``: a group's
+        sums are then plain sums over its rows (one pass, where merging each group's moments took ten). The
+        shift is the first row's with pairs at that offset: float32 values every row shares exactly where a
+        cell is constant (σ = 0 stays exactly 0)."""
+        key = ("common", hook)
+        if key not in self._cache:
+            f = self.tensors[f"{hook}/feat"][:, :, :4].to(F64).clone()  # [O, C, 4, L, D]
+            K = self.tensors[f"{hook}/shift"].to(F64)  # [2, O, C, L, D]: each row has its own shift
+            cnt = self.tensors["count"].T.to(F64)  # [O, C]
+            first = (cnt > 0).to(torch.int8).argmax(1)  # [O]: the first row with pairs (0 where none has)
+            k0 = K[:, torch.arange(K.shape[1]), first]  # [2, O, L, D]
+            recentre(f, cnt[:, :, None, None], K, k0[:, :, None].expand_as(K))
+            self._cache[key] = (f, k0)
+        return self._cache[key]
+
     def _feat(self, hook: str, category: str, direction: str = "all") -> torch.Tensor:
-        """Feature sums ``[O, F, L, D]`` of one group (only the unshifted features add across rows)."""
-        f = self.tensors[f"{hook}/feat"]
+        """Sums ``[O, 3, L, D]`` of the unshifted features (``delta_abs``, ``delta_sign``, ``delta_nonzero``)."""
         r = self._cat_rows(category, direction)
-        return f.sum(1) if r is None else f.index_select(1, r).sum(1)
+        key = ("feat", hook, self._rows_key(r))
+        if key not in self._cache:
+            f = self.tensors[f"{hook}/feat"][:, :, 4:]
+            self._cache[key] = (f.sum(1) if r is None else f.index_select(1, r).sum(1)).to(F64)
+        return self._cache[key]
 
     def _feat_moments(self, hook: str, category: str, which: int, direction: str = "all") -> Moments:
         """Moments of Δ (``which=0``) or of the clean activation (``which=1``), arrays ``[L, O, D]``."""
-        key = ("feat_moments", hook, which)
-        if key not in self._cache:
-            f = self.tensors[f"{hook}/feat"]  # [O, C, F, L, D]
-            K = self.tensors[f"{hook}/shift"][which].to(F64)  # [O, C, L, D]: each category has its own shift
-            n = self.tensors["count"].T[:, :, None, None]  # [O, C, 1, 1]
-            nn = n.clamp_min(1)
-            s1, s2 = f[:, :, 2 * which], f[:, :, 2 * which + 1]
-            self._cache[key] = Moments(n, K + s1 / nn, (s2 - s1 * s1 / nn).clamp_min(0))
-        m = self._pick(self._cache[key], self._cat_rows(category, direction), 1)
+        f, k0 = self._common(hook)
+        r = self._cat_rows(category, direction)
+        f = f[:, :, 2 * which:2 * which + 2]
+        s = f.sum(1) if r is None else f.index_select(1, r).sum(1)  # [O, 2, L, D]
+        n = self.counts(category, direction)[:, None, None]  # [O, 1, 1]
+        nn = n.clamp_min(1)
+        s1, s2 = s[:, 0], s[:, 1]
+        m = Moments(n, k0[which] + s1 / nn, (s2 - s1 * s1 / nn).clamp_min(0))
         return Moments(m.count.transpose(0, 1), m.mean.transpose(0, 1), m.m2.transpose(0, 1))
 
     def _feat_sum(self, hook: str, category: str, name: str, direction: str = "all") -> torch.Tensor:
-        return self._feat(hook, category, direction)[:, FEATURES.index(name)].transpose(0, 1)
+        return self._feat(hook, category, direction)[:, FEATURES.index(name) - 4].transpose(0, 1)
 
     def counts(self, category: str = "all", direction: str = "all") -> torch.Tensor:
         """Pairs per offset ``[O]``."""
@@ -257,22 +280,18 @@ class DiffResult:
             out[name] = torch.where((n[None] > 0) & (den > 0), (num / den.clamp_min(1e-300)).sqrt(), nan)
         # Sample-based: quantiles of |Δ|/σ, fraction under the threshold, leave-one-out cosines.
         mem = self._sample_members(category, direction)
-        sd = self.tensors[f"{hook}/sample_delta"].index_select(0, mem).to(F64).permute(0, 2, 1, 3)  # [s, L, O, D]
         sv = self.tensors["sample/valid"].index_select(0, mem)  # [s, O]
-        valid4 = sv[:, None, :, None]
         out["n_sample"] = sv.sum(0).to(F64)  # [O]
-        z = sd.abs() * inv
-        qs = masked_quantiles(z, valid4 & ~torch.isnan(z), QUANTILES)
-        for q, v in zip(QUANTILES, qs):
+        S = dm.mean * n3  # [L, O, D] sum of Δ over the category's pairs
+        # The threshold grid (threshold sensitivity) for unsigned (pooled) groups only.
+        smp = sample_stats(self.tensors[f"{hook}/sample_delta"].index_select(0, mem), sv, inv, S, cfg.threshold,
+                           self.grid("threshold") if direction == "all" else None)
+        for q, v in zip(QUANTILES, smp["q"]):
             out["absz_median" if q == 0.5 else f"absz_q{int(round(q * 100)):02d}"] = v
-        under = ((z < cfg.threshold) & valid4).to(F64).sum(0)
         ns = sv.sum(0).to(F64)[None, :, None]
-        out["frac_under"] = torch.where((ns > 0) & sig_ok, under / ns.clamp_min(1), nan)
-        # The same over a grid of thresholds (threshold sensitivity), for unsigned (pooled) groups only.
+        out["frac_under"] = torch.where((ns > 0) & sig_ok, smp["under"] / ns.clamp_min(1), nan)
         if direction == "all":
-            below = torch.stack([under if t == cfg.threshold else ((z < t) & valid4).to(F64).sum(0)
-                                 for t in self.grid("threshold")])  # [T, L, O, D]
-            out["frac_under_grid"] = torch.where((ns > 0) & sig_ok, below / ns.clamp_min(1), nan)
+            out["frac_under_grid"] = torch.where((ns > 0) & sig_ok, smp["below"] / ns.clamp_min(1), nan)
         out["reachable"] = (nz.sum(-1) > 0)  # [L, O]
         # Per-layer exact scalars.
         for k in SCALARS:
@@ -284,9 +303,7 @@ class DiffResult:
         out["dir_norm"] = torch.where(n[None] > 0, (mean ** 2).sum(-1).sqrt(), nan)
         out["dir_consistency"] = torch.where(e_sq > 0, (mean ** 2).sum(-1) / e_sq.clamp_min(1e-300), nan)
         # Leave-one-out cosine of each sampled pair with the exact sum of the others.
-        S = dm.mean * n3  # [L, O, D] sum of Δ over the category's pairs
-        dot = (sd * S).sum(-1)  # [s, L, O]
-        dd = (sd * sd).sum(-1)
+        dot, dd = smp["dot"], smp["dd"]  # [s, L, O]
         ss2 = (S * S).sum(-1)
         rest2 = (ss2 - 2 * dot + dd).clamp_min(0)
         loo = (dot - dd) / (dd.sqrt() * rest2.sqrt()).clamp_min(1e-300)
