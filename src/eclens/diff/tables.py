@@ -37,6 +37,20 @@ CAND_STATS = ("n", "n_sample", "absz_median", "absz_q10", "absz_q90", "frac_unde
 CAND_SIGNED = ("sign_consistency", "mean_delta", "frac_pos", "frac_neg")
 
 
+def frame(blocks: list[dict]) -> pd.DataFrame:
+    """One DataFrame of blocks of columns (arrays of one length per block, or scalars repeated over it): one
+    construction for the whole table, where a frame per block cost more than the numbers (string columns)."""
+    if not blocks:
+        return pd.DataFrame()
+    lengths = [next(len(v) for v in b.values() if isinstance(v, np.ndarray)) for b in blocks]
+    cols = {}
+    for k in blocks[0]:
+        parts = [b[k] if isinstance(b[k], np.ndarray) else np.full(n, b[k], dtype=object if isinstance(b[k], str)
+                                                                     else None) for b, n in zip(blocks, lengths)]
+        cols[k] = np.concatenate(parts)
+    return pd.DataFrame(cols)
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy()
 
@@ -89,8 +103,8 @@ def layers_table(res: DiffResult) -> pd.DataFrame:
                                                     torch.full_like(has, -1, dtype=torch.long))).reshape(-1)
             data["n_stable"] = _np(cand["stable"].sum(-1)).astype(np.int64).reshape(-1)
             data["n_responsive"] = _np(cand["responsive"].sum(-1)).astype(np.int64).reshape(-1)
-            frames.append(pd.DataFrame(data))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+            frames.append(data)
+    return frame(frames)
 
 
 def ranked(mask: Bool[np.ndarray, "L O D"], score: Float[np.ndarray, "L O D"], ascending: bool, top: int
@@ -131,10 +145,10 @@ def candidates_table(res: DiffResult) -> pd.DataFrame:
                     v = _np(st[c]).astype(np.float64)
                     data[c] = np.full(len(li), math.nan) if (mixed and c in CAND_SIGNED) else \
                         v[oi] if v.ndim == 1 else v[li, oi, d]
-                frames.append(pd.DataFrame(data))
+                frames.append(data)
     if not frames:
         return pd.DataFrame()
-    df = pd.concat(frames, ignore_index=True)
+    df = frame(frames)
     df["n"] = df["n"].astype(int)
     df["n_sample"] = df["n_sample"].astype(int)
     return df
