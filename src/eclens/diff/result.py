@@ -171,7 +171,7 @@ class DiffResult:
     def _rows_key(self, r: torch.Tensor | None) -> tuple | None:
         return None if r is None else tuple(r.tolist())
 
-    def _common(self, hook: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def _common(self, hook: str) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The shifted power sums of Δ and of the clean activation (features 0-3, ``[O, C, 4, L, D]``) of every row
         re-expressed about one shift per (offset, layer, dimension), and that shift ``[2, O, L, D]``: a group's
         sums are then plain sums over its rows (one pass, where merging each group's moments took ten). The
@@ -185,8 +185,19 @@ class DiffResult:
             first = (cnt > 0).to(torch.int8).argmax(1)  # [O]: the first row with pairs (0 where none has)
             k0 = K[:, torch.arange(K.shape[1]), first]  # [2, O, L, D]
             recentre(f, cnt[:, :, None, None], K, k0[:, :, None].expand_as(K))
-            self._cache[key] = (f, k0)
+            O, C = f.shape[:2]  # noqa: E741
+            # Δ's and the clean activation's sums apart, each contiguous [O, C, 2·L·D]: a group's sums are one
+            # matrix product with its rows' 0/1 weights (reading the rows in place, not copying them out)
+            self._cache[key] = ([f[:, :, 2 * w:2 * w + 2].reshape(O, C, -1) for w in (0, 1)], k0)
         return self._cache[key]
+
+    def _row_weights(self, r: torch.Tensor | None) -> torch.Tensor | None:
+        """``[C]`` float64 0/1 weights of rows ``r`` (None: every row)."""
+        if r is None:
+            return None
+        w = torch.zeros(len(self.config.rows), dtype=F64)
+        w[r] = 1.0
+        return w
 
     def _feat(self, hook: str, category: str, direction: str = "all") -> torch.Tensor:
         """Sums ``[O, 3, L, D]`` of the unshifted features (``delta_abs``, ``delta_sign``, ``delta_nonzero``)."""
@@ -199,10 +210,10 @@ class DiffResult:
 
     def _feat_moments(self, hook: str, category: str, which: int, direction: str = "all") -> Moments:
         """Moments of Δ (``which=0``) or of the clean activation (``which=1``), arrays ``[L, O, D]``."""
-        f, k0 = self._common(hook)
-        r = self._cat_rows(category, direction)
-        f = f[:, :, 2 * which:2 * which + 2]
-        s = f.sum(1) if r is None else f.index_select(1, r).sum(1)  # [O, 2, L, D]
+        fs, k0 = self._common(hook)
+        f = fs[which]  # [O, C, 2·L·D]
+        w = self._row_weights(self._cat_rows(category, direction))
+        s = (f.sum(1) if w is None else torch.matmul(w, f)).view(f.shape[0], 2, *k0.shape[2:])  # [O, 2, L, D]
         n = self.counts(category, direction)[:, None, None]  # [O, 1, 1]
         nn = n.clamp_min(1)
         s1, s2 = s[:, 0], s[:, 1]
