@@ -130,3 +130,8 @@ def test_tables_have_the_row_loops_columns(tiny):
     cand = res.candidates
     if not cand.empty:
         assert cand["rank"].min() == 1 and cand["n"].dtype.kind == "i"
+    before = res.cell_stats(res.hooks[0], "all")["absz_median"].clone()
+    res.release_arrays()  # the tables stay, the arrays behind them are recomputed on demand
+    assert res.layers is lay and not any(isinstance(k, tuple) for k in res._cache)
+    assert torch.equal(torch.nan_to_num(res.cell_stats(res.hooks[0], "all")["absz_median"], nan=-1.0),
+                       torch.nan_to_num(before, nan=-1.0))
