@@ -204,8 +204,14 @@ class DiffResult:
         r = self._cat_rows(category, direction)
         key = ("feat", hook, self._rows_key(r))
         if key not in self._cache:
-            f = self.tensors[f"{hook}/feat"][:, :, 4:]
-            self._cache[key] = (f.sum(1) if r is None else f.index_select(1, r).sum(1)).to(F64)
+            ck = ("unshifted", hook)
+            if ck not in self._cache:  # contiguous [O, C, 3·L·D]: one matrix product per group, as in _common
+                f = self.tensors[f"{hook}/feat"]
+                self._cache[ck] = f[:, :, 4:].to(F64).reshape(f.shape[0], f.shape[1], -1)
+            f = self._cache[ck]
+            w = self._row_weights(r)
+            t = self.tensors[f"{hook}/feat"]
+            self._cache[key] = (f.sum(1) if w is None else torch.matmul(w, f)).view(t.shape[0], 3, *t.shape[3:])
         return self._cache[key]
 
     def _feat_moments(self, hook: str, category: str, which: int, direction: str = "all") -> Moments:
