@@ -22,6 +22,15 @@ process's peak resident set size (``VmHWM``, reset before each run through
     python scripts/bench_diff.py                       # embedded model, CPU
     python scripts/bench_diff.py --model random --device cuda --batch-size 128
     python scripts/bench_diff.py --n-speed 64 --n-naive 8 --mem 100 800   # a quick run
+    python scripts/bench_diff.py --e2e 225 --repeats 3             # ec diff end to end (below)
+    python scripts/bench_diff.py --e2e 2000 --model random --repeats 3
+
+``--e2e N [N ...]``: ``ec diff`` end to end instead — everything after the model is loaded (the
+streaming pass, then the finishing work: every table built from the accumulated statistics and
+every file written, :func:`eclens.steps.diff_step` at the default settings into a fresh folder) —
+against the plain forward pass over the same ``N`` pairs, interleaved ``--repeats`` times. Reports
+the median ratio and the finishing work's share of the total. Targets: <= 1.6x at 225 pairs,
+<= 1.25x at 2,000 pairs with the finishing work <= 10 % of the total.
 """
 
 from __future__ import annotations
@@ -219,6 +228,9 @@ def peak_memory(fn, device) -> tuple[int, float]:
 def load(args):
     import eclens
 
+    if args.model == "tiny":  # a small random model: the finishing work at large sizes where a real one is too slow
+        return eclens.tiny_model(n_layers=4, d_model=128, n_heads=4, n_kv_heads=2, d_mlp=256, device=args.device,
+                                 dtype=getattr(torch, args.dtype))
     if args.model == "random":
         from transformers import AutoTokenizer
 
@@ -227,6 +239,49 @@ def load(args):
         return eclens.tiny_model(n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, d_mlp=1536, vocab_from=tok,
                                  device=args.device, dtype=getattr(torch, args.dtype))
     return eclens.load_model(args.model, device=args.device, dtype=args.dtype)
+
+
+def end_to_end(model, pairs, batch_size, device) -> tuple[Clock, float]:
+    """``diff_step`` (stream, tables, files) into a fresh folder; returns its clock and the streaming seconds."""
+    import shutil
+    import tempfile
+
+    from eclens.diff import DiffConfig
+    from eclens.steps import diff_step
+
+    run = Path(tempfile.mkdtemp(prefix="bench-e2e-"))
+    try:
+        with Clock(device) as c:
+            done = diff_step(run, model, pairs, DiffConfig(), batch_size=batch_size, progress=False)
+        return c, float(done.value.timing["seconds"])
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
+
+
+def e2e_main(args, model, device, pairs, source) -> int:
+    out: dict = {"model": args.model, "device": str(device), "batch_size": args.batch_size, "pairs_source": source,
+                 "load_average": os.getloadavg(), "sizes": {}}
+    for n in args.e2e:
+        sub = pairs[:n]
+        floor_pass(model, sub[: args.batch_size], args.batch_size, device)  # warm-up
+        rows = []
+        for r in range(args.repeats):
+            f = floor_pass(model, sub, args.batch_size, device)
+            e, stream = end_to_end(model, sub, args.batch_size, device)
+            finish = e.wall - stream
+            rows.append({"floor_s": f.wall, "e2e_s": e.wall, "stream_s": stream, "finish_s": finish,
+                         "ratio": e.wall / f.wall, "stream_ratio": stream / f.wall, "finish_share": finish / e.wall})
+            print(f"  {len(sub)} pairs, repeat {r + 1}: forward {f.wall:.1f}s, ec diff {e.wall:.1f}s (stream "
+                  f"{stream:.1f}s, finishing {finish:.1f}s): {e.wall / f.wall:.2f}x the forward, finishing "
+                  f"{100 * finish / e.wall:.0f} % of the total", flush=True)
+        med = {k: statistics.median(x[k] for x in rows) for k in rows[0]}
+        out["sizes"][str(len(sub))] = {"repeats": rows, "median": med}
+        print(f"{len(sub)} pairs: ec diff / plain forward {med['ratio']:.2f}x median (streaming "
+              f"{med['stream_ratio']:.2f}x), finishing {100 * med['finish_share']:.0f} % of the total "
+              f"({med['finish_s']:.1f}s); load average {os.getloadavg()[0]:.1f}", flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
+    return 0
 
 
 def check_cuda(args) -> None:
@@ -294,7 +349,7 @@ def mem_one(args, model, device, pairs) -> int:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a model name/path, or 'random'")
+    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, a model name/path, 'random' (SmolLM2-135M's shape) or 'tiny'")
     ap.add_argument("--tokenizer", default=None, help="tokenizer folder for --model random (default: embedded)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
@@ -308,6 +363,8 @@ def main() -> int:
     ap.add_argument("--check-cuda", action="store_true",
                     help="first compare run_diff on CUDA (float64 accumulation) with the CPU (float32 staging) on a "
                          "small random model")
+    ap.add_argument("--e2e", type=int, nargs="+", default=None, metavar="N",
+                    help="time ec diff end to end (stream, tables, files) against the forward pass at these sizes")
     ap.add_argument("--mem-one", type=int, default=None, help=argparse.SUPPRESS)  # internal: one memory run
     args = ap.parse_args()
 
@@ -318,12 +375,14 @@ def main() -> int:
         check_cuda(args)
     model = load(args)
     device = next(model.parameters()).device
-    n_all = max(args.n_speed, args.n_naive, *args.mem)
+    n_all = max(args.e2e) if args.e2e else max(args.n_speed, args.n_naive, *args.mem)
     pairs, source = make_pairs(model.tokenizer, n_all)
     if len(pairs) < n_all:
         print(f"only {len(pairs)} pairs available from {source}; reducing the sizes", file=sys.stderr)
     if args.mem_one:
         return mem_one(args, model, device, pairs)
+    if args.e2e:
+        return e2e_main(args, model, device, pairs, source)
     speed = pairs[: args.n_speed]
     lengths = [a.length for a in speed]
     print(f"model {args.model} on {device} ({args.dtype}); {len(pairs)} pairs from {source}; "

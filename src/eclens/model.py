@@ -301,6 +301,7 @@ def load_model(
         from .verify import verify_on_first_load
 
         verify_on_first_load(bridge, lambda: resolve_source(name, torch_dtype, None, None, None).hf)
+    release_memory()
     return bridge
 
 
@@ -364,7 +365,27 @@ def _from_user_model(m, tokenizer, *, copy_model: bool, device, dtype, compat, v
         # the user's untouched model is the reference; never move it to another device for the check
         same = next(original.parameters()).device == model_device(bridge)
         verify_on_first_load(bridge, lambda: original if same else None)
+    release_memory()
     return bridge
+
+
+def release_memory() -> None:
+    """Hand the heap memory freed while loading back to the operating system.
+
+    Compatibility mode rebuilds every weight (folded, centred, upcast copies of the state dict); the
+    copies are freed, but glibc keeps the freed blocks in its heap (a freed large block raises its mmap
+    threshold, so the next ones come from the heap), and the process stays ~1.7x the weights' bytes
+    resident after loading (smollm2-135m: +420 MB over 621 MB of weights). ``malloc_trim`` returns the
+    free pages. A no-op where the C library is not glibc."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def load_tokenizer(name: str = EMBEDDED):

@@ -150,6 +150,7 @@ def diff_step(run: str | Path, model, pairs: Sequence, config: DiffConfig | None
                        progress=progress, config=cfg)
     files = save_diff(run, res, batch_size=batch_size)
     s = res.summary
+    res.release_arrays()  # the tables are written: the arrays behind them would stay resident through later steps
     nc = s.get("n_candidates") or {}
     con = s.get("contrasts") or {}
     nsig = sum((con.get("n_significant") or {}).values())

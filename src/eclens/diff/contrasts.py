@@ -24,7 +24,7 @@ import torch
 from jaxtyping import Bool, Float
 
 from ..stats import F64, bh_qvalues
-from .intervals import cluster_weights
+from .intervals import cluster_weights, nan_quantiles
 
 if TYPE_CHECKING:
     from .result import DiffResult
@@ -76,11 +76,7 @@ def effect_table(x: np.ndarray, ok: np.ndarray, group: np.ndarray, clusters: lis
     a = (1 - level) / 2
     enough = (is_a.sum() >= 2) & ((~is_a).sum() >= 2)
     if enough:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            lo, hi = np.nanquantile(rep, [a, 1 - a], axis=0)
+        lo, hi = nan_quantiles(rep, (a, 1 - a))
     else:
         lo = hi = np.full(eff.shape, np.nan)
     perm = permutation_effects(S, N, is_a, n_perm, seed)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -15,7 +14,7 @@ from ..errors import EclensError
 from ..hooks import HookGroup, head_of
 from ..stats import F64, Moments, PowerSums, masked_quantiles
 from ..summary_intervals import add_intervals
-from .accumulate import FEATURES, HEAD_SCALARS, SCALARS
+from .accumulate import FEATURES, HEAD_SCALARS, SCALARS, recentre
 from .config import (
     QUANTILES,
     RESPONSIVE_SIGN_GRID,
@@ -26,6 +25,8 @@ from .config import (
 )
 from .contrasts import compute_contrasts
 from .intervals import mean_intervals
+from .sample_stats import sample_stats
+from .tables import candidates_table, heads_table, layers_table, sensitivity_table
 
 
 class DiffResult:
@@ -165,27 +166,66 @@ class DiffResult:
         m = Moments(m.count[feature], m.mean[feature], m.m2[feature])
         return Moments(*(t.transpose(0, 1) for t in (m.count, m.mean, m.m2)))
 
+    def _rows_key(self, r: torch.Tensor | None) -> tuple | None:
+        return None if r is None else tuple(r.tolist())
+
+    def _common(self, hook: str) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The shifted power sums of Δ and of the clean activation (features 0-3, ``[O, C, 4, L, D]``) of every row
+        re-expressed about one shift per (offset, layer, dimension), and that shift ``[2, O, L, D]``: a group's
+        sums are then plain sums over its rows (one pass, where merging each group's moments took ten). The
+        shift is the first row's with pairs at that offset: float32 values every row shares exactly where a
+        cell is constant (σ = 0 stays exactly 0)."""
+        key = ("common", hook)
+        if key not in self._cache:
+            f = self.tensors[f"{hook}/feat"][:, :, :4].to(F64).clone()  # [O, C, 4, L, D]
+            K = self.tensors[f"{hook}/shift"].to(F64)  # [2, O, C, L, D]: each row has its own shift
+            cnt = self.tensors["count"].T.to(F64)  # [O, C]
+            first = (cnt > 0).to(torch.int8).argmax(1)  # [O]: the first row with pairs (0 where none has)
+            k0 = K[:, torch.arange(K.shape[1]), first]  # [2, O, L, D]
+            recentre(f, cnt[:, :, None, None], K, k0[:, :, None].expand_as(K))
+            O, C = f.shape[:2]  # noqa: E741
+            # Δ's and the clean activation's sums apart, each contiguous [O, C, 2·L·D]: a group's sums are one
+            # matrix product with its rows' 0/1 weights (reading the rows in place, not copying them out)
+            self._cache[key] = ([f[:, :, 2 * w:2 * w + 2].reshape(O, C, -1) for w in (0, 1)], k0)
+        return self._cache[key]
+
+    def _row_weights(self, r: torch.Tensor | None) -> torch.Tensor | None:
+        """``[C]`` float64 0/1 weights of rows ``r`` (None: every row)."""
+        if r is None:
+            return None
+        w = torch.zeros(len(self.config.rows), dtype=F64)
+        w[r] = 1.0
+        return w
+
     def _feat(self, hook: str, category: str, direction: str = "all") -> torch.Tensor:
-        """Feature sums ``[O, F, L, D]`` of one group (only the unshifted features add across rows)."""
-        f = self.tensors[f"{hook}/feat"]
+        """Sums ``[O, 3, L, D]`` of the unshifted features (``delta_abs``, ``delta_sign``, ``delta_nonzero``)."""
         r = self._cat_rows(category, direction)
-        return f.sum(1) if r is None else f.index_select(1, r).sum(1)
+        key = ("feat", hook, self._rows_key(r))
+        if key not in self._cache:
+            ck = ("unshifted", hook)
+            if ck not in self._cache:  # contiguous [O, C, 3·L·D]: one matrix product per group, as in _common
+                f = self.tensors[f"{hook}/feat"]
+                self._cache[ck] = f[:, :, 4:].to(F64).reshape(f.shape[0], f.shape[1], -1)
+            f = self._cache[ck]
+            w = self._row_weights(r)
+            t = self.tensors[f"{hook}/feat"]
+            self._cache[key] = (f.sum(1) if w is None else torch.matmul(w, f)).view(t.shape[0], 3, *t.shape[3:])
+        return self._cache[key]
 
     def _feat_moments(self, hook: str, category: str, which: int, direction: str = "all") -> Moments:
         """Moments of Δ (``which=0``) or of the clean activation (``which=1``), arrays ``[L, O, D]``."""
-        key = ("feat_moments", hook, which)
-        if key not in self._cache:
-            f = self.tensors[f"{hook}/feat"]  # [O, C, F, L, D]
-            K = self.tensors[f"{hook}/shift"][which].to(F64)  # [O, C, L, D]: each category has its own shift
-            n = self.tensors["count"].T[:, :, None, None]  # [O, C, 1, 1]
-            nn = n.clamp_min(1)
-            s1, s2 = f[:, :, 2 * which], f[:, :, 2 * which + 1]
-            self._cache[key] = Moments(n, K + s1 / nn, (s2 - s1 * s1 / nn).clamp_min(0))
-        m = self._pick(self._cache[key], self._cat_rows(category, direction), 1)
+        fs, k0 = self._common(hook)
+        f = fs[which]  # [O, C, 2·L·D]
+        w = self._row_weights(self._cat_rows(category, direction))
+        s = (f.sum(1) if w is None else torch.matmul(w, f)).view(f.shape[0], 2, *k0.shape[2:])  # [O, 2, L, D]
+        n = self.counts(category, direction)[:, None, None]  # [O, 1, 1]
+        nn = n.clamp_min(1)
+        s1, s2 = s[:, 0], s[:, 1]
+        m = Moments(n, k0[which] + s1 / nn, (s2 - s1 * s1 / nn).clamp_min(0))
         return Moments(m.count.transpose(0, 1), m.mean.transpose(0, 1), m.m2.transpose(0, 1))
 
     def _feat_sum(self, hook: str, category: str, name: str, direction: str = "all") -> torch.Tensor:
-        return self._feat(hook, category, direction)[:, FEATURES.index(name)].transpose(0, 1)
+        return self._feat(hook, category, direction)[:, FEATURES.index(name) - 4].transpose(0, 1)
 
     def counts(self, category: str = "all", direction: str = "all") -> torch.Tensor:
         """Pairs per offset ``[O]``."""
@@ -255,22 +295,18 @@ class DiffResult:
             out[name] = torch.where((n[None] > 0) & (den > 0), (num / den.clamp_min(1e-300)).sqrt(), nan)
         # Sample-based: quantiles of |Δ|/σ, fraction under the threshold, leave-one-out cosines.
         mem = self._sample_members(category, direction)
-        sd = self.tensors[f"{hook}/sample_delta"].index_select(0, mem).to(F64).permute(0, 2, 1, 3)  # [s, L, O, D]
         sv = self.tensors["sample/valid"].index_select(0, mem)  # [s, O]
-        valid4 = sv[:, None, :, None]
         out["n_sample"] = sv.sum(0).to(F64)  # [O]
-        z = sd.abs() * inv
-        qs = masked_quantiles(z, valid4 & ~torch.isnan(z), QUANTILES)
-        for q, v in zip(QUANTILES, qs):
+        S = dm.mean * n3  # [L, O, D] sum of Δ over the category's pairs
+        # The threshold grid (threshold sensitivity) for unsigned (pooled) groups only.
+        smp = sample_stats(self.tensors[f"{hook}/sample_delta"].index_select(0, mem), sv, inv, S, cfg.threshold,
+                           self.grid("threshold") if direction == "all" else None)
+        for q, v in zip(QUANTILES, smp["q"]):
             out["absz_median" if q == 0.5 else f"absz_q{int(round(q * 100)):02d}"] = v
-        under = ((z < cfg.threshold) & valid4).to(F64).sum(0)
         ns = sv.sum(0).to(F64)[None, :, None]
-        out["frac_under"] = torch.where((ns > 0) & sig_ok, under / ns.clamp_min(1), nan)
-        # The same over a grid of thresholds (threshold sensitivity), for unsigned (pooled) groups only.
+        out["frac_under"] = torch.where((ns > 0) & sig_ok, smp["under"] / ns.clamp_min(1), nan)
         if direction == "all":
-            below = torch.stack([under if t == cfg.threshold else ((z < t) & valid4).to(F64).sum(0)
-                                 for t in self.grid("threshold")])  # [T, L, O, D]
-            out["frac_under_grid"] = torch.where((ns > 0) & sig_ok, below / ns.clamp_min(1), nan)
+            out["frac_under_grid"] = torch.where((ns > 0) & sig_ok, smp["below"] / ns.clamp_min(1), nan)
         out["reachable"] = (nz.sum(-1) > 0)  # [L, O]
         # Per-layer exact scalars.
         for k in SCALARS:
@@ -282,9 +318,7 @@ class DiffResult:
         out["dir_norm"] = torch.where(n[None] > 0, (mean ** 2).sum(-1).sqrt(), nan)
         out["dir_consistency"] = torch.where(e_sq > 0, (mean ** 2).sum(-1) / e_sq.clamp_min(1e-300), nan)
         # Leave-one-out cosine of each sampled pair with the exact sum of the others.
-        S = dm.mean * n3  # [L, O, D] sum of Δ over the category's pairs
-        dot = (sd * S).sum(-1)  # [s, L, O]
-        dd = (sd * sd).sum(-1)
+        dot, dd = smp["dot"], smp["dd"]  # [s, L, O]
         ss2 = (S * S).sum(-1)
         rest2 = (ss2 - 2 * dot + dd).clamp_min(0)
         loo = (dot - dd) / (dd.sqrt() * rest2.sqrt()).clamp_min(1e-300)
@@ -383,68 +417,14 @@ class DiffResult:
         category's directions, and there its signed columns (direction cosines, sign consistency) are NaN
         where it holds two or more: opposite directions cancel in them."""
         if "layers" not in self._cache:
-            rows = []
-            signed = ("dir_norm", "dir_consistency", "loo_cos_mean", "loo_cos_median", "loo_cos_q10", "loo_cos_q90",
-                      "sign_consistency_mean")
-            for cat, dr in self.stat_groups():
-                mixed = self.mixed(cat, dr)
-                for h in self.hooks:
-                    g = self.group(h)
-                    st = self.cell_stats(h, cat, dr)
-                    iv = self.layer_intervals(h, cat, dr)
-                    mass = st["massive"]
-                    cand = self._candidate_masks(h, cat, dr)
-                    for li, layer in enumerate(g.layers):
-                        for oi, off in enumerate(self.offsets):
-                            keep = ~mass[li, oi]
-                            r = {"category": cat, "swap_direction": dr, "hook": h, "layer": layer, "offset": off,
-                                 "position_kind": position_kind(off), "n": int(st["n"][oi]),
-                                 "n_sample": int(st["n_sample"][oi]), "reachable": bool(st["reachable"][li, oi])}
-                            for k in ("rel_l2_mean", "rel_l2_std", "rel_l2_median", "cos_mean", "cos_std", "l2_mean",
-                                      "l2_std", "dir_norm", "dir_consistency", "loo_cos_mean", "loo_cos_median",
-                                      "loo_cos_q10", "loo_cos_q90", "rel_l2_rms", "rel_l2_rms_nomassive"):
-                                r[k] = float(st[k][li, oi])
-                            r["rel_l2_mean_lo"] = float(iv["rel_l2_mean_lo"][li, oi])
-                            r["rel_l2_mean_hi"] = float(iv["rel_l2_mean_hi"][li, oi])
-                            for k, name in (("absz_mean", "absz_mean"), ("absz_median", "absz_median"),
-                                            ("frac_under", "frac_under_mean"),
-                                            ("sign_consistency", "sign_consistency_mean")):
-                                v = st[k][li, oi][keep]
-                                v = v[torch.isfinite(v)]
-                                r[name] = float(v.mean()) if v.numel() else math.nan
-                            if mixed:
-                                r.update({k: math.nan for k in signed})
-                            r["n_massive"] = int(mass[li, oi].sum())
-                            rr = st["rms_ratio"][li, oi]
-                            ok = torch.isfinite(rr)
-                            r["rms_ratio_max"] = float(rr[ok].max()) if ok.any() else math.nan
-                            r["rms_ratio_dim"] = int(torch.where(ok, rr, -1).argmax()) if ok.any() else -1
-                            r["n_stable"] = int(cand["stable"][li, oi].sum())
-                            r["n_responsive"] = int(cand["responsive"][li, oi].sum())
-                            rows.append(r)
-            self._cache["layers"] = pd.DataFrame(rows)
+            self._cache["layers"] = layers_table(self)
         return self._cache["layers"]
 
     @property
     def heads(self) -> pd.DataFrame:
         """Per-head relative L2 and cosine for per-head hooks (``attn.hook_q/k/v/z``); empty otherwise."""
         if "heads" not in self._cache:
-            rows = []
-            for cat in self.categories:
-                for g in self.groups:
-                    if not g.n_heads:
-                        continue
-                    st = self.cell_stats(g.suffix, cat)
-                    for li, layer in enumerate(g.layers):
-                        for oi, off in enumerate(self.offsets):
-                            for h in range(g.n_heads):
-                                rows.append({"category": cat, "hook": g.suffix, "layer": layer, "offset": off,
-                                             "position_kind": position_kind(off), "head": h, "n": int(st["n"][oi]),
-                                             "rel_l2_mean": float(st["head_rel_l2_mean"][li, oi, h]),
-                                             "rel_l2_std": float(st["head_rel_l2_std"][li, oi, h]),
-                                             "cos_mean": float(st["head_cos_mean"][li, oi, h]),
-                                             "cos_std": float(st["head_cos_std"][li, oi, h])})
-            self._cache["heads"] = pd.DataFrame(rows)
+            self._cache["heads"] = heads_table(self)
         return self._cache["heads"]
 
     def grid(self, parameter: str) -> list[float]:
@@ -453,9 +433,9 @@ class DiffResult:
                 "responsive_sign": RESPONSIVE_SIGN_GRID}[parameter]
         return sorted(set(base) | {float(getattr(self.config, parameter))})
 
-    def _candidate_masks(self, hook: str, category: str, direction: str = "all", *, threshold_index: int | None = None,
-                         responsive_z: float | None = None, responsive_sign: float | None = None
-                         ) -> dict[str, torch.Tensor]:
+    def candidate_masks(self, hook: str, category: str, direction: str = "all", *, threshold_index: int | None = None,
+                        responsive_z: float | None = None, responsive_sign: float | None = None
+                        ) -> dict[str, torch.Tensor]:
         """Stable and responsive masks ``[L, O, D]``; the rule's thresholds may be overridden (sensitivity).
         The responsive rule needs a sign consistency, so it is evaluated per swap direction only: a group
         pooling two or more directions has no responsive candidates."""
@@ -483,66 +463,17 @@ class DiffResult:
         """Stable and responsive dimensions (rule in the module docstring), ranked per (category, swap direction,
         hook, layer, offset); ``swap_direction`` ``all`` pools the category's directions (stable only, and its
         signed columns NaN, where it holds two or more)."""
-        if "candidates" in self._cache:
-            return self._cache["candidates"]
-        cfg = self.config
-        rows = []
-        cols = ("n", "n_sample", "absz_median", "absz_q10", "absz_q90", "frac_under", "sign_consistency", "absz_mean",
-                "mean_delta", "mean_abs_delta", "sigma_clean", "frac_pos", "frac_neg")
-        signed = ("sign_consistency", "mean_delta", "frac_pos", "frac_neg")
-        for cat, dr in self.stat_groups():
-            mixed = self.mixed(cat, dr)
-            for h in self.hooks:
-                g = self.group(h)
-                st = self.cell_stats(h, cat, dr)
-                masks = self._candidate_masks(h, cat, dr)
-                for kind, score, asc in (("stable", "absz_q90", True), ("responsive", "absz_median", False)):
-                    m = masks[kind]
-                    for li, oi in zip(*np.nonzero(m.any(-1).numpy())):
-                        dims = torch.nonzero(m[li, oi]).flatten()
-                        sc = st[score][li, oi, dims]
-                        order = torch.argsort(sc if asc else -sc, stable=True)[: cfg.max_candidates]
-                        for rank, j in enumerate(order.tolist(), start=1):
-                            d = int(dims[j])
-                            off = self.offsets[oi]
-                            r = {"category": cat, "swap_direction": dr, "hook": h, "layer": g.layers[li],
-                                 "offset": off, "position_kind": position_kind(off), "dim": d, "unit": g.kind,
-                                 "head": head_of(g, d), "kind": kind, "rank": rank,
-                                 "n_passing": int(len(dims))}
-                            for c in cols:
-                                v = st[c]
-                                r[c] = math.nan if (mixed and c in signed) else \
-                                    float(v[oi]) if v.ndim == 1 else float(v[li, oi, d])
-                            rows.append(r)
-        df = pd.DataFrame(rows)
-        if not df.empty:
-            df["n"] = df["n"].astype(int)
-            df["n_sample"] = df["n_sample"].astype(int)
-        self._cache["candidates"] = df
-        return df
+        if "candidates" not in self._cache:
+            self._cache["candidates"] = candidates_table(self)
+        return self._cache["candidates"]
 
     @property
     def sensitivity(self) -> pd.DataFrame:
         """Candidate counts (every passing dimension, not only the listed ``max_candidates``) per (category, swap
         direction, hook, kind) over a grid of each rule's threshold, the others at their set values
         (``sensitivity.csv``). ``default`` marks the run's own setting."""
-        if "sensitivity" in self._cache:
-            return self._cache["sensitivity"]
-        cfg = self.config
-        rows = []
-        grids = [("stable", "threshold", v, {"threshold_index": i}) for i, v in enumerate(self.grid("threshold"))]
-        grids += [("responsive", "responsive_z", v, {"responsive_z": v}) for v in self.grid("responsive_z")]
-        grids += [("responsive", "responsive_sign", v, {"responsive_sign": v}) for v in self.grid("responsive_sign")]
-        for cat, dr in self.stat_groups():
-            for h in self.hooks:
-                for kind, param, v, kw in grids:
-                    if kind == "stable" and dr != "all":
-                        continue  # stable is unsigned: its pooled groups say it
-                    m = self._candidate_masks(h, cat, dr, **kw)[kind]
-                    rows.append({"category": cat, "swap_direction": dr, "hook": h, "kind": kind, "parameter": param,
-                                 "value": v, "default": bool(math.isclose(v, getattr(cfg, param))),
-                                 "n_candidates": int(m.sum())})
-        self._cache["sensitivity"] = pd.DataFrame(rows)
+        if "sensitivity" not in self._cache:
+            self._cache["sensitivity"] = sensitivity_table(self)
         return self._cache["sensitivity"]
 
     @property
@@ -632,6 +563,13 @@ class DiffResult:
         }
         self._cache["summary"] = s = add_intervals(self, {**s, "timing": self.timing})  # issue 17: every mean
         return s
+
+    def release_arrays(self) -> None:
+        """Forget the per-group arrays behind the tables (recomputed on demand), keep the tables: a default run's
+        cached cell statistics are gigabytes (~16 MB per group and hook for SmolLM2-135M) that nothing reads once
+        the files are written."""
+        for k in [k for k in self._cache if isinstance(k, tuple)]:
+            del self._cache[k]
 
     # ---- files
     def manifest_step(self, files: list[str], *, batch_size: int | None, seconds: float | None,

@@ -1,0 +1,194 @@
+"""The per-row tables of a diff run (``layers``, ``candidates``, ``sensitivity``, ``heads``), built from
+:meth:`DiffResult.cell_stats` arrays by whole-array operations.
+
+One (category, swap direction, hook) block of a table is one set of ``[L, O]`` (``[L, O, D]``) arrays
+flattened layer-major, as the row loops these replace wrote them: the default hooks of SmolLM2-135M over
+a few dozen groups are tens of thousands of rows, and Python work per row (a tensor index per number)
+was most of the finishing time of ``ec diff``. The numbers and the row order are the row loops'.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float
+
+from ..hooks import head_of
+from .config import position_kind
+
+if TYPE_CHECKING:
+    from .result import DiffResult
+
+LAYER_STATS = ("rel_l2_mean", "rel_l2_std", "rel_l2_median", "cos_mean", "cos_std", "l2_mean", "l2_std", "dir_norm",
+               "dir_consistency", "loo_cos_mean", "loo_cos_median", "loo_cos_q10", "loo_cos_q90", "rel_l2_rms",
+               "rel_l2_rms_nomassive")
+# (cell_stats key, layers column): means over the layer's non-massive dimensions with a finite value
+LAYER_DIM_MEANS = (("absz_mean", "absz_mean"), ("absz_median", "absz_median"), ("frac_under", "frac_under_mean"),
+                   ("sign_consistency", "sign_consistency_mean"))
+# layers columns that pool opposite swap directions in a mixed group: NaN there
+LAYER_SIGNED = ("dir_norm", "dir_consistency", "loo_cos_mean", "loo_cos_median", "loo_cos_q10", "loo_cos_q90",
+                "sign_consistency_mean")
+CAND_STATS = ("n", "n_sample", "absz_median", "absz_q10", "absz_q90", "frac_under", "sign_consistency", "absz_mean",
+              "mean_delta", "mean_abs_delta", "sigma_clean", "frac_pos", "frac_neg")
+CAND_SIGNED = ("sign_consistency", "mean_delta", "frac_pos", "frac_neg")
+
+
+def frame(blocks: list[dict]) -> pd.DataFrame:
+    """One DataFrame of blocks of columns (arrays of one length per block, or scalars repeated over it): one
+    construction for the whole table, where a frame per block cost more than the numbers (string columns)."""
+    if not blocks:
+        return pd.DataFrame()
+    lengths = [next(len(v) for v in b.values() if isinstance(v, np.ndarray)) for b in blocks]
+    cols = {}
+    for k in blocks[0]:
+        parts = [b[k] if isinstance(b[k], np.ndarray) else np.full(n, b[k], dtype=object if isinstance(b[k], str)
+                                                                     else None) for b, n in zip(blocks, lengths)]
+        cols[k] = np.concatenate(parts)
+    return pd.DataFrame(cols)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def dim_means(x: Float[torch.Tensor, "L O D"], keep: Bool[torch.Tensor, "L O D"]) -> Float[np.ndarray, "L O"]:
+    """Mean over the last axis of the finite values where ``keep`` (NaN where none)."""
+    ok = keep & torch.isfinite(x)
+    cnt = ok.sum(-1)
+    s = torch.where(ok, x, torch.zeros((), dtype=x.dtype)).sum(-1)
+    return _np(torch.where(cnt > 0, s / cnt.clamp_min(1), torch.full_like(s, math.nan)))
+
+
+def layers_table(res: DiffResult) -> pd.DataFrame:
+    """:attr:`DiffResult.layers`: one row per (category, swap direction, hook, layer, offset)."""
+    frames = []
+    offs = np.array(res.offsets)
+    kinds = np.array([position_kind(o) for o in res.offsets], dtype=object)
+    O = len(offs)  # noqa: E741
+    for cat, dr in res.stat_groups():
+        mixed = res.mixed(cat, dr)
+        for h in res.hooks:
+            g = res.group(h)
+            L = len(g.layers)
+            st = res.cell_stats(h, cat, dr)
+            iv = res.layer_intervals(h, cat, dr)
+            mass = st["massive"]
+            cand = res.candidate_masks(h, cat, dr)
+            data: dict = {"category": cat, "swap_direction": dr, "hook": h,
+                          "layer": np.repeat(np.asarray(g.layers, dtype=np.int64), O), "offset": np.tile(offs, L),
+                          "position_kind": np.tile(kinds, L),
+                          "n": np.tile(_np(st["n"]).astype(np.int64), L),
+                          "n_sample": np.tile(_np(st["n_sample"]).astype(np.int64), L),
+                          "reachable": _np(st["reachable"]).reshape(-1).astype(bool)}
+            for k in LAYER_STATS:
+                data[k] = _np(st[k]).astype(np.float64).reshape(-1)
+            data["rel_l2_mean_lo"] = np.asarray(iv["rel_l2_mean_lo"], dtype=np.float64).reshape(-1)
+            data["rel_l2_mean_hi"] = np.asarray(iv["rel_l2_mean_hi"], dtype=np.float64).reshape(-1)
+            for k, name in LAYER_DIM_MEANS:
+                data[name] = dim_means(st[k], ~mass).reshape(-1)
+            if mixed:
+                for k in LAYER_SIGNED:
+                    data[k] = np.full(L * O, math.nan)
+            data["n_massive"] = _np(mass.sum(-1)).astype(np.int64).reshape(-1)
+            rr = st["rms_ratio"]
+            ok = torch.isfinite(rr)
+            has = ok.any(-1)
+            mx = torch.where(ok, rr, torch.full_like(rr, -math.inf)).max(-1).values
+            data["rms_ratio_max"] = _np(torch.where(has, mx, torch.full_like(mx, math.nan))).reshape(-1)
+            data["rms_ratio_dim"] = _np(torch.where(has, torch.where(ok, rr, torch.full_like(rr, -1)).argmax(-1),
+                                                    torch.full_like(has, -1, dtype=torch.long))).reshape(-1)
+            data["n_stable"] = _np(cand["stable"].sum(-1)).astype(np.int64).reshape(-1)
+            data["n_responsive"] = _np(cand["responsive"].sum(-1)).astype(np.int64).reshape(-1)
+            frames.append(data)
+    return frame(frames)
+
+
+def ranked(mask: Bool[np.ndarray, "L O D"], score: Float[np.ndarray, "L O D"], ascending: bool, top: int
+           ) -> tuple[np.ndarray, ...]:
+    """The first ``top`` passing dimensions of each (layer, offset) by ``score`` (a stable sort: ties keep the
+    dimension order; NaN last), as flat arrays ``(layer index, offset index, dim, rank, n_passing)``."""
+    key = score if ascending else -score
+    order = np.lexsort((key, ~mask), axis=-1)[..., :top]  # passing first, each group by its score
+    picked = np.take_along_axis(mask, order, -1)
+    li, oi, k = np.nonzero(picked)
+    n_pass = mask.sum(-1)
+    return li, oi, order[li, oi, k], k + 1, n_pass[li, oi]
+
+
+def candidates_table(res: DiffResult) -> pd.DataFrame:
+    """:attr:`DiffResult.candidates`: the ranked stable and responsive dimensions of every group."""
+    cfg = res.config
+    frames = []
+    for cat, dr in res.stat_groups():
+        mixed = res.mixed(cat, dr)
+        for h in res.hooks:
+            g = res.group(h)
+            st = res.cell_stats(h, cat, dr)
+            masks = res.candidate_masks(h, cat, dr)
+            heads = np.array([head_of(g, d) for d in range(g.width)], dtype=np.int64)
+            for kind, score, asc in (("stable", "absz_q90", True), ("responsive", "absz_median", False)):
+                m = _np(masks[kind])
+                if not m.any():
+                    continue
+                li, oi, d, rank, n_pass = ranked(m, _np(st[score]), asc, cfg.max_candidates)
+                offs = np.asarray(res.offsets, dtype=np.int64)[oi]
+                data: dict = {"category": cat, "swap_direction": dr, "hook": h,
+                              "layer": np.asarray(g.layers, dtype=np.int64)[li], "offset": offs,
+                              "position_kind": np.array([position_kind(int(o)) for o in offs], dtype=object),
+                              "dim": d.astype(np.int64), "unit": g.kind, "head": heads[d], "kind": kind,
+                              "rank": rank.astype(np.int64), "n_passing": n_pass.astype(np.int64)}
+                for c in CAND_STATS:
+                    v = _np(st[c]).astype(np.float64)
+                    data[c] = np.full(len(li), math.nan) if (mixed and c in CAND_SIGNED) else \
+                        v[oi] if v.ndim == 1 else v[li, oi, d]
+                frames.append(data)
+    if not frames:
+        return pd.DataFrame()
+    df = frame(frames)
+    df["n"] = df["n"].astype(int)
+    df["n_sample"] = df["n_sample"].astype(int)
+    return df
+
+
+def sensitivity_table(res: DiffResult) -> pd.DataFrame:
+    """:attr:`DiffResult.sensitivity`: candidate counts over a grid of each rule's threshold."""
+    cfg = res.config
+    rows = []
+    grids = [("stable", "threshold", v, {"threshold_index": i}) for i, v in enumerate(res.grid("threshold"))]
+    grids += [("responsive", "responsive_z", v, {"responsive_z": v}) for v in res.grid("responsive_z")]
+    grids += [("responsive", "responsive_sign", v, {"responsive_sign": v}) for v in res.grid("responsive_sign")]
+    for cat, dr in res.stat_groups():
+        for h in res.hooks:
+            for kind, param, v, kw in grids:
+                if kind == "stable" and dr != "all":
+                    continue  # stable is unsigned: its pooled groups say it
+                m = res.candidate_masks(h, cat, dr, **kw)[kind]
+                rows.append({"category": cat, "swap_direction": dr, "hook": h, "kind": kind, "parameter": param,
+                             "value": v, "default": bool(math.isclose(v, getattr(cfg, param))),
+                             "n_candidates": int(m.sum())})
+    return pd.DataFrame(rows)
+
+
+def heads_table(res: DiffResult) -> pd.DataFrame:
+    """:attr:`DiffResult.heads`: per-head relative L2 and cosine of the per-head hooks."""
+    frames = []
+    offs = np.asarray(res.offsets, dtype=np.int64)
+    kinds = np.array([position_kind(o) for o in res.offsets], dtype=object)
+    for cat in res.categories:
+        for g in res.groups:
+            if not g.n_heads:
+                continue
+            st = res.cell_stats(g.suffix, cat)
+            L, O, H = len(g.layers), len(offs), g.n_heads  # noqa: E741
+            li, oi, hh = (a.reshape(-1) for a in np.meshgrid(np.arange(L), np.arange(O), np.arange(H), indexing="ij"))
+            frames.append(pd.DataFrame({
+                "category": cat, "hook": g.suffix, "layer": np.asarray(g.layers, dtype=np.int64)[li],
+                "offset": offs[oi], "position_kind": kinds[oi], "head": hh.astype(np.int64),
+                "n": _np(st["n"]).astype(np.int64)[oi],
+                **{f"{k}_{s}": _np(st[f"head_{k}_{s}"]).astype(np.float64).reshape(-1)
+                   for k in ("rel_l2", "cos") for s in ("mean", "std")}}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -1,0 +1,137 @@
+"""The fast table building of a diff run (issue 20): the whole-array helpers against their plain
+definitions, and a group's moments from the common-shift sums against a float64 brute force."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import torch
+
+from eclens.diff import run_diff
+from eclens.diff import sample_stats as SS
+from eclens.diff.intervals import nan_quantiles
+from eclens.diff.tables import dim_means, ranked
+from eclens.pairs import AlignedPair, MinimalPair, align
+from eclens.stats import masked_quantiles
+
+
+def test_nan_quantiles_equal_numpys():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 40))
+    x[rng.random(x.shape) < 0.3] = np.nan
+    x[:, 3] = np.nan  # no value: NaN
+    x[:-1, 5] = np.nan  # one value: that value
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        want = np.nanquantile(x, [0.025, 0.5, 0.975], axis=0)
+    got = nan_quantiles(x, (0.025, 0.5, 0.975))
+    assert np.array_equal(np.isnan(want), np.isnan(got))
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
+def test_ranked_keeps_the_loop_order():
+    """Passing dims first by score (ties in dim order, NaN last), at most ``top``, with their ranks."""
+    m = np.array([[[True, False, True, True, True]]])
+    sc = np.array([[[0.5, -9.0, 0.1, 0.5, np.nan]]])
+    li, oi, d, rank, n = ranked(m, sc, True, 3)
+    assert d.tolist() == [2, 0, 3] and rank.tolist() == [1, 2, 3] and n.tolist() == [4, 4, 4]
+    _, _, d, _, _ = ranked(m, sc, False, 10)
+    assert d.tolist() == [0, 3, 2, 4]  # descending, stable among ties, NaN last as in torch.argsort
+    dims = torch.nonzero(torch.from_numpy(m[0, 0])).flatten()
+    want = torch.argsort(-torch.from_numpy(sc[0, 0])[dims], stable=True)
+    assert dims[want].tolist() == d.tolist()
+
+
+def test_dim_means_skip_massive_and_nan():
+    x = torch.tensor([[[1.0, float("nan"), 3.0, 100.0]], [[float("nan")] * 4]], dtype=torch.float64)
+    keep = torch.tensor([[[True, True, True, False]], [[True] * 4]])
+    got = dim_means(x, keep)
+    assert got[0, 0] == 2.0 and np.isnan(got[1, 0])
+
+
+def test_sample_stats_in_chunks_equal_whole(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    s, O, L, D = 9, 2, 5, 7  # noqa: E741
+    sd = torch.randn(s, O, L, D, generator=g).half()
+    sv = torch.rand(s, O, generator=g) > 0.2
+    inv = torch.rand(L, O, D, generator=g, dtype=torch.float64) + 0.5
+    inv[0, 0, 0] = float("nan")  # σ = 0
+    S = torch.randn(L, O, D, generator=g, dtype=torch.float64)
+    whole = SS.sample_stats(sd, sv, inv, S, 0.3, [0.1, 0.3, 1.0])
+    monkeypatch.setattr(SS, "CHUNK_ELEMENTS", s * O * D * 2)  # two layers a chunk, the last one alone
+    parts = SS.sample_stats(sd, sv, inv, S, 0.3, [0.1, 0.3, 1.0])
+    for k in whole:
+        assert torch.equal(torch.nan_to_num(whole[k], nan=-7.0), torch.nan_to_num(parts[k], nan=-7.0)), k
+    z = sd.permute(0, 2, 1, 3).double().abs() * inv
+    ok = sv[:, None, :, None] & ~torch.isnan(z)
+    assert torch.equal(torch.nan_to_num(whole["q"], nan=-7.0),
+                       torch.nan_to_num(masked_quantiles(z, ok, (0.1, 0.25, 0.5, 0.75, 0.9)), nan=-7.0))
+
+
+def _pairs(tok):
+    out = []
+    subjects = ["dog", "cat", "girl", "boy", "teacher", "doctor", "farmer", "singer"]
+    for i, s in enumerate(subjects * 2):
+        for cat, (a, b), d in (("grammar/agreement", ("runs", "run"), "sg->pl"),
+                               ("grammar/agreement", ("walk", "walks"), "pl->sg"),
+                               ("meaning/verb", ("runs", "reads"), None)):
+            p = MinimalPair(f"{cat}-{d}-{i}", f"The {s} {a} here.", f"The {s} {b} here.", cat, swap_direction=d,
+                            cluster=s)
+            al = align(p, tok)
+            if isinstance(al, AlignedPair):
+                out.append(al)
+    return out
+
+
+def test_group_moments_equal_brute_force(tiny):
+    """Every group's mean Δ, σ of Δ and of the clean activation from the common-shift sums equal the float64
+    moments of the per-pair values of its rows (the sample holds every pair here); constant cells keep σ = 0."""
+    pairs = _pairs(tiny.tokenizer)
+    res = run_diff(tiny, pairs, hooks="hook_resid_pre", max_offset=1, batch_size=8, sample_size=256,
+                   include_last=True)
+    assert len(res.stat_groups()) > 3
+    h = res.hooks[0]
+    rows = res.config.rows
+    cat_of = res.tensors["sample/category"]
+    sd = res.tensors[f"{h}/sample_delta"].double()  # [s, O, L, D] float16 Δ: compare to float16 precision
+    valid = res.tensors["sample/valid"]
+    for cat, dr in res.stat_groups():
+        r = [i for i, (c, d, _) in enumerate(rows) if cat in ("all", c) and dr in ("all", d)]
+        members = torch.isin(cat_of, torch.tensor(r)) & torch.isfinite(res.tensors["sample/keys"])
+        st = res.cell_stats(h, cat, dr)
+        for o in range(len(res.offsets)):
+            m = members & valid[:, o]
+            x = sd[m, o].permute(1, 0, 2)  # [L, n, D]
+            assert int(st["n"][o]) == int(m.sum())
+            torch.testing.assert_close(st["mean_delta"][:, o], x.mean(1), rtol=2e-3, atol=2e-3)
+            if int(m.sum()) > 1:
+                torch.testing.assert_close(st["std_delta"][:, o], x.std(1), rtol=2e-3, atol=2e-3)
+    # layer 0's resid_pre at the last token is the embedding of "." in every pair: σ exactly 0
+    sig = res.cell_stats(h, "all")["sigma_clean"][0, res.offsets.index(-1)]
+    assert torch.equal(sig, torch.zeros_like(sig))
+
+
+def test_release_memory_runs():
+    from eclens.model import release_memory
+
+    release_memory()  # glibc: returns freed heap pages; elsewhere a no-op
+
+
+def test_tables_have_the_row_loops_columns(tiny):
+    """A tiny run's tables build (one frame per table) with the columns the row loops wrote."""
+    pairs = _pairs(tiny.tokenizer)[:12]
+    res = run_diff(tiny, pairs, hooks="hook_resid_post", max_offset=1, batch_size=6, sample_size=32, min_pairs=2)
+    lay = res.layers
+    assert list(lay.columns[:9]) == ["category", "swap_direction", "hook", "layer", "offset", "position_kind", "n",
+                                     "n_sample", "reachable"]
+    assert len(lay) == len(res.stat_groups()) * len(res.group(res.hooks[0]).layers) * len(res.offsets)
+    assert lay["n"].dtype.kind == "i" and lay["reachable"].dtype == bool
+    cand = res.candidates
+    if not cand.empty:
+        assert cand["rank"].min() == 1 and cand["n"].dtype.kind == "i"
+    before = res.cell_stats(res.hooks[0], "all")["absz_median"].clone()
+    res.release_arrays()  # the tables stay, the arrays behind them are recomputed on demand
+    assert res.layers is lay and not any(isinstance(k, tuple) for k in res._cache)
+    assert torch.equal(torch.nan_to_num(res.cell_stats(res.hooks[0], "all")["absz_median"], nan=-1.0),
+                       torch.nan_to_num(before, nan=-1.0))
