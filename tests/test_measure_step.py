@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 
 from _designpairs import design_pairs
-from eclens.errors import EclensError
 from eclens.measure_step import COLUMNS, FILES, MeasureConfig, choose_clusters, measure_role, measure_step
 from eclens.pairs import MinimalPair, align, write_jsonl
 from eclens.runs import RunData
@@ -74,12 +73,20 @@ def test_pairs_without_twins_write_headers_only(tiny, pairs, tmp_path):
     assert "no twins" in measure_panel(rd).sentences[0]
 
 
-def test_span_pairs_are_refused_in_one_line(tiny, tmp_path):
-    p = MinimalPair("s1", "The dog sat near the table.", "The dgo sat near the table.", "typo")
-    a = align(p, tiny.tokenizer, mode="span")
-    with pytest.raises(EclensError, match="ec measure needs single-token pairs") as e:
-        measure_step(tmp_path, tiny, [a], CFG, progress=False)
-    assert "\n" not in str(e.value)
+def test_span_pairs_are_measured_from_the_span_end(tiny, tmp_path):
+    """Span pairs (issue 16) are measured, not refused: recovery rows run from the span end, where the clean and
+    the changed sentence are read at their own positions."""
+    p = MinimalPair("s1", "The dog sat near the table.", "The dgo sat near the table.", "typo", cluster="c1",
+                    role="error")
+    t = MinimalPair("s1t", "The dog sat near the table.", "The cat sat near the table.", "typo", cluster="c1",
+                    role="twin", twin_kind="acceptable", twin_of="s1")
+    a, b = (align(x, tiny.tokenizer, mode="span") for x in (p, t))
+    assert a.mode == "span"
+    out = measure_step(tmp_path, tiny, [a, b], CFG, progress=False)
+    assert out.status == "done", out.headline
+    rec = pd.read_csv(tmp_path / "recovery.csv")
+    err = rec[rec["id"] == "s1"]
+    assert len(err) and (err["t_changed"] - err["t"] == a.corrupt_end - a.clean_end).all()
 
 
 def test_roles_and_cluster_choice(pairs):

@@ -441,7 +441,7 @@ def test_truncated_diff_statistics_are_refused(complete, tiny_dir, small_pairs_f
 
     run = tmp_path / "run"
     argv = ["diff", str(small_pairs_file), "--model", str(tiny_dir), "--out", str(run), "--hooks",
-            "hook_resid_post", "--batch-size", "2", "--checkpoint-every", "1"]
+            "hook_resid_post", "--batch-size", "2", "--checkpoint-every", "1", "--keep-state"]
     if complete:
         assert main(argv) == 0
     else:
@@ -490,7 +490,7 @@ def test_cache_and_statistics_of_another_model_without_a_manifest(tiny_dir, smal
     run = tmp_path / "run"
     base = ["--model", str(tiny_dir), "--out", str(run), "--hooks", "hook_resid_post"]
     assert main(["cache", str(small_pairs_file), *base]) == 0
-    assert main(["diff", str(small_pairs_file), *base]) == 0
+    assert main(["diff", str(small_pairs_file), *base, "--keep-state"]) == 0
     index = run / "cache" / "index.json"
     doc = json.loads(index.read_text())
     doc["model"] = OTHER_MODEL

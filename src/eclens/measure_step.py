@@ -68,7 +68,7 @@ FILES = ("recovery.csv", "recovery_pairs.csv", "recovery_curves.csv", "recovery_
 
 # Every table's columns, so a step with nothing to measure still writes readable headers.
 COLUMNS: dict[str, tuple[str, ...]] = {
-    "recovery.csv": ("id", "category", "cluster", "role", "p", "detect", "length", "t", "offset", "last",
+    "recovery.csv": ("id", "category", "cluster", "role", "p", "detect", "length", "t", "offset", "t_changed", "last",
                      "kl_changed", "lp_changed", "kl_ignore_mean", "lp_ignore_mean", "kl_ignore_delete",
                      "lp_ignore_delete", "design_role"),
     "recovery_pairs.csv": ("id", "category", "cluster", "role", "p", "detect", "length", "suffix_changed",
