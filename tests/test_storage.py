@@ -106,11 +106,15 @@ def _pipeline(tiny, run: Path, pairs_file: Path, keep: bool, log):
     return run_steps(run, tiny, steps, log=log, progress=False, keep_state=keep)
 
 
-def test_state_deleted_when_the_run_completes_and_readers_use_the_tables(tiny, tmp_path):
+def _pairs_file(tiny, tmp_path):
     pf = tmp_path / "pairs.jsonl"
     write_jsonl(pf, [{"id": f"r{i}", "clean": c, "corrupt": x, "category": cat}
                      for i, (c, x, cat) in enumerate(small_pairs(tiny.tokenizer, 12))])
-    run, lines = tmp_path / "run", []
+    return pf
+
+
+def test_state_deleted_when_the_run_completes_and_readers_use_the_tables(tiny, tmp_path):
+    pf, run, lines = _pairs_file(tiny, tmp_path), tmp_path / "run", []
     _pipeline(tiny, run, pf, False, lines.append)
     assert not (run / STATE_DIR).exists() and not (run / TRASH).exists()
     rec = read_manifest(run)["state"]
@@ -131,10 +135,7 @@ def test_state_deleted_when_the_run_completes_and_readers_use_the_tables(tiny, t
 
 @pytest.mark.slow  # a second small pipeline (17 s on 2 cores at load 18; the deletion test covers the engine)
 def test_keep_state_keeps_it_and_says_its_size(tiny, tmp_path):
-    pf = tmp_path / "pairs.jsonl"
-    write_jsonl(pf, [{"id": f"r{i}", "clean": c, "corrupt": x, "category": cat}
-                     for i, (c, x, cat) in enumerate(small_pairs(tiny.tokenizer, 12))])
-    run, lines = tmp_path / "run", []
+    pf, run, lines = _pairs_file(tiny, tmp_path), tmp_path / "run", []
     _pipeline(tiny, run, pf, True, lines.append)
     assert (run / STATS_FILE).is_file() and read_manifest(run)["state"]["kept"] is True
     assert any(ln.startswith("state kept:") for ln in lines)
