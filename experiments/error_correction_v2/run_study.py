@@ -149,7 +149,7 @@ class Study:
         self.ec("run", "--pairs", str(self.out / "pairs" / "typos.jsonl"), "--span",
                 "--out", str(self.out / "runs" / f"{c.slug(model)}-typos"), *self.common(model),
                 "--measure-clusters", "0", "--measure-permutations", str(c.measure_permutations),
-                "--max-sets", "0", "--exact-pairs", "0", "--attribution-pairs", "0")
+                "--max-sets", "1", "--exact-pairs", "1", "--attribution-pairs", "1")
 
     def blimp(self, model: str) -> None:
         from blimp_accuracy import accuracy_table
@@ -170,18 +170,18 @@ class Study:
         tables = []
         for m in self.cfg.models:
             run = self.run_dir(m)
-            tables.append(H.decide(self.cfg.slug(m), run, H.read(run / "baseline", "probe")))
+            tables.append(H.decide(self.cfg.slug(m), run))
         hyp = pd.concat(tables, ignore_index=True)
         write_table(hyp, self.results / "hypotheses.csv")
         write_table(H.replication(hyp), self.results / "replication.csv")
         parts = []
         for m in self.cfg.models:
             run = self.run_dir(m)
-            for stem in ("recovery_index", "baseline_random"):
+            for stem in ("recovery_index", "baseline_random", "baseline_random_measure"):
                 t = H.read(run, stem)
                 if t is not None:
                     parts.append((stem, t.assign(model=self.cfg.slug(m))))
-        for stem in ("recovery_index", "baseline_random"):
+        for stem in ("recovery_index", "baseline_random", "baseline_random_measure"):
             got = [t for s, t in parts if s == stem]
             if got:
                 write_table(pd.concat(got, ignore_index=True), self.results / f"{stem}.csv")

@@ -103,6 +103,12 @@ def write_readme(out: Path, confound: str) -> Path:
         L += ["", "## Random-weight baseline (same architecture, fresh weights)", ""]
         t = pd.read_csv(base)
         L += table(t, list(t.columns))
+    bm = results / "baseline_random_measure.csv"
+    if bm.exists():
+        L += ["", "Recovery and the probe, trained vs random weights (a number the random copy reaches as well says "
+              "nothing about training):", ""]
+        t = pd.read_csv(bm)
+        L += table(t, [c for c in t.columns if c != "model"])
     blimp = sorted(results.glob("blimp_*.csv"))
     if blimp:
         L += ["", "## BLiMP accuracy (unweighted mean over paradigms; GPT-2 from BLiMP's models_summary.jsonl)", ""]
