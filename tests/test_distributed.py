@@ -305,7 +305,7 @@ def test_ec_diff_under_torchrun_equals_one_process(tmp_path):
     import pandas as pd
 
     folder, pairs_file = _tiny_folder_and_pairs(tmp_path)
-    _ec_one_and_two(tmp_path, ["diff", str(pairs_file), "--model", str(folder), "--batch-size", "3"])
+    _ec_one_and_two(tmp_path, ["diff", str(pairs_file), "--model", str(folder), "--batch-size", "3", "--keep-state"])
     one = read_table_file(tmp_path / "one" / "layers.parquet")
     two = read_table_file(tmp_path / "two" / "layers.parquet")
     _same_columns(one, two, ("rel_l2_mean", "cos_mean", "l2_mean", "dir_consistency", "rel_l2_rms_nomassive",

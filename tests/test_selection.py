@@ -66,6 +66,7 @@ def test_half_a_of_the_run_diff_equals_a_diff_of_half_a(planted, tmp_path):
 def test_set_direction_and_2x2_error_cells(tiny):
     assert set_direction(DimSet("hook_resid_post", 1, [3], 0, "responsive", "hook_resid_post/L1/o0/responsive[sg->pl]/k1")) == "sg->pl"
     assert set_direction(DimSet("hook_resid_post", 1, [3], 0, "stable")) is None
+    assert set_direction(DimSet("hook_resid_post", 1, [3], 0, "stable", "hook_resid_post/L1/o0/stable[all]/k1")) is None
     from eclens.pairs import MinimalPair, align
 
     rec = MinimalPair("x", "The dog runs fast.", "The dog run fast.", "grammar/agreement", "t",

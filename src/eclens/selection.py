@@ -80,7 +80,7 @@ _DIRECTION = re.compile(r"/[^/\[]+\[([^\]]+)\]/k\d+$")
 def set_direction(s) -> str | None:
     """The swap direction a set was chosen on (its label ``.../{kind}[{direction}]/k{n}``), else ``None``."""
     m = _DIRECTION.search(str(getattr(s, "label", "") or ""))
-    return m.group(1) if m else None
+    return m.group(1) if m and m.group(1) != "all" else None  # "[all]": chosen on the pooled rows
 
 
 def set_cells(stats: pd.DataFrame, sets: Sequence) -> dict[str, pd.DataFrame]:

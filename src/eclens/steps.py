@@ -407,8 +407,9 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
     for s, cat in specs:
         method, direction = (cfg.tests or {}).get(s.kind, (cfg.method, cfg.direction)) if cfg.tests else \
             (cfg.method, cfg.direction)
-        # a set chosen on one swap direction's pairs is tested on (held-out) pairs of that direction only
-        calls.setdefault((method, direction, cat, set_direction(s)), []).append(s)
+        # a set chosen on one swap direction's pairs is tested on (held-out) pairs of that direction only; a set
+        # given with its category (the study's per-category sets) is tested on that category's pairs
+        calls.setdefault((method, direction, cat, set_direction(s) if cat is None else None), []).append(s)
     tagged = cfg.tests is not None or any(cat is not None for _, cat in specs)
     by_swap = any(k[3] is not None for k in calls)
     tables, controls, used, metrics, skipped = [], [], {}, [], []
