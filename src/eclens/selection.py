@@ -6,15 +6,12 @@ half A's error pairs and tested on half B's, so a set cannot be significant mere
 was chosen on are the pairs it is tested on. A set given by hand was chosen on no pairs: it is tested on
 all of them.
 
-**Where half A's statistics come from.** The run's diff keeps its accumulators per (category, swap
-direction, half) state row, the halves drawn with the diff's own seed (:meth:`eclens.diff.DiffResult.for_half`).
-When the split seed is the diff's seed and the run's diff state is readable (during ``ec run`` it is),
-:func:`run_half` reads half A from it: no second pass over the pairs (about 150 s in the default ``ec run``).
-Half A then holds every pair of half A the run's diff streamed — errors, twins and comparison pairs, the
-same pairs and rules by which the unsplit ``candidates.csv`` is chosen — and its tables equal those of a
-diff run on half A's pairs alone (``tests/test_selection.py`` checks that). Only where that state is missing
-(a run folder without ``diff_stats``, a diff made before per-half rows, another split seed) does
-:func:`select_half` run the old second diff, on half A's error pairs.
+**Where half A's statistics come from.** A second streaming pass over half A's *error* pairs
+(:func:`select_half`). The run's diff also keeps its accumulators per (category, swap direction, half) state
+row (:meth:`eclens.diff.DiffResult.for_half`, equal to a diff of half A alone: ``tests/test_selection.py``),
+but those rows are not kept per role: their pooled rows mix half A's twins and comparison pairs with its
+errors, so they cannot choose sets meant to describe errors (and ranking every category's rows cost ~800 s
+and 5 GB on the default run, against ~150 s for the second pass).
 
 Sets of one swap direction (a label ``.../{kind}[{direction}]/k{n}``, :func:`eclens.steps.choose_sets`) were
 chosen on that direction's pairs: :func:`set_direction` reads it so the dims step tests each such set on the
@@ -54,26 +51,6 @@ def select_half(model, pairs_a: Sequence[AlignedPair], config=None, batch_size: 
     return run_diff(model, errors, batch_size=batch_size, progress=progress, config=config or DiffConfig())
 
 
-def run_half(run: str | Path | None, seed: int, pairs: Sequence[AlignedPair] | None = None):
-    """Half A (``for_half(0)``) of the run's own diff, or ``None`` where it cannot stand in for a diff of half A:
-    no readable complete diff state, no per-half rows, halves drawn with another seed than ``seed``, or a diff
-    of pairs that are not among ``pairs`` (when given)."""
-    if run is None:
-        return None
-    from .diff import DiffResult
-
-    try:
-        res = DiffResult.load(run)
-    except (EclensError, OSError, ValueError, KeyError):
-        return None
-    if not res.config.cells or int(res.config.seed) != int(seed):
-        return None
-    # the diff must have been made from these pairs (it may have left out some it could not use, e.g. spans)
-    if pairs is not None and (res.pairs.empty or not set(res.pairs["id"]) <= {a.id for a in pairs}):
-        return None
-    return res.for_half(0)
-
-
 _DIRECTION = re.compile(r"/[^/\[]+\[([^\]]+)\]/k\d+$")
 
 
@@ -109,4 +86,4 @@ def run_stats(run: str | Path, sets: Sequence) -> dict[str, pd.DataFrame]:
     return set_cells(t, sets)
 
 
-__all__ = ["halves", "run_half", "run_stats", "select_half", "set_cells", "set_direction"]
+__all__ = ["halves", "run_stats", "select_half", "set_cells", "set_direction"]

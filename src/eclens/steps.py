@@ -336,6 +336,19 @@ def run_candidates(run: str | Path, max_sets: int, top_k: int) -> list:
     return choose_sets(cand, max_sets, top_k)
 
 
+DIMS_FILES = ("patch_dims.csv", "patch_dims_controls.csv")
+
+
+def _dims_null(run: Path, cfg: DimsConfig, t0: float, ctx, params: dict, verdict: str, **extra) -> StepOutcome:
+    """A dims step with nothing to test: a null verdict recorded, and the tables of earlier sets removed (they
+    would describe something this step no longer tests)."""
+    for f in DIMS_FILES:
+        (run / f).unlink(missing_ok=True)
+    summary = {"metric": cfg.metric, "n_sets": 0, "n_tests": 0, "n_significant": 0, **extra, "verdict": verdict}
+    _record(run, "dims", params, t0, [], summary, ctx)
+    return StepOutcome("empty", [], verdict, None)
+
+
 def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] | SetChooser,
               config: DimsConfig | None = None, *, ctx=None, progress: bool = True,
               log: Callable[[str], None] | None = None) -> StepOutcome:
@@ -361,15 +374,11 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
         half_a, half_b = halves(pairs, cfg.split)
         n_a, n_b = (sum(is_error_of(a) for a in h) for h in (half_a, half_b))
         if not n_a or not n_b:
-            for f in ("patch_dims.csv", "patch_dims_controls.csv"):
-                (run / f).unlink(missing_ok=True)
-            summary = {"metric": cfg.metric, "n_sets": 0, "n_tests": 0, "n_significant": 0,
-                       "split": {"split": cfg.split, "n_select_pairs": n_a, "n_test_pairs": n_b},
-                       "verdict": f"null: --split {cfg.split} leaves {n_a} error pairs to choose on and {n_b} to "
-                                  "test on; nothing to test (use more pairs or clusters)"}
-            _record(run, "dims", {**cfg.record, "split": cfg.split}, t0, [], summary, ctx)
-            return StepOutcome("empty", [], summary["verdict"], None)
-        # A second diff of half A's *error* pairs. The run's own per-half state rows (selection.run_half) cannot
+            return _dims_null(run, cfg, t0, ctx, {**cfg.record, "split": cfg.split},
+                              f"null: --split {cfg.split} leaves {n_a} error pairs to choose on and {n_b} to test "
+                              "on; nothing to test (use more pairs or clusters)",
+                              split={"split": cfg.split, "n_select_pairs": n_a, "n_test_pairs": n_b})
+        # A second diff of half A's *error* pairs. The run's own per-half state rows (DiffResult.for_half) cannot
         # stand in: they are kept per category and swap direction, not per role, so their "all" rows pool half
         # A's twins and meaning changes with its errors (and ranking every category's rows cost ~800 s and 5 GB
         # on the default run, against ~150 s for this diff).
@@ -392,17 +401,12 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
         if cfg.split is not None:
             split_info = {"split": cfg.split, "selection": "sets given by hand: tested on every pair"}
     specs = [(s, None) if isinstance(s, P.DimSet) else (s[0], s[1]) for s in chosen]
-    files = ["patch_dims.csv", "patch_dims_controls.csv"]
+    files = list(DIMS_FILES)
     if not specs:
-        for f in files:  # tables of earlier sets would describe something this step no longer tests
-            (run / f).unlink(missing_ok=True)
-        summary = {"metric": cfg.metric, "n_sets": 0, "n_tests": 0, "n_significant": 0,
-                   "verdict": "null: diff found no candidate dimensions over "
-                              + ("half A's error pairs" if split_info else "all pairs") + ", so there is nothing to test"}
-        if split_info:
-            summary["split"] = split_info
-        _record(run, "dims", {**cfg.record, **split_info}, t0, [], summary, ctx)
-        return StepOutcome("empty", [], summary["verdict"], None)
+        return _dims_null(run, cfg, t0, ctx, {**cfg.record, **split_info},
+                          "null: diff found no candidate dimensions over "
+                          + ("half A's error pairs" if split_info else "all pairs") + ", so there is nothing to test",
+                          **({"split": split_info} if split_info else {}))
     calls: dict[tuple, list] = {}
     for s, cat in specs:
         method, direction = (cfg.tests or {}).get(s.kind, (cfg.method, cfg.direction)) if cfg.tests else \
@@ -450,15 +454,9 @@ def dims_step(run: str | Path, model, pairs: Sequence, sets: Sequence[SetSpec] |
     if ctx is not None and not ctx.is_main:
         return _worker()
     if not tables and skipped:  # e.g. sets chosen on a direction only comparison (meaning) pairs have
-        for f in files:
-            (run / f).unlink(missing_ok=True)
-        summary = {"metric": cfg.metric, "n_sets": len(specs), "n_tests": 0, "n_significant": 0,
-                   "skipped_categories": skipped,
-                   "verdict": "null: no error pairs to test the chosen sets on (" + ", ".join(skipped) + ")"}
-        if split_info:
-            summary["split"] = split_info
-        _record(run, "dims", {**cfg.record, **split_info}, t0, [], summary, ctx)
-        return StepOutcome("empty", [], summary["verdict"], None)
+        return _dims_null(run, cfg, t0, ctx, {**cfg.record, **split_info},
+                          "null: no error pairs to test the chosen sets on (" + ", ".join(skipped) + ")",
+                          n_sets=len(specs), skipped_categories=skipped, **({"split": split_info} if split_info else {}))
     if not tables:
         raise EclensError("no error pairs to test in any category" + (f" in the test half of --split {cfg.split}"
                                                                        if split_info else "") + "; use more pairs")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -36,37 +36,43 @@ def attribution_summary(df: pd.DataFrame, k: int | None = None) -> dict:
     return out
 
 
-def _visible_agreement(v: pd.DataFrame, k: int | None) -> dict:
-    """Spearman and top-K recall over the verified components the metric can see (``visible`` and a
-    non-zero attribution): a component the metric cannot see scores exactly 0 on both sides, and a pool of
-    such ties inflates both numbers. Pooled, per pair (median) and per position kind."""
+def _rho(g: pd.DataFrame) -> float | None:
+    """Spearman of ``attribution`` with ``exact`` over ``g`` (None: under 3 rows, or a constant column)."""
     from scipy.stats import spearmanr
 
-    if "visible" not in v.columns:
-        return {"n_visible": None, "spearman_visible": None, "topk_recall_visible": None}
-    s = v[v["visible"].astype(bool) & (v["attribution"] != 0)]
-    out: dict = {"n_visible": int(len(s))}
+    if len(g) < 3 or g["exact"].nunique() < 2 or g["attribution"].nunique() < 2:
+        return None
+    return float(spearmanr(g["attribution"], g["exact"]).statistic)
 
-    def rho(g) -> float | None:
-        if len(g) < 3 or g["exact"].nunique() < 2 or g["attribution"].nunique() < 2:
-            return None
-        return float(spearmanr(g["attribution"], g["exact"]).statistic)
 
-    out["spearman_visible"] = rho(s)
-    recalls, per = [], []
+def _per_pair(s: pd.DataFrame, k_of: Callable[[pd.DataFrame], int]) -> tuple[float | None, float | None]:
+    """Median per-pair Spearman and mean top-K recall (the share of a pair's ``k_of(pair)`` largest |exact|
+    that attribution also puts in its top K), over the (pair, direction) groups of ``s``."""
+    per, recalls = [], []
     for _, g in s.groupby(["pair_id", "direction"]):
-        r = rho(g)
+        r = _rho(g)
         if r is not None:
             per.append(r)
-        kk = min(k or max(1, int((g["verify_group"] == "top").sum())), len(g))
+        kk = k_of(g)
         if kk:
             top_e = set(g["exact"].abs().sort_values(ascending=False, kind="stable").head(kk).index)
             top_a = set(g["attribution"].abs().sort_values(ascending=False, kind="stable").head(kk).index)
             recalls.append(len(top_e & top_a) / kk)
-    out["spearman_visible_median_pair"] = float(np.median(per)) if per else None
-    out["topk_recall_visible"] = float(np.mean(recalls)) if recalls else None
+    return (float(np.median(per)) if per else None), (float(np.mean(recalls)) if recalls else None)
+
+
+def _visible_agreement(v: pd.DataFrame, k: int | None) -> dict:
+    """Spearman and top-K recall over the verified components the metric can see (``visible`` and a
+    non-zero attribution): a component the metric cannot see scores exactly 0 on both sides, and a pool of
+    such ties inflates both numbers. Pooled, per pair (median) and per position kind."""
+    if "visible" not in v.columns:
+        return {"n_visible": None, "spearman_visible": None, "topk_recall_visible": None}
+    s = v[v["visible"].astype(bool) & (v["attribution"] != 0)]
+    out: dict = {"n_visible": int(len(s)), "spearman_visible": _rho(s)}
+    out["spearman_visible_median_pair"], out["topk_recall_visible"] = _per_pair(
+        s, lambda g: min(k or max(1, int((g["verify_group"] == "top").sum())), len(g)))
     if "position_kind" in s.columns:
-        out["spearman_visible_by_position"] = {str(kind): rho(g) for kind, g in s.groupby("position_kind")}
+        out["spearman_visible_by_position"] = {str(kind): _rho(g) for kind, g in s.groupby("position_kind")}
     return out
 
 
@@ -82,8 +88,6 @@ def sweep_agreement(attr: pd.DataFrame, exact: pd.DataFrame, metric: str, k: int
     the verified-top-K check ranks inside a pool attribution chose itself, and invisible components tie at
     0 on both sides; both inflate agreement. The exact effect is the patched run's metric minus the base
     run's (corrupt for denoising, clean for noising), the quantity attribution estimates."""
-    from scipy.stats import spearmanr
-
     cols = ["scope", "position_kind", "n_components", "n_pairs", "spearman", "spearman_median_pair",
             f"top{k}_recall"]
     need = {metric, f"{metric}_clean", f"{metric}_corrupt", *SWEEP_KEYS}
@@ -91,32 +95,17 @@ def sweep_agreement(attr: pd.DataFrame, exact: pd.DataFrame, metric: str, k: int
         return pd.DataFrame(columns=cols)
     e = exact[[*SWEEP_KEYS, metric, f"{metric}_clean", f"{metric}_corrupt"]].copy()
     base = np.where(e["direction"].to_numpy() == "denoise", e[f"{metric}_corrupt"], e[f"{metric}_clean"])
-    e["sweep"] = e[metric].to_numpy(dtype=float) - base.astype(float)
+    e["exact"] = e[metric].to_numpy(dtype=float) - base.astype(float)  # the sweep's effect, attribution's estimand
     a = attr[[*SWEEP_KEYS, "position_kind", "visible", "attribution"]]
-    j = a.merge(e[[*SWEEP_KEYS, "sweep"]], on=SWEEP_KEYS, how="inner")
-    j = j[j["visible"].astype(bool) & np.isfinite(j["attribution"]) & np.isfinite(j["sweep"])
-          & ((j["attribution"] != 0) | (j["sweep"] != 0))]
-
-    def rho(g) -> float | None:
-        if len(g) < 3 or g["sweep"].nunique() < 2 or g["attribution"].nunique() < 2:
-            return None
-        return float(spearmanr(g["attribution"], g["sweep"]).statistic)
+    j = a.merge(e[[*SWEEP_KEYS, "exact"]], on=SWEEP_KEYS, how="inner")
+    j = j[j["visible"].astype(bool) & np.isfinite(j["attribution"]) & np.isfinite(j["exact"])
+          & ((j["attribution"] != 0) | (j["exact"] != 0))]
 
     def row(scope: str, kind: str, g: pd.DataFrame) -> dict:
-        per, recalls = [], []
-        for _, h in g.groupby(["pair_id", "direction"]):
-            r = rho(h)
-            if r is not None:
-                per.append(r)
-            kk = min(k, len(h))
-            if kk:
-                top_e = set(h["sweep"].abs().sort_values(ascending=False, kind="stable").head(kk).index)
-                top_a = set(h["attribution"].abs().sort_values(ascending=False, kind="stable").head(kk).index)
-                recalls.append(len(top_e & top_a) / kk)
+        median, recall = _per_pair(g, lambda h: min(k, len(h)))
         return {"scope": scope, "position_kind": kind, "n_components": int(len(g)),
-                "n_pairs": int(g["pair_id"].nunique()), "spearman": rho(g),
-                "spearman_median_pair": float(np.median(per)) if per else None,
-                f"top{k}_recall": float(np.mean(recalls)) if recalls else None}
+                "n_pairs": int(g["pair_id"].nunique()), "spearman": _rho(g), "spearman_median_pair": median,
+                f"top{k}_recall": recall}
 
     rows = [row("all", "all", j)] if len(j) else []
     rows += [row("position", str(kind), g) for kind, g in j.groupby("position_kind", sort=False)]
