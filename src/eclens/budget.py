@@ -40,13 +40,10 @@ OVERHEAD = {"diff": 2.26, "measure": -0.24, "exact": -0.39, "dims": -0.51, "attr
 def time_forward(model, pairs: Sequence, batch: int = 8, repeats: int = 2) -> float:
     """Seconds per sentence forward pass: the fastest of ``repeats`` timed batches of the run's clean sentences
     (after a warm-up; the fastest, because other jobs on the machine only ever add time)."""
-    from .hooks import pad_id
+    from .hooks import pad_id, pad_rows
 
     rows = [a.clean_ids for a in list(pairs)[:batch]] or [[0] * 12]
-    T = max(len(r) for r in rows)
-    toks = torch.full((len(rows), T), pad_id(model), dtype=torch.long)
-    for i, r in enumerate(rows):
-        toks[i, :len(r)] = torch.tensor(r)
+    toks = pad_rows(rows, pad_id(model))
     dev = next(model.parameters()).device
     best = float("inf")
     with torch.no_grad():

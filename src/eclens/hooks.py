@@ -163,6 +163,15 @@ def pad_id(model) -> int:
     return int(tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
 
 
+def pad_rows(rows: Sequence[Sequence[int]], pad: int) -> Int[torch.Tensor, "rows seq"]:
+    """Token id rows of different lengths as one right-padded ``[len(rows), longest]`` tensor."""
+    T = max(len(r) for r in rows)
+    toks = torch.full((len(rows), T), pad, dtype=torch.long)
+    for i, r in enumerate(rows):
+        toks[i, : len(r)] = torch.tensor(r)
+    return toks
+
+
 # Units of a hook's flattened dimensions (see :func:`unit_kind`).
 HEAD_HOOKS = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_result")
 PATTERN_HOOKS = ("attn.hook_pattern", "attn.hook_attn_scores")

@@ -35,7 +35,7 @@ from jaxtyping import Float
 
 from .bootstrap import BootstrapConfig, cluster_bootstrap, cluster_codes
 from .errors import EclensError
-from .hooks import pad_id
+from .hooks import pad_id, pad_rows
 from .pairs import AlignedPair
 from .roles import cluster_of, role_of
 
@@ -114,10 +114,7 @@ def activations(model, items: ProbeItems, batch_size: int = 32) -> Float[torch.T
     out = torch.empty(len(names), len(items.ids), model.cfg.d_model)
     for s in range(0, len(items.ids), batch_size):
         rows = items.ids[s:s + batch_size]
-        T = max(len(r) for r in rows)
-        toks = torch.full((len(rows), T), pad, dtype=torch.long)
-        for i, r in enumerate(rows):
-            toks[i, : len(r)] = torch.tensor(r)
+        toks = pad_rows(rows, pad)
         pos = torch.tensor(items.position[s:s + len(rows)], device=dev)
         ar = torch.arange(len(rows), device=dev)
 

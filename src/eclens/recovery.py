@@ -55,7 +55,7 @@ from jaxtyping import Float
 
 from .bootstrap import BootstrapConfig, Interval, cluster_bootstrap, cluster_replicates, percentile_interval
 from .errors import EclensError
-from .hooks import pad_id
+from .hooks import pad_id, pad_rows
 from .pairs import AlignedPair
 from .roles import cluster_of, detect_of, role_of
 from .runs import write_json, write_table
@@ -84,11 +84,7 @@ def _tokens(pairs: Sequence[AlignedPair], pad: int) -> tuple[torch.Tensor, list[
     its changed tokens (a span pair loses its whole span)."""
     rows = [a.clean_ids for a in pairs] + [a.corrupt_ids for a in pairs] * 2
     rows += [a.corrupt_ids[: a.position] + a.corrupt_ids[a.corrupt_end:] for a in pairs]
-    T = max(len(r) for r in rows)
-    toks = torch.full((len(rows), T), pad, dtype=torch.long)
-    for i, r in enumerate(rows):
-        toks[i, : len(r)] = torch.tensor(r)
-    return toks, rows
+    return pad_rows(rows, pad), rows
 
 
 def batch_rows(logits: Float[torch.Tensor, "four_b seq vocab"], pairs: Sequence[AlignedPair]) -> pd.DataFrame:
