@@ -130,21 +130,6 @@ def side_length(a, side: str) -> int:
     return len(a.clean_ids if side == "clean" else a.corrupt_ids)
 
 
-def side_position(a, side: str, offset: int, anchor: str = "p") -> int | None:
-    """The position read at ``offset`` after the anchor on ``side`` (``-1``: the last token), or ``None`` past
-    the sentence's end."""
-    n = side_length(a, side)
-    if offset < 0:
-        return n - 1
-    t = side_anchor(a, side, anchor) + offset
-    return t if t < n else None
-
-
-def suffix_count(a) -> int:
-    """How many aligned positions a pair has from its span end to its last token (the same on both sides)."""
-    return len(a.clean_ids) - int(a.clean_end) + 1
-
-
 def single_token_subset(pairs: Sequence, step: str) -> tuple[list, str | None]:
     """The single-token pairs, for a step of a run that cannot take span pairs, and a one-line note saying how
     many were left out and why (``None`` when none were)."""

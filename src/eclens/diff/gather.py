@@ -47,10 +47,10 @@ def pair_index(pairs: Sequence, offsets: Sequence[int], device, seq_len: int | N
     is ``end - 1 + k`` on the clean side and ``corrupt_end - 1 + k`` on the changed one (the same position for a
     single-token pair), shifted by the detect offset under ``anchor="detect"``; attention patterns look at the
     span's last token of their own side."""
-    from ..spans import side_anchor
+    from ..spans import side_anchor, side_length
 
-    rows = [(side_anchor(a, s, anchor), len(a.clean_ids if s == "clean" else a.corrupt_ids), side_anchor(a, s))
-            for s in ("clean", "corrupt") for a in pairs]
+    rows = [(side_anchor(a, s, anchor), side_length(a, s), side_anchor(a, s)) for s in ("clean", "corrupt")
+            for a in pairs]
     anc, n, key = (torch.tensor(list(c), dtype=torch.long) for c in zip(*rows))
     return _index(anc, n, key, offsets, device, seq_len)
 
