@@ -17,6 +17,7 @@ import pandas as pd
 
 from eclens.bootstrap import BootstrapConfig, cluster_bootstrap
 from eclens.recovery import RecoveryConfig, ignore_comparison, recovery_index
+from eclens.tables import read_table_file, table_file
 
 SUPPORTED, REFUTED, INCONCLUSIVE = "supported", "refuted", "inconclusive"
 POOLED = "grammar (pooled)"
@@ -28,12 +29,10 @@ COLUMNS = ["model", "hypothesis", "estimand", "estimate", "low", "high", "verdic
 
 
 def read(run: Path, stem: str) -> pd.DataFrame | None:
-    """A run's table by name, whichever format the run wrote it in; ``None`` when the step did not run."""
-    for ext in (".parquet", ".csv"):
-        p = Path(run) / f"{stem}{ext}"
-        if p.exists():
-            return pd.read_parquet(p) if ext == ".parquet" else pd.read_csv(p)
-    return None
+    """A run's table by name, whichever format the run wrote it in (:func:`eclens.tables.table_file`);
+    ``None`` when the step did not run."""
+    p = table_file(run, stem)
+    return None if p is None else read_table_file(p)
 
 
 def _row(model: str, h: str, estimand: str, est=math.nan, low=math.nan, high=math.nan, verdict=INCONCLUSIVE,
