@@ -86,8 +86,7 @@ def run(
     verify_top: int = typer.Option(5, "--verify-top", help="attribution components exact-verified per pair"),
     metric: str = typer.Option("logit_diff", "--metric", help="logit_diff | logprob | kl"),
     split: int = typer.Option(0, "--split", help="seed of the cluster halves: dims sets are chosen on half A "
-                              "(the diff's own per-half statistics when the seeds agree, else a diff of half A's "
-                              "error pairs) and tested on half B; -1: choose and test on all pairs"),
+                              "(a diff of its error pairs) and tested on half B; -1: choose and test on all pairs"),
     skip_pairs: int = typer.Option(0, "--skip-pairs", help="layer skipping (every layer; block, attention, MLP) "
                                    "on N error pairs and their twins; 0: no skip step"),
     baseline: str = typer.Option(None, "--baseline", help="random: diff, candidate rules, recovery and the probe "
