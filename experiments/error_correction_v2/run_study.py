@@ -59,12 +59,14 @@ class StudyConfig:
     n_templates: int = 100          # template error pairs per category (each with its twin)
     n_typos: int = 200              # codespell typo pairs
     blimp: str | None = None        # BLiMP folder (skipped when absent)
-    blimp_per_paradigm: int = 100
+    blimp_per_paradigm: int = 50    # PLAN.md amendment 3 (was 100)
+    measure_clusters: int = 30      # clusters per category of the measure step (PLAN.md amendment 3; was all)
+    typo_clusters: int = 50
     measure_permutations: int = 20
     skip_pairs: int = 24
     max_sets: int = 4
     n_controls: int = 100
-    dims_pairs: int = 16
+    dims_pairs: int = 12            # PLAN.md amendment 3 (was 16)
     exact_pairs: int = 4
     attribution_pairs: int = 16
     seed: int = 0
@@ -139,8 +141,8 @@ class Study:
     def run(self, model: str) -> None:
         c = self.cfg
         self.ec("run", "--pairs", str(self.out / "pairs" / "templates.jsonl"), "--out", str(self.run_dir(model)),
-                *self.common(model), "--measure-clusters", "0", "--measure-permutations", str(c.measure_permutations),
-                "--skip-pairs", str(c.skip_pairs), "--baseline", "random", "--max-sets", str(c.max_sets),
+                *self.common(model), "--measure-clusters", str(c.measure_clusters),
+                "--measure-permutations", str(c.measure_permutations), "--skip-pairs", str(c.skip_pairs), "--baseline", "random", "--max-sets", str(c.max_sets),
                 "--n-controls", str(c.n_controls), "--dims-pairs", str(c.dims_pairs),
                 "--exact-pairs", str(c.exact_pairs), "--attribution-pairs", str(c.attribution_pairs))
 
@@ -148,7 +150,7 @@ class Study:
         c = self.cfg
         self.ec("run", "--pairs", str(self.out / "pairs" / "typos.jsonl"), "--span",
                 "--out", str(self.out / "runs" / f"{c.slug(model)}-typos"), *self.common(model),
-                "--measure-clusters", "0", "--measure-permutations", str(c.measure_permutations),
+                "--measure-clusters", str(c.typo_clusters), "--measure-permutations", str(c.measure_permutations),
                 "--max-sets", "1", "--exact-pairs", "1", "--attribution-pairs", "1")
 
     def blimp(self, model: str) -> None:
