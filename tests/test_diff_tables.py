@@ -50,23 +50,46 @@ def test_dim_means_skip_massive_and_nan():
     assert got[0, 0] == 2.0 and np.isnan(got[1, 0])
 
 
-def test_sample_stats_in_chunks_equal_whole(monkeypatch):
+def test_sample_stats_in_chunks_equal_whole_and_a_direct_computation(monkeypatch):
     g = torch.Generator().manual_seed(0)
-    s, O, L, D = 9, 2, 5, 7  # noqa: E741
-    sd = torch.randn(s, O, L, D, generator=g).half()
+    r, O, L, D = 12, 2, 5, 7  # noqa: E741
+    sd = torch.randn(r, O, L, D, generator=g).half()
+    rows = torch.tensor([0, 2, 3, 5, 6, 7, 9, 10, 11])  # the group's sampled pairs
+    s = len(rows)
     sv = torch.rand(s, O, generator=g) > 0.2
     inv = torch.rand(L, O, D, generator=g, dtype=torch.float64) + 0.5
     inv[0, 0, 0] = float("nan")  # σ = 0
     S = torch.randn(L, O, D, generator=g, dtype=torch.float64)
-    whole = SS.sample_stats(sd, sv, inv, S, 0.3, [0.1, 0.3, 1.0])
+    grid = [0.1, 0.3, 1.0]
+    whole = SS.sample_stats(sd, rows, sv, inv, S, 0.3, grid)
     monkeypatch.setattr(SS, "CHUNK_ELEMENTS", s * O * D * 2)  # two layers a chunk, the last one alone
-    parts = SS.sample_stats(sd, sv, inv, S, 0.3, [0.1, 0.3, 1.0])
+    parts = SS.sample_stats(sd, rows, sv, inv, S, 0.3, grid)
     for k in whole:
         assert torch.equal(torch.nan_to_num(whole[k], nan=-7.0), torch.nan_to_num(parts[k], nan=-7.0)), k
-    z = sd.permute(0, 2, 1, 3).double().abs() * inv
-    ok = sv[:, None, :, None] & ~torch.isnan(z)
-    assert torch.equal(torch.nan_to_num(whole["q"], nan=-7.0),
-                       torch.nan_to_num(masked_quantiles(z, ok, (0.1, 0.25, 0.5, 0.75, 0.9)), nan=-7.0))
+    # Every cell against torch.quantile and plain counting over that cell's valid items (independent of the sort).
+    x = sd[rows].permute(0, 2, 1, 3).double()  # [s, L, O, D]
+    z = x.abs() * inv
+    qs = torch.tensor((0.1, 0.25, 0.5, 0.75, 0.9), dtype=torch.float64)
+    for li in range(L):
+        for o in range(O):
+            for d in range(D):
+                v = z[:, li, o, d][sv[:, o] & ~torch.isnan(z[:, li, o, d])]
+                want = torch.quantile(v, qs) if len(v) else torch.full((5,), float("nan"), dtype=torch.float64)
+                got = whole["q"][:, li, o, d]
+                assert torch.allclose(got, want, rtol=0, atol=1e-12, equal_nan=True), (li, o, d)
+                assert whole["under"][li, o, d] == (v < 0.3).sum()
+                assert [float(c) for c in whole["below"][:, li, o, d]] == [float((v < t).sum()) for t in grid]
+    assert torch.allclose(whole["dd"], (x * x).sum(-1), rtol=1e-12, atol=0)
+    assert torch.allclose(whole["dot"], (x * S).sum(-1), rtol=1e-12, atol=1e-12)
+
+
+def test_masked_quantiles_ignore_missing_items_and_empty_samples():
+    x = torch.tensor([[1.0, 5.0], [float("nan"), 2.0], [3.0, 4.0], [2.0, 9.0]], dtype=torch.float64)
+    valid = torch.tensor([[True, True], [True, True], [True, False], [False, True]])
+    got = masked_quantiles(x, valid, (0.5,))[0]
+    assert got.tolist() == [2.0, 5.0]  # column 0: {1, 3} (NaN and the invalid 2 left out); column 1: {5, 2, 9}
+    empty = masked_quantiles(torch.zeros(0, 3, dtype=torch.float64), torch.zeros(0, 3, dtype=torch.bool), (0.1, 0.9))
+    assert empty.shape == (2, 3) and torch.isnan(empty).all()
 
 
 def _pairs(tok):

@@ -299,7 +299,7 @@ class DiffResult:
         out["n_sample"] = sv.sum(0).to(F64)  # [O]
         S = dm.mean * n3  # [L, O, D] sum of Δ over the category's pairs
         # The threshold grid (threshold sensitivity) for unsigned (pooled) groups only.
-        smp = sample_stats(self.tensors[f"{hook}/sample_delta"].index_select(0, mem), sv, inv, S, cfg.threshold,
+        smp = sample_stats(self.tensors[f"{hook}/sample_delta"], mem, sv, inv, S, cfg.threshold,
                            self.grid("threshold") if direction == "all" else None)
         for q, v in zip(QUANTILES, smp["q"]):
             out["absz_median" if q == 0.5 else f"absz_q{int(round(q * 100)):02d}"] = v
@@ -444,8 +444,11 @@ class DiffResult:
             return self._cache[key]
         cfg = self.config
         st = self.cell_stats(hook, category, direction)
-        enough = ((st["n"] >= cfg.min_pairs) & (st["n_sample"] >= cfg.min_pairs))[None, :, None]
-        base = enough & (st["sigma_clean"] > 0) & ~st["massive"] & st["reachable"][..., None]
+        bkey = ("cand_base", hook, category, direction)  # shared by the sensitivity grid's many calls
+        if bkey not in self._cache:
+            enough = ((st["n"] >= cfg.min_pairs) & (st["n_sample"] >= cfg.min_pairs))[None, :, None]
+            self._cache[bkey] = enough & (st["sigma_clean"] > 0) & ~st["massive"] & st["reachable"][..., None]
+        base = self._cache[bkey]
         fu = st["frac_under"] if threshold_index is None else st["frac_under_grid"][threshold_index]
         stable = base & (fu >= cfg.stable_frac)
         rz = cfg.responsive_z if responsive_z is None else responsive_z
