@@ -12,6 +12,14 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Under pytest-xdist (scripts/test.sh runs two workers), each worker gets its share of the cores, and so do
+# the `ec` subprocesses it starts: two workers of two threads each on two cores spent the time switching.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    _threads = max(1, (os.cpu_count() or 1) // _workers)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
+
 # ECLENS_BLIMP_DIR: the BLiMP folder elsewhere (a git worktree, a CI cache); default ../shared/data/blimp
 BLIMP_DIR = Path(os.environ.get("ECLENS_BLIMP_DIR") or Path(__file__).resolve().parents[2] / "shared" / "data" / "blimp")
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
