@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import random
 import statistics
@@ -358,6 +359,8 @@ def main() -> int:
     ap.add_argument("--n-naive", type=int, default=32, help="pairs for (3) (compared per pair)")
     ap.add_argument("--mem", type=int, nargs=2, default=(500, 4000), metavar=("SMALL", "LARGE"))
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-mem", action="store_true", help="skip the memory runs (measure them on their own: their "
+                    "peak does not depend on other jobs, the timings do)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     ap.add_argument("--check-cuda", action="store_true",
@@ -417,12 +420,12 @@ def main() -> int:
     # Each size in a fresh process: in this one, the runs above have left the allocator's heap in a state
     # that raises a later run's peak resident size by itself (measured: +14 % for 4,000 pairs after 500).
     mem = {}
-    for n in args.mem:
+    for n in ([] if args.no_mem else args.mem):
         peak, dt, k = memory_child(n)
         mem[n] = (peak, dt, k)
         print(f"  memory run {k} pairs (own process): peak {peak / 2**20:.0f} MiB, {dt:.1f}s "
               f"({k / dt:.1f} pairs/s)", flush=True)
-    (n_s, (m_s, _, k_s)), (n_l, (m_l, _, k_l)) = list(mem.items())
+    (n_s, (m_s, _, k_s)), (n_l, (m_l, _, k_l)) = list(mem.items()) or [(0, (math.nan, 0, 0)), (0, (math.nan, 0, 0))]
     out = {
         "model": args.model, "device": str(device), "dtype": args.dtype, "batch_size": args.batch_size,
         "pairs_source": source, "n_speed": len(speed), "n_naive": len(nv),
