@@ -21,6 +21,7 @@ def _module(name: str):
     sys.path.insert(0, str(STUDY))
     spec = importlib.util.spec_from_file_location(name, STUDY / f"{name}.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
@@ -41,7 +42,12 @@ def test_smoke_study_runs_every_step_and_decides_every_hypothesis(smoke):
     doc = json.loads((smoke / "results" / "study.json").read_text())
     steps = set(doc["steps"])
     assert {"pairs", "run:tiny-0", "run:tiny-1", "typos:tiny-0", "typos:tiny-1", "compare", "analysis",
-            "readme"} <= steps
+            "figures", "readme"} <= steps
+    for name in ("recovery_curves", "probe", "patch_skip", "run_steps", "llama3_8b_estimate", "typos_recovery_index"):
+        t = pd.read_csv(smoke / "results" / f"{name}.csv")
+        assert len(t) and ("model" in t.columns or name == "llama3_8b_estimate"), name
+    est = pd.read_csv(smoke / "results" / "llama3_8b_estimate.csv")
+    assert {"diff", "measure", "exact", "dims", "skip", "baseline"} <= set(est["step"]) and (est["seconds"] > 0).all()
     hyp = pd.read_csv(smoke / "results" / "hypotheses.csv")
     assert set(hyp["hypothesis"]) == {"H1", "H2", "H3", "H4", "H5", "H6"}
     assert set(hyp["verdict"]) <= {"supported", "refuted", "inconclusive"}
@@ -56,7 +62,7 @@ def test_every_headline_number_of_the_readme_is_in_results(smoke):
     readme = (smoke / "README.md").read_text()
     answer = readme.split("## The answer", 1)[1].split("##", 1)[0]
     nums = wr.headline_numbers(smoke / "results")
-    assert len(nums) == 18  # H1-H3 x estimate, low, high x 2 models
+    assert len(nums) == 24  # H1-H4 x estimate, low, high x 2 models
     for text, file, row in nums:
         assert (smoke / file).exists(), file
         assert text in answer, (text, row)
@@ -98,3 +104,37 @@ def test_h3_rule_against_the_permutation_null(tmp_path):
     inv["null_invariant"] = [0, 0, 0]  # above the null but three permutations cannot reach p < 0.05
     (tmp_path / "measure.json").write_text(json.dumps({"invariance_summary": inv}))
     assert H.h3_invariance("m", tmp_path)["verdict"] == "inconclusive"
+
+
+@pytest.mark.slow
+def test_figures_are_pngs_and_the_reports_sit_beside_them(smoke):
+    from conftest import require
+
+    require(Path("/usr/bin/chromium").exists(), "chromium not installed (bash scripts/setup.sh --browser)")
+    doc = json.loads((smoke / "results" / "study.json").read_text())
+    figs = doc["figures"]
+    for name in ("recovery_curves", "recovery_index", "probe", "skip", "report_tiny-0", "report_tiny-1"):
+        assert name in figs and not figs[name].startswith("skipped"), (name, figs.get(name))
+        path = smoke / "figures" / figs[name]
+        head = path.read_bytes()[:16]
+        assert head[:8] == b"\x89PNG\r\n\x1a\n" if path.suffix == ".png" else head.lower().startswith(b"<!doctype"), name
+    readme = (smoke / "README.md").read_text()
+    assert "figures/recovery_curves.png" in readme and "## Corrections to the first edition" in readme
+    assert "Estimate, not a measurement" in readme
+
+
+def test_the_committed_readme_quotes_its_results(tmp_path):
+    """The study as committed: every number of its answer is in results/hypotheses.csv, and the README is what
+    write_readme.py makes of results/ now (no hand edits, no stale numbers)."""
+    import shutil
+
+    wr = _module("write_readme")
+    readme = (STUDY / "README.md").read_text()
+    answer = readme.split("## The answer", 1)[1].split("##", 1)[0]
+    nums = wr.headline_numbers(STUDY / "results")
+    assert len(nums) == 24
+    for text, _file, row in nums:
+        assert text in answer, (text, row)
+    shutil.copytree(STUDY / "results", tmp_path / "results")
+    again = wr.write_readme(tmp_path, _module("run_study").CONFOUND).read_text()
+    assert again == readme

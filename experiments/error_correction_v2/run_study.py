@@ -19,7 +19,8 @@ Steps, per real model (``--models``, default SmolLM2-135M-Instruct and Gemma-3-2
 5. ``compare``: ``ec compare`` of the template runs (depth-normalised layers, shared pair ids).
 6. ``analysis``: PLAN.md's rules on each run (``results/hypotheses.csv``), replication across
    models (``results/replication.csv``), and the headline tables the write-up quotes.
-7. ``readme``: README.md generated from ``results/`` by ``write_readme.py``.
+7. ``figures``: PNG figures from ``results/`` in ``figures/``, and each template run's ``report.html``.
+8. ``readme``: README.md generated from ``results/`` by ``write_readme.py``.
 
 ``--smoke`` runs every step on two tiny random-weight models and a handful of pairs (the suite
 runs it). Wall times per step go to ``results/study.json``.
@@ -49,6 +50,10 @@ import hypotheses as H  # noqa: E402
 
 from eclens.runs import write_json, write_table  # noqa: E402
 
+# Per-model tables of the template runs copied into results/ (a "model" column added): what the README and the
+# figures quote, so that every number traces to a file in results/ (runs/ is not kept in git).
+COLLECT = ("recovery_index", "recovery_curves", "recovery_2x2", "probe", "invariance_directions", "patch_skip",
+           "patch_exchange", "patch_dims", "patch_attribution_check", "baseline_random", "baseline_random_measure", "sensitivity")
 CONFOUND = ("Gemma-3-270M is a base model and SmolLM2-135M-Instruct an instruct model: every difference "
             "between them may come from instruction tuning as well as from the family.")
 
@@ -101,6 +106,7 @@ class Study:
         self.doc_path = self.results / "study.json"
         self.doc = json.loads(self.doc_path.read_text()) if self.doc_path.exists() else {}
         self.doc["config"] = asdict(cfg)
+        self.doc["machine"] = f"{os.cpu_count()}-core"
         self.doc.setdefault("steps", {})
 
     def ec(self, *args: str) -> None:
@@ -116,7 +122,9 @@ class Study:
         t0 = time.perf_counter()
         print(f"== {name}", flush=True)
         fn()
-        self.doc["steps"][name] = {"seconds": round(time.perf_counter() - t0, 1),
+        # seconds spent on the step over every attempt: a resumed step adds what it took this time
+        before = self.doc["steps"].get(name, {}).get("seconds", 0.0)
+        self.doc["steps"][name] = {"seconds": round(before + time.perf_counter() - t0, 1),
                                    "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         write_json(self.doc_path, self.doc)
 
@@ -176,17 +184,49 @@ class Study:
         hyp = pd.concat(tables, ignore_index=True)
         write_table(hyp, self.results / "hypotheses.csv")
         write_table(H.replication(hyp), self.results / "replication.csv")
-        parts = []
-        for m in self.cfg.models:
-            run = self.run_dir(m)
-            for stem in ("recovery_index", "baseline_random", "baseline_random_measure"):
-                t = H.read(run, stem)
+        for stem in COLLECT:
+            got = []
+            for m in self.cfg.models:
+                t = H.read(self.run_dir(m), stem)
                 if t is not None:
-                    parts.append((stem, t.assign(model=self.cfg.slug(m))))
-        for stem in ("recovery_index", "baseline_random", "baseline_random_measure"):
-            got = [t for s, t in parts if s == stem]
+                    got.append(t.assign(model=self.cfg.slug(m)))
             if got:
                 write_table(pd.concat(got, ignore_index=True), self.results / f"{stem}.csv")
+        steps = []
+        for m in self.cfg.models:
+            for kind, run in (("templates", self.run_dir(m)), ("typos", self.out / "runs" / f"{self.cfg.slug(m)}-typos")):
+                mf = run / "manifest.json"
+                if mf.exists():
+                    secs = json.loads(mf.read_text()).get("steps", {}).get("run", {}).get("seconds", {})
+                    steps += [{"model": self.cfg.slug(m), "pairs": kind, "step": k, "seconds": v} for k, v in secs.items()]
+        if steps:
+            write_table(pd.DataFrame(steps), self.results / "run_steps.csv")
+        typo = []
+        for m in self.cfg.models:
+            t = H.read(self.out / "runs" / f"{self.cfg.slug(m)}-typos", "recovery_index")
+            if t is not None:
+                typo.append(t.assign(model=self.cfg.slug(m)))
+        from llama_estimate import estimate  # Llama-3-8B on an H200, from the first model's pass counts
+
+        est = estimate(self.run_dir(self.cfg.models[0]), HERE.parent)
+        if not est.empty:
+            write_table(est, self.results / "llama3_8b_estimate.csv")
+        if typo:
+            write_table(pd.concat(typo, ignore_index=True), self.results / "typos_recovery_index.csv")
+
+    def figures(self) -> None:
+        """PNG figures from results/, and each template run's report beside them."""
+        import shutil
+
+        from figures import write_figures
+
+        info = write_figures(self.out)
+        for m in self.cfg.models:
+            rep = self.run_dir(m) / "report.html"
+            if rep.exists():
+                shutil.copyfile(rep, self.out / "figures" / f"report_{self.cfg.slug(m)}.html")
+                info[f"report_{self.cfg.slug(m)}"] = f"report_{self.cfg.slug(m)}.html"
+        self.doc["figures"] = info
 
     def readme(self) -> None:
         from write_readme import write_readme
@@ -205,6 +245,7 @@ class Study:
                 self.step(f"blimp:{self.cfg.slug(m)}", lambda m=m: self.blimp(m))
         self.step("compare", self.compare)
         self.step("analysis", self.analysis)
+        self.step("figures", self.figures)
         self.step("readme", self.readme)
 
 
