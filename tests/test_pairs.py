@@ -262,3 +262,15 @@ def test_cli_pairs_check(tmp_path, capsys):
     assert "1 valid of 2 pairs" in out.out and "multiple_differences(2)" in out.out
     assert len(load_aligned(tmp_path / "ok.jsonl")) == 1
     assert json.loads((tmp_path / "rej.jsonl").read_text())["reason"] == "multiple_differences"
+
+
+def test_jsonl_strings_may_hold_characters_that_splitlines_breaks_at(tmp_path):
+    """U+0085, U+2028 and U+001C are line boundaries for str.splitlines but legal raw inside a JSON string (found
+    by test_fuzz.test_blimp_records: a record cut in two read as invalid JSON)."""
+    f = tmp_path / "p.jsonl"
+    recs = [{"id": "a", "clean": "The cat runs.", "corrupt": "The cat run.", "category": "grammar/agreement",
+             "meta": {"note": "x\x85y\u2028z\x1cw"}},
+            {"id": "b", "clean": "A dog.", "corrupt": "An dog.", "category": "grammar/article"}]
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in recs), encoding="utf-8")
+    ps = load_pairs(f)
+    assert [p.id for p in ps] == ["a", "b"] and ps[0].meta["note"] == "x\x85y\u2028z\x1cw"

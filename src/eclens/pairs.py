@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import EclensError, PairFileError
-from .runs import atomic_path
+from .runs import atomic_path, jsonl_lines
 
 DESIGN_FIELDS = ("cluster", "role", "twin_kind", "twin_of", "swap_direction", "detect", "typo_kind")
 FIELDS = ("id", "clean", "corrupt", "category", "source", "meta", *DESIGN_FIELDS)
@@ -179,7 +179,7 @@ def iter_jsonl(path: Path, text: str, bad_json: Callable[[json.JSONDecodeError],
                ) -> Iterator[tuple[int, str, Any]]:
     """``(line number, line, record)`` of every non-blank line of the JSONL ``text`` read from ``path``;
     a line that is not JSON is a one-line :class:`PairFileError` (``bad_json(e)``: its message)."""
-    for i, line in enumerate(text.splitlines(), start=1):
+    for i, line in enumerate(jsonl_lines(text), start=1):
         if not line.strip():
             continue
         try:

@@ -35,6 +35,12 @@ from .integrity import verify_file
 MANIFEST = "manifest.json"
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """The lines of JSONL text, split at ``\n`` only (a trailing ``\r`` dropped): a JSON string may hold
+    U+0085, U+2028 and other characters at which ``str.splitlines`` would cut a record in two."""
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in text.split("\n")]
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, need: int | None = None, checksum: bool | None = None) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` on success only.
@@ -464,7 +470,7 @@ class RunData:
             return None
         verify_file(p)
         out = []
-        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        for i, line in enumerate(jsonl_lines(p.read_text(encoding="utf-8")), start=1):
             if line.strip():
                 try:
                     out.append(json.loads(line))
