@@ -22,14 +22,21 @@ COLORS = {"error": "#c0392b", "twin": "#2c7fb8", "trained": "#222222", "random":
 OFFSETS = ["1", "2", "3", "4", "last"]
 
 
-def _read(results: Path, name: str) -> pd.DataFrame | None:
+def read_result(results: Path, name: str) -> pd.DataFrame | None:
+    """A table of ``results/`` (``None`` when that step wrote none)."""
     p = results / name
     return pd.read_csv(p) if p.exists() else None
 
 
+def error_bars(y, low, high, thickness: float | None = None) -> dict:
+    """Plotly asymmetric error bars from an estimate and its interval (``thickness``: plotly's default if None)."""
+    bars = dict(type="data", symmetric=False, array=high - y, arrayminus=y - low)
+    return bars if thickness is None else {**bars, "thickness": thickness}
+
+
 def recovery_curves(results: Path) -> go.Figure | None:
     """Median KL(clean ‖ run) by offset after the change, errors vs twins, per model and grammar category."""
-    t = _read(results, "recovery_curves.csv")
+    t = read_result(results, "recovery_curves.csv")
     if t is None or t.empty:
         return None
     models = list(dict.fromkeys(t["model"]))
@@ -45,8 +52,7 @@ def recovery_curves(results: Path) -> go.Figure | None:
                 fig.add_trace(go.Scatter(
                     x=list(s.index), y=s["kl_median"], mode="lines+markers", name=role, legendgroup=role,
                     showlegend=(i == 1 and j == 1), line=dict(color=COLORS[role]),
-                    error_y=dict(type="data", symmetric=False, array=s["high"] - s["kl_median"],
-                                 arrayminus=s["kl_median"] - s["low"], thickness=1)), row=i, col=j)
+                    error_y=error_bars(s["kl_median"], s["low"], s["high"], 1)), row=i, col=j)
             fig.update_yaxes(type="log", row=i, col=j)
     fig.update_xaxes(title_text="tokens after the change", row=len(models))
     fig.update_yaxes(title_text="median KL(clean ‖ run), nats", col=1)
@@ -57,7 +63,7 @@ def recovery_curves(results: Path) -> go.Figure | None:
 
 def recovery_index(results: Path) -> go.Figure | None:
     """The recovery index at the last token per grammar category, trained models and their random copies."""
-    t = _read(results, "recovery_index.csv")
+    t = read_result(results, "recovery_index.csv")
     if t is None or t.empty:
         return None
     t = t[(t["offset"].astype(str) == "last") & t["category"].isin(GRAMMAR)]
@@ -65,18 +71,15 @@ def recovery_index(results: Path) -> go.Figure | None:
     for m in dict.fromkeys(t["model"]):
         s = t[t["model"] == m]
         fig.add_trace(go.Scatter(x=[c.split("/")[-1] for c in s["category"]], y=s["estimate"], mode="markers",
-                                 name=m, marker=dict(size=10),
-                                 error_y=dict(type="data", symmetric=False, array=s["high"] - s["estimate"],
-                                              arrayminus=s["estimate"] - s["low"])))
-    b = _read(results, "baseline_random_measure.csv")
+                                 name=m, marker=dict(size=10), error_y=error_bars(s["estimate"], s["low"], s["high"])))
+    b = read_result(results, "baseline_random_measure.csv")
     if b is not None and {"weights", "measure", "category"} <= set(b.columns):
         r = b[(b["weights"] == "random") & (b["measure"] == "recovery_index_last") & b["category"].isin(GRAMMAR)]
         for m in dict.fromkeys(r["model"]):
             s = r[r["model"] == m]
             fig.add_trace(go.Scatter(x=[c.split("/")[-1] for c in s["category"]], y=s["estimate"], mode="markers",
                                      name=f"random:{m}", marker=dict(size=9, symbol="x"),
-                                     error_y=dict(type="data", symmetric=False, array=s["high"] - s["estimate"],
-                                                  arrayminus=s["estimate"] - s["low"])))
+                                     error_y=error_bars(s["estimate"], s["low"], s["high"])))
     fig.add_hline(y=0, line=dict(color="gray", dash="dot"))
     fig.update_layout(title="Recovery index at the last token (< 0: errors fade faster than twins)",
                       yaxis_title="log KL ratio, errors minus twins", width=820, height=460,
@@ -86,7 +89,7 @@ def recovery_index(results: Path) -> go.Figure | None:
 
 def probe(results: Path) -> go.Figure | None:
     """Probe accuracy by depth-normalised layer, with the control task and the permutation null."""
-    t = _read(results, "probe.csv")
+    t = read_result(results, "probe.csv")
     if t is None or t.empty:
         return None
     t = t[t["layer"] >= 0]
@@ -95,8 +98,7 @@ def probe(results: Path) -> go.Figure | None:
         s = t[t["model"] == m].sort_values("layer")
         x = (s["layer"] + 1) / (s["layer"].max() + 1)
         fig.add_trace(go.Scatter(x=x, y=s["acc"], mode="lines+markers", name=f"{m} probe",
-                                 error_y=dict(type="data", symmetric=False, array=s["high"] - s["acc"],
-                                              arrayminus=s["acc"] - s["low"], thickness=1)))
+                                 error_y=error_bars(s["acc"], s["low"], s["high"], 1)))
         fig.add_trace(go.Scatter(x=x, y=s["control_acc"], mode="lines", name=f"{m} control task",
                                  line=dict(dash="dash")))
         fig.add_trace(go.Scatter(x=x, y=s["null_q95"], mode="lines", name=f"{m} null 95 %", line=dict(dash="dot")))
@@ -108,7 +110,7 @@ def probe(results: Path) -> go.Figure | None:
 def skip(results: Path) -> go.Figure | None:
     """Skipping one layer's block, attention or MLP: its effect on the last-token KL, errors minus twins (the
     per-layer 95 % intervals of the skip step, not PLAN.md's Bonferroni-adjusted ones)."""
-    t = _read(results, "patch_skip.csv")
+    t = read_result(results, "patch_skip.csv")
     if t is None or t.empty or "d_kl_diff" not in t.columns:
         return None
     models = list(dict.fromkeys(t["model"]))
@@ -117,10 +119,10 @@ def skip(results: Path) -> go.Figure | None:
         s = t[(t["model"] == m) & ~t["broken"].astype(bool)]
         for comp in dict.fromkeys(s["component"]):
             c = s[s["component"] == comp].sort_values("layer")
-            err = dict(type="data", symmetric=False, array=c["d_kl_diff_high"] - c["d_kl_diff"],
-                       arrayminus=c["d_kl_diff"] - c["d_kl_diff_low"], thickness=1)
             fig.add_trace(go.Scatter(x=c["layer"], y=c["d_kl_diff"], mode="lines+markers", name=str(comp),
-                                     legendgroup=str(comp), showlegend=j == 1, error_y=err), row=1, col=j)
+                                     legendgroup=str(comp), showlegend=j == 1,
+                                     error_y=error_bars(c["d_kl_diff"], c["d_kl_diff_low"], c["d_kl_diff_high"], 1)),
+                          row=1, col=j)
         fig.update_xaxes(title_text="layer skipped", row=1, col=j)
     fig.add_hline(y=0, line=dict(color="gray", dash="dot"))
     fig.update_yaxes(title_text="Δ KL at the last token, errors minus twins (nats)", col=1)
@@ -140,8 +142,7 @@ def blimp(results: Path) -> go.Figure | None:
     for m in dict.fromkeys(t["model"]):
         s = t[t["model"] == m]
         fig.add_trace(go.Scatter(x=s["gpt2"], y=s["accuracy"], mode="markers", name=m, text=s["UID"],
-                                 error_y=dict(type="data", symmetric=False, array=s["high"] - s["accuracy"],
-                                              arrayminus=s["accuracy"] - s["low"], thickness=0.6)))
+                                 error_y=error_bars(s["accuracy"], s["low"], s["high"], 0.6)))
     fig.add_trace(go.Scatter(x=[0, 1], y=[0, 1], mode="lines", line=dict(dash="dot", color="gray"), name="y = x"))
     fig.update_layout(title="BLiMP accuracy per paradigm (95 % cluster intervals) vs GPT-2 (models_summary.jsonl)",
                       xaxis_title="GPT-2", yaxis_title="this model", width=760, height=560, template="plotly_white")

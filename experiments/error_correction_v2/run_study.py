@@ -53,7 +53,8 @@ from eclens.runs import write_json, write_table  # noqa: E402
 # Per-model tables of the template runs copied into results/ (a "model" column added): what the README and the
 # figures quote, so that every number traces to a file in results/ (runs/ is not kept in git).
 COLLECT = ("recovery_index", "recovery_curves", "recovery_2x2", "probe", "invariance_directions", "patch_skip",
-           "patch_exchange", "patch_dims", "patch_attribution_check", "baseline_random", "baseline_random_measure", "sensitivity")
+           "patch_exchange", "patch_dims", "patch_attribution_check", "baseline_random", "baseline_random_measure",
+           "sensitivity")
 CONFOUND = ("Gemma-3-270M is a base model and SmolLM2-135M-Instruct an instruct model: every difference "
             "between them may come from instruction tuning as well as from the family.")
 
@@ -150,14 +151,15 @@ class Study:
         c = self.cfg
         self.ec("run", "--pairs", str(self.out / "pairs" / "templates.jsonl"), "--out", str(self.run_dir(model)),
                 *self.common(model), "--measure-clusters", str(c.measure_clusters),
-                "--measure-permutations", str(c.measure_permutations), "--skip-pairs", str(c.skip_pairs), "--baseline", "random", "--max-sets", str(c.max_sets),
+                "--measure-permutations", str(c.measure_permutations), "--skip-pairs", str(c.skip_pairs),
+                "--baseline", "random", "--max-sets", str(c.max_sets),
                 "--n-controls", str(c.n_controls), "--dims-pairs", str(c.dims_pairs),
                 "--exact-pairs", str(c.exact_pairs), "--attribution-pairs", str(c.attribution_pairs))
 
     def typos(self, model: str) -> None:
         c = self.cfg
         self.ec("run", "--pairs", str(self.out / "pairs" / "typos.jsonl"), "--span",
-                "--out", str(self.out / "runs" / f"{c.slug(model)}-typos"), *self.common(model),
+                "--out", str(self.typo_dir(model)), *self.common(model),
                 "--measure-clusters", str(c.typo_clusters), "--measure-permutations", str(c.measure_permutations),
                 "--max-sets", "1", "--exact-pairs", "1", "--attribution-pairs", "1")
 
@@ -185,34 +187,33 @@ class Study:
         write_table(hyp, self.results / "hypotheses.csv")
         write_table(H.replication(hyp), self.results / "replication.csv")
         for stem in COLLECT:
-            got = []
-            for m in self.cfg.models:
-                t = H.read(self.run_dir(m), stem)
-                if t is not None:
-                    got.append(t.assign(model=self.cfg.slug(m)))
-            if got:
-                write_table(pd.concat(got, ignore_index=True), self.results / f"{stem}.csv")
+            self.collect(stem, self.run_dir, self.results / f"{stem}.csv")
+        self.collect("recovery_index", self.typo_dir, self.results / "typos_recovery_index.csv")
         steps = []
         for m in self.cfg.models:
-            for kind, run in (("templates", self.run_dir(m)), ("typos", self.out / "runs" / f"{self.cfg.slug(m)}-typos")):
+            for kind, run in (("templates", self.run_dir(m)), ("typos", self.typo_dir(m))):
                 mf = run / "manifest.json"
                 if mf.exists():
                     secs = json.loads(mf.read_text()).get("steps", {}).get("run", {}).get("seconds", {})
-                    steps += [{"model": self.cfg.slug(m), "pairs": kind, "step": k, "seconds": v} for k, v in secs.items()]
+                    steps += [{"model": self.cfg.slug(m), "pairs": kind, "step": k, "seconds": v}
+                              for k, v in secs.items()]
         if steps:
             write_table(pd.DataFrame(steps), self.results / "run_steps.csv")
-        typo = []
-        for m in self.cfg.models:
-            t = H.read(self.out / "runs" / f"{self.cfg.slug(m)}-typos", "recovery_index")
-            if t is not None:
-                typo.append(t.assign(model=self.cfg.slug(m)))
         from llama_estimate import estimate  # Llama-3-8B on an H200, from the first model's pass counts
 
         est = estimate(self.run_dir(self.cfg.models[0]), HERE.parent)
         if not est.empty:
             write_table(est, self.results / "llama3_8b_estimate.csv")
-        if typo:
-            write_table(pd.concat(typo, ignore_index=True), self.results / "typos_recovery_index.csv")
+
+    def collect(self, stem: str, run_of, path: Path) -> None:
+        """The table ``stem`` of every model's run (``run_of(model)``), a ``model`` column added, as one file."""
+        got = []
+        for m in self.cfg.models:
+            t = H.read(run_of(m), stem)
+            if t is not None:
+                got.append(t.assign(model=self.cfg.slug(m)))
+        if got:
+            write_table(pd.concat(got, ignore_index=True), path)
 
     def figures(self) -> None:
         """PNG figures from results/, and each template run's report beside them."""
@@ -235,6 +236,9 @@ class Study:
 
     def run_dir(self, model: str) -> Path:
         return self.out / "runs" / self.cfg.slug(model)
+
+    def typo_dir(self, model: str) -> Path:
+        return self.out / "runs" / f"{self.cfg.slug(model)}-typos"
 
     def all(self) -> None:
         self.step("pairs", self.pairs)

@@ -12,12 +12,12 @@ import math
 from pathlib import Path
 
 import pandas as pd
+from figures import GRAMMAR, read_result
 
 NAMES = {"H1": "errors fade faster than twins", "H2": "better than ignoring the error token",
          "H3": "error-invariant units beyond chance", "H4": "an error signal beyond token identity",
          "H5": "some layers do the correcting", "H6": "chosen units matter, for errors more than twins"}
 ANSWER = ("H1", "H2", "H3", "H4")
-GRAMMAR = ("grammar/agreement", "grammar/anaphor", "grammar/article", "grammar/preposition", "grammar/tense")
 COMMAND = ".venv/bin/python experiments/error_correction_v2/run_study.py --blimp ../shared/data/blimp"
 LLAMA_COMMAND = ("HF_HUB_OFFLINE=0 .venv/bin/python experiments/error_correction_v2/run_study.py "
                  "--models meta-llama/Meta-Llama-3-8B --device cuda --dtype bfloat16 --blimp BLIMP_FOLDER "
@@ -61,14 +61,9 @@ def headline_numbers(results: Path) -> list[tuple[str, str, str]]:
     return out
 
 
-def _read(results: Path, name: str) -> pd.DataFrame | None:
-    p = results / name
-    return pd.read_csv(p) if p.exists() else None
-
-
 def random_lines(results: Path) -> str:
     """How the random-weight copies' per-category recovery indices compare (H7's chance condition)."""
-    b = _read(results, "baseline_random_measure.csv")
+    b = read_result(results, "baseline_random_measure.csv")
     if b is None or "weights" not in b.columns:
         return "the random-weight copies' recovery was not measured"
     r = b[(b["measure"] == "recovery_index_last") & b["category"].isin(GRAMMAR)]
@@ -150,7 +145,7 @@ def table(df: pd.DataFrame, cols: list[str], digits: int | None = None) -> list[
 
 
 def section(results: Path, title: str, name: str, cols: list[str] | None, intro: str, query=None) -> list[str]:
-    t = _read(results, name)
+    t = read_result(results, name)
     if t is None or t.empty:
         return []
     if query is not None:
@@ -169,7 +164,7 @@ def wall_time(results: Path, doc: dict) -> list[str]:
              f"{doc['config']['device'].upper()} ({doc.get('machine', '2-core')}), every attempt counted"
              + (" except a pair generation done before steps summed their attempts (the `pairs` step's 0 s)."
                 if doc["steps"].get("pairs", {}).get("seconds", 1) == 0 else ".")]
-    rs = _read(results, "run_steps.csv")
+    rs = read_result(results, "run_steps.csv")
     if rs is not None:
         per = rs.groupby(["model", "pairs"])["seconds"].sum()
         lines.append("The runs' own step times (`results/run_steps.csv`, from each run's `manifest.json`): "
@@ -206,7 +201,7 @@ def write_readme(out: Path, confound: str) -> Path:
           "## Every hypothesis, per model (`results/hypotheses.csv`)", ""]
     hyp = hyp.assign(name=hyp["hypothesis"].map(NAMES), value=[interval(r) for r in hyp.to_dict("records")])
     L += table(hyp, ["model", "hypothesis", "name", "value", "verdict", "detail"])
-    rep = _read(results, "replication.csv")
+    rep = read_result(results, "replication.csv")
     if rep is not None:
         L += ["", "## What replicates across models (H7, `results/replication.csv`)", "", confound, ""]
         L += table(rep, list(rep.columns))
@@ -289,7 +284,7 @@ def write_readme(out: Path, confound: str) -> Path:
           "| step | seconds |", "|---|---|"]
     L += [f"| {k} | {v['seconds']} |" for k, v in steps_done(doc).items()]
     L += ["", *wall_time(results, doc), "", f"Command (resumable: a rerun skips what is done): `{COMMAND}`."]
-    est = _read(results, "llama3_8b_estimate.csv")
+    est = read_result(results, "llama3_8b_estimate.csv")
     L += ["", "## On Meta-Llama-3-8B with a GPU", "", f"`{LLAMA_COMMAND}`", ""]
     if est is not None and not est.empty:
         L += [f"**Estimate, not a measurement**: the template run would take about {est['seconds'].sum() / 60:.1f} "

@@ -1,7 +1,8 @@
 """The pair-sample numbers of :meth:`DiffResult.cell_stats`, computed a few layers at a time.
 
 The sample of one group in float64 is ``[s, L, O, D]`` — 354 MB for 512 pairs of one SmolLM2-135M hook —
-and the quantiles sort a copy of ``|Δ|/σ``: taken whole, one call held about 2 GB of temporaries. Every number here is per (layer, offset, dimension) or per (pair, layer,
+and the quantiles sort a copy of ``|Δ|/σ``: taken whole, one call held about 2 GB of temporaries.
+Every number here is per (layer, offset, dimension) or per (pair, layer,
 offset), so layer chunks give the same numbers with a bounded peak (and faster, in cache).
 """
 
