@@ -51,6 +51,21 @@ def test_random_baseline(tiny_dir):
     assert "random_init" not in manifest_model_entry(trained)
 
 
+def test_weights_hash_follows_in_place_changes(tiny_dir):
+    """The hash is cached on the model, but a weight changed in place (planting an effect, a reload) changes it."""
+    m = load_model(str(tiny_dir), verify="never")
+    h = weights_hash(m)
+    assert weights_hash(m) == h
+    p = next(m.parameters())
+    before = p.detach().clone()
+    with torch.no_grad():
+        p.add_(1.0)
+    assert weights_hash(m) != h
+    with torch.inference_mode():
+        p.copy_(before)
+    assert weights_hash(m) == h
+
+
 @pytest.mark.slow
 def test_random_uses_the_architectures_own_init():
     hf, tok, model_id = random_hf_model("smollm2-135m", seed=0)

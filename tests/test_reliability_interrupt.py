@@ -184,7 +184,7 @@ def test_diff_interrupted_twice_equals_uninterrupted(tiny_dir, pairs_file, tmp_p
     every_file_parses(run)
     (ta, ma), (tb, mb) = stats(ref), stats(run)
     assert ma["complete"] and mb["complete"] and sorted(ma["done"]) == sorted(mb["done"])
-    # The float64 totals are power sums about shifts re-centred at every checkpoint, so the raw
+    # The float64 totals take float32 staged sums at every checkpoint (rounded once per flush), so the raw
     # state depends on when checkpoints fell; counts, the pair sample and every statistic do not.
     assert_same_tensors({k: v for k, v in ta.items() if k == "count" or k.startswith("sample")},
                         {k: v for k, v in tb.items() if k == "count" or k.startswith("sample")}, exact=True)

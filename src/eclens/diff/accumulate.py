@@ -56,19 +56,24 @@ class GroupAccumulator:
     ``feat`` ``[O, C, F, L, D]`` (float64) holds, per offset, category, feature, layer and
     dimension, the sums of :data:`FEATURES` over pairs: ``Δ - K_Δ`` and its square,
     ``clean - K_clean`` and its square (shifted power sums, :class:`eclens.stats.PowerSums`
-    algebra, shifts in ``shift`` ``[2, O, L, D]``), ``|Δ|``, ``sign(Δ)`` and ``[Δ != 0]``.
+    algebra, shifts in ``shift`` ``[2, O, C, L, D]``, set per cell from the first batch that
+    has it), ``|Δ|``, ``sign(Δ)`` and ``[Δ != 0]``.
 
-    Speed: one batch writes its features into a ``[B, O, F, L, D]`` buffer and adds them
-    to every category at once with one matrix product per offset (the one-hot category
-    matrix times the validity mask), so masking costs nothing and there is no Python
-    loop over pairs. The buffer and the staged sums are float32 — exact subtraction about
-    a float32 shift per (offset, category, layer, dimension), squares and sums of at most
-    ~256 terms (``DiffAccumulator.flush_pairs``; TF32 is switched off for these products)
-    — and go into the float64 totals at every flush, where the shifts are re-centred on
-    the running means by exact float64 algebra. This halves the memory traffic of float64
-    work, which is what bounds this step on the CPU and the GPU alike; the statistics
-    agree with a float64 brute force to ~1e-7 relative (see the tests).
+    Speed: the streaming pass is bound by memory traffic, so a batch is reduced a chunk of
+    layers at a time (one layer on the CPU: its features fit in the core's cache; all
+    layers at once on a GPU, where kernel launches cost more than traffic). A chunk's
+    features go into a ``[O, B, F, lc, D]`` buffer and are added to every state row at
+    once with one batched matrix product (the one-hot row matrix times the validity mask:
+    masking costs nothing, no Python loop over pairs). The buffer and the staged sums
+    (``stage``, chunk-major ``[L/lc, O, C, F·lc·D]``) are float32 — exact subtraction about
+    a float32 shift per (offset, row, layer, dimension), squares and sums of at most ~256
+    terms (``DiffAccumulator.flush_pairs``; TF32 is switched off for these products) — and
+    go into the float64 totals at every flush. The statistics agree with a float64 brute
+    force to ~1e-7 relative (see the tests).
     """
+
+    # Features per chunk that stay in a CPU core's cache (float32 elements of the [O, B, F, lc, D] buffer).
+    cpu_chunk_elems = 1 << 19
 
     def __init__(self, g: HookGroup, C: int, n_off: int, S: int, device, sample_dtype=torch.float16,
                  host_sample: bool = False):
@@ -76,15 +81,17 @@ class GroupAccumulator:
         self.g = g
         self.C, self.O, self.L, self.D = C, O, L, D
         device = torch.device(device)
+        self.device = device
         self.wd = torch.float32
-        self.feat = torch.zeros((O, C, len(FEATURES), L, D), dtype=F64, device=device)
-        self.stage = self.feat if self.wd == F64 else torch.zeros_like(self.feat, dtype=self.wd)
-        # Shifts per (offset, category): set from the first batch where the category has the offset,
-        # re-centred on the running mean at every flush (exact float64 algebra on the sums).
+        self.lc = L  # layers per chunk, fixed by the first batch (_chunk)
+        # The float64 totals are made at the first flush (the first batch's sums, no zero pass before).
+        self.feat: torch.Tensor | None = None
+        self.stage: torch.Tensor | None = None
+        # Shifts per (offset, row): set from the first batch where the row has the offset, then fixed (the
+        # float64 algebra of DiffResult re-expresses every row about one shift; merges do the same).
         self.shift = torch.zeros((2, O, C, L, D), dtype=F64, device=device)
         self.shift_set = torch.zeros((O, C), dtype=torch.bool)
-        self._shift_w = self.shift.to(self.wd)
-        self._sync_shift()
+        self._shift_ch: torch.Tensor | None = None
         # Per-pair scalars (SCALARS), one accumulator with a feature axis: fewer, larger operations.
         self.scalars = PowerSums.zeros(C, (len(SCALARS), O, L), None, device)
         H = g.n_heads
@@ -102,36 +109,76 @@ class GroupAccumulator:
                                for k in ("rel_l2", "cos")}
         self.shared_buffers: dict = {}
 
-    def _sync_shift(self) -> None:
-        """The work-dtype shifts, category-major ``[2, C, O, L, D]``: a pair's shift is one contiguous row."""
-        self._shift_cm = self._shift_w.permute(0, 2, 1, 3, 4).contiguous()
+    def _chunk(self, B: int) -> int:
+        """Layers per chunk: all on a GPU; on the CPU the most that keep a chunk's features in cache (a divisor of L)."""
+        if self.device.type != "cpu":
+            return self.L
+        per_layer = self.O * B * len(FEATURES) * self.D
+        lc = max(1, min(self.L, self.cpu_chunk_elems // max(per_layer, 1)))
+        while self.L % lc:
+            lc -= 1
+        return lc
 
-    def _buffer(self, B: int) -> torch.Tensor:
+    def _new_stage(self, lc: int) -> None:
+        nch = self.L // lc
+        self.lc = lc
+        with torch.inference_mode(False):  # the state must stay a normal tensor (it is updated outside the loop too)
+            self.stage = torch.zeros((nch, self.O, self.C + 1, len(FEATURES) * lc * self.D), dtype=self.wd,
+                                     device=self.device)
+        self._sync_shift()
+
+    def _sync_shift(self) -> None:
+        """The work-dtype shifts chunk- and row-major ``[2, L/lc, C, O, lc, D]``: a pair's shift for a chunk is one
+        contiguous row."""
+        nch, lc = self.L // self.lc, self.lc
+        sh = self.shift.to(self.wd).view(2, self.O, self.C, nch, lc, self.D)
+        self._shift_ch = sh.permute(0, 3, 2, 1, 4, 5).contiguous()
+
+    def _stage_as_feat(self) -> torch.Tensor:
+        """The staged sums as a ``[O, C, F, L/lc, lc, D]`` view (strided)."""
+        st = self.stage[:, :, :self.C].unflatten(-1, (len(FEATURES), self.lc, self.D))  # row C: invalid offsets' sums
+        return st.permute(1, 2, 3, 0, 4, 5)  # [O, C, F, nch, lc, D]
+
+    def _buffer(self, B: int, lc: int) -> torch.Tensor:
         # One buffer for all groups of the same shape (they are reduced one after the other).
-        key = (B, self.O, self.L, self.D, self.wd, self.feat.device)
+        key = (B, self.O, lc, self.D, self.wd, self.device)
         buf = self.shared_buffers.get(key)
         if buf is None:
             for k in [k for k in self.shared_buffers if k[0] != B]:  # a new batch size: drop the old ones
                 del self.shared_buffers[k]
-            buf = self.shared_buffers[key] = torch.empty((B, self.O, len(FEATURES), self.L, self.D), dtype=self.wd,
-                                                         device=self.feat.device)
+            buf = self.shared_buffers[key] = torch.empty((self.O, B, len(FEATURES), lc, self.D), dtype=self.wd,
+                                                         device=self.device)
         return buf
 
-    def flush(self, count: torch.Tensor) -> None:
-        """Add the staged float32 sums to the float64 totals and re-centre the shifts (``count`` ``[C, O]``)."""
-        if self.stage is not self.feat:
-            self.feat += self.stage
+    def flush(self, count: torch.Tensor | None = None) -> None:
+        """Add the staged float32 sums to the float64 totals (the first flush makes them)."""
+        O, C, L, D = self.O, self.C, self.L, self.D  # noqa: E741
+        if self.feat is None:
+            with torch.inference_mode(False):  # a normal tensor, as the stage
+                self.feat = (torch.zeros if self.stage is None else torch.empty)((O, C, len(FEATURES), L, D),
+                                                                                   dtype=F64, device=self.device)
+            if self.stage is not None:
+                self.feat.view(O, C, len(FEATURES), L // self.lc, self.lc, D).copy_(self._stage_as_feat())
+        elif self.stage is not None:
+            self.feat.view(O, C, len(FEATURES), L // self.lc, self.lc, D).add_(self._stage_as_feat())
+        if self.stage is not None:
             self.stage.zero_()
-        n = count.T[:, :, None, None].to(F64)  # [O, C, 1, 1]
-        nn = n.clamp_min(1)
-        K = self.shift
-        knew = torch.stack([torch.where(n > 0, (K[w] + self.feat[:, :, 2 * w] / nn).to(self.wd).to(F64), K[w])
-                            for w in (0, 1)])
-        recentre(self.feat, n, K, knew)
-        self.shift.copy_(knew)
-        # In place: the state is made outside inference mode and must stay a normal tensor.
-        self._shift_w.copy_(self.shift)
-        self._sync_shift()
+
+    def _set_shifts(self, xl: torch.Tensor, Wo: torch.Tensor, new_shift: list[tuple[int, int]]) -> None:
+        """Shift the (offset, row) cells seen for the first time about their pairs' mean in this batch, in the work
+        dtype, so that ``x - K`` is exact near ``K``. ``xl``: the batch layer-major ``[L, 2B, O, D]``."""
+        B = xl.shape[1] // 2
+        nch, lc = self.L // self.lc, self.lc
+        for o in sorted({o for o, _ in new_shift}):
+            cells = [c for oo, c in new_shift if oo == o]
+            w = Wo[o, cells]  # [k, B]
+            clean = xl[:, :B, o].to(self.wd)  # [L, B, D]
+            k = torch.stack([torch.einsum("kb,lbd->kld", w, xl[:, B:, o].to(self.wd) - clean),
+                             torch.einsum("kb,lbd->kld", w, clean)], 1) / w.sum(1)[:, None, None, None]
+            for i, c in enumerate(cells):  # k [cells, 2, L, D], float32 as the staged sums
+                self.shift[:, o, c] = k[i].to(F64)
+                self._shift_ch[:, :, c, o] = k[i].view(2, nch, lc, self.D)
+                self.shift_set[o, c] = True
 
     def update(self, X: Float[torch.Tensor, "two_b O L *rest"], cat: Int[torch.Tensor, " b"],
                W: Float[torch.Tensor, "C b"], Wo: Float[torch.Tensor, "O C b"], m3: Float[torch.Tensor, "b O 1"],
@@ -141,49 +188,69 @@ class GroupAccumulator:
         (work dtype), ``m3`` validity ``[B, O, 1]`` (float64); ``new_shift``: the (offset, category) cells
         seen for the first time; ``slots``/``items``: which batch items enter which sample slots."""
         B = X.shape[0] // 2
-        O, L = self.O, self.L  # noqa: E741
-        x = X.flatten(3) if X.ndim > 4 else X.reshape(2 * B, O, L, self.D)  # a view for the gatherer's layout
-        if x.dtype != self.wd:
-            x = x.to(self.wd)
-        clean, cor = x[:B], x[B:]
-        d = cor - clean
+        O, L, D = self.O, self.L, self.D  # noqa: E741
+        # Layer-major [L, 2B, O, D]: the gatherer's own layout (a view of its buffer, no copy).
+        xl = X.reshape(2 * B, O, L, D).movedim(2, 0)
+        if not xl.is_contiguous():
+            xl = xl.contiguous()
+        if self.stage is None:
+            self._new_stage(self._chunk(B))
         if new_shift:
-            # Shift about the first batch's means, in the work dtype, so that x - K is exact near K.
-            cnt = Wo.sum(-1)  # [O, C]
-            for o in sorted({o for o, _ in new_shift}):
-                sd = Wo[o] @ d[:, o].reshape(B, -1)
-                sc = Wo[o] @ clean[:, o].reshape(B, -1)
-                for oo, c in new_shift:
-                    if oo == o:
-                        self._shift_w[0, o, c] = (sd[c] / cnt[o, c]).view(L, self.D)
-                        self._shift_w[1, o, c] = (sc[c] / cnt[o, c]).view(L, self.D)
-                        self.shift_set[o, c] = True
-            self.shift.copy_(self._shift_w)
-            self._sync_shift()
-        # Each pair's own category shift [B, O, L, D]: whole contiguous rows of the category-major copy.
-        kd = self._shift_cm[0].index_select(0, cat)
-        kc = self._shift_cm[1].index_select(0, cat)
-        buf = self._buffer(B)
-        torch.sub(d, kd, out=buf[:, :, 0])
-        torch.mul(buf[:, :, 0], buf[:, :, 0], out=buf[:, :, 1])
-        torch.sub(clean, kc, out=buf[:, :, 2])
-        torch.mul(buf[:, :, 2], buf[:, :, 2], out=buf[:, :, 3])
-        torch.abs(d, out=buf[:, :, 4])
-        torch.sign(d, out=buf[:, :, 5])
-        torch.abs(buf[:, :, 5], out=buf[:, :, 6])
-        for o in range(O):
-            self.stage[o].view(self.C, -1).addmm_(Wo[o], buf[:, o].reshape(B, -1))
-        # Per-pair scalars over the whole vector (and per head for per-head hooks), float64.
+            self._set_shifts(xl, Wo, new_shift)
+        lc = self.lc
+        buf = self._buffer(B, lc)
         H = self.g.n_heads
+        norms = torch.empty((L, 3, B, O), dtype=self.wd, device=self.device)  # ‖Δ‖, ‖clean‖, ‖changed‖
+        norms_h = torch.empty((L, 3, B, O, H), dtype=self.wd, device=self.device) if H else None
+        d_, dk, dk2, ck, ck2 = (buf[:, :, i] for i in (4, 0, 1, 2, 3))  # [O, B, lc, D] views
+        # The sampled pairs' Δ [k, O, L, D], taken chunk by chunk from Δ while it is in cache.
+        smp = None if slots is None else torch.empty((len(items), O, L, D), dtype=self.sample_delta.dtype,
+                                                     device=self.device)
+        every = (smp is not None and self.device.type == "cpu" and len(items) == B  # (no device sync on a GPU)
+                 and bool((items == torch.arange(B)).all()))
+        if self.device.type == "cpu":
+            # Each (offset, pair) adds its features to its state row, or to the spare row C where the offset is
+            # invalid: a scatter-add does B rows of work where the one-hot product did C·B (it is FLOP-bound on a
+            # CPU); on a GPU the product has FLOPs to spare and, unlike atomic scatters, a fixed summation order.
+            ok = Wo.sum(1) > 0  # [O, B]
+            dest = torch.arange(O, device=cat.device)[:, None] * (self.C + 1) + torch.where(ok, cat, self.C)
+            dest = dest.reshape(-1)
+        for j in range(L // lc):
+            xc = xl[j * lc:(j + 1) * lc]  # [lc, 2B, O, D]
+            if xc.dtype != self.wd:
+                xc = xc.to(self.wd)
+            clean, cor = xc[:, :B].permute(2, 1, 0, 3), xc[:, B:].permute(2, 1, 0, 3)  # [O, B, lc, D]
+            kd = self._shift_ch[0, j].index_select(0, cat).transpose(0, 1)  # [O, B, lc, D]
+            kc = self._shift_ch[1, j].index_select(0, cat).transpose(0, 1)
+            torch.sub(cor, clean, out=d_)
+            torch.sub(d_, kd, out=dk)
+            torch.mul(dk, dk, out=dk2)
+            torch.sub(clean, kc, out=ck)
+            torch.mul(ck, ck, out=ck2)
+            sl = slice(j * lc, (j + 1) * lc)
+            if H:
+                torch.linalg.vector_norm(d_.unflatten(-1, (H, -1)), dim=-1, out=norms_h[sl, 0].permute(2, 1, 0, 3))
+                torch.linalg.vector_norm(xc.unflatten(-1, (H, -1)), dim=-1, out=norms_h[sl, 1:].view(lc, 2 * B, O, H))
+            else:
+                torch.linalg.vector_norm(d_, dim=-1, out=norms[sl, 0].permute(2, 1, 0))
+                torch.linalg.vector_norm(xc, dim=-1, out=norms[sl, 1:].view(lc, 2 * B, O))
+            if smp is not None:
+                smp[:, :, sl].copy_((d_ if every else d_.index_select(1, items)).transpose(0, 1))
+            torch.sign(d_, out=buf[:, :, 5])
+            torch.abs(buf[:, :, 5], out=buf[:, :, 6])
+            d_.abs_()
+            if self.device.type == "cpu":
+                self.stage[j].view(O * (self.C + 1), -1).index_add_(0, dest, buf.view(O * B, -1))
+            else:
+                self.stage[j][:, :self.C].baddbmm_(Wo, buf.view(O, B, -1))
+        # Per-pair scalars over the whole vector (and per head for per-head hooks), float64.
         if H:
-            dd_h = torch.linalg.vector_norm(d.view(B, O, L, H, -1), dim=-1).to(F64) ** 2
-            cc_h = torch.linalg.vector_norm(clean.reshape(B, O, L, H, -1), dim=-1).to(F64) ** 2
-            xx_h = torch.linalg.vector_norm(cor.reshape(B, O, L, H, -1), dim=-1).to(F64) ** 2
+            nh = norms_h.to(F64) ** 2  # [L, 3, B, O, H]
+            dd_h, cc_h, xx_h = (nh[:, i].permute(1, 2, 0, 3) for i in range(3))  # [B, O, L, H]
             dd, cc, xx = dd_h.sum(-1), cc_h.sum(-1), xx_h.sum(-1)
         else:
-            dd = torch.linalg.vector_norm(d, dim=-1).to(F64) ** 2
-            cc = torch.linalg.vector_norm(clean, dim=-1).to(F64) ** 2
-            xx = torch.linalg.vector_norm(cor, dim=-1).to(F64) ** 2
+            n2 = norms.to(F64) ** 2  # [L, 3, B, O]
+            dd, cc, xx = (n2[:, i].permute(1, 2, 0) for i in range(3))  # [B, O, L]
         vals = self._scalars(dd, cc, xx)
         v = torch.stack([vals[k][0] for k in SCALARS], 1)  # [B, 3, O, L]
         mk = torch.stack([vals[k][1] for k in SCALARS], 1) * m3[:, None]
@@ -194,11 +261,10 @@ class GroupAccumulator:
             mk = torch.stack([hv[k][1] for k in HEAD_SCALARS], 1) * m3[:, None, :, :, None]
             self.heads.update(torch.where(mk > 0, v, torch.zeros_like(v)), cat, mk, onehot=W)
         if slots is not None:
-            rows = d.index_select(0, items).to(self.sample_delta.dtype)
             if self.host_sample:
-                self._queue_sample(rows, slots_cpu if slots_cpu is not None else slots.cpu())
+                self._queue_sample(smp, slots_cpu if slots_cpu is not None else slots.cpu())
             else:
-                self.sample_delta.index_copy_(0, slots, rows)
+                self.sample_delta.index_copy_(0, slots, smp)
             for k in ("rel_l2", "cos"):
                 v, ok = vals[k]
                 v = torch.where(ok > 0, v, torch.full_like(v, float("nan")))
@@ -282,10 +348,8 @@ class GroupAccumulator:
         s = self.g.suffix
         dev = self.sample_delta.device
         self.feat = d[f"{s}/feat"].to(dev, F64).clone()
-        self.stage = self.feat if self.wd == F64 else torch.zeros_like(self.feat, dtype=self.wd)
+        self.stage = None  # made by the next batch
         self.shift = d[f"{s}/shift"].to(dev, F64).clone()
-        self._shift_w = self.shift.to(self.wd)
-        self._sync_shift()
         self.shift_set = d[f"{s}/shift_set"].to("cpu", torch.bool).clone()
         self.scalars = PowerSums.from_state_dict(d, f"{s}/scalars/", dev)
         if self.heads is not None:
@@ -348,7 +412,7 @@ class DiffAccumulator:
         self._pending: list[tuple[list[AlignedPair], dict[str, torch.Tensor], set[int]]] = []
 
     def flush(self) -> None:
-        """Staged sums into the float64 totals (shifts re-centred). No host sync."""
+        """Staged sums into the float64 totals. No host sync."""
         for a in self.acc.values():
             a.flush(self.count)
         self._since_flush = 0

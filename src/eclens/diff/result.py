@@ -214,15 +214,22 @@ class DiffResult:
 
     def _feat_moments(self, hook: str, category: str, which: int, direction: str = "all") -> Moments:
         """Moments of Δ (``which=0``) or of the clean activation (``which=1``), arrays ``[L, O, D]``."""
+        r = self._cat_rows(category, direction)
+        key = ("feat_moments", hook, which, self._rows_key(r))  # the whole dataset's clean moments serve every group
+        if key in self._cache:
+            return self._cache[key]
         fs, k0 = self._common(hook)
         f = fs[which]  # [O, C, 2·L·D]
-        w = self._row_weights(self._cat_rows(category, direction))
+        w = self._row_weights(r)
         s = (f.sum(1) if w is None else torch.matmul(w, f)).view(f.shape[0], 2, *k0.shape[2:])  # [O, 2, L, D]
         n = self.counts(category, direction)[:, None, None]  # [O, 1, 1]
         nn = n.clamp_min(1)
         s1, s2 = s[:, 0], s[:, 1]
         m = Moments(n, k0[which] + s1 / nn, (s2 - s1 * s1 / nn).clamp_min(0))
-        return Moments(m.count.transpose(0, 1), m.mean.transpose(0, 1), m.m2.transpose(0, 1))
+        out = Moments(m.count.transpose(0, 1), m.mean.transpose(0, 1), m.m2.transpose(0, 1))
+        if r is None:  # a group's own moments are read once, by its (cached) cell_stats
+            self._cache[key] = out
+        return out
 
     def _feat_sum(self, hook: str, category: str, name: str, direction: str = "all") -> torch.Tensor:
         return self._feat(hook, category, direction)[:, FEATURES.index(name) - 4].transpose(0, 1)
