@@ -202,6 +202,12 @@ def test_sensitivity_is_monotone_and_matches_the_candidates(unplanted):
         c = cand[(cand.category == cat) & (cand.swap_direction == d) & (cand.hook == h) & (cand.kind == kind)]
         listed = int(c.drop_duplicates(["layer", "offset"])["n_passing"].sum()) if not c.empty else 0
         assert (g["n_candidates"] == listed).all(), (cat, d, kind)
+    # Every count, the whole grid at once, is the candidate rule's own mask at that setting.
+    for r in sens.itertuples():
+        kw = ({"threshold_index": unplanted.grid("threshold").index(r.value)} if r.parameter == "threshold"
+              else {r.parameter: r.value})
+        m = unplanted.candidate_masks(r.hook, r.category, r.swap_direction, **kw)[r.kind]
+        assert r.n_candidates == int(m.sum()), r
 
 
 def test_sensitivity_figure(unplanted):

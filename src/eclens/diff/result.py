@@ -440,6 +440,17 @@ class DiffResult:
                 "responsive_sign": RESPONSIVE_SIGN_GRID}[parameter]
         return sorted(set(base) | {float(getattr(self.config, parameter))})
 
+    def rule_base(self, hook: str, category: str, direction: str = "all") -> torch.Tensor:
+        """``[L, O, D]``: the cells either candidate rule may pass at all (enough pairs, σ > 0, not massive,
+        reachable), whatever its thresholds."""
+        bkey = ("cand_base", hook, category, direction)
+        if bkey not in self._cache:
+            cfg = self.config
+            st = self.cell_stats(hook, category, direction)
+            enough = ((st["n"] >= cfg.min_pairs) & (st["n_sample"] >= cfg.min_pairs))[None, :, None]
+            self._cache[bkey] = enough & (st["sigma_clean"] > 0) & ~st["massive"] & st["reachable"][..., None]
+        return self._cache[bkey]
+
     def candidate_masks(self, hook: str, category: str, direction: str = "all", *, threshold_index: int | None = None,
                         responsive_z: float | None = None, responsive_sign: float | None = None
                         ) -> dict[str, torch.Tensor]:
@@ -451,11 +462,7 @@ class DiffResult:
             return self._cache[key]
         cfg = self.config
         st = self.cell_stats(hook, category, direction)
-        bkey = ("cand_base", hook, category, direction)  # shared by the sensitivity grid's many calls
-        if bkey not in self._cache:
-            enough = ((st["n"] >= cfg.min_pairs) & (st["n_sample"] >= cfg.min_pairs))[None, :, None]
-            self._cache[bkey] = enough & (st["sigma_clean"] > 0) & ~st["massive"] & st["reachable"][..., None]
-        base = self._cache[bkey]
+        base = self.rule_base(hook, category, direction)
         fu = st["frac_under"] if threshold_index is None else st["frac_under_grid"][threshold_index]
         stable = base & (fu >= cfg.stable_frac)
         rz = cfg.responsive_z if responsive_z is None else responsive_z

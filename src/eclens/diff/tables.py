@@ -155,21 +155,32 @@ def candidates_table(res: DiffResult) -> pd.DataFrame:
 
 
 def sensitivity_table(res: DiffResult) -> pd.DataFrame:
-    """:attr:`DiffResult.sensitivity`: candidate counts over a grid of each rule's threshold."""
+    """:attr:`DiffResult.sensitivity`: candidate counts over a grid of each rule's threshold (the counts of
+    :meth:`DiffResult.candidate_masks` at each grid value, every value of a grid in one comparison)."""
     cfg = res.config
     rows = []
-    grids = [("stable", "threshold", v, {"threshold_index": i}) for i, v in enumerate(res.grid("threshold"))]
-    grids += [("responsive", "responsive_z", v, {"responsive_z": v}) for v in res.grid("responsive_z")]
-    grids += [("responsive", "responsive_sign", v, {"responsive_sign": v}) for v in res.grid("responsive_sign")]
+    grids = {p: res.grid(p) for p in ("threshold", "responsive_z", "responsive_sign")}
     for cat, dr in res.stat_groups():
         for h in res.hooks:
-            for kind, param, v, kw in grids:
-                if kind == "stable" and dr != "all":
-                    continue  # stable is unsigned: its pooled groups say it
-                m = res.candidate_masks(h, cat, dr, **kw)[kind]
-                rows.append({"category": cat, "swap_direction": dr, "hook": h, "kind": kind, "parameter": param,
-                             "value": v, "default": bool(math.isclose(v, getattr(cfg, param))),
-                             "n_candidates": int(m.sum())})
+            st = res.cell_stats(h, cat, dr)
+            base = res.rule_base(h, cat, dr)
+            counts: list[tuple[str, str, list[float], torch.Tensor]] = []
+            if dr == "all":  # stable is unsigned: its pooled groups say it
+                stable = base & (st["frac_under_grid"] >= cfg.stable_frac)  # [T, L, O, D]
+                counts.append(("stable", "threshold", grids["threshold"], stable.flatten(1).sum(1)))
+            med, sc = st["absz_median"], st["sign_consistency"]
+            for param, v, over in (("responsive_z", grids["responsive_z"], med),
+                                   ("responsive_sign", grids["responsive_sign"], sc)):
+                t = torch.tensor(v, dtype=over.dtype)[:, None, None, None]
+                other = (sc >= cfg.responsive_sign) if param == "responsive_z" else (med >= cfg.responsive_z)
+                resp = (base & other)[None] & (over[None] >= t)
+                n = resp.flatten(1).sum(1) * (0 if res.mixed(cat, dr) else 1)  # none where directions are pooled
+                counts.append(("responsive", param, v, n))
+            for kind, param, values, n in counts:
+                for v, c in zip(values, n.tolist()):
+                    rows.append({"category": cat, "swap_direction": dr, "hook": h, "kind": kind, "parameter": param,
+                                 "value": v, "default": bool(math.isclose(v, getattr(cfg, param))),
+                                 "n_candidates": int(c)})
     return pd.DataFrame(rows)
 
 
