@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -15,9 +17,38 @@ LEGACY_STATS_FILE = "diff_stats.safetensors"
 
 
 def save_stats(run: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    start_save_stats(run, tensors, meta, background=False)()
+
+
+def start_save_stats(run: Path, tensors: dict[str, torch.Tensor], meta: dict, *, background: bool = True
+                     ) -> Callable[[], None]:
+    """Start writing the state (atomically) and return ``wait``, which returns once it is written and raises
+    what the writing raised. In the background the file (gigabytes, bound by the disk) is written while the
+    caller computes the tables: the writer holds no lock Python needs. The metadata is serialised here, so
+    the caller may go on using ``meta``; ``tensors`` must not change until ``wait`` returns."""
     from ..runs import json_default, save_tensors
 
-    save_tensors(tensors, Path(run) / STATS_FILE, metadata={META_KEY: json.dumps(meta, default=json_default)})
+    path, md = Path(run) / STATS_FILE, {META_KEY: json.dumps(meta, default=json_default)}
+    if not background:
+        save_tensors(tensors, path, metadata=md)
+        return lambda: None
+    failed: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            save_tensors(tensors, path, metadata=md)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller by wait()
+            failed.append(e)
+
+    th = threading.Thread(target=write, name="eclens-save-state", daemon=False)
+    th.start()
+
+    def wait() -> None:
+        th.join()
+        if failed:
+            raise failed[0]
+
+    return wait
 
 
 def load_stats(run: str | Path, device="cpu") -> tuple[dict[str, torch.Tensor], dict]:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import EclensError
 from .config import STATS_FILE
-from .stats_io import load_stats, save_stats
+from .stats_io import load_stats, start_save_stats
 
 if TYPE_CHECKING:
     from .result import DiffResult
@@ -27,17 +27,25 @@ RESULT_FILES = ("layers.parquet", "dims.parquet", "candidates.parquet", "contras
 
 
 def save_result(res: DiffResult, run: str | Path, *, stats: bool = True) -> list[str]:
-    """Write every output of the diff step into ``run`` (atomically): the state (``stats``) first, so a kill
-    while the tables are written resumes from it; returns the result files (the state is not one)."""
+    """Write every output of the diff step into ``run`` (atomically): the state (``stats``) in the background
+    while the tables are computed and written, and whole before this returns (so a kill after the step is
+    recorded always finds it, and a kill before resumes from it once written); returns the result files (the
+    state is not one)."""
+    run = Path(run)
+    wait = start_save_stats(run, res.tensors, res.meta) if stats else (lambda: None)
+    try:
+        files = _write_tables(res, run)
+    finally:
+        wait()  # the state is whole on disk before the step can be recorded as done
+    return files
+
+
+def _write_tables(res: DiffResult, run: Path) -> list[str]:
     from ..runs import save_tensors, write_json, write_table
 
-    run = Path(run)
-    if stats:
-        save_stats(run, res.tensors, res.meta)
-    tables = (res.layers, res.dims, res.candidates, res.contrasts, res.sensitivity, res.pairs)
     files = list(RESULT_FILES)
-    for df, name in zip(tables, files):
-        write_table(df, run / name)
+    for name in files:
+        write_table(getattr(res, name.split(".")[0]), run / name)
     if any(g.n_heads for g in res.groups):
         write_table(res.heads, run / "heads.csv")
         files.append("heads.csv")
