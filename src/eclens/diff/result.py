@@ -212,16 +212,40 @@ class DiffResult:
             self._cache[key] = (f.sum(1) if w is None else torch.matmul(w, f)).view(t.shape[0], 3, *t.shape[3:])
         return self._cache[key]
 
+    def _group_sums(self, hook: str, which: int) -> tuple[dict, torch.Tensor]:
+        """The power sums (:meth:`_common`) of every group with its own statistics, ``[O, G, 2·L·D]``, in one
+        matrix product (one read of the sums where a product per group read them once each), and the
+        position of each group's rows (``_rows_key``) along ``G``."""
+        key = ("group_sums", hook, which)
+        if key not in self._cache:
+            f = self._common(hook)[0][which]  # [O, C, 2·L·D]
+            index: dict = {}
+            ws = []
+            for cat, dr in [(c, "all") for c in self.categories] + self.stat_groups():
+                r = self._cat_rows(cat, dr)
+                rk = self._rows_key(r)
+                if rk not in index:
+                    index[rk] = len(ws)
+                    ws.append(torch.ones(f.shape[1], dtype=F64) if r is None else self._row_weights(r))
+            self._cache[key] = (index, torch.matmul(torch.stack(ws), f))
+        return self._cache[key]
+
     def _feat_moments(self, hook: str, category: str, which: int, direction: str = "all") -> Moments:
         """Moments of Δ (``which=0``) or of the clean activation (``which=1``), arrays ``[L, O, D]``."""
         r = self._cat_rows(category, direction)
-        key = ("feat_moments", hook, which, self._rows_key(r))  # the whole dataset's clean moments serve every group
+        rk = self._rows_key(r)
+        key = ("feat_moments", hook, which, rk)  # the whole dataset's clean moments serve every group
         if key in self._cache:
             return self._cache[key]
         fs, k0 = self._common(hook)
         f = fs[which]  # [O, C, 2·L·D]
-        w = self._row_weights(r)
-        s = (f.sum(1) if w is None else torch.matmul(w, f)).view(f.shape[0], 2, *k0.shape[2:])  # [O, 2, L, D]
+        index, sums = self._group_sums(hook, which)
+        if rk in index:
+            s = sums[:, index[rk]]
+        else:
+            w = self._row_weights(r)
+            s = f.sum(1) if w is None else torch.matmul(w, f)
+        s = s.view(f.shape[0], 2, *k0.shape[2:])  # [O, 2, L, D]
         n = self.counts(category, direction)[:, None, None]  # [O, 1, 1]
         nn = n.clamp_min(1)
         s1, s2 = s[:, 0], s[:, 1]
