@@ -62,10 +62,11 @@ class GroupAccumulator:
     Speed: the streaming pass is bound by memory traffic, so a batch is reduced a chunk of
     layers at a time (one layer on the CPU: its features fit in the core's cache; all
     layers at once on a GPU, where kernel launches cost more than traffic). A chunk's
-    features go into a ``[O, B, F, lc, D]`` buffer and are added to every state row at
-    once with one batched matrix product (the one-hot row matrix times the validity mask:
-    masking costs nothing, no Python loop over pairs). The buffer and the staged sums
-    (``stage``, chunk-major ``[L/lc, O, C, F·lc·D]``) are float32 — exact subtraction about
+    features go into a ``[O, B, F, lc, D]`` buffer and are added to their state rows in one
+    operation, no Python loop over pairs: a scatter-add on the CPU (a pair invalid at an
+    offset goes to the spare row ``C``), the one-hot row matrix times the validity mask on a
+    GPU. The buffer and the staged sums (``stage``, chunk-major ``[L/lc, O, C + 1, F·lc·D]``)
+    are float32 — exact subtraction about
     a float32 shift per (offset, row, layer, dimension), squares and sums of at most ~256
     terms (``DiffAccumulator.flush_pairs``; TF32 is switched off for these products) — and
     go into the float64 totals at every flush. The statistics agree with a float64 brute
@@ -151,7 +152,8 @@ class GroupAccumulator:
         return buf
 
     def flush(self, count: torch.Tensor | None = None) -> None:
-        """Add the staged float32 sums to the float64 totals (the first flush makes them)."""
+        """Add the staged float32 sums to the float64 totals (the first flush makes them). ``count`` is not
+        needed any more (shifts are fixed once set); kept for callers that pass it."""
         O, C, L, D = self.O, self.C, self.L, self.D  # noqa: E741
         if self.feat is None:
             with torch.inference_mode(False):  # a normal tensor, as the stage
