@@ -151,9 +151,8 @@ class GroupAccumulator:
                                                          device=self.device)
         return buf
 
-    def flush(self, count: torch.Tensor | None = None) -> None:
-        """Add the staged float32 sums to the float64 totals (the first flush makes them). ``count`` is not
-        needed any more (shifts are fixed once set); kept for callers that pass it."""
+    def flush(self) -> None:
+        """Add the staged float32 sums to the float64 totals (the first flush makes them)."""
         O, C, L, D = self.O, self.C, self.L, self.D  # noqa: E741
         if self.feat is None:
             with torch.inference_mode(False):  # a normal tensor, as the stage
@@ -416,7 +415,7 @@ class DiffAccumulator:
     def flush(self) -> None:
         """Staged sums into the float64 totals. No host sync."""
         for a in self.acc.values():
-            a.flush(self.count)
+            a.flush()
         self._since_flush = 0
         self._pairs_since_flush = 0
 

@@ -239,12 +239,8 @@ class DiffResult:
             return self._cache[key]
         fs, k0 = self._common(hook)
         f = fs[which]  # [O, C, 2·L·D]
-        index, sums = self._group_sums(hook, which)
-        if rk in index:
-            s = sums[:, index[rk]]
-        else:
-            w = self._row_weights(r)
-            s = f.sum(1) if w is None else torch.matmul(w, f)
+        index, sums = self._group_sums(hook, which)  # every row set of categories and stat_groups, "all" too
+        s = sums[:, index[rk]] if rk in index else torch.matmul(self._row_weights(r), f)
         s = s.view(f.shape[0], 2, *k0.shape[2:])  # [O, 2, L, D]
         n = self.counts(category, direction)[:, None, None]  # [O, 1, 1]
         nn = n.clamp_min(1)

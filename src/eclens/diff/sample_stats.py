@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from jaxtyping import Bool, Float, Int
 
-from ..stats import F64, sorted_quantiles
+from ..stats import F64, sort_last_, sorted_quantiles
 from .config import QUANTILES
 
 CHUNK_ELEMENTS = 1 << 23  # float64 values of the sample per chunk (64 MB)
@@ -57,7 +57,7 @@ def sample_stats(sd: Float[torch.Tensor, "r O L D"], rows: Int[torch.Tensor, " s
             bad = missing | nan_inv[..., None]
             k = torch.where(nan_inv, 0, n_valid)
         z.masked_fill_(bad, inf)
-        z.numpy().sort(axis=-1)  # in place, along the contiguous pair axis (see eclens.stats.sorted_valid)
+        z = sort_last_(z)
         parts["q"].append(sorted_quantiles(z, k, QUANTILES))
         tv = torch.tensor(ts, dtype=z.dtype).expand(*z.shape[:-1], len(ts)).contiguous()
         below = torch.searchsorted(z, tv).to(F64).movedim(-1, 0)  # [T + 1, l, O, D]

@@ -17,26 +17,32 @@ LEGACY_STATS_FILE = "diff_stats.safetensors"
 
 
 def save_stats(run: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    start_save_stats(run, tensors, meta, background=False)()
+    _write(run, tensors, _metadata(meta))
 
 
-def start_save_stats(run: Path, tensors: dict[str, torch.Tensor], meta: dict, *, background: bool = True
-                     ) -> Callable[[], None]:
-    """Start writing the state (atomically) and return ``wait``, which returns once it is written and raises
-    what the writing raised. In the background the file (gigabytes, bound by the disk) is written while the
-    caller computes the tables: the writer holds no lock Python needs. The metadata is serialised here, so
-    the caller may go on using ``meta``; ``tensors`` must not change until ``wait`` returns."""
-    from ..runs import json_default, save_tensors
+def _metadata(meta: dict) -> dict[str, str]:
+    from ..runs import json_default
 
-    path, md = Path(run) / STATS_FILE, {META_KEY: json.dumps(meta, default=json_default)}
-    if not background:
-        save_tensors(tensors, path, metadata=md)
-        return lambda: None
+    return {META_KEY: json.dumps(meta, default=json_default)}
+
+
+def _write(run: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    from ..runs import save_tensors
+
+    save_tensors(tensors, Path(run) / STATS_FILE, metadata=metadata)
+
+
+def start_save_stats(run: Path, tensors: dict[str, torch.Tensor], meta: dict) -> Callable[[], None]:
+    """:func:`save_stats` in a background thread; returns ``wait``, which returns once the state is written and
+    raises what the writing raised. The file (gigabytes, bound by the disk) is written while the caller
+    computes the tables: the writer holds no lock Python needs. The metadata is serialised here, so the
+    caller may go on using ``meta``; ``tensors`` must not change until ``wait`` returns."""
+    md = _metadata(meta)
     failed: list[BaseException] = []
 
     def write() -> None:
         try:
-            save_tensors(tensors, path, metadata=md)
+            _write(run, tensors, md)
         except BaseException as e:  # noqa: BLE001 - handed to the caller by wait()
             failed.append(e)
 

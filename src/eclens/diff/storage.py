@@ -43,9 +43,10 @@ def save_result(res: DiffResult, run: str | Path, *, stats: bool = True) -> list
 def _write_tables(res: DiffResult, run: Path) -> list[str]:
     from ..runs import save_tensors, write_json, write_table
 
+    tables = (res.layers, res.dims, res.candidates, res.contrasts, res.sensitivity, res.pairs)
     files = list(RESULT_FILES)
-    for name in files:
-        write_table(getattr(res, name.split(".")[0]), run / name)
+    for df, name in zip(tables, files):
+        write_table(df, run / name)
     if any(g.n_heads for g in res.groups):
         write_table(res.heads, run / "heads.csv")
         files.append("heads.csv")
