@@ -6,6 +6,7 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import pandas as pd
 import torch
 
 from eclens.diff import run_diff
@@ -83,6 +84,58 @@ def test_sample_stats_in_chunks_equal_whole_and_a_direct_computation(monkeypatch
     assert torch.allclose(whole["dot"], (x * S).sum(-1), rtol=1e-12, atol=1e-12)
 
 
+def _reference_sample_stats(sd, rows, sv, inv, S, threshold, grid):
+    """The definition: ``z = |Δ|·inv`` in float64, sorted per cell with missing and NaN items last, quantiles
+    as ``torch.quantile``'s interpolation, counts of ``z`` under each threshold."""
+    from eclens.diff.config import QUANTILES
+    from eclens.stats import sorted_quantiles
+
+    x = sd[rows].double().permute(2, 1, 3, 0)  # [L, O, D, s]
+    z = x.abs() * inv[..., None]
+    bad = ~sv.T[None, :, None, :] | torch.isnan(z)
+    z = torch.where(bad, float("inf"), z).sort(-1).values
+    k = (~bad).sum(-1)
+    ts = torch.tensor([threshold, *grid], dtype=torch.float64)
+    below = (z[..., None, :] < ts[:, None]).sum(-1).double().movedim(-1, 0)
+    xs = sd[rows].double()  # [s, O, L, D]
+    return {"q": sorted_quantiles(z, k, QUANTILES), "under": below[0], "below": below[1:],
+            "dot": torch.einsum("sold,lod->slo", xs, S), "dd": (xs * xs).sum(-1).transpose(1, 2)}
+
+
+def test_sample_stats_sort_bits_and_equal_a_float64_sort_of_z_exactly():
+    """|Δ| sorted as integers and the threshold counts found by bit boundaries give the numbers of a float64
+    sort of |Δ|·inv bit for bit: Δ placed on each side of every threshold's boundary, NaN and ±inf Δ, missing
+    pairs (some NaN there), σ = 0 cells, a float32 sample, and a group with no pair."""
+    g = torch.Generator().manual_seed(1)
+    r, O, L, D = 40, 3, 4, 33  # noqa: E741
+    grid = [0.05, 0.1, 0.4, 2.0]
+    t = 0.1
+    for dtype in (torch.float16, torch.float32):
+        inv = torch.rand(L, O, D, generator=g, dtype=torch.float64) * 3 + 0.01
+        inv[0, 1, :5] = float("nan")
+        sd = torch.randn(r, O, L, D, generator=g).to(dtype) * 0.2
+        # values at and next to t/inv (the boundary of "z < t"), in the sample's own precision
+        edge = (t / inv).to(dtype)
+        step = torch.finfo(dtype).eps * edge.abs()
+        for i, d in enumerate((-1, 0, 1)):
+            sd[i] = (edge + d * step).to(dtype).permute(1, 0, 2) * (-1 if i % 2 else 1)
+        sd[5, 0, 1, 2] = float("nan")
+        sd[6, 1, 2, 3] = float("inf")
+        sd[7, 2, 3, 4] = -float("inf")
+        sv = torch.rand(r, O, generator=g) > 0.25
+        sd[8, :, 0, 0] = float("nan")
+        sv[8] = False  # a NaN where the pair has no value: not counted anywhere
+        S = torch.randn(L, O, D, generator=g, dtype=torch.float64)
+        for rows in (torch.arange(r), torch.tensor([0, 1, 2, 5, 6, 9, 11, 30]), torch.tensor([], dtype=torch.long)):
+            got = SS.sample_stats(sd, rows, sv[rows], inv, S, t, grid)
+            want = _reference_sample_stats(sd, rows, sv[rows], inv, S, t, grid)
+            for k in ("q", "under", "below"):
+                assert torch.equal(torch.nan_to_num(got[k], nan=-7.0), torch.nan_to_num(want[k], nan=-7.0)), \
+                    (dtype, len(rows), k)
+            assert torch.allclose(got["dd"], want["dd"], rtol=1e-12, atol=0, equal_nan=True)
+            assert torch.allclose(got["dot"], want["dot"], rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
 def test_masked_quantiles_ignore_missing_items_and_empty_samples():
     x = torch.tensor([[1.0, 5.0], [float("nan"), 2.0], [3.0, 4.0], [2.0, 9.0]], dtype=torch.float64)
     valid = torch.tensor([[True, True], [True, True], [True, False], [False, True]])
@@ -158,3 +211,25 @@ def test_tables_have_the_row_loops_columns(tiny):
     assert res.layers is lay and not any(isinstance(k, tuple) for k in res._cache)
     assert torch.equal(torch.nan_to_num(res.cell_stats(res.hooks[0], "all")["absz_median"], nan=-1.0),
                        torch.nan_to_num(before, nan=-1.0))
+
+
+def test_one_pass_tables_equal_the_tables_one_by_one_and_keep_only_the_all_group(tiny):
+    """:meth:`DiffResult.build_tables` (what ``save`` runs) gives every table exactly as the properties do one
+    by one, and forgets each group's arrays as it goes: only the ``all`` group's stay cached."""
+    from eclens.diff import DiffResult
+
+    pairs = _pairs(tiny.tokenizer)
+    res = run_diff(tiny, pairs, hooks=["hook_resid_post", "attn.hook_z"], max_offset=1, batch_size=8,
+                   sample_size=256, min_pairs=2)
+    assert len(res.stat_groups()) > 3 and len(res.config.categories) > 1
+    one = DiffResult(res.meta, res.tensors, res.model, res.timing)
+    one.build_tables()
+    for name in ("layers", "candidates", "sensitivity", "dims", "heads"):
+        want = getattr(res, name)
+        assert not want.empty, name
+        pd.testing.assert_frame_equal(getattr(one, name), want, check_exact=True, obj=name)
+    every = {("all", "all")}
+    kept = {(k[0], k[1]) for k in one._cache if isinstance(k, tuple) and len(k) == 2 and k[0] in one.hooks}
+    assert kept == {(h, None) for h in one.hooks}, kept  # cell_stats of "all" only (rows None)
+    assert not any(isinstance(k, tuple) and k[0] in ("cand", "cand_base") and k[2:4] not in every
+                   for k in one._cache)

@@ -33,6 +33,7 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 
+from .blas import one_blas_thread
 from .bootstrap import BootstrapConfig, cluster_bootstrap, cluster_codes
 from .errors import EclensError
 from .hooks import pad_id, pad_rows
@@ -175,11 +176,9 @@ def probe_curve(model, items: ProbeItems, cfg: ProbeConfig = ProbeConfig(),
     perms = [permute_within(y, codes, rng) for _ in range(cfg.n_permutations)]
     names = layer_hooks(model)
     rows = []
-    from threadpoolctl import threadpool_limits
-
     # One BLAS thread: the fits are tiny (hundreds of items), and a multi-threaded BLAS spins on a shared
     # machine (measured: 11 ms per L-BFGS step with the default threads under load, against well under 1 ms).
-    with threadpool_limits(limits=1):
+    with one_blas_thread():
         for li, name in enumerate(names):
             rows.append(_layer_row(li, name, A, y, codes, ctrl, perms, items, cfg))
     return pd.DataFrame(rows)

@@ -23,6 +23,7 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float
 
+from ..blas import one_blas_thread
 from ..stats import F64, bh_qvalues
 from .intervals import cluster_weights, nan_quantiles
 
@@ -47,7 +48,7 @@ def permutation_effects(S: np.ndarray, N: np.ndarray, is_a: np.ndarray, n_perm: 
     """``[n_perm, cells]`` differences of means (a minus b) with the units' labels permuted."""
     rng = np.random.default_rng(seed)
     A = np.stack([rng.permutation(is_a) for _ in range(n_perm)]).astype(float)  # [P, U]
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), one_blas_thread():
         return (A @ S) / (A @ N) - ((1 - A) @ S) / ((1 - A) @ N)
 
 
@@ -70,7 +71,7 @@ def effect_table(x: np.ndarray, ok: np.ndarray, group: np.ndarray, clusters: lis
     reps = []
     for k, sel in enumerate((is_a, ~is_a)):  # each group's clusters resampled on their own
         w = cluster_weights(list(np.nonzero(sel)[0]), n_boot, seed + 1 + k)
-        with np.errstate(invalid="ignore", divide="ignore"):
+        with np.errstate(invalid="ignore", divide="ignore"), one_blas_thread():
             reps.append((w @ S[sel]) / (w @ N[sel]))
     rep = reps[0] - reps[1]
     a = (1 - level) / 2

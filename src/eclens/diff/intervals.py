@@ -13,6 +13,7 @@ from collections.abc import Hashable, Sequence
 import numpy as np
 from jaxtyping import Bool, Float
 
+from ..blas import one_blas_thread
 from ..bootstrap import cluster_codes
 
 
@@ -28,7 +29,7 @@ def masked_means(values: Float[np.ndarray, "n cells"], ok: Bool[np.ndarray, "n c
                  w: Float[np.ndarray, "reps n"]) -> Float[np.ndarray, "reps cells"]:
     """Weighted means of each column over its valid rows, for each row of weights (NaN where no weight)."""
     x = np.where(ok, values, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), one_blas_thread():
         return (w @ x) / (w @ ok.astype(float))
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import pandas as pd
 import torch
 
 from ..errors import EclensError
-from ..hooks import HookGroup, head_of
+from ..hooks import HookGroup
 from ..stats import F64, Moments, PowerSums, masked_quantiles
 from ..summary_intervals import add_intervals
 from .accumulate import FEATURES, HEAD_SCALARS, SCALARS, recentre
@@ -21,12 +20,11 @@ from .config import (
     RESPONSIVE_Z_GRID,
     THRESHOLD_GRID,
     DiffConfig,
-    position_kind,
 )
 from .contrasts import compute_contrasts
 from .intervals import mean_intervals
 from .sample_stats import sample_stats
-from .tables import candidates_table, heads_table, layers_table, sensitivity_table
+from .tables import all_tables, candidates_table, dims_block, heads_table, layers_table, sensitivity_table
 
 
 class DiffResult:
@@ -366,36 +364,11 @@ class DiffResult:
         return out
 
     # ---- tables
-    def _dim_frame(self, hook: str, category: str, offsets: Sequence[int] | None = None) -> pd.DataFrame:
-        g = self.group(hook)
-        st = self.cell_stats(hook, category)
-        offs = self.offsets
-        oi = list(range(len(offs))) if offsets is None else [offs.index(o) for o in offsets]
-        L, D = len(g.layers), g.width
-        cols = ["mean_delta", "std_delta", "mean_abs_delta", "mean_clean", "sigma_clean", "rms_clean", "rms_ratio",
-                "z_mean",
-                "absz_mean", "frac_pos", "frac_neg", "sign_consistency", "absz_median", "absz_q10", "absz_q25",
-                "absz_q75", "absz_q90", "frac_under"]
-        frames = []
-        dims = np.arange(D)
-        head = np.array([head_of(g, int(d)) for d in dims]) if g.kind in ("head", "head_dim") else np.full(D, -1)
-        for o in oi:
-            data = {"category": category, "hook": hook,
-                    "layer": np.repeat(np.array(g.layers), D), "offset": offs[o],
-                    "position_kind": position_kind(offs[o]), "dim": np.tile(dims, L), "unit": g.kind,
-                    "head": np.tile(head, L),
-                    "n": int(st["n"][o]), "n_sample": int(st["n_sample"][o])}
-            for c in cols:
-                data[c] = st[c][:, o, :].reshape(-1).numpy()
-            data["massive"] = st["massive"][:, o, :].reshape(-1).numpy()
-            frames.append(pd.DataFrame(data))
-        return pd.concat(frames, ignore_index=True)
-
     def dims_for(self, category: str = "all", offset: int | None = None, hook: str | None = None) -> pd.DataFrame:
         """One row per (hook, layer, offset, dim) for ``category`` (one offset or all)."""
         hooks = [hook] if hook else self.hooks
         offs = None if offset is None else [offset]
-        return pd.concat([self._dim_frame(h, category, offs) for h in hooks], ignore_index=True)
+        return pd.concat([dims_block(self, h, category, offs) for h in hooks], ignore_index=True)
 
     @property
     def dims(self) -> pd.DataFrame:
@@ -600,6 +573,29 @@ class DiffResult:
         }
         self._cache["summary"] = s = add_intervals(self, {**s, "timing": self.timing})  # issue 17: every mean
         return s
+
+    def build_tables(self) -> None:
+        """Compute ``layers``, ``candidates``, ``sensitivity``, ``dims`` and ``heads`` in one pass over the groups,
+        forgetting each group's arrays as it goes (:func:`eclens.diff.tables.all_tables`): what :meth:`save`
+        does before writing them. Reading the properties one by one gives the same tables."""
+        if any(k not in self._cache for k in ("layers", "candidates", "sensitivity", "dims", "heads")):
+            self._cache.update(all_tables(self))
+
+    def forget_group(self, category: str, direction: str = "all") -> None:
+        """Forget one group's arrays (:meth:`cell_stats`, its candidate masks, feature sums and intervals) of
+        every hook; they are recomputed if asked for again."""
+        rk = self._rows_key(self._cat_rows(category, direction))
+        mem = tuple(self.by_pair_id(self._sample_members(category, direction)).tolist())
+        hooks = set(self.hooks)
+
+        def of_group(k) -> bool:
+            return isinstance(k, tuple) and len(k) >= 2 and (
+                (len(k) == 2 and k[0] in hooks and k[1] == rk) or (k[0] == "feat" and k[2:] == (rk,))
+                or (k[0] in ("cand_base", "cand") and k[2:4] == (category, direction))
+                or (k[0] == "intervals" and k[2:] == (mem,)))
+
+        for k in [k for k in self._cache if of_group(k)]:
+            del self._cache[k]
 
     def release_arrays(self) -> None:
         """Forget the per-group arrays behind the tables (recomputed on demand), keep the tables: a default run's

@@ -43,6 +43,7 @@ def save_result(res: DiffResult, run: str | Path, *, stats: bool = True) -> list
 def _write_tables(res: DiffResult, run: Path) -> list[str]:
     from ..runs import save_tensors, write_json, write_table
 
+    res.build_tables()
     tables = (res.layers, res.dims, res.candidates, res.contrasts, res.sensitivity, res.pairs)
     files = list(RESULT_FILES)
     for df, name in zip(tables, files):

@@ -10,6 +10,7 @@ was most of the finishing time of ``ec diff``. The numbers and the row order are
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -65,46 +66,46 @@ def dim_means(x: Float[torch.Tensor, "L O D"], keep: Bool[torch.Tensor, "L O D"]
 
 def layers_table(res: DiffResult) -> pd.DataFrame:
     """:attr:`DiffResult.layers`: one row per (category, swap direction, hook, layer, offset)."""
-    frames = []
+    return frame([layers_block(res, h, cat, dr) for cat, dr in res.stat_groups() for h in res.hooks])
+
+
+def layers_block(res: DiffResult, h: str, cat: str, dr: str) -> dict:
+    """The :func:`layers_table` rows of one hook and group, as columns."""
     offs = np.array(res.offsets)
     kinds = np.array([position_kind(o) for o in res.offsets], dtype=object)
     O = len(offs)  # noqa: E741
-    for cat, dr in res.stat_groups():
-        mixed = res.mixed(cat, dr)
-        for h in res.hooks:
-            g = res.group(h)
-            L = len(g.layers)
-            st = res.cell_stats(h, cat, dr)
-            iv = res.layer_intervals(h, cat, dr)
-            mass = st["massive"]
-            cand = res.candidate_masks(h, cat, dr)
-            data: dict = {"category": cat, "swap_direction": dr, "hook": h,
-                          "layer": np.repeat(np.asarray(g.layers, dtype=np.int64), O), "offset": np.tile(offs, L),
-                          "position_kind": np.tile(kinds, L),
-                          "n": np.tile(_np(st["n"]).astype(np.int64), L),
-                          "n_sample": np.tile(_np(st["n_sample"]).astype(np.int64), L),
-                          "reachable": _np(st["reachable"]).reshape(-1).astype(bool)}
-            for k in LAYER_STATS:
-                data[k] = _np(st[k]).astype(np.float64).reshape(-1)
-            data["rel_l2_mean_lo"] = np.asarray(iv["rel_l2_mean_lo"], dtype=np.float64).reshape(-1)
-            data["rel_l2_mean_hi"] = np.asarray(iv["rel_l2_mean_hi"], dtype=np.float64).reshape(-1)
-            for k, name in LAYER_DIM_MEANS:
-                data[name] = dim_means(st[k], ~mass).reshape(-1)
-            if mixed:
-                for k in LAYER_SIGNED:
-                    data[k] = np.full(L * O, math.nan)
-            data["n_massive"] = _np(mass.sum(-1)).astype(np.int64).reshape(-1)
-            rr = st["rms_ratio"]
-            ok = torch.isfinite(rr)
-            has = ok.any(-1)
-            mx = torch.where(ok, rr, torch.full_like(rr, -math.inf)).max(-1).values
-            data["rms_ratio_max"] = _np(torch.where(has, mx, torch.full_like(mx, math.nan))).reshape(-1)
-            data["rms_ratio_dim"] = _np(torch.where(has, torch.where(ok, rr, torch.full_like(rr, -1)).argmax(-1),
-                                                    torch.full_like(has, -1, dtype=torch.long))).reshape(-1)
-            data["n_stable"] = _np(cand["stable"].sum(-1)).astype(np.int64).reshape(-1)
-            data["n_responsive"] = _np(cand["responsive"].sum(-1)).astype(np.int64).reshape(-1)
-            frames.append(data)
-    return frame(frames)
+    g = res.group(h)
+    L = len(g.layers)
+    st = res.cell_stats(h, cat, dr)
+    iv = res.layer_intervals(h, cat, dr)
+    mass = st["massive"]
+    cand = res.candidate_masks(h, cat, dr)
+    data: dict = {"category": cat, "swap_direction": dr, "hook": h,
+                  "layer": np.repeat(np.asarray(g.layers, dtype=np.int64), O), "offset": np.tile(offs, L),
+                  "position_kind": np.tile(kinds, L),
+                  "n": np.tile(_np(st["n"]).astype(np.int64), L),
+                  "n_sample": np.tile(_np(st["n_sample"]).astype(np.int64), L),
+                  "reachable": _np(st["reachable"]).reshape(-1).astype(bool)}
+    for k in LAYER_STATS:
+        data[k] = _np(st[k]).astype(np.float64).reshape(-1)
+    data["rel_l2_mean_lo"] = np.asarray(iv["rel_l2_mean_lo"], dtype=np.float64).reshape(-1)
+    data["rel_l2_mean_hi"] = np.asarray(iv["rel_l2_mean_hi"], dtype=np.float64).reshape(-1)
+    for k, name in LAYER_DIM_MEANS:
+        data[name] = dim_means(st[k], ~mass).reshape(-1)
+    if res.mixed(cat, dr):
+        for k in LAYER_SIGNED:
+            data[k] = np.full(L * O, math.nan)
+    data["n_massive"] = _np(mass.sum(-1)).astype(np.int64).reshape(-1)
+    rr = st["rms_ratio"]
+    ok = torch.isfinite(rr)
+    has = ok.any(-1)
+    mx = torch.where(ok, rr, torch.full_like(rr, -math.inf)).max(-1).values
+    data["rms_ratio_max"] = _np(torch.where(has, mx, torch.full_like(mx, math.nan))).reshape(-1)
+    data["rms_ratio_dim"] = _np(torch.where(has, torch.where(ok, rr, torch.full_like(rr, -1)).argmax(-1),
+                                            torch.full_like(has, -1, dtype=torch.long))).reshape(-1)
+    data["n_stable"] = _np(cand["stable"].sum(-1)).astype(np.int64).reshape(-1)
+    data["n_responsive"] = _np(cand["responsive"].sum(-1)).astype(np.int64).reshape(-1)
+    return data
 
 
 def ranked(mask: Bool[np.ndarray, "L O D"], score: Float[np.ndarray, "L O D"], ascending: bool, top: int
@@ -121,85 +122,150 @@ def ranked(mask: Bool[np.ndarray, "L O D"], score: Float[np.ndarray, "L O D"], a
 
 def candidates_table(res: DiffResult) -> pd.DataFrame:
     """:attr:`DiffResult.candidates`: the ranked stable and responsive dimensions of every group."""
-    cfg = res.config
-    frames = []
-    for cat, dr in res.stat_groups():
-        mixed = res.mixed(cat, dr)
-        for h in res.hooks:
-            g = res.group(h)
-            st = res.cell_stats(h, cat, dr)
-            masks = res.candidate_masks(h, cat, dr)
-            heads = np.array([head_of(g, d) for d in range(g.width)], dtype=np.int64)
-            for kind, score, asc in (("stable", "absz_q90", True), ("responsive", "absz_median", False)):
-                m = _np(masks[kind])
-                if not m.any():
-                    continue
-                li, oi, d, rank, n_pass = ranked(m, _np(st[score]), asc, cfg.max_candidates)
-                offs = np.asarray(res.offsets, dtype=np.int64)[oi]
-                data: dict = {"category": cat, "swap_direction": dr, "hook": h,
-                              "layer": np.asarray(g.layers, dtype=np.int64)[li], "offset": offs,
-                              "position_kind": np.array([position_kind(int(o)) for o in offs], dtype=object),
-                              "dim": d.astype(np.int64), "unit": g.kind, "head": heads[d], "kind": kind,
-                              "rank": rank.astype(np.int64), "n_passing": n_pass.astype(np.int64)}
-                for c in CAND_STATS:
-                    v = _np(st[c]).astype(np.float64)
-                    data[c] = np.full(len(li), math.nan) if (mixed and c in CAND_SIGNED) else \
-                        v[oi] if v.ndim == 1 else v[li, oi, d]
-                frames.append(data)
-    if not frames:
+    return candidates_frame([b for cat, dr in res.stat_groups() for h in res.hooks
+                             for b in candidate_blocks(res, h, cat, dr)])
+
+
+def candidates_frame(blocks: list[dict]) -> pd.DataFrame:
+    if not blocks:
         return pd.DataFrame()
-    df = frame(frames)
+    df = frame(blocks)
     df["n"] = df["n"].astype(int)
     df["n_sample"] = df["n_sample"].astype(int)
     return df
 
 
+def candidate_blocks(res: DiffResult, h: str, cat: str, dr: str) -> list[dict]:
+    """The :func:`candidates_table` rows of one hook and group (a block per kind that has any)."""
+    cfg = res.config
+    mixed = res.mixed(cat, dr)
+    g = res.group(h)
+    st = res.cell_stats(h, cat, dr)
+    masks = res.candidate_masks(h, cat, dr)
+    heads = np.array([head_of(g, d) for d in range(g.width)], dtype=np.int64)
+    out = []
+    for kind, score, asc in (("stable", "absz_q90", True), ("responsive", "absz_median", False)):
+        m = _np(masks[kind])
+        if not m.any():
+            continue
+        li, oi, d, rank, n_pass = ranked(m, _np(st[score]), asc, cfg.max_candidates)
+        offs = np.asarray(res.offsets, dtype=np.int64)[oi]
+        data: dict = {"category": cat, "swap_direction": dr, "hook": h,
+                      "layer": np.asarray(g.layers, dtype=np.int64)[li], "offset": offs,
+                      "position_kind": np.array([position_kind(int(o)) for o in offs], dtype=object),
+                      "dim": d.astype(np.int64), "unit": g.kind, "head": heads[d], "kind": kind,
+                      "rank": rank.astype(np.int64), "n_passing": n_pass.astype(np.int64)}
+        for c in CAND_STATS:
+            v = _np(st[c]).astype(np.float64)
+            data[c] = np.full(len(li), math.nan) if (mixed and c in CAND_SIGNED) else \
+                v[oi] if v.ndim == 1 else v[li, oi, d]
+        out.append(data)
+    return out
+
+
 def sensitivity_table(res: DiffResult) -> pd.DataFrame:
     """:attr:`DiffResult.sensitivity`: candidate counts over a grid of each rule's threshold (the counts of
     :meth:`DiffResult.candidate_masks` at each grid value, every value of a grid in one comparison)."""
+    return pd.DataFrame([r for cat, dr in res.stat_groups() for h in res.hooks
+                         for r in sensitivity_rows(res, h, cat, dr)])
+
+
+def sensitivity_rows(res: DiffResult, h: str, cat: str, dr: str) -> list[dict]:
+    """The :func:`sensitivity_table` rows of one hook and group."""
     cfg = res.config
-    rows = []
     grids = {p: res.grid(p) for p in ("threshold", "responsive_z", "responsive_sign")}
-    for cat, dr in res.stat_groups():
-        for h in res.hooks:
-            st = res.cell_stats(h, cat, dr)
-            base = res.rule_base(h, cat, dr)
-            counts: list[tuple[str, str, list[float], torch.Tensor]] = []
-            if dr == "all":  # stable is unsigned: its pooled groups say it
-                stable = base & (st["frac_under_grid"] >= cfg.stable_frac)  # [T, L, O, D]
-                counts.append(("stable", "threshold", grids["threshold"], stable.flatten(1).sum(1)))
-            med, sc = st["absz_median"], st["sign_consistency"]
-            for param, v, over in (("responsive_z", grids["responsive_z"], med),
-                                   ("responsive_sign", grids["responsive_sign"], sc)):
-                t = torch.tensor(v, dtype=over.dtype)[:, None, None, None]
-                other = (sc >= cfg.responsive_sign) if param == "responsive_z" else (med >= cfg.responsive_z)
-                resp = (base & other)[None] & (over[None] >= t)
-                n = resp.flatten(1).sum(1) * (0 if res.mixed(cat, dr) else 1)  # none where directions are pooled
-                counts.append(("responsive", param, v, n))
-            for kind, param, values, n in counts:
-                for v, c in zip(values, n.tolist()):
-                    rows.append({"category": cat, "swap_direction": dr, "hook": h, "kind": kind, "parameter": param,
-                                 "value": v, "default": bool(math.isclose(v, getattr(cfg, param))),
-                                 "n_candidates": int(c)})
-    return pd.DataFrame(rows)
+    st = res.cell_stats(h, cat, dr)
+    base = res.rule_base(h, cat, dr)
+    counts: list[tuple[str, str, list[float], torch.Tensor]] = []
+    if dr == "all":  # stable is unsigned: its pooled groups say it
+        stable = base & (st["frac_under_grid"] >= cfg.stable_frac)  # [T, L, O, D]
+        counts.append(("stable", "threshold", grids["threshold"], stable.flatten(1).sum(1)))
+    med, sc = st["absz_median"], st["sign_consistency"]
+    for param, v, over in (("responsive_z", grids["responsive_z"], med),
+                           ("responsive_sign", grids["responsive_sign"], sc)):
+        t = torch.tensor(v, dtype=over.dtype)[:, None, None, None]
+        other = (sc >= cfg.responsive_sign) if param == "responsive_z" else (med >= cfg.responsive_z)
+        resp = (base & other)[None] & (over[None] >= t)
+        n = resp.flatten(1).sum(1) * (0 if res.mixed(cat, dr) else 1)  # none where directions are pooled
+        counts.append(("responsive", param, v, n))
+    return [{"category": cat, "swap_direction": dr, "hook": h, "kind": kind, "parameter": param, "value": v,
+             "default": bool(math.isclose(v, getattr(cfg, param))), "n_candidates": int(c)}
+            for kind, param, values, n in counts for v, c in zip(values, n.tolist())]
 
 
 def heads_table(res: DiffResult) -> pd.DataFrame:
     """:attr:`DiffResult.heads`: per-head relative L2 and cosine of the per-head hooks."""
-    frames = []
+    frames = [heads_block(res, g.suffix, cat) for cat in res.categories for g in res.groups if g.n_heads]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def heads_block(res: DiffResult, h: str, cat: str) -> pd.DataFrame:
+    """The :func:`heads_table` rows of one per-head hook and category."""
     offs = np.asarray(res.offsets, dtype=np.int64)
     kinds = np.array([position_kind(o) for o in res.offsets], dtype=object)
-    for cat in res.categories:
-        for g in res.groups:
-            if not g.n_heads:
-                continue
-            st = res.cell_stats(g.suffix, cat)
-            L, O, H = len(g.layers), len(offs), g.n_heads  # noqa: E741
-            li, oi, hh = (a.reshape(-1) for a in np.meshgrid(np.arange(L), np.arange(O), np.arange(H), indexing="ij"))
-            frames.append(pd.DataFrame({
-                "category": cat, "hook": g.suffix, "layer": np.asarray(g.layers, dtype=np.int64)[li],
-                "offset": offs[oi], "position_kind": kinds[oi], "head": hh.astype(np.int64),
-                "n": _np(st["n"]).astype(np.int64)[oi],
-                **{f"{k}_{s}": _np(st[f"head_{k}_{s}"]).astype(np.float64).reshape(-1)
-                   for k in ("rel_l2", "cos") for s in ("mean", "std")}}))
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    g = res.group(h)
+    st = res.cell_stats(h, cat)
+    L, O, H = len(g.layers), len(offs), g.n_heads  # noqa: E741
+    li, oi, hh = (a.reshape(-1) for a in np.meshgrid(np.arange(L), np.arange(O), np.arange(H), indexing="ij"))
+    return pd.DataFrame({
+        "category": cat, "hook": h, "layer": np.asarray(g.layers, dtype=np.int64)[li],
+        "offset": offs[oi], "position_kind": kinds[oi], "head": hh.astype(np.int64),
+        "n": _np(st["n"]).astype(np.int64)[oi],
+        **{f"{k}_{s}": _np(st[f"head_{k}_{s}"]).astype(np.float64).reshape(-1)
+           for k in ("rel_l2", "cos") for s in ("mean", "std")}})
+
+
+DIM_COLUMNS = ("mean_delta", "std_delta", "mean_abs_delta", "mean_clean", "sigma_clean", "rms_clean", "rms_ratio",
+               "z_mean", "absz_mean", "frac_pos", "frac_neg", "sign_consistency", "absz_median", "absz_q10",
+               "absz_q25", "absz_q75", "absz_q90", "frac_under")
+
+
+def dims_block(res: DiffResult, h: str, cat: str, offsets: Sequence[int] | None = None) -> pd.DataFrame:
+    """One row per (layer, offset, dim) of one hook and category (every offset, or ``offsets``)."""
+    g = res.group(h)
+    st = res.cell_stats(h, cat)
+    offs = res.offsets
+    oi = list(range(len(offs))) if offsets is None else [offs.index(o) for o in offsets]
+    L, D = len(g.layers), g.width
+    frames = []
+    dims = np.arange(D)
+    head = np.array([head_of(g, int(d)) for d in dims]) if g.kind in ("head", "head_dim") else np.full(D, -1)
+    for o in oi:
+        data = {"category": cat, "hook": h,
+                "layer": np.repeat(np.array(g.layers), D), "offset": offs[o],
+                "position_kind": position_kind(offs[o]), "dim": np.tile(dims, L), "unit": g.kind,
+                "head": np.tile(head, L),
+                "n": int(st["n"][o]), "n_sample": int(st["n_sample"][o])}
+        for c in DIM_COLUMNS:
+            data[c] = st[c][:, o, :].reshape(-1).numpy()
+        data["massive"] = st["massive"][:, o, :].reshape(-1).numpy()
+        frames.append(pd.DataFrame(data))
+    return pd.concat(frames, ignore_index=True)
+
+
+def all_tables(res: DiffResult) -> dict[str, pd.DataFrame]:
+    """``layers``, ``candidates``, ``sensitivity``, ``dims`` and ``heads`` (the tables above, the same rows in
+    the same order) in one pass over the groups, each group's arrays forgotten once its rows are built: kept
+    for every table, they were gigabytes, and the pages the kernel zeroed for them (a million page faults at
+    225 pairs) took as long as the numbers."""
+    blocks: dict[str, list] = {"layers": [], "candidates": [], "sensitivity": []}
+    dims: dict[str, list[pd.DataFrame]] = {}
+    heads: dict[str, list[pd.DataFrame]] = {}
+    for cat, dr in res.stat_groups():
+        for h in res.hooks:
+            blocks["layers"].append(layers_block(res, h, cat, dr))
+            blocks["candidates"] += candidate_blocks(res, h, cat, dr)
+            blocks["sensitivity"] += sensitivity_rows(res, h, cat, dr)
+            if dr == "all":
+                if cat == "all" or cat in res.config.categories:
+                    dims.setdefault(cat, []).append(dims_block(res, h, cat, None if cat == "all" else [0]))
+                if res.group(h).n_heads:
+                    heads.setdefault(cat, []).append(heads_block(res, h, cat))
+        if (cat, dr) != ("all", "all"):  # "all" serves the summary and the mean directions too
+            res.forget_group(cat, dr)
+    dim_parts = dims.get("all", []) + [f for c in res.config.categories if c != "all" for f in dims.get(c, [])]
+    head_parts = [f for c in res.categories for f in heads.get(c, [])]
+    return {"layers": frame(blocks["layers"]), "candidates": candidates_frame(blocks["candidates"]),
+            "sensitivity": pd.DataFrame(blocks["sensitivity"]),
+            "dims": pd.concat(dim_parts, ignore_index=True) if dim_parts else pd.DataFrame(),
+            "heads": pd.concat(head_parts, ignore_index=True) if head_parts else pd.DataFrame()}
