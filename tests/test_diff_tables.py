@@ -62,9 +62,10 @@ def test_sample_stats_in_chunks_equal_whole_and_a_direct_computation(monkeypatch
     inv[0, 0, 0] = float("nan")  # σ = 0
     S = torch.randn(L, O, D, generator=g, dtype=torch.float64)
     grid = [0.1, 0.3, 1.0]
-    whole = SS.sample_stats(sd, rows, sv, inv, S, 0.3, grid)
+    bounds = SS.threshold_bounds(inv, [0.3, *grid], sd.dtype)
+    whole = SS.sample_stats(sd, rows, sv, inv, S, bounds)
     monkeypatch.setattr(SS, "CHUNK_ELEMENTS", s * O * D * 2)  # two layers a chunk, the last one alone
-    parts = SS.sample_stats(sd, rows, sv, inv, S, 0.3, grid)
+    parts = SS.sample_stats(sd, rows, sv, inv, S, bounds)
     for k in whole:
         assert torch.equal(torch.nan_to_num(whole[k], nan=-7.0), torch.nan_to_num(parts[k], nan=-7.0)), k
     # Every cell against torch.quantile and plain counting over that cell's valid items (independent of the sort).
@@ -127,7 +128,7 @@ def test_sample_stats_sort_bits_and_equal_a_float64_sort_of_z_exactly():
         sv[8] = False  # a NaN where the pair has no value: not counted anywhere
         S = torch.randn(L, O, D, generator=g, dtype=torch.float64)
         for rows in (torch.arange(r), torch.tensor([0, 1, 2, 5, 6, 9, 11, 30]), torch.tensor([], dtype=torch.long)):
-            got = SS.sample_stats(sd, rows, sv[rows], inv, S, t, grid)
+            got = SS.sample_stats(sd, rows, sv[rows], inv, S, SS.threshold_bounds(inv, [t, *grid], dtype))
             want = _reference_sample_stats(sd, rows, sv[rows], inv, S, t, grid)
             for k in ("q", "under", "below"):
                 assert torch.equal(torch.nan_to_num(got[k], nan=-7.0), torch.nan_to_num(want[k], nan=-7.0)), \

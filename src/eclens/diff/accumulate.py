@@ -88,6 +88,7 @@ class GroupAccumulator:
         # The float64 totals are made at the first flush (the first batch's sums, no zero pass before).
         self.feat: torch.Tensor | None = None
         self.stage: torch.Tensor | None = None
+        self.staged = False  # the stage holds sums not yet in feat (a flush without is free)
         # Shifts per (offset, row): set from the first batch where the row has the offset, then fixed (the
         # float64 algebra of DiffResult re-expresses every row about one shift; merges do the same).
         self.shift = torch.zeros((2, O, C, L, D), dtype=F64, device=device)
@@ -160,10 +161,11 @@ class GroupAccumulator:
                                                                                    dtype=F64, device=self.device)
             if self.stage is not None:
                 self.feat.view(O, C, len(FEATURES), L // self.lc, self.lc, D).copy_(self._stage_as_feat())
-        elif self.stage is not None:
+        elif self.stage is not None and self.staged:
             self.feat.view(O, C, len(FEATURES), L // self.lc, self.lc, D).add_(self._stage_as_feat())
-        if self.stage is not None:
+        if self.stage is not None and self.staged:
             self.stage.zero_()
+        self.staged = False
 
     def _set_shifts(self, xl: torch.Tensor, Wo: torch.Tensor, new_shift: list[tuple[int, int]]) -> None:
         """Shift the (offset, row) cells seen for the first time about their pairs' mean in this batch, in the work
@@ -196,6 +198,7 @@ class GroupAccumulator:
             xl = xl.contiguous()
         if self.stage is None:
             self._new_stage(self._chunk(B))
+        self.staged = True
         if new_shift:
             self._set_shifts(xl, Wo, new_shift)
         lc = self.lc
@@ -350,6 +353,7 @@ class GroupAccumulator:
         dev = self.sample_delta.device
         self.feat = d[f"{s}/feat"].to(dev, F64).clone()
         self.stage = None  # made by the next batch
+        self.staged = False
         self.shift = d[f"{s}/shift"].to(dev, F64).clone()
         self.shift_set = d[f"{s}/shift_set"].to("cpu", torch.bool).clone()
         self.scalars = PowerSums.from_state_dict(d, f"{s}/scalars/", dev)

@@ -13,7 +13,7 @@ from ..errors import EclensError
 from ..hooks import HookGroup
 from ..stats import F64, Moments, PowerSums, masked_quantiles
 from ..summary_intervals import add_intervals
-from .accumulate import FEATURES, HEAD_SCALARS, SCALARS, recentre
+from .accumulate import FEATURES, HEAD_SCALARS, SCALARS
 from .config import (
     QUANTILES,
     RESPONSIVE_SIGN_GRID,
@@ -23,7 +23,7 @@ from .config import (
 )
 from .contrasts import compute_contrasts
 from .intervals import mean_intervals
-from .sample_stats import sample_stats
+from .sample_stats import sample_stats, threshold_bounds
 from .tables import all_tables, candidates_table, dims_block, heads_table, layers_table, sensitivity_table
 
 
@@ -175,16 +175,28 @@ class DiffResult:
         cell is constant (σ = 0 stays exactly 0)."""
         key = ("common", hook)
         if key not in self._cache:
-            f = self.tensors[f"{hook}/feat"][:, :, :4].to(F64).clone()  # [O, C, 4, L, D]
+            f = self.tensors[f"{hook}/feat"].to(F64)  # [O, C, F, L, D]
             K = self.tensors[f"{hook}/shift"].to(F64)  # [2, O, C, L, D]: each row has its own shift
             cnt = self.tensors["count"].T.to(F64)  # [O, C]
             first = (cnt > 0).to(torch.int8).argmax(1)  # [O]: the first row with pairs (0 where none has)
             k0 = K[:, torch.arange(K.shape[1]), first]  # [2, O, L, D]
-            recentre(f, cnt[:, :, None, None], K, k0[:, :, None].expand_as(K))
+            n = cnt[:, :, None, None]
             O, C = f.shape[:2]  # noqa: E741
-            # Δ's and the clean activation's sums apart, each contiguous [O, C, 2·L·D]: a group's sums are one
-            # matrix product with its rows' 0/1 weights (reading the rows in place, not copying them out)
-            self._cache[key] = ([f[:, :, 2 * w:2 * w + 2].reshape(O, C, -1) for w in (0, 1)], k0)
+            sums = []
+            for w in (0, 1):
+                # recentre()'s algebra and rounding, written straight into the new layout (no copy of the state)
+                dk = K[w] - k0[w][:, None]
+                s1, s2 = f[:, :, 2 * w], f[:, :, 2 * w + 1]
+                out = torch.empty((O, C, 2, *f.shape[3:]), dtype=F64)
+                t = torch.mul(dk, s1).mul_(2)  # 2·dk·s1: scaling by 2 is exact in either order
+                ndk = n * dk
+                t += ndk * dk
+                torch.add(s2, t, out=out[:, :, 1])
+                torch.add(s1, ndk, out=out[:, :, 0])
+                # Δ's and the clean activation's sums apart, each contiguous [O, C, 2·L·D]: a group's sums are
+                # one matrix product with its rows' 0/1 weights (reading the rows in place, not copying them out)
+                sums.append(out.view(O, C, -1))
+            self._cache[key] = (sums, k0)
         return self._cache[key]
 
     def _row_weights(self, r: torch.Tensor | None) -> torch.Tensor | None:
@@ -324,8 +336,12 @@ class DiffResult:
         out["n_sample"] = sv.sum(0).to(F64)  # [O]
         S = dm.mean * n3  # [L, O, D] sum of Δ over the category's pairs
         # The threshold grid (threshold sensitivity) for unsigned (pooled) groups only.
-        smp = sample_stats(self.tensors[f"{hook}/sample_delta"], mem, sv, inv, S, cfg.threshold,
-                           self.grid("threshold") if direction == "all" else None)
+        sd = self.tensors[f"{hook}/sample_delta"]
+        bkey = ("bounds", hook)  # inv is the whole dataset's: one set of bounds serves every group
+        if bkey not in self._cache:
+            self._cache[bkey] = threshold_bounds(inv, [cfg.threshold, *self.grid("threshold")], sd.dtype)
+        bounds = self._cache[bkey]
+        smp = sample_stats(sd, mem, sv, inv, S, bounds if direction == "all" else bounds[..., :1].contiguous())
         for q, v in zip(QUANTILES, smp["q"]):
             out["absz_median" if q == 0.5 else f"absz_q{int(round(q * 100)):02d}"] = v
         ns = sv.sum(0).to(F64)[None, :, None]

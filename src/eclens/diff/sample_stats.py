@@ -19,26 +19,27 @@ from jaxtyping import Bool, Float, Int
 from ..stats import F64, sort_last_
 from .config import QUANTILES
 
-CHUNK_ELEMENTS = 1 << 23  # values of the sample per chunk (in float64, 64 MB)
+CHUNK_ELEMENTS = 1 << 21  # values of the sample per chunk (in float64, 16 MB: under glibc's mmap threshold, reused)
 _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
          torch.float64: torch.int64}
 
 
 def sample_stats(sd: Float[torch.Tensor, "r O L D"], rows: Int[torch.Tensor, " s"], sv: Bool[torch.Tensor, "s O"],
-                 inv: Float[torch.Tensor, "L O D"], S: Float[torch.Tensor, "L O D"], threshold: float,
-                 grid: Sequence[float] | None) -> dict[str, torch.Tensor]:
+                 inv: Float[torch.Tensor, "L O D"], S: Float[torch.Tensor, "L O D"],
+                 bounds: Int[torch.Tensor, "L O D T"]) -> dict[str, torch.Tensor]:
     """Of the sampled Δ ``sd[rows]`` (any float dtype; rows taken a chunk at a time, so the group's sample is
     never copied whole) with validity ``sv``: quantiles (:data:`QUANTILES`) of
-    ``|Δ|·inv`` over the valid pairs (``q`` ``[len(QUANTILES), L, O, D]``), how many are under ``threshold``
-    (``under`` ``[L, O, D]``) and under each value of ``grid`` (``below`` ``[T, L, O, D]``, when given),
-    and per pair ``Δ·S`` and ``‖Δ‖²`` (``dot``, ``dd`` ``[s, L, O]``). A NaN ``Δ`` is left out of its cell;
-    a cell whose ``inv`` is NaN (σ = 0) has NaN quantiles and zero counts."""
+    ``|Δ|·inv`` over the valid pairs (``q`` ``[len(QUANTILES), L, O, D]``), how many are under the first
+    threshold of ``bounds`` (:func:`threshold_bounds`; ``under`` ``[L, O, D]``) and under each of the others
+    (``below`` ``[T - 1, L, O, D]``, when there are others), and per pair ``Δ·S`` and ``‖Δ‖²`` (``dot``, ``dd``
+    ``[s, L, O]``). A NaN ``Δ`` is left out of its cell; a cell whose ``inv`` is NaN (σ = 0) has NaN quantiles
+    and zero counts."""
     O, L, D = sd.shape[1:]  # noqa: E741
     s = len(rows)
     step = max(1, CHUNK_ELEMENTS // max(1, s * O * D))
     missing = ~sv.T[None, :, None, :]  # [1, O, 1, s]: the pair has no value at that offset
     n_valid = sv.sum(0).tolist()  # [O]
-    ts = [threshold] + ([] if grid is None else [float(t) for t in grid])
+    grid = bounds.shape[-1] > 1
     itype = _BITS[sd.dtype]
     inf_bits = int(torch.tensor(float("inf"), dtype=sd.dtype).view(itype))
     parts: dict[str, list[torch.Tensor]] = {"q": [], "under": [], "below": [], "dot": [], "dd": []}
@@ -64,15 +65,14 @@ def sample_stats(sd: Float[torch.Tensor, "r O L D"], rows: Int[torch.Tensor, " s
             nan_count = s - torch.searchsorted(u, torch.full((*u.shape[:-1], 1), inf_bits, dtype=itype,
                                                              device=u.device), right=True)[..., 0]
         parts["q"].append(_quantiles(u, sd.dtype, iv, ok, n_valid, nan_count))
-        bounds = torch.stack([_first_at_least(t, iv, ok, sd.dtype, inf_bits) for t in ts], -1)  # [l, O, D, T]
-        below = torch.searchsorted(u, bounds).to(F64).movedim(-1, 0)  # [T, l, O, D]: values under each bound
+        below = torch.searchsorted(u, bounds[a:b]).to(F64).movedim(-1, 0)  # [T, l, O, D]: values under each
         parts["under"].append(below[0])
-        if grid is not None:
+        if grid:
             parts["below"].append(below[1:])
         del u
     out = {"q": torch.cat(parts["q"], 1), "under": torch.cat(parts["under"], 0), "dot": torch.cat(parts["dot"], 1),
            "dd": torch.cat(parts["dd"], 1)}
-    if grid is not None:
+    if grid:
         out["below"] = torch.cat(parts["below"], 1)
     return out
 
@@ -104,25 +104,30 @@ def _quantiles(u: torch.Tensor, ftype: torch.dtype, inv: torch.Tensor, ok: torch
     for o, k in enumerate(n_valid):
         if k == 0:
             continue
-        for j, q in enumerate(QUANTILES):
-            pos = (k - 1) * q
-            lo = int(pos // 1)
-            frac = pos - lo
-            za = _z(u[:, o, :, lo], ftype, inv[:, o])
-            if frac == 0:
-                out[j, :, o] = za
-            else:
-                zb = _z(u[:, o, :, min(lo + 1, u.shape[-1] - 1)], ftype, inv[:, o])
-                out[j, :, o] = za + (zb - za) * frac
+        pos = [(k - 1) * q for q in QUANTILES]
+        lo = [int(p // 1) for p in pos]
+        frac = torch.tensor([p - i for p, i in zip(pos, lo)], dtype=F64, device=u.device)
+        hi = [min(i + int(f > 0), u.shape[-1] - 1) for i, f in zip(lo, frac.tolist())]
+        iv = inv[:, o, :, None]
+        za = _z(u[:, o, :, lo], ftype, iv)  # [l, D, Q]
+        zb = _z(u[:, o, :, hi], ftype, iv)
+        r = torch.where(frac == 0, za, za + (zb - za) * frac)  # inf - inf would be NaN where lo == hi
+        out[:, :, o] = r.permute(2, 0, 1)
     return torch.where(ok, out, nan)
 
 
-def _first_at_least(t: float, inv: torch.Tensor, ok: torch.Tensor, ftype: torch.dtype, inf_bits: int) -> torch.Tensor:
-    """Per cell, the bit pattern of the least non-negative ``v`` of ``ftype`` whose ``v·inv`` (float64) is at
-    least ``t``: the sorted values under it are exactly those with ``z < t``. 0 where not ``ok`` (no value
-    counts). Starts from ``t/inv`` rounded to ``ftype`` and steps to the exact boundary (a step or two: float64
-    rounding moves it far less than a ``ftype`` step)."""
+def threshold_bounds(inv: Float[torch.Tensor, "L O D"], ts: Sequence[float], ftype: torch.dtype
+                     ) -> Int[torch.Tensor, "L O D T"]:
+    """Per cell and threshold ``t``, the bit pattern of the least non-negative ``v`` of ``ftype`` (the sample's
+    dtype) whose ``v·inv`` (float64) is at least ``t``: the sorted values under it are exactly those with
+    ``z < t``. 0 where ``inv`` is NaN (σ = 0: no value counts). Starts from ``t/inv`` rounded to ``ftype`` and
+    steps to the exact boundary (a step or two: float64 rounding moves it far less than a step of ``ftype``).
+    The same for every group of a hook (``inv`` is the whole dataset's)."""
     itype = _BITS[ftype]
+    inf_bits = int(torch.tensor(float("inf"), dtype=ftype).view(itype))
+    t = torch.tensor([float(x) for x in ts], dtype=F64, device=inv.device)
+    inv = inv[..., None]
+    ok = (inv > 0).expand(*inv.shape[:-1], len(t))
     c = torch.where(ok, t / inv, 0).to(ftype).view(itype).to(torch.int64).clamp(0, inf_bits)
 
     def at_least(c: torch.Tensor) -> torch.Tensor:
@@ -138,4 +143,4 @@ def _first_at_least(t: float, inv: torch.Tensor, ok: torch.Tensor, ftype: torch.
         if not bool(up.any()):
             break
         c += up.to(torch.int64)
-    return c.to(itype)
+    return c.to(itype).contiguous()
