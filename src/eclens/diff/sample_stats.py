@@ -3,7 +3,7 @@
 The quantiles and threshold counts of ``|Δ|/σ`` are order statistics of ``|Δ|`` itself: ``z = |Δ|·(1/σ)`` is
 a non-decreasing function of ``|Δ|`` in float64 (rounding is monotone), so sorting ``|Δ|`` sorts ``z``. The
 sample holds ``Δ`` in float16, and a non-negative float sorts as its bit pattern read as a signed integer, so
-each cell's pairs are sorted as 16-bit integers (a fifth of the time of a float64 sort, an eighth of the
+each cell's pairs are sorted as 16-bit integers (a quarter of the time of a float64 sort, an eighth of the
 bytes) and only the few picked values are turned into ``z``, each exactly as ``|Δ|·(1/σ)`` in float64: the
 numbers are the ones a float64 sort of ``z`` gives, bit for bit. Every number here is per (layer, offset,
 dimension) or per (pair, layer, offset), so layer chunks give the same numbers with a bounded peak.
