@@ -16,12 +16,17 @@ from collections.abc import Sequence
 import torch
 from jaxtyping import Bool, Float, Int
 
-from ..stats import F64, sort_last_
+from ..stats import F64, sort_last_, sorted_quantiles
 from .config import QUANTILES
 
 CHUNK_ELEMENTS = 1 << 21  # values of the sample per chunk (in float64, 16 MB: under glibc's mmap threshold, reused)
 _BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
          torch.float64: torch.int64}
+
+
+def _inf_bits(ftype: torch.dtype) -> int:
+    """The bit pattern of +inf in ``ftype``, read as its integer type (:data:`_BITS`)."""
+    return int(torch.tensor(float("inf"), dtype=ftype).view(_BITS[ftype]))
 
 
 def sample_stats(sd: Float[torch.Tensor, "r O L D"], rows: Int[torch.Tensor, " s"], sv: Bool[torch.Tensor, "s O"],
@@ -41,7 +46,7 @@ def sample_stats(sd: Float[torch.Tensor, "r O L D"], rows: Int[torch.Tensor, " s
     n_valid = sv.sum(0).tolist()  # [O]
     grid = bounds.shape[-1] > 1
     itype = _BITS[sd.dtype]
-    inf_bits = int(torch.tensor(float("inf"), dtype=sd.dtype).view(itype))
+    inf_bits = _inf_bits(sd.dtype)
     parts: dict[str, list[torch.Tensor]] = {"q": [], "under": [], "below": [], "dot": [], "dd": []}
     for a in range(0, L, step):
         b = min(L, a + step)
@@ -61,9 +66,8 @@ def sample_stats(sd: Float[torch.Tensor, "r O L D"], rows: Int[torch.Tensor, " s
         iv = inv[a:b]
         ok = iv > 0  # False where σ = 0 (inv NaN)
         nan_count = None
-        if s and bool((u[..., -1] > inf_bits).any()):
-            nan_count = s - torch.searchsorted(u, torch.full((*u.shape[:-1], 1), inf_bits, dtype=itype,
-                                                             device=u.device), right=True)[..., 0]
+        if s and bool((u[..., -1] > inf_bits).any()):  # NaN bits sort last: a cell has one if its last has
+            nan_count = (u > inf_bits).sum(-1)
         parts["q"].append(_quantiles(u, sd.dtype, iv, ok, n_valid, nan_count))
         below = torch.searchsorted(u, bounds[a:b]).to(F64).movedim(-1, 0)  # [T, l, O, D]: values under each
         parts["under"].append(below[0])
@@ -87,18 +91,9 @@ def _quantiles(u: torch.Tensor, ftype: torch.dtype, inv: torch.Tensor, ok: torch
     """:data:`QUANTILES` ``[Q, l, O, D]`` of ``z`` over each cell's first ``k`` sorted values (linear interpolation,
     as ``torch.quantile``); ``k`` is the offset's valid pairs less the cell's NaN ``Δ``, 0 where not ``ok``."""
     nan = float("nan")
-    if nan_count is not None:  # k differs between cells: positions per cell
+    if nan_count is not None:  # k differs between cells (rare: a NaN Δ): every value as z, positions per cell
         k = torch.tensor(n_valid, device=u.device)[None, :, None] - nan_count
-        k = torch.where(ok, k, 0)
-        q = torch.tensor(QUANTILES, dtype=F64, device=u.device)
-        pos = (k - 1).clamp_min(0).to(F64).unsqueeze(-1) * q
-        lo = pos.floor()
-        frac = pos - lo
-        lo = lo.long()
-        hi = (lo + (frac > 0).long()).clamp_max(u.shape[-1] - 1)
-        za, zb = (_z(u.gather(-1, i), ftype, inv[..., None]) for i in (lo, hi))
-        r = torch.where(frac == 0, za, za + (zb - za) * frac)  # inf - inf would be NaN where lo == hi
-        return torch.where((k > 0).unsqueeze(-1), r, nan).movedim(-1, 0)
+        return sorted_quantiles(_z(u, ftype, inv[..., None]), torch.where(ok, k, 0), QUANTILES)
     # k is the offset's count in every cell with σ > 0: two columns of the sorted values per quantile
     out = torch.full((len(QUANTILES), *u.shape[:-1]), nan, dtype=F64, device=u.device)
     for o, k in enumerate(n_valid):
@@ -124,7 +119,7 @@ def threshold_bounds(inv: Float[torch.Tensor, "L O D"], ts: Sequence[float], fty
     steps to the exact boundary (a step or two: float64 rounding moves it far less than a step of ``ftype``).
     The same for every group of a hook (``inv`` is the whole dataset's)."""
     itype = _BITS[ftype]
-    inf_bits = int(torch.tensor(float("inf"), dtype=ftype).view(itype))
+    inf_bits = _inf_bits(ftype)
     t = torch.tensor([float(x) for x in ts], dtype=F64, device=inv.device)
     inv = inv[..., None]
     ok = (inv > 0).expand(*inv.shape[:-1], len(t))

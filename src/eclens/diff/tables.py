@@ -257,13 +257,12 @@ def all_tables(res: DiffResult) -> dict[str, pd.DataFrame]:
             blocks["candidates"] += candidate_blocks(res, h, cat, dr)
             blocks["sensitivity"] += sensitivity_rows(res, h, cat, dr)
             if dr == "all":
-                if cat == "all" or cat in res.config.categories:
-                    dims.setdefault(cat, []).append(dims_block(res, h, cat, None if cat == "all" else [0]))
+                dims.setdefault(cat, []).append(dims_block(res, h, cat, None if cat == "all" else [0]))
                 if res.group(h).n_heads:
                     heads.setdefault(cat, []).append(heads_block(res, h, cat))
         if (cat, dr) != ("all", "all"):  # "all" serves the summary and the mean directions too
             res.forget_group(cat, dr)
-    dim_parts = dims.get("all", []) + [f for c in res.config.categories if c != "all" for f in dims.get(c, [])]
+    dim_parts = [f for c in res.categories for f in dims.get(c, [])]
     head_parts = [f for c in res.categories for f in heads.get(c, [])]
     return {"layers": frame(blocks["layers"]), "candidates": candidates_frame(blocks["candidates"]),
             "sensitivity": pd.DataFrame(blocks["sensitivity"]),
