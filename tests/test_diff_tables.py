@@ -44,6 +44,25 @@ def test_ranked_keeps_the_loop_order():
     assert dims[want].tolist() == d.tolist()
 
 
+def test_ranked_equals_a_sort_of_every_row():
+    """Sorting only the passing cells gives what a stable sort of every (layer, offset) row gave: random masks
+    of every density, tied and NaN scores, ``top`` below and above the passing counts."""
+    rng = np.random.default_rng(0)
+    for density in (0.0, 0.02, 0.3, 1.0):
+        m = rng.random((4, 3, 50)) < density
+        sc = rng.integers(0, 6, (4, 3, 50)).astype(np.float64)  # ties
+        sc[rng.random(sc.shape) < 0.1] = np.nan
+        for asc in (True, False):
+            for top in (1, 7, 100):
+                order = np.lexsort((sc if asc else -sc, ~m), axis=-1)[..., :top]  # the row-by-row reference
+                picked = np.take_along_axis(m, order, -1)
+                li, oi, k = np.nonzero(picked)
+                want = (li, oi, order[li, oi, k], k + 1, m.sum(-1)[li, oi])
+                got = ranked(m, sc, asc, top)
+                for g, w in zip(got, want):
+                    assert np.array_equal(g, w), (density, asc, top)
+
+
 def test_dim_means_skip_massive_and_nan():
     x = torch.tensor([[[1.0, float("nan"), 3.0, 100.0]], [[float("nan")] * 4]], dtype=torch.float64)
     keep = torch.tensor([[[True, True, True, False]], [[True] * 4]])
@@ -216,7 +235,7 @@ def test_tables_have_the_row_loops_columns(tiny):
 
 def test_one_pass_tables_equal_the_tables_one_by_one_and_keep_only_the_all_group(tiny):
     """:meth:`DiffResult.build_tables` (what ``save`` runs) gives every table exactly as the properties do one
-    by one, and forgets each group's arrays as it goes: only the ``all`` group's stay cached."""
+    by one, and forgets each hook's arrays as it goes: only the ``all`` group's stay cached."""
     from eclens.diff import DiffResult
 
     pairs = _pairs(tiny.tokenizer)
@@ -232,5 +251,6 @@ def test_one_pass_tables_equal_the_tables_one_by_one_and_keep_only_the_all_group
     every = {("all", "all")}
     kept = {(k[0], k[1]) for k in one._cache if isinstance(k, tuple) and len(k) == 2 and k[0] in one.hooks}
     assert kept == {(h, None) for h in one.hooks}, kept  # cell_stats of "all" only (rows None)
+    assert not any(isinstance(k, tuple) and k[0] == "sums" for k in one._cache)  # each hook's sums forgotten
     assert not any(isinstance(k, tuple) and k[0] in ("cand", "cand_base") and k[2:4] not in every
                    for k in one._cache)

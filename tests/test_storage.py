@@ -101,7 +101,8 @@ def _pipeline(tiny, run: Path, pairs_file: Path, keep: bool, log):
 
     cfg = DiffConfig(hooks="hook_resid_post", sample_size=16, min_pairs=2)
     steps = [Step("pairs", lambda r, m, p, progress, log: pairs_step(r, m, pairs_file), {}, fixed=True),
-             Step("diff", lambda r, m, p, progress, log: diff_step(r, m, p, cfg, batch_size=8, progress=False), {}),
+             Step("diff", lambda r, m, p, progress, log: diff_step(r, m, p, cfg, batch_size=8, progress=False,
+                                                                   write_state=keep), {}),
              Step("report", lambda r, m, p, progress, log: report_step(r, m, pair_views=False), {})]
     return run_steps(run, tiny, steps, log=log, progress=False, keep_state=keep)
 
@@ -118,13 +119,15 @@ def test_state_deleted_when_the_run_completes_and_readers_use_the_tables(tiny, t
     _pipeline(tiny, run, pf, False, lines.append)
     assert not (run / STATE_DIR).exists() and not (run / TRASH).exists()
     rec = read_manifest(run)["state"]
-    assert rec["kept"] is False and rec["bytes"] > 0
-    assert any(ln.startswith("state deleted:") and "--keep-state" in ln for ln in lines)
+    # not to be kept, so never written; the size it would have had is said and recorded
+    assert rec == {"kept": False, "written": False, "bytes": read_manifest(run)["steps"]["diff"]["state"]["bytes"]}
+    assert rec["bytes"] > 100_000
+    assert any(ln.startswith("state not written:") and "--keep-state" in ln for ln in lines)
     assert [c.status for c in verify_run(run) if c.status != "intact"] == []
     rd = RunData(run)
     assert rd.layers is not None and rd.candidates is not None and rd.dims_slice() is not None
     assert (run / "report.html").stat().st_size > 0
-    with pytest.raises(EclensError, match="deleted when it completed.*--keep-state") as e:
+    with pytest.raises(EclensError, match="was not written.*--keep-state") as e:
         DiffResult.load(run)
     assert "\n" not in str(e.value)
     # a rerun finds every step done (the state is no result) and changes nothing
@@ -141,6 +144,39 @@ def test_keep_state_keeps_it_and_says_its_size(tiny, tmp_path):
     assert any(ln.startswith("state kept:") for ln in lines)
     assert DiffResult.load(run).n_pairs == 12
     assert [c.status for c in verify_run(run) if c.status != "intact"] == []
+
+
+def test_a_failure_while_the_tables_are_built_resumes_from_the_last_checkpoint(tiny, tmp_path, monkeypatch):
+    """Without --keep-state the complete state is never written: a run that dies computing the tables resumes
+    from the stream's last checkpoint (only the batches after it streamed again) and ends with the tables of
+    a run that never failed."""
+    from eclens.diff import DiffConfig
+    from eclens.steps import diff_step
+
+    pairs = make_pairs(tiny, small_pairs(tiny.tokenizer))  # 24 pairs, 6 batches of 4
+    cfg = DiffConfig(hooks="hook_resid_post", sample_size=16, min_pairs=2)
+    want = diff_step(tmp_path / "clean", tiny, pairs, cfg, batch_size=4, progress=False, write_state=False).value
+    assert not (tmp_path / "clean" / STATE_DIR).exists()
+    run = tmp_path / "run"
+
+    def die(self):
+        raise RuntimeError("killed while the tables were built")
+
+    monkeypatch.setattr(DiffResult, "build_tables", die)
+    with pytest.raises(RuntimeError, match="killed"):
+        diff_step(run, tiny, pairs, cfg, batch_size=4, checkpoint_every=4, progress=False, write_state=False)
+    monkeypatch.undo()
+    from eclens.diff.stats_io import load_stats
+
+    _, meta = load_stats(run)
+    assert meta["complete"] is False and len(meta["done"]) == 16  # the checkpoint after batch 4 of 6
+    got = diff_step(run, tiny, pairs, cfg, batch_size=4, progress=False, write_state=False).value
+    assert got.timing["resumed_from"] == 16
+    for name in ("layers", "candidates", "sensitivity"):  # float32 batch sums flushed at other batches: ~1e-8
+        pd.testing.assert_frame_equal(getattr(got, name), getattr(want, name), check_exact=False, rtol=1e-6)
+    lines: list[str] = []
+    assert finish_state(run, log=lines.append)["kept"] is False  # the checkpoint is deleted, and said
+    assert not (run / STATE_DIR).exists() and lines[0].startswith("state deleted:")
 
 
 def test_a_kill_mid_delete_leaves_a_clean_folder(diff_run, tmp_path):

@@ -205,8 +205,9 @@ def run_steps(run: str | Path, model, steps: Sequence[Step], *, config: dict | N
     return result
 
 
-def pipeline_steps(cfg: RunConfig) -> list[Step]:
-    """``ec run``'s steps, as library step functions with ``cfg``'s settings."""
+def pipeline_steps(cfg: RunConfig, *, keep_state: bool = True) -> list[Step]:
+    """``ec run``'s steps, as library step functions with ``cfg``'s settings (``keep_state=False``: the run's
+    state is deleted when it completes, so the diff does not write its complete state: :func:`diff_step`)."""
     from .diff import DiffConfig
     from .steps import (
         AttributionConfig,
@@ -241,7 +242,8 @@ def pipeline_steps(cfg: RunConfig) -> list[Step]:
             run, model, cfg.pairs_file, n_per_category=cfg.n_per_category, seed=cfg.seed,
             manifest={"seed": cfg.seed}, mode="span" if cfg.span else "single"),
         "diff": lambda run, model, pairs, progress, log: diff_step(run, model, pairs, diff_cfg,
-                                                                   batch_size=cfg.batch_size, progress=progress),
+                                                                   batch_size=cfg.batch_size, progress=progress,
+                                                                   write_state=keep_state),
         "measure": lambda run, model, pairs, progress, log: measure_step(run, model, pairs, measure_cfg,
                                                                          progress=progress, log=log),
         "exact": lambda run, model, pairs, progress, log: exact_step(run, model, pairs, exact_cfg,
@@ -300,6 +302,6 @@ def run_pipeline(run: str | Path, model, config: RunConfig | None = None, *,
     from .budget import plan_lines
 
     cfg = config or RunConfig()
-    steps = pipeline_steps(cfg)
+    steps = pipeline_steps(cfg, keep_state=keep_state)
     return run_steps(run, model, steps, config=asdict(cfg), log=log, progress=progress, manifest={"seed": cfg.seed},
                      keep_state=keep_state, plan=lambda pairs: plan_lines(cfg, model, pairs, [st.name for st in steps]))

@@ -6,7 +6,9 @@ own ``checksums.json``) and, under ``torchrun``, each rank's shard (``state/rank
 completes reads it: the report, the web UI, ``ec compare`` and the later steps read the tables.
 
 :func:`finish_state` is the last act of a completed ``ec run``, ``ec diff`` or study: it deletes the
-folder (unless ``keep``), records ``manifest.json["state"]`` (``kept``, ``bytes``) and says the size.
+folder (unless ``keep``), records ``manifest.json["state"]`` (``kept``, ``bytes``) and says the size. A
+run that was not to keep it never wrote its complete state (:func:`eclens.steps.diff_step`): then the size
+it would have had is said and recorded (``written: false``), and any checkpoint left from the stream deleted.
 Deleting is a rename to ``RUN/.state.deleting`` and then the removal of that folder's data files before
 its checksum index: a kill at any moment leaves either the whole state (the run resumes as before) or
 none that a reader would take for it, and the next :func:`finish_state` (or :func:`clean_trash`) removes
@@ -59,13 +61,23 @@ def finish_state(run: str | os.PathLike, *, keep: bool = False,
                  log: Callable[[str], None] | None = print) -> dict | None:
     """The end of a completed run: delete ``RUN/state`` unless ``keep``, record it in the manifest and say
     its size through ``log``; returns the record (None when there was no state)."""
-    from .runs import update_manifest
+    from .runs import read_manifest, update_manifest
 
     run = Path(run)
     clean_trash(run)
     folder = state_dir(run)
     if not folder.is_dir():
-        return None
+        unwritten = ((read_manifest(run).get("steps") or {}).get("diff") or {}).get("state") or {}
+        if unwritten.get("written") is not False:
+            return None
+        n = int(unwritten.get("bytes") or 0)  # not kept, so never written (eclens.steps.diff_step)
+        record = {"kept": False, "written": False, "bytes": n}
+        if (read_manifest(run).get("state") or {}) == record:  # said when the run completed
+            return None
+        if log:
+            log(f"state not written: {human(n)} (the accumulators a resume or a merge reads; {KEEP_HINT})")
+        update_manifest(run, state=record)
+        return record
     n = folder_bytes(folder)
     if keep:
         if log:
@@ -87,8 +99,9 @@ def deleted_hint(run: str | os.PathLike) -> str | None:
 
     rec = read_manifest(run).get("state") or {}
     if rec.get("kept") is False and not state_dir(run).is_dir():
-        return (f"{state_dir(run)}: the run's state ({human(rec.get('bytes') or 0)}) was deleted when it "
-                f"completed; its tables are in {run}; {KEEP_HINT}")
+        fate = "not written" if rec.get("written") is False else "deleted when it completed"
+        return (f"{state_dir(run)}: the run's state ({human(rec.get('bytes') or 0)}) was {fate}; its tables are "
+                f"in {run}; {KEEP_HINT}")
     return None
 
 

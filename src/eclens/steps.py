@@ -127,9 +127,14 @@ def spread_pairs(pairs: Sequence, n: int | None, seed: int = 0) -> list:
 
 
 def diff_step(run: str | Path, model, pairs: Sequence, config: DiffConfig | None = None, *, batch_size: int = 16,
-              checkpoint_every: int = 50, ctx=None, progress: bool = True) -> StepOutcome:
+              checkpoint_every: int = 50, ctx=None, progress: bool = True, write_state: bool = True) -> StepOutcome:
     """:func:`eclens.diff.run_diff` over ``pairs`` (resuming the run's checkpoint), its tables written
-    (:func:`save_diff`). Under torchrun every rank streams its shard and rank 0 merges and writes."""
+    (:func:`save_diff`). Under torchrun every rank streams its shard and rank 0 merges and writes.
+
+    ``write_state=False``: the caller deletes ``RUN/state`` once the run completes (``ec run`` and ``ec diff``
+    without ``--keep-state``), so the complete state is not written at all (1.4 GB for the default run, as long
+    to write as the tables take to compute). A kill while the tables are computed then resumes from the last
+    checkpoint, as a kill during the stream does: at most ``checkpoint_every`` batches are streamed again."""
     from . import distributed as D
     from .diff import resolve_categories, resolve_cells, run_diff
 
@@ -148,7 +153,7 @@ def diff_step(run: str | Path, model, pairs: Sequence, config: DiffConfig | None
     else:
         res = run_diff(model, pairs, batch_size=batch_size, run=run, checkpoint_every=checkpoint_every,
                        progress=progress, config=cfg)
-    files = save_diff(run, res, batch_size=batch_size)
+    files = save_diff(run, res, batch_size=batch_size, write_state=write_state)
     s = res.summary
     res.release_arrays()  # the tables are written: the arrays behind them would stay resident through later steps
     nc = s.get("n_candidates") or {}
@@ -164,14 +169,16 @@ def diff_step(run: str | Path, model, pairs: Sequence, config: DiffConfig | None
 
 
 def save_diff(run: str | Path, res, *, batch_size: int | None, from_cache: str | None = None,
-              manifest: dict | None = None) -> list[str]:
+              manifest: dict | None = None, write_state: bool = True) -> list[str]:
     """Write a :class:`~eclens.diff.DiffResult` into ``run`` and record the ``diff`` step (``manifest``:
-    further fields to record with it); returns the files."""
+    further fields to record with it); returns the files. ``write_state``: also write the state
+    (:func:`diff_step`); its size is recorded either way, for :func:`eclens.state.finish_state` to say."""
     from .runs import update_manifest
 
-    files = res.save(run)
+    files = res.save(run, stats=write_state)
     step = res.manifest_step(files, batch_size=batch_size, seconds=res.timing.get("seconds"),
-                             from_cache=from_cache, contrast_offsets=res.config.contrast_offsets)
+                             from_cache=from_cache, contrast_offsets=res.config.contrast_offsets,
+                             state={"written": write_state, "bytes": res.state_bytes()})
     update_manifest(run, **(manifest or {}), steps={"diff": step})
     return files
 

@@ -137,7 +137,7 @@ def diff(
 
             check_manifest_model(run, model_entry.get("name"), model_entry.get("weights_hash"))
         save_diff(run, res, batch_size=res.timing.get("batch_size"), from_cache=str(from_cache),
-                  manifest={"model": model_entry})
+                  manifest={"model": model_entry}, write_state=keep_state)
         print_summary(res, run)
         finish_state(run, keep=keep_state, log=console.print)
         return
@@ -150,7 +150,7 @@ def diff(
                      sample_size=sample_size, seed=seed, **rule)
     try:
         done = diff_step(run, m, aligned, cfg, batch_size=batch_size, checkpoint_every=checkpoint_every,
-                         ctx=ctx if ctx.active else None, progress=True)
+                         ctx=ctx if ctx.active else None, progress=True, write_state=keep_state)
     except KeyboardInterrupt:
         # click would turn this into "Aborted!"; say what was kept instead.
         console.print(f"interrupted: the statistics so far are saved in {run / STATS_FILE}; "

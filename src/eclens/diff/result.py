@@ -167,68 +167,14 @@ class DiffResult:
     def _rows_key(self, r: torch.Tensor | None) -> tuple | None:
         return None if r is None else tuple(r.tolist())
 
-    def _common(self, hook: str) -> tuple[list[torch.Tensor], torch.Tensor]:
-        """The shifted power sums of Δ and of the clean activation (features 0-3, ``[O, C, 4, L, D]``) of every row
-        re-expressed about one shift per (offset, layer, dimension), and that shift ``[2, O, L, D]``: a group's
-        sums are then plain sums over its rows (one pass, where merging each group's moments took ten). The
-        shift is the first row's with pairs at that offset: float32 values every row shares exactly where a
-        cell is constant (σ = 0 stays exactly 0)."""
-        key = ("common", hook)
-        if key not in self._cache:
-            f = self.tensors[f"{hook}/feat"].to(F64)  # [O, C, F, L, D]
-            K = self.tensors[f"{hook}/shift"].to(F64)  # [2, O, C, L, D]: each row has its own shift
-            cnt = self.tensors["count"].T.to(F64)  # [O, C]
-            first = (cnt > 0).to(torch.int8).argmax(1)  # [O]: the first row with pairs (0 where none has)
-            k0 = K[:, torch.arange(K.shape[1]), first]  # [2, O, L, D]
-            n = cnt[:, :, None, None]
-            O, C = f.shape[:2]  # noqa: E741
-            sums = []
-            for w in (0, 1):
-                # recentre()'s algebra and rounding, written straight into the new layout (no copy of the state)
-                dk = K[w] - k0[w][:, None]
-                s1, s2 = f[:, :, 2 * w], f[:, :, 2 * w + 1]
-                out = torch.empty((O, C, 2, *f.shape[3:]), dtype=F64)
-                t = torch.mul(dk, s1).mul_(2)  # 2·dk·s1: scaling by 2 is exact in either order
-                ndk = n * dk
-                t += ndk * dk
-                torch.add(s2, t, out=out[:, :, 1])
-                torch.add(s1, ndk, out=out[:, :, 0])
-                # Δ's and the clean activation's sums apart, each contiguous [O, C, 2·L·D]: a group's sums are
-                # one matrix product with its rows' 0/1 weights (reading the rows in place, not copying them out)
-                sums.append(out.view(O, C, -1))
-            self._cache[key] = (sums, k0)
-        return self._cache[key]
+    # float64 columns per chunk of the sums pass: ~5 MB of working arrays at 40 state rows, reused chunk after
+    # chunk (a whole hook at once was ~500 MB of fresh pages per hook, most of the finishing time's page faults)
+    SUMS_CHUNK = 2048
 
-    def _row_weights(self, r: torch.Tensor | None) -> torch.Tensor | None:
-        """``[C]`` float64 0/1 weights of rows ``r`` (None: every row)."""
-        if r is None:
-            return None
-        w = torch.zeros(len(self.config.rows), dtype=F64)
-        w[r] = 1.0
-        return w
-
-    def _feat(self, hook: str, category: str, direction: str = "all") -> torch.Tensor:
-        """Sums ``[O, 3, L, D]`` of the unshifted features (``delta_abs``, ``delta_sign``, ``delta_nonzero``)."""
-        r = self._cat_rows(category, direction)
-        key = ("feat", hook, self._rows_key(r))
-        if key not in self._cache:
-            ck = ("unshifted", hook)
-            if ck not in self._cache:  # contiguous [O, C, 3·L·D]: one matrix product per group, as in _common
-                f = self.tensors[f"{hook}/feat"]
-                self._cache[ck] = f[:, :, 4:].to(F64).reshape(f.shape[0], f.shape[1], -1)
-            f = self._cache[ck]
-            w = self._row_weights(r)
-            t = self.tensors[f"{hook}/feat"]
-            self._cache[key] = (f.sum(1) if w is None else torch.matmul(w, f)).view(t.shape[0], 3, *t.shape[3:])
-        return self._cache[key]
-
-    def _group_sums(self, hook: str, which: int) -> tuple[dict, torch.Tensor]:
-        """The power sums (:meth:`_common`) of every group with its own statistics, ``[O, G, 2·L·D]``, in one
-        matrix product (one read of the sums where a product per group read them once each), and the
-        position of each group's rows (``_rows_key``) along ``G``."""
-        key = ("group_sums", hook, which)
-        if key not in self._cache:
-            f = self._common(hook)[0][which]  # [O, C, 2·L·D]
+    def _row_sets(self) -> tuple[dict, torch.Tensor]:
+        """Every row set with its own statistics (each category's and each :meth:`stat_groups` group's rows,
+        ``_rows_key``) with its position, and their ``[G, C]`` float64 0/1 row weights."""
+        if "row_sets" not in self._cache:
             index: dict = {}
             ws = []
             for cat, dr in [(c, "all") for c in self.categories] + self.stat_groups():
@@ -236,26 +182,89 @@ class DiffResult:
                 rk = self._rows_key(r)
                 if rk not in index:
                     index[rk] = len(ws)
-                    ws.append(torch.ones(f.shape[1], dtype=F64) if r is None else self._row_weights(r))
-            self._cache[key] = (index, torch.matmul(torch.stack(ws), f))
+                    ws.append(torch.ones(len(self.config.rows), dtype=F64) if r is None else self._row_weights(r))
+            self._cache["row_sets"] = (index, torch.stack(ws))
+        return self._cache["row_sets"]
+
+    def _shift0(self, hook: str) -> torch.Tensor:
+        """The one shift ``[2, O, L, D]`` (Δ, clean activation) every row's power sums are re-expressed about:
+        the first row's with pairs at that offset, float32 values every row shares exactly where a cell is
+        constant (σ = 0 stays exactly 0)."""
+        key = ("shift0", hook)
+        if key not in self._cache:
+            K = self.tensors[f"{hook}/shift"]  # [2, O, C, L, D]: each row has its own shift
+            first = (self.tensors["count"].T > 0).to(torch.int8).argmax(1)  # [O]: 0 where no row has pairs
+            self._cache[key] = K[:, torch.arange(K.shape[1]), first].to(F64)
         return self._cache[key]
+
+    def _weighted_sums(self, hook: str, W: torch.Tensor) -> torch.Tensor:
+        """``[O, G, 7, L·D]``: per row set (weights ``W`` ``[G, C]``) the sums of Δ and of Δ² and of the clean
+        activation and its square about :meth:`_shift0` (features 0-3), and the unshifted feature sums
+        (``delta_abs``, ``delta_sign``, ``delta_nonzero``). Each row's sums are recentred with recentre()'s
+        algebra and rounding, a chunk of columns at a time, then summed over the rows by one matrix product."""
+        f = self.tensors[f"{hook}/feat"]  # [O, C, F, L, D] float32
+        K = self.tensors[f"{hook}/shift"]
+        O, C, F = f.shape[:3]  # noqa: E741
+        X = f[0, 0, 0].numel()
+        fv, Kv = f.view(O, C, F, X), K.view(2, O, C, X)
+        k0 = self._shift0(hook).view(2, O, X)
+        cnt = self.tensors["count"].T.to(F64)  # [O, C]
+        out = torch.empty((O, W.shape[0], F, X), dtype=F64)
+        step = self.SUMS_CHUNK
+        for o in range(O):
+            n = cnt[o][:, None]
+            for x0 in range(0, X, step):
+                x1 = min(X, x0 + step)
+                fc = torch.empty((C, F, x1 - x0), dtype=F64).copy_(fv[o, :, :, x0:x1])
+                dks = Kv[:, o, :, x0:x1].to(F64) - k0[:, o, None, x0:x1]  # [2, C, x]
+                for w in (0, 1):
+                    dk, s1 = dks[w], fc[:, 2 * w]
+                    t = torch.mul(dk, s1).mul_(2)  # 2·dk·s1: scaling by 2 is exact in either order
+                    ndk = n * dk
+                    t += ndk * dk
+                    fc[:, 2 * w + 1] += t
+                    s1 += ndk
+                out[o, :, :, x0:x1] = torch.matmul(W, fc.view(C, -1)).view(-1, F, x1 - x0)
+        return out
+
+    def _sums(self, hook: str, category: str, direction: str = "all") -> torch.Tensor:
+        """A group's :meth:`_weighted_sums` ``[O, 7, L, D]``: every row set's computed in one pass per hook,
+        kept until the hook is forgotten (:meth:`forget_hook`)."""
+        r = self._cat_rows(category, direction)
+        rk = self._rows_key(r)
+        index, W = self._row_sets()
+        g = self.group(hook)
+        shape = (len(self.offsets), -1, len(g.layers), g.width)
+        if rk not in index:  # a row set no table reads (e.g. asked for directly): its own pass
+            return self._weighted_sums(hook, self._row_weights(r)[None])[:, 0].view(shape)
+        key = ("sums", hook)
+        if key not in self._cache:
+            self._cache[key] = self._weighted_sums(hook, W)
+        return self._cache[key][:, index[rk]].view(shape)
+
+    def _row_weights(self, r: torch.Tensor | None) -> torch.Tensor:
+        """``[C]`` float64 0/1 weights of rows ``r`` (None: every row)."""
+        if r is None:
+            return torch.ones(len(self.config.rows), dtype=F64)
+        w = torch.zeros(len(self.config.rows), dtype=F64)
+        w[r] = 1.0
+        return w
+
+    def _feat(self, hook: str, category: str, direction: str = "all") -> torch.Tensor:
+        """Sums ``[O, 3, L, D]`` of the unshifted features (``delta_abs``, ``delta_sign``, ``delta_nonzero``)."""
+        return self._sums(hook, category, direction)[:, 4:]
 
     def _feat_moments(self, hook: str, category: str, which: int, direction: str = "all") -> Moments:
         """Moments of Δ (``which=0``) or of the clean activation (``which=1``), arrays ``[L, O, D]``."""
         r = self._cat_rows(category, direction)
-        rk = self._rows_key(r)
-        key = ("feat_moments", hook, which, rk)  # the whole dataset's clean moments serve every group
+        key = ("feat_moments", hook, which, self._rows_key(r))  # the whole dataset's clean moments serve every group
         if key in self._cache:
             return self._cache[key]
-        fs, k0 = self._common(hook)
-        f = fs[which]  # [O, C, 2·L·D]
-        index, sums = self._group_sums(hook, which)  # every row set of categories and stat_groups, "all" too
-        s = sums[:, index[rk]] if rk in index else torch.matmul(self._row_weights(r), f)
-        s = s.view(f.shape[0], 2, *k0.shape[2:])  # [O, 2, L, D]
+        s = self._sums(hook, category, direction)[:, 2 * which:2 * which + 2]  # [O, 2, L, D]
         n = self.counts(category, direction)[:, None, None]  # [O, 1, 1]
         nn = n.clamp_min(1)
         s1, s2 = s[:, 0], s[:, 1]
-        m = Moments(n, k0[which] + s1 / nn, (s2 - s1 * s1 / nn).clamp_min(0))
+        m = Moments(n, self._shift0(hook)[which] + s1 / nn, (s2 - s1 * s1 / nn).clamp_min(0))
         out = Moments(m.count.transpose(0, 1), m.mean.transpose(0, 1), m.m2.transpose(0, 1))
         if r is None:  # a group's own moments are read once, by its (cached) cell_stats
             self._cache[key] = out
@@ -341,7 +350,8 @@ class DiffResult:
         if bkey not in self._cache:
             self._cache[bkey] = threshold_bounds(inv, [cfg.threshold, *self.grid("threshold")], sd.dtype)
         bounds = self._cache[bkey]
-        smp = sample_stats(sd, mem, sv, inv, S, bounds if direction == "all" else bounds[..., :1].contiguous())
+        smp = sample_stats(sd, mem, sv, inv, S, bounds if direction == "all" else bounds[..., :1].contiguous(),
+                           work=self._cache.setdefault("scratch", {}))
         for q, v in zip(QUANTILES, smp["q"]):
             out["absz_median" if q == 0.5 else f"absz_q{int(round(q * 100)):02d}"] = v
         ns = sv.sum(0).to(F64)[None, :, None]
@@ -591,33 +601,41 @@ class DiffResult:
         return s
 
     def build_tables(self) -> None:
-        """Compute ``layers``, ``candidates``, ``sensitivity``, ``dims`` and ``heads`` in one pass over the groups,
-        forgetting each group's arrays as it goes (:func:`eclens.diff.tables.all_tables`): what :meth:`save`
+        """Compute ``layers``, ``candidates``, ``sensitivity``, ``dims`` and ``heads`` in one pass over the hooks,
+        forgetting each hook's arrays as it goes (:func:`eclens.diff.tables.all_tables`): what :meth:`save`
         does before writing them. Reading the properties one by one gives the same tables."""
         if any(k not in self._cache for k in ("layers", "candidates", "sensitivity", "dims", "heads")):
             self._cache.update(all_tables(self))
 
-    def forget_group(self, category: str, direction: str = "all") -> None:
-        """Forget one group's arrays (:meth:`cell_stats`, its candidate masks, feature sums and intervals) of
-        every hook; they are recomputed if asked for again."""
-        rk = self._rows_key(self._cat_rows(category, direction))
-        mem = tuple(self.by_pair_id(self._sample_members(category, direction)).tolist())
-        hooks = set(self.hooks)
+    def forget_hook(self, hook: str) -> None:
+        """Forget one hook's arrays of every group but the whole dataset's (:meth:`cell_stats`, candidate masks,
+        intervals, the hook's power sums); they are recomputed if asked for again. The whole dataset's stay:
+        the summary, the contrasts and the mean directions read them."""
+        mem_all = tuple(self.by_pair_id(self._sample_members("all")).tolist())
 
-        def of_group(k) -> bool:
-            return isinstance(k, tuple) and len(k) >= 2 and (
-                (len(k) == 2 and k[0] in hooks and k[1] == rk) or (k[0] == "feat" and k[2:] == (rk,))
-                or (k[0] in ("cand_base", "cand") and k[2:4] == (category, direction))
-                or (k[0] == "intervals" and k[2:] == (mem,)))
+        def of_hook(k) -> bool:
+            if not (isinstance(k, tuple) and len(k) >= 2):
+                return False
+            if k[0] == hook and len(k) == 2:
+                return k[1] is not None  # cell_stats; None: every row
+            if k[0] in ("cand_base", "cand") and k[1] == hook:
+                return k[2:4] != ("all", "all")
+            if k[0] == "intervals" and k[1] == hook:
+                return k[2] != mem_all
+            return k[:2] in (("sums", hook), ("bounds", hook))
 
-        for k in [k for k in self._cache if of_group(k)]:
+        for k in [k for k in self._cache if of_hook(k)]:
             del self._cache[k]
+
+    def state_bytes(self) -> int:
+        """Bytes of the state's arrays (:data:`STATS_FILE` less its header): what ``--keep-state`` keeps."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
     def release_arrays(self) -> None:
         """Forget the per-group arrays behind the tables (recomputed on demand), keep the tables: a default run's
         cached cell statistics are gigabytes (~16 MB per group and hook for SmolLM2-135M) that nothing reads once
         the files are written."""
-        for k in [k for k in self._cache if isinstance(k, tuple)]:
+        for k in [k for k in self._cache if isinstance(k, tuple) or k == "scratch"]:
             del self._cache[k]
 
     # ---- files

@@ -11,6 +11,7 @@ dimension) or per (pair, layer, offset), so layer chunks give the same numbers w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -29,38 +30,56 @@ def _inf_bits(ftype: torch.dtype) -> int:
     return int(torch.tensor(float("inf"), dtype=ftype).view(_BITS[ftype]))
 
 
+def _scratch(work: dict | None, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """An uninitialised ``shape`` array: a view of ``work``'s buffer ``name`` when it is large enough (then
+    grown), so that chunk after chunk and call after call write the same pages. Fresh pages cost a page fault
+    each (the kernel zeroes them): a new 16 MB block per chunk was half a million faults per diff run."""
+    n = math.prod(shape)
+    if work is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    buf = work.get(name)
+    if buf is None or buf.numel() < n or buf.dtype != dtype or buf.device != torch.device(device):
+        buf = work[name] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n].view(shape)
+
+
 def sample_stats(sd: Float[torch.Tensor, "r O L D"], rows: Int[torch.Tensor, " s"], sv: Bool[torch.Tensor, "s O"],
                  inv: Float[torch.Tensor, "L O D"], S: Float[torch.Tensor, "L O D"],
-                 bounds: Int[torch.Tensor, "L O D T"]) -> dict[str, torch.Tensor]:
+                 bounds: Int[torch.Tensor, "L O D T"], work: dict | None = None) -> dict[str, torch.Tensor]:
     """Of the sampled Δ ``sd[rows]`` (any float dtype; rows taken a chunk at a time, so the group's sample is
     never copied whole) with validity ``sv``: quantiles (:data:`QUANTILES`) of
     ``|Δ|·inv`` over the valid pairs (``q`` ``[len(QUANTILES), L, O, D]``), how many are under the first
     threshold of ``bounds`` (:func:`threshold_bounds`; ``under`` ``[L, O, D]``) and under each of the others
     (``below`` ``[T - 1, L, O, D]``, when there are others), and per pair ``Δ·S`` and ``‖Δ‖²`` (``dot``, ``dd``
     ``[s, L, O]``). A NaN ``Δ`` is left out of its cell; a cell whose ``inv`` is NaN (σ = 0) has NaN quantiles
-    and zero counts."""
+    and zero counts. ``work``: a dict in which to keep the chunk buffers for the next call (:func:`_scratch`)."""
     O, L, D = sd.shape[1:]  # noqa: E741
     s = len(rows)
+    dev = sd.device
     step = max(1, CHUNK_ELEMENTS // max(1, s * O * D))
     missing = ~sv.T[None, :, None, :]  # [1, O, 1, s]: the pair has no value at that offset
     n_valid = sv.sum(0).tolist()  # [O]
-    grid = bounds.shape[-1] > 1
+    T = bounds.shape[-1]
     itype = _BITS[sd.dtype]
     inf_bits = _inf_bits(sd.dtype)
-    parts: dict[str, list[torch.Tensor]] = {"q": [], "under": [], "below": [], "dot": [], "dd": []}
+    # the outputs made once and filled a chunk at a time (a list of parts and a concatenation made each twice)
+    out = {"q": torch.empty((len(QUANTILES), L, O, D), dtype=F64, device=dev),
+           "under": torch.empty((L, O, D), dtype=F64, device=dev),
+           "dot": torch.empty((s, L, O), dtype=F64, device=dev), "dd": torch.empty((s, L, O), dtype=F64, device=dev)}
+    if T > 1:
+        out["below"] = torch.empty((T - 1, L, O, D), dtype=F64, device=dev)
     for a in range(0, L, step):
         b = min(L, a + step)
-        xh = sd[:, :, a:b].index_select(0, rows)  # [s, O, l, D], the sample's dtype
+        xh = torch.index_select(sd[:, :, a:b], 0, rows, out=_scratch(work, "xh", (s, O, b - a, D), sd.dtype, dev))
         # Δ in float64, pair-minor [l, O, s, D] (D contiguous on both sides) for the dot products
-        x = torch.empty((b - a, O, s, D), dtype=F64, device=sd.device)
+        x = _scratch(work, "x", (b - a, O, s, D), F64, dev)
         x.copy_(xh.permute(2, 1, 0, 3))
-        parts["dot"].append(torch.matmul(x, S[a:b, :, :, None])[..., 0].permute(2, 0, 1))  # [s, l, O]
-        parts["dd"].append((torch.linalg.vector_norm(x, dim=-1) ** 2).permute(2, 0, 1))
-        del x
+        out["dot"][:, a:b] = torch.matmul(x, S[a:b, :, :, None])[..., 0].permute(2, 0, 1)  # [s, l, O]
+        out["dd"][:, a:b] = (torch.linalg.vector_norm(x, dim=-1) ** 2).permute(2, 0, 1)
         # |Δ|'s bits, pair-major [l, O, D, s]; a missing pair sorts as +inf, after every valid value and
         # before every NaN (whose bits, sign cleared by abs, exceed +inf's)
-        u = torch.empty((b - a, O, D, s), dtype=itype, device=sd.device)
-        u.copy_(xh.abs().view(itype).permute(2, 1, 3, 0))
+        u = _scratch(work, "u", (b - a, O, D, s), itype, dev)
+        u.copy_(xh.abs_().view(itype).permute(2, 1, 3, 0))
         u.masked_fill_(missing, inf_bits)
         u = sort_last_(u)
         iv = inv[a:b]
@@ -68,16 +87,11 @@ def sample_stats(sd: Float[torch.Tensor, "r O L D"], rows: Int[torch.Tensor, " s
         nan_count = None
         if s and bool((u[..., -1] > inf_bits).any()):  # NaN bits sort last: a cell has one if its last has
             nan_count = (u > inf_bits).sum(-1)
-        parts["q"].append(_quantiles(u, sd.dtype, iv, ok, n_valid, nan_count))
-        below = torch.searchsorted(u, bounds[a:b]).to(F64).movedim(-1, 0)  # [T, l, O, D]: values under each
-        parts["under"].append(below[0])
-        if grid:
-            parts["below"].append(below[1:])
-        del u
-    out = {"q": torch.cat(parts["q"], 1), "under": torch.cat(parts["under"], 0), "dot": torch.cat(parts["dot"], 1),
-           "dd": torch.cat(parts["dd"], 1)}
-    if grid:
-        out["below"] = torch.cat(parts["below"], 1)
+        _quantiles(u, sd.dtype, iv, ok, n_valid, nan_count, out["q"][:, a:b])
+        below = torch.searchsorted(u, bounds[a:b])  # [l, O, D, T]: values under each bound
+        out["under"][a:b] = below[..., 0]
+        if T > 1:
+            out["below"][:, a:b] = below[..., 1:].movedim(-1, 0)
     return out
 
 
@@ -87,28 +101,42 @@ def _z(bits: torch.Tensor, ftype: torch.dtype, inv: torch.Tensor) -> torch.Tenso
 
 
 def _quantiles(u: torch.Tensor, ftype: torch.dtype, inv: torch.Tensor, ok: torch.Tensor, n_valid: list[int],
-               nan_count: torch.Tensor | None) -> torch.Tensor:
-    """:data:`QUANTILES` ``[Q, l, O, D]`` of ``z`` over each cell's first ``k`` sorted values (linear interpolation,
-    as ``torch.quantile``); ``k`` is the offset's valid pairs less the cell's NaN ``Δ``, 0 where not ``ok``."""
+               nan_count: torch.Tensor | None, out: torch.Tensor) -> None:
+    """Write into ``out`` :data:`QUANTILES` ``[Q, l, O, D]`` of ``z`` over each cell's first ``k`` sorted values
+    (linear interpolation, as ``torch.quantile``); ``k`` is the offset's valid pairs less the cell's NaN ``Δ``,
+    0 where not ``ok`` (then NaN)."""
     nan = float("nan")
     if nan_count is not None:  # k differs between cells (rare: a NaN Δ): every value as z, positions per cell
         k = torch.tensor(n_valid, device=u.device)[None, :, None] - nan_count
-        return sorted_quantiles(_z(u, ftype, inv[..., None]), torch.where(ok, k, 0), QUANTILES)
-    # k is the offset's count in every cell with σ > 0: two columns of the sorted values per quantile
-    out = torch.full((len(QUANTILES), *u.shape[:-1]), nan, dtype=F64, device=u.device)
+        out.copy_(sorted_quantiles(_z(u, ftype, inv[..., None]), torch.where(ok, k, 0), QUANTILES))
+        return
+    # k is the offset's count in every cell with σ > 0: two columns of the sorted values per (offset, quantile),
+    # gathered for every offset at once
+    if u.shape[-1] == 0:  # no sampled pair
+        out.fill_(nan)
+        return
+    O = len(n_valid)  # noqa: E741
+    lo = torch.zeros((O, len(QUANTILES)), dtype=torch.long)
+    hi = torch.zeros_like(lo)
+    frac = torch.zeros((O, len(QUANTILES)), dtype=F64)
     for o, k in enumerate(n_valid):
-        if k == 0:
-            continue
-        pos = [(k - 1) * q for q in QUANTILES]
-        lo = [int(p // 1) for p in pos]
-        frac = torch.tensor([p - i for p, i in zip(pos, lo)], dtype=F64, device=u.device)
-        hi = [min(i + int(f > 0), u.shape[-1] - 1) for i, f in zip(lo, frac.tolist())]
-        iv = inv[:, o, :, None]
-        za = _z(u[:, o, :, lo], ftype, iv)  # [l, D, Q]
-        zb = _z(u[:, o, :, hi], ftype, iv)
-        r = torch.where(frac == 0, za, za + (zb - za) * frac)  # inf - inf would be NaN where lo == hi
-        out[:, :, o] = r.permute(2, 0, 1)
-    return torch.where(ok, out, nan)
+        for j, q in enumerate(QUANTILES):
+            if k == 0:  # NaN below; position 0 stands in
+                continue
+            p = (k - 1) * q
+            i = int(p // 1)
+            lo[o, j], frac[o, j] = i, p - i
+            hi[o, j] = min(i + int(p - i > 0), u.shape[-1] - 1)
+    shape = (u.shape[0], O, u.shape[2], len(QUANTILES))
+    frac = frac.to(u.device)
+    iv = inv[..., None]
+    za = _z(u.gather(-1, lo.to(u.device)[None, :, None].expand(shape)), ftype, iv)  # [l, O, D, Q]
+    zb = _z(u.gather(-1, hi.to(u.device)[None, :, None].expand(shape)), ftype, iv)
+    f = frac[None, :, None]
+    # where lo == hi, za itself: inf - inf would be NaN
+    out.copy_(torch.where(f == 0, za, za + (zb - za) * f).permute(3, 0, 1, 2))
+    empty = torch.tensor([k == 0 for k in n_valid], device=u.device)[None, :, None]
+    out.masked_fill_(~ok | empty, nan)
 
 
 def threshold_bounds(inv: Float[torch.Tensor, "L O D"], ts: Sequence[float], ftype: torch.dtype

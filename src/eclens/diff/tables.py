@@ -111,13 +111,18 @@ def layers_block(res: DiffResult, h: str, cat: str, dr: str) -> dict:
 def ranked(mask: Bool[np.ndarray, "L O D"], score: Float[np.ndarray, "L O D"], ascending: bool, top: int
            ) -> tuple[np.ndarray, ...]:
     """The first ``top`` passing dimensions of each (layer, offset) by ``score`` (a stable sort: ties keep the
-    dimension order; NaN last), as flat arrays ``(layer index, offset index, dim, rank, n_passing)``."""
-    key = score if ascending else -score
-    order = np.lexsort((key, ~mask), axis=-1)[..., :top]  # passing first, each group by its score
-    picked = np.take_along_axis(mask, order, -1)
-    li, oi, k = np.nonzero(picked)
+    dimension order; NaN last), as flat arrays ``(layer index, offset index, dim, rank, n_passing)``. Only the
+    passing cells are sorted (a few percent of the cells, where sorting every row took most of the time)."""
+    li, oi, d = np.nonzero(mask)  # (layer, offset)-major, dims ascending within each
+    key = score[li, oi, d]
+    order = np.lexsort((key if ascending else -key, oi, li))  # stable: ties keep the dimension order
+    li, oi, d = li[order], oi[order], d[order]
     n_pass = mask.sum(-1)
-    return li, oi, order[li, oi, k], k + 1, n_pass[li, oi]
+    cell = li * mask.shape[1] + oi
+    start = np.searchsorted(cell, cell, side="left")  # each passing dim's first row of its (layer, offset)
+    k = np.arange(len(cell)) - start
+    keep = k < top
+    return li[keep], oi[keep], d[keep], k[keep] + 1, n_pass[li[keep], oi[keep]]
 
 
 def candidates_table(res: DiffResult) -> pd.DataFrame:
@@ -245,26 +250,27 @@ def dims_block(res: DiffResult, h: str, cat: str, offsets: Sequence[int] | None 
 
 def all_tables(res: DiffResult) -> dict[str, pd.DataFrame]:
     """``layers``, ``candidates``, ``sensitivity``, ``dims`` and ``heads`` (the tables above, the same rows in
-    the same order) in one pass over the groups, each group's arrays forgotten once its rows are built: kept
-    for every table, they were gigabytes, and the pages the kernel zeroed for them (a million page faults at
-    225 pairs) took as long as the numbers."""
-    blocks: dict[str, list] = {"layers": [], "candidates": [], "sensitivity": []}
-    dims: dict[str, list[pd.DataFrame]] = {}
-    heads: dict[str, list[pd.DataFrame]] = {}
-    for cat, dr in res.stat_groups():
-        for h in res.hooks:
-            blocks["layers"].append(layers_block(res, h, cat, dr))
-            blocks["candidates"] += candidate_blocks(res, h, cat, dr)
-            blocks["sensitivity"] += sensitivity_rows(res, h, cat, dr)
+    the same order) in one pass over the hooks, each hook's arrays forgotten once its rows are built
+    (:meth:`DiffResult.forget_hook`): kept for every table, they were gigabytes, and the pages the kernel
+    zeroed for them (a million page faults at 225 pairs) took as long as the numbers."""
+    groups = res.stat_groups()
+    blocks: dict[tuple[str, str, str], tuple[dict, list[dict], list[dict]]] = {}
+    dims: dict[tuple[str, str], pd.DataFrame] = {}
+    heads: dict[tuple[str, str], pd.DataFrame] = {}
+    for h in res.hooks:
+        for cat, dr in groups:
+            blocks[cat, dr, h] = (layers_block(res, h, cat, dr), candidate_blocks(res, h, cat, dr),
+                                  sensitivity_rows(res, h, cat, dr))
             if dr == "all":
-                dims.setdefault(cat, []).append(dims_block(res, h, cat, None if cat == "all" else [0]))
+                dims[cat, h] = dims_block(res, h, cat, None if cat == "all" else [0])
                 if res.group(h).n_heads:
-                    heads.setdefault(cat, []).append(heads_block(res, h, cat))
-        if (cat, dr) != ("all", "all"):  # "all" serves the summary and the mean directions too
-            res.forget_group(cat, dr)
-    dim_parts = [f for c in res.categories for f in dims.get(c, [])]
-    head_parts = [f for c in res.categories for f in heads.get(c, [])]
-    return {"layers": frame(blocks["layers"]), "candidates": candidates_frame(blocks["candidates"]),
-            "sensitivity": pd.DataFrame(blocks["sensitivity"]),
+                    heads[cat, h] = heads_block(res, h, cat)
+        res.forget_hook(h)
+    order = [(cat, dr, h) for cat, dr in groups for h in res.hooks]  # the tables' row order: groups, then hooks
+    dim_parts = [dims[c, h] for c in res.categories for h in res.hooks if (c, h) in dims]
+    head_parts = [heads[c, h] for c in res.categories for h in res.hooks if (c, h) in heads]
+    return {"layers": frame([blocks[k][0] for k in order]),
+            "candidates": candidates_frame([b for k in order for b in blocks[k][1]]),
+            "sensitivity": pd.DataFrame([r for k in order for r in blocks[k][2]]),
             "dims": pd.concat(dim_parts, ignore_index=True) if dim_parts else pd.DataFrame(),
             "heads": pd.concat(head_parts, ignore_index=True) if head_parts else pd.DataFrame()}
