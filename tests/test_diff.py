@@ -417,6 +417,54 @@ def test_resume_continues_and_refuses_other_settings(tiny, tmp_path):
     pd.testing.assert_frame_equal(again.layers, done.layers)
 
 
+def test_checkpoints_follow_the_time_or_the_batch_count_and_sigterm_saves_one(tiny, tmp_path, monkeypatch):
+    """By default a checkpoint is written once CHECKPOINT_SECONDS of streaming have passed (none in a short
+    run: the complete state is the caller's to write), with checkpoint_every every that many batches; SIGTERM,
+    like Ctrl-C, stops at the next batch boundary with a checkpoint that a rerun resumes from."""
+    import eclens.diff.stream as stream
+
+    pairs = make_pairs(tiny, small_pairs(tiny.tokenizer))  # 24 pairs: 6 batches of 4
+    saved: list[int] = []
+    real_save = stream.save_stats
+
+    def save(run, tensors, meta):
+        saved.append(len(meta["done"]))
+        real_save(run, tensors, meta)
+
+    monkeypatch.setattr(stream, "save_stats", save)
+
+    def checkpoints(seconds: float, every: int | None, name: str) -> list[int]:
+        saved.clear()
+        monkeypatch.setattr(stream, "CHECKPOINT_SECONDS", seconds)
+        run_diff(tiny, pairs, batch_size=4, sample_size=8, run=tmp_path / name, checkpoint_every=every)
+        return list(saved)
+
+    assert checkpoints(1e9, None, "long") == []  # the finished stream is never checkpointed
+    assert checkpoints(0.0, None, "always") == [4, 8, 12, 16, 20]
+    assert checkpoints(0.0, 2, "every2") == [8, 16]  # the batch count rules when given
+
+    monkeypatch.setattr(stream, "CHECKPOINT_SECONDS", 1e9)
+    calls = []
+    real_metrics = stream.pair_metric_tensors
+
+    def metrics(*a, **k):  # a scheduler's SIGTERM arrives during the second batch
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_metrics(*a, **k)
+
+    monkeypatch.setattr(stream, "pair_metric_tensors", metrics)
+    saved.clear()
+    run = tmp_path / "term"
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        run_diff(tiny, pairs, batch_size=4, sample_size=8, run=run)
+    assert saved == [8] and signal.getsignal(signal.SIGTERM) == before  # the handler is put back
+    monkeypatch.setattr(stream, "pair_metric_tensors", real_metrics)
+    done = run_diff(tiny, pairs, batch_size=4, sample_size=8, run=run)
+    assert done.meta["complete"] and done.timing["resumed_from"] == 8
+
+
 def test_host_sample_equals_device_sample(tiny, tmp_path):
     """The GPU layout of the pair sample (host memory, rows queued per batch and written oldest first) gives
     the same state as the in-place one, when the sample overflows (slots overwritten) and across a resume."""

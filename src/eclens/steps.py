@@ -127,14 +127,16 @@ def spread_pairs(pairs: Sequence, n: int | None, seed: int = 0) -> list:
 
 
 def diff_step(run: str | Path, model, pairs: Sequence, config: DiffConfig | None = None, *, batch_size: int = 16,
-              checkpoint_every: int = 50, ctx=None, progress: bool = True, write_state: bool = True) -> StepOutcome:
+              checkpoint_every: int | None = None, ctx=None, progress: bool = True, write_state: bool = True
+              ) -> StepOutcome:
     """:func:`eclens.diff.run_diff` over ``pairs`` (resuming the run's checkpoint), its tables written
     (:func:`save_diff`). Under torchrun every rank streams its shard and rank 0 merges and writes.
 
     ``write_state=False``: the caller deletes ``RUN/state`` once the run completes (``ec run`` and ``ec diff``
     without ``--keep-state``), so the complete state is not written at all (1.4 GB for the default run, as long
     to write as the tables take to compute). A kill while the tables are computed then resumes from the last
-    checkpoint, as a kill during the stream does: at most ``checkpoint_every`` batches are streamed again."""
+    checkpoint, as a kill during the stream does (``checkpoint_every`` batches, or by default
+    :data:`eclens.diff.stream.CHECKPOINT_SECONDS` of streaming, at most)."""
     from . import distributed as D
     from .diff import resolve_categories, resolve_cells, run_diff
 

@@ -97,7 +97,9 @@ def diff(
     stable_frac: float = typer.Option(0.9, "--stable-frac", help="stable: fraction of pairs under the threshold"),
     responsive_z: float = typer.Option(1.0, "--responsive-z", help="responsive: median |Δ|/σ at least this"),
     responsive_sign: float = typer.Option(0.8, "--responsive-sign", help="responsive: sign consistency at least"),
-    checkpoint_every: int = typer.Option(50, "--checkpoint-every", help="save a resumable checkpoint every N batches"),
+    checkpoint_every: int = typer.Option(None, "--checkpoint-every", min=1, help="save a resumable checkpoint every N "
+                                         "batches (default: every 5 minutes of streaming; Ctrl-C and SIGTERM "
+                                         "always save one)"),
     anchor: str = typer.Option("p", "--anchor", help="where offset 0 sits: p (the changed token) or detect (where the "
                                "error becomes detectable; p for pairs without a detect word)"),
     from_cache: Path = typer.Option(None, "--from-cache", help="compute from a run's activation cache (ec cache) "

@@ -150,7 +150,9 @@ its flattened width; all float64 unless noted):
 * metadata ``eclens_diff``: JSON with the configuration (hooks and their layers,
   offsets, categories, thresholds), the processed pair ids, the sampled pair ids, the
   per-pair rows and ``complete``. The file is the checkpoint too: it is rewritten
-  atomically every ``checkpoint_every`` batches, and a rerun resumes from it.
+  atomically every ``checkpoint_every`` batches (by default every
+  :data:`~eclens.diff.stream.CHECKPOINT_SECONDS` of streaming, and at Ctrl-C or SIGTERM), and a rerun
+  resumes from it.
 
 The package holds one idea a module: :mod:`~eclens.diff.config` (what determines the numbers),
 :mod:`~eclens.diff.gather` (the aligned positions), :mod:`~eclens.diff.logprobs` (per-pair rows),

@@ -46,10 +46,28 @@ def frame(blocks: list[dict]) -> pd.DataFrame:
     lengths = [next(len(v) for v in b.values() if isinstance(v, np.ndarray)) for b in blocks]
     cols = {}
     for k in blocks[0]:
+        if all(isinstance(b[k], str) for b in blocks):
+            cols[k] = _repeated_strings([b[k] for b in blocks], lengths)
+            continue
         parts = [b[k] if isinstance(b[k], np.ndarray) else np.full(n, b[k], dtype=object if isinstance(b[k], str)
                                                                      else None) for b, n in zip(blocks, lengths)]
         cols[k] = np.concatenate(parts)
     return pd.DataFrame(cols)
+
+
+def _repeated_strings(values: list[str], lengths: list[int]):
+    """A string column of ``values[i]`` repeated ``lengths[i]`` times, in pandas' default string dtype: made by
+    Arrow from one code per row (an object array of millions of Python strings took ~0.8 s per column to
+    convert, the dims table has four)."""
+    dtype = pd.Series(["x"]).dtype
+    if getattr(dtype, "storage", None) != "pyarrow":  # pandas without Arrow strings: its own conversion
+        return np.repeat(np.array(values, dtype=object), lengths)
+    import pyarrow as pa
+
+    uniq = list(dict.fromkeys(values))
+    codes = np.repeat(np.array([uniq.index(v) for v in values], dtype=np.int32), lengths)
+    arr = pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(uniq, type=pa.large_string()))
+    return pd.array(arr.cast(pa.large_string()), dtype=dtype)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -227,12 +245,18 @@ DIM_COLUMNS = ("mean_delta", "std_delta", "mean_abs_delta", "mean_clean", "sigma
 
 def dims_block(res: DiffResult, h: str, cat: str, offsets: Sequence[int] | None = None) -> pd.DataFrame:
     """One row per (layer, offset, dim) of one hook and category (every offset, or ``offsets``)."""
+    return frame(dims_columns(res, h, cat, offsets))
+
+
+def dims_columns(res: DiffResult, h: str, cat: str, offsets: Sequence[int] | None = None) -> list[dict]:
+    """:func:`dims_block` as :func:`frame` blocks (one per offset): a table of many is one frame, not a
+    concatenation of frames (whose string columns cost more than the numbers)."""
     g = res.group(h)
     st = res.cell_stats(h, cat)
     offs = res.offsets
     oi = list(range(len(offs))) if offsets is None else [offs.index(o) for o in offsets]
     L, D = len(g.layers), g.width
-    frames = []
+    blocks = []
     dims = np.arange(D)
     head = np.array([head_of(g, int(d)) for d in dims]) if g.kind in ("head", "head_dim") else np.full(D, -1)
     for o in oi:
@@ -244,8 +268,8 @@ def dims_block(res: DiffResult, h: str, cat: str, offsets: Sequence[int] | None 
         for c in DIM_COLUMNS:
             data[c] = st[c][:, o, :].reshape(-1).numpy()
         data["massive"] = st["massive"][:, o, :].reshape(-1).numpy()
-        frames.append(pd.DataFrame(data))
-    return pd.concat(frames, ignore_index=True)
+        blocks.append(data)
+    return blocks
 
 
 def all_tables(res: DiffResult) -> dict[str, pd.DataFrame]:
@@ -255,22 +279,22 @@ def all_tables(res: DiffResult) -> dict[str, pd.DataFrame]:
     zeroed for them (a million page faults at 225 pairs) took as long as the numbers."""
     groups = res.stat_groups()
     blocks: dict[tuple[str, str, str], tuple[dict, list[dict], list[dict]]] = {}
-    dims: dict[tuple[str, str], pd.DataFrame] = {}
+    dims: dict[tuple[str, str], list[dict]] = {}
     heads: dict[tuple[str, str], pd.DataFrame] = {}
     for h in res.hooks:
         for cat, dr in groups:
             blocks[cat, dr, h] = (layers_block(res, h, cat, dr), candidate_blocks(res, h, cat, dr),
                                   sensitivity_rows(res, h, cat, dr))
             if dr == "all":
-                dims[cat, h] = dims_block(res, h, cat, None if cat == "all" else [0])
+                dims[cat, h] = dims_columns(res, h, cat, None if cat == "all" else [0])
                 if res.group(h).n_heads:
                     heads[cat, h] = heads_block(res, h, cat)
         res.forget_hook(h)
     order = [(cat, dr, h) for cat, dr in groups for h in res.hooks]  # the tables' row order: groups, then hooks
-    dim_parts = [dims[c, h] for c in res.categories for h in res.hooks if (c, h) in dims]
+    dim_parts = [b for c in res.categories for h in res.hooks if (c, h) in dims for b in dims[c, h]]
     head_parts = [heads[c, h] for c in res.categories for h in res.hooks if (c, h) in heads]
     return {"layers": frame([blocks[k][0] for k in order]),
             "candidates": candidates_frame([b for k in order for b in blocks[k][1]]),
             "sensitivity": pd.DataFrame([r for k in order for r in blocks[k][2]]),
-            "dims": pd.concat(dim_parts, ignore_index=True) if dim_parts else pd.DataFrame(),
+            "dims": frame(dim_parts),
             "heads": pd.concat(head_parts, ignore_index=True) if head_parts else pd.DataFrame()}
