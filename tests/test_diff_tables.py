@@ -63,6 +63,23 @@ def test_ranked_equals_a_sort_of_every_row():
                     assert np.array_equal(g, w), (density, asc, top)
 
 
+def test_cluster_weights_are_drawn_once_and_read_only():
+    """One draw per (clusters, replicates, seed), shared by every hook of a group, read-only so that no caller
+    can change another's; forgetting draws it again, the same numbers (a seeded multinomial per replicate)."""
+    from eclens.diff.intervals import cluster_weights, forget_cluster_weights
+
+    cl = ["a", "b", "a", "c"]
+    w = cluster_weights(cl, 50, seed=3)
+    assert cluster_weights(cl, 50, seed=3) is w and not w.flags.writeable
+    assert cluster_weights(cl, 50, seed=4) is not w
+    assert (w[:, 0] == w[:, 2]).all() and (w[:, [0, 1, 3]].sum(1) == 3).all()  # per cluster; G draws each
+    want = np.random.default_rng(3).multinomial(3, np.full(3, 1 / 3), size=50).astype(float)
+    assert np.array_equal(w[:, [0, 1, 3]], want)
+    forget_cluster_weights()
+    again = cluster_weights(cl, 50, seed=3)
+    assert again is not w and np.array_equal(again, w)
+
+
 def test_dim_means_skip_massive_and_nan():
     x = torch.tensor([[[1.0, float("nan"), 3.0, 100.0]], [[float("nan")] * 4]], dtype=torch.float64)
     keep = torch.tensor([[[True, True, True, False]], [[True] * 4]])

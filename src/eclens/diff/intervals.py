@@ -9,6 +9,7 @@ are drawn once and applied to all cells with one matrix product.
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from functools import lru_cache
 
 import numpy as np
 from jaxtyping import Bool, Float
@@ -18,11 +19,24 @@ from ..bootstrap import cluster_codes
 
 
 def cluster_weights(clusters: Sequence[Hashable], n_boot: int, seed: int = 0) -> np.ndarray:
-    """``[n_boot, n]`` weights: how often each row's cluster is drawn in each replicate."""
+    """``[n_boot, n]`` weights: how often each row's cluster is drawn in each replicate (read-only: the same
+    draw serves every hook of a group, and numpy's multinomial draws one row at a time)."""
+    return _cluster_weights(tuple(clusters), n_boot, seed)
+
+
+def forget_cluster_weights() -> None:
+    """Drop the cached draws of :func:`cluster_weights` (tens of MB once a run's groups have been drawn)."""
+    _cluster_weights.cache_clear()
+
+
+@lru_cache(maxsize=64)  # a run's groups (about 30 for the default templates), each drawn once for every hook
+def _cluster_weights(clusters: tuple, n_boot: int, seed: int) -> np.ndarray:
     codes, G = cluster_codes(list(clusters))
     rng = np.random.default_rng(seed)
     counts = rng.multinomial(G, np.full(G, 1.0 / G), size=n_boot).astype(float) if G else np.zeros((n_boot, 0))
-    return counts[:, codes]
+    w = counts[:, codes]
+    w.setflags(write=False)
+    return w
 
 
 def masked_means(values: Float[np.ndarray, "n cells"], ok: Bool[np.ndarray, "n cells"],

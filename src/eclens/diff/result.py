@@ -22,7 +22,7 @@ from .config import (
     DiffConfig,
 )
 from .contrasts import compute_contrasts
-from .intervals import mean_intervals
+from .intervals import forget_cluster_weights, mean_intervals
 from .sample_stats import sample_stats, threshold_bounds
 from .tables import all_tables, candidates_table, dims_block, heads_table, layers_table, sensitivity_table
 
@@ -637,6 +637,7 @@ class DiffResult:
         the files are written."""
         for k in [k for k in self._cache if isinstance(k, tuple) or k == "scratch"]:
             del self._cache[k]
+        forget_cluster_weights()
 
     # ---- files
     def manifest_step(self, files: list[str], *, batch_size: int | None, seconds: float | None,
