@@ -197,11 +197,12 @@ class DiffResult:
             self._cache[key] = K[:, torch.arange(K.shape[1]), first].to(F64)
         return self._cache[key]
 
-    def _weighted_sums(self, hook: str, W: torch.Tensor) -> torch.Tensor:
+    def _weighted_sums(self, hook: str, W: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``[O, G, 7, L·D]``: per row set (weights ``W`` ``[G, C]``) the sums of Δ and of Δ² and of the clean
         activation and its square about :meth:`_shift0` (features 0-3), and the unshifted feature sums
         (``delta_abs``, ``delta_sign``, ``delta_nonzero``). Each row's sums are recentred with recentre()'s
-        algebra and rounding, a chunk of columns at a time, then summed over the rows by one matrix product."""
+        algebra and rounding, a chunk of columns at a time, then summed over the rows by one matrix product.
+        ``out``: a buffer of that shape to fill (a forgotten hook's: the same pages again, not fresh ones)."""
         f = self.tensors[f"{hook}/feat"]  # [O, C, F, L, D] float32
         K = self.tensors[f"{hook}/shift"]
         O, C, F = f.shape[:3]  # noqa: E741
@@ -209,7 +210,9 @@ class DiffResult:
         fv, Kv = f.view(O, C, F, X), K.view(2, O, C, X)
         k0 = self._shift0(hook).view(2, O, X)
         cnt = self.tensors["count"].T.to(F64)  # [O, C]
-        out = torch.empty((O, W.shape[0], F, X), dtype=F64)
+        shape = (O, W.shape[0], F, X)
+        if out is None or tuple(out.shape) != shape:
+            out = torch.empty(shape, dtype=F64)
         step = self.SUMS_CHUNK
         for o in range(O):
             n = cnt[o][:, None]
@@ -239,7 +242,7 @@ class DiffResult:
             return self._weighted_sums(hook, self._row_weights(r)[None])[:, 0].view(shape)
         key = ("sums", hook)
         if key not in self._cache:
-            self._cache[key] = self._weighted_sums(hook, W)
+            self._cache[key] = self._weighted_sums(hook, W, self._cache.pop("spare_sums", None))
         return self._cache[key][:, index[rk]].view(shape)
 
     def _row_weights(self, r: torch.Tensor | None) -> torch.Tensor:
@@ -625,7 +628,9 @@ class DiffResult:
             return k[:2] in (("sums", hook), ("bounds", hook))
 
         for k in [k for k in self._cache if of_hook(k)]:
-            del self._cache[k]
+            v = self._cache.pop(k)
+            if k[0] == "sums":  # the next hook's sums fill the same buffer
+                self._cache["spare_sums"] = v
 
     def state_bytes(self) -> int:
         """Bytes of the state's arrays (:data:`STATS_FILE` less its header): what ``--keep-state`` keeps."""
@@ -635,7 +640,7 @@ class DiffResult:
         """Forget the per-group arrays behind the tables (recomputed on demand), keep the tables: a default run's
         cached cell statistics are gigabytes (~16 MB per group and hook for SmolLM2-135M) that nothing reads once
         the files are written."""
-        for k in [k for k in self._cache if isinstance(k, tuple) or k == "scratch"]:
+        for k in [k for k in self._cache if isinstance(k, tuple) or k in ("scratch", "spare_sums")]:
             del self._cache[k]
         forget_cluster_weights()
 
