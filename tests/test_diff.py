@@ -465,6 +465,34 @@ def test_checkpoints_follow_the_time_or_the_batch_count_and_sigterm_saves_one(ti
     assert done.meta["complete"] and done.timing["resumed_from"] == 8
 
 
+def test_staged_sums_are_flushed_before_any_row_holds_more_than_the_bound(tiny, monkeypatch):
+    """A staged float32 sum never holds more than ``flush_pairs`` terms (pairs of its state row since the last
+    flush), whatever the batch; flushing more or less often changes the numbers by float32 rounding only."""
+    from eclens.diff.accumulate import DiffAccumulator
+
+    pairs = make_pairs(tiny, small_pairs(tiny.tokenizer))
+    want = run_diff(tiny, pairs, batch_size=4, sample_size=8)  # 24 pairs: no row reaches 256, one flush
+    monkeypatch.setattr(DiffAccumulator, "flush_pairs", 6)
+    seen, flushes = [], []
+    real_update, real_flush = DiffAccumulator._update, DiffAccumulator.flush
+
+    def update(self, pairs, *a):
+        real_update(self, pairs, *a)
+        seen.append(int(self._row_terms.max()) + len(pairs))  # what the next batch could bring a row to
+
+    def flush(self):
+        flushes.append(int(self._row_terms.max()))
+        real_flush(self)
+
+    monkeypatch.setattr(DiffAccumulator, "_update", update)
+    monkeypatch.setattr(DiffAccumulator, "flush", flush)
+    got = run_diff(tiny, pairs, batch_size=4, sample_size=8)
+    assert max(seen) <= 6 and len(flushes) > 2 and max(flushes) <= 6
+    for h in want.hooks:
+        for k in ("mean_delta", "std_delta", "sigma_clean", "absz_mean", "rel_l2_mean"):
+            assert rel_err(got.cell_stats(h)[k].numpy(), want.cell_stats(h)[k].numpy()) < 1e-6, (h, k)
+
+
 def test_host_sample_equals_device_sample(tiny, tmp_path):
     """The GPU layout of the pair sample (host memory, rows queued per batch and written oldest first) gives
     the same state as the in-place one, when the sample overflows (slots overwritten) and across a resume."""

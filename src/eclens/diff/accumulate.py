@@ -410,18 +410,19 @@ class DiffAccumulator:
         self.rows: list[dict] = []
         self.done: set[str] = set()
         self.model_entry: dict = {}
-        self.flush_every = 8
-        self.flush_pairs = 256
-        self._since_flush = 0
-        self._pairs_since_flush = 0
+        self._row_terms = torch.zeros(self.C, dtype=torch.long)  # pairs per state row since the last flush
         self._pending: list[tuple[list[AlignedPair], dict[str, torch.Tensor], set[int]]] = []
+
+    # A staged float32 sum holds at most flush_pairs terms: one per pair of its state row since the flush
+    # (counted per row, not per batch: with a few dozen rows most runs flush only at the end, where a flush
+    # every eight batches rewrote the float64 totals seven times in a 2,000-pair stream).
+    flush_pairs = 256
 
     def flush(self) -> None:
         """Staged sums into the float64 totals. No host sync."""
         for a in self.acc.values():
             a.flush()
-        self._since_flush = 0
-        self._pairs_since_flush = 0
+        self._row_terms.zero_()
 
     def convert_pending(self) -> None:
         """Pending pair metrics (device tensors) into rows: one host transfer for many batches."""
@@ -495,10 +496,8 @@ class DiffAccumulator:
             for i, (a, r) in enumerate(zip(pairs, rows)):
                 self.rows.append({**pair_info(a), **r, "in_sample": i in in_sample})
         self.done.update(a.id for a in pairs)
-        self._since_flush += 1
-        self._pairs_since_flush += B
-        # float32 staging sums hold at most ~flush_pairs terms before they go into float64
-        if self._since_flush >= self.flush_every or self._pairs_since_flush >= self.flush_pairs:
+        self._row_terms += torch.bincount(cat_cpu, minlength=self.C)
+        if int(self._row_terms.max()) + B > self.flush_pairs:  # the next batch could take a row past the bound
             self.flush()
         if sum(len(ps) for ps, _, _ in self._pending) >= 4096:
             self.convert_pending()
