@@ -3,7 +3,7 @@
     python scripts/estimate_storage.py [--layers 32 --d-model 4096 --pairs 4000]   # Llama-3-8B shaped
     python scripts/estimate_storage.py --smollm2                                     # the default run, to check
 
-State (``RUN/state``, deleted when the run completes unless ``--keep-state``) is exact arithmetic on the
+State (``RUN/state``, written only with ``--keep-state``) is exact arithmetic on the
 accumulator shapes of ``eclens.diff`` (key layout in its docstring), per diff hook ``H``:
 ``{H}/feat`` [O, C, 7, L, D] float64, ``{H}/shift`` [2, O, C, L, D] float64 and ``{H}/sample_delta``
 [S, O, L, D] float16, with ``O`` offsets, ``C`` state rows (two split halves per (category, swap direction)
@@ -66,7 +66,7 @@ def main() -> None:
     for k, v in e["results"].items():
         print(f"  results  {k:34s} {v / 1e6:10.1f} MB")
     print(f"  results  {'total':34s} {e['results_total'] / 1e6:10.1f} MB")
-    print(f"  state    {'state/ (deleted unless --keep-state)':34s} {e['state'] / 1e9:10.2f} GB")
+    print(f"  state    {'state/ (only with --keep-state)':34s} {e['state'] / 1e9:10.2f} GB")
 
 
 if __name__ == "__main__":
