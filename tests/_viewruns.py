@@ -65,10 +65,24 @@ def run_argv(pairs_file: Path, out: Path) -> list[str]:
 
 
 def get_real_run(tmp_path_factory, tokenizer) -> RealRun:
-    """Make the run once per session (a subprocess: `ec run` exactly as a user runs it)."""
+    """Make the run once per session (a subprocess: `ec run` exactly as a user runs it). Under xdist the
+    workers share one: the first to ask makes it under the session's common temporary folder while the
+    others wait on a lock, then read it (each worker making its own was a minute of both cores)."""
     if "run" in _CACHE:
         return _CACHE["run"]
     reuse = os.environ.get("ECLENS_VIEWS_RUNS")
+    if not reuse and os.environ.get("PYTEST_XDIST_WORKER"):
+        import fcntl
+
+        shared = tmp_path_factory.getbasetemp().parent
+        with open(shared / "views-run.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+            if not (shared / "views-run.done").exists():
+                rr = _make_run(shared / "views-runs", tokenizer)
+                (shared / "views-run.done").write_text(str(rr.returncode))
+                _CACHE["run"] = rr
+                return rr
+        reuse = str(shared / "views-runs")
     if reuse:  # a folder where this same `ec run` already finished (see run_argv), e.g. on a loaded machine
         runs = Path(reuse)
         out = runs / RUN_NAME
@@ -79,7 +93,13 @@ def get_real_run(tmp_path_factory, tokenizer) -> RealRun:
                                 run_argv(runs.parent / "views-pairs.jsonl", out), 0 if ok else 1, logs[0],
                                 logs[1] if ok else f"ECLENS_VIEWS_RUNS={reuse}: no finished run {out}", 0.0)
         return _CACHE["run"]
-    runs = tmp_path_factory.mktemp("runs")
+    _CACHE["run"] = _make_run(tmp_path_factory.mktemp("runs"), tokenizer)
+    return _CACHE["run"]
+
+
+def _make_run(runs: Path, tokenizer) -> RealRun:
+    """`ec run` into ``runs``; the pairs file and what it printed (``views-run.stdout``/``.stderr``) beside it."""
+    runs.mkdir(parents=True, exist_ok=True)
     pairs_file = write_pairs_file(tokenizer, runs.parent / "views-pairs.jsonl")
     out = runs / RUN_NAME
     argv = run_argv(pairs_file, out)
@@ -91,9 +111,9 @@ def get_real_run(tmp_path_factory, tokenizer) -> RealRun:
         code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
     except subprocess.TimeoutExpired as e:  # recorded, so every test that needs the run fails at once
         code, stdout, stderr = -9, "", f"timed out after 600 s\n{(e.stderr or b'')[-2000:]!r}"
-    rr = RealRun(runs, out, pairs_file, argv, code, stdout, stderr, time.perf_counter() - t0)
-    _CACHE["run"] = rr
-    return rr
+    (runs.parent / "views-run.stdout").write_text(stdout)
+    (runs.parent / "views-run.stderr").write_text(stderr)
+    return RealRun(runs, out, pairs_file, argv, code, stdout, stderr, time.perf_counter() - t0)
 
 
 @pytest.fixture(scope="session")
