@@ -91,7 +91,7 @@ def get_real_run(tmp_path_factory, tokenizer) -> RealRun:
                 for k in ("stdout", "stderr")]  # what that `ec run` printed, for the tests that read it
         _CACHE["run"] = RealRun(runs, out, runs.parent / "views-pairs.jsonl",
                                 run_argv(runs.parent / "views-pairs.jsonl", out), 0 if ok else 1, logs[0],
-                                logs[1] if ok else f"ECLENS_VIEWS_RUNS={reuse}: no finished run {out}", 0.0)
+                                logs[1] if ok else f"{reuse}: no finished run {out}\n{logs[1][-3000:]}", 0.0)
         return _CACHE["run"]
     _CACHE["run"] = _make_run(tmp_path_factory.mktemp("runs"), tokenizer)
     return _CACHE["run"]

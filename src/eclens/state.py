@@ -67,12 +67,13 @@ def finish_state(run: str | os.PathLike, *, keep: bool = False,
     clean_trash(run)
     folder = state_dir(run)
     if not folder.is_dir():
-        unwritten = ((read_manifest(run).get("steps") or {}).get("diff") or {}).get("state") or {}
+        man = read_manifest(run)
+        unwritten = ((man.get("steps") or {}).get("diff") or {}).get("state") or {}
         if unwritten.get("written") is not False:
             return None
         n = int(unwritten.get("bytes") or 0)  # not kept, so never written (eclens.steps.diff_step)
         record = {"kept": False, "written": False, "bytes": n}
-        if (read_manifest(run).get("state") or {}) == record:  # said when the run completed
+        if (man.get("state") or {}) == record:  # said when the run completed
             return None
         if log:
             log(f"state not written: {human(n)} (the accumulators a resume or a merge reads; {KEEP_HINT})")

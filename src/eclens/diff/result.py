@@ -24,7 +24,15 @@ from .config import (
 from .contrasts import compute_contrasts
 from .intervals import forget_cluster_weights, mean_intervals
 from .sample_stats import sample_stats, threshold_bounds
-from .tables import all_tables, candidates_table, dims_block, heads_table, layers_table, sensitivity_table
+from .tables import (
+    all_tables,
+    candidates_table,
+    dims_columns,
+    frame,
+    heads_table,
+    layers_table,
+    sensitivity_table,
+)
 
 
 class DiffResult:
@@ -182,7 +190,7 @@ class DiffResult:
                 rk = self._rows_key(r)
                 if rk not in index:
                     index[rk] = len(ws)
-                    ws.append(torch.ones(len(self.config.rows), dtype=F64) if r is None else self._row_weights(r))
+                    ws.append(self._row_weights(r))
             self._cache["row_sets"] = (index, torch.stack(ws))
         return self._cache["row_sets"]
 
@@ -203,7 +211,7 @@ class DiffResult:
         (``delta_abs``, ``delta_sign``, ``delta_nonzero``). Each row's sums are recentred with recentre()'s
         algebra and rounding, a chunk of columns at a time, then summed over the rows by one matrix product.
         ``out``: a buffer of that shape to fill (a forgotten hook's: the same pages again, not fresh ones)."""
-        f = self.tensors[f"{hook}/feat"]  # [O, C, F, L, D] float32
+        f = self.tensors[f"{hook}/feat"]  # [O, C, F, L, D]
         K = self.tensors[f"{hook}/shift"]
         O, C, F = f.shape[:3]  # noqa: E741
         X = f[0, 0, 0].numel()
@@ -397,7 +405,7 @@ class DiffResult:
         """One row per (hook, layer, offset, dim) for ``category`` (one offset or all)."""
         hooks = [hook] if hook else self.hooks
         offs = None if offset is None else [offset]
-        return pd.concat([dims_block(self, h, category, offs) for h in hooks], ignore_index=True)
+        return frame([b for h in hooks for b in dims_columns(self, h, category, offs)])
 
     @property
     def dims(self) -> pd.DataFrame:

@@ -120,9 +120,9 @@ def _quantiles(u: torch.Tensor, ftype: torch.dtype, inv: torch.Tensor, ok: torch
     hi = torch.zeros_like(lo)
     frac = torch.zeros((O, len(QUANTILES)), dtype=F64)
     for o, k in enumerate(n_valid):
+        if k == 0:  # NaN below; position 0 stands in
+            continue
         for j, q in enumerate(QUANTILES):
-            if k == 0:  # NaN below; position 0 stands in
-                continue
             p = (k - 1) * q
             i = int(p // 1)
             lo[o, j], frac[o, j] = i, p - i

@@ -243,14 +243,10 @@ DIM_COLUMNS = ("mean_delta", "std_delta", "mean_abs_delta", "mean_clean", "sigma
                "absz_q25", "absz_q75", "absz_q90", "frac_under")
 
 
-def dims_block(res: DiffResult, h: str, cat: str, offsets: Sequence[int] | None = None) -> pd.DataFrame:
-    """One row per (layer, offset, dim) of one hook and category (every offset, or ``offsets``)."""
-    return frame(dims_columns(res, h, cat, offsets))
-
-
 def dims_columns(res: DiffResult, h: str, cat: str, offsets: Sequence[int] | None = None) -> list[dict]:
-    """:func:`dims_block` as :func:`frame` blocks (one per offset): a table of many is one frame, not a
-    concatenation of frames (whose string columns cost more than the numbers)."""
+    """One row per (layer, offset, dim) of one hook and category (every offset, or ``offsets``), as
+    :func:`frame` blocks (one per offset): a table of many is one frame, not a concatenation of frames (whose
+    string columns cost more than the numbers)."""
     g = res.group(h)
     st = res.cell_stats(h, cat)
     offs = res.offsets
