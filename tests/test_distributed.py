@@ -255,6 +255,15 @@ def _tiny_folder_and_pairs(tmp_path):
     return folder, pairs_file
 
 
+def _rank_errors(stderr: str) -> str:
+    """What each rank said when a torchrun job failed: the last lines of every rank's own output (torchrun
+    interleaves them, and the tail alone shows only the rank that failed last)."""
+    lines = stderr.splitlines()
+    ranks = sorted({ln.split("]", 1)[0] + "]" for ln in lines if ln.startswith("[rank")})
+    parts = ["\n".join([ln for ln in lines if ln.startswith(r)][-15:]) for r in ranks]
+    return "\n---\n".join([*parts, stderr[-1500:]])
+
+
 def _ec_one_and_two(tmp_path, args):
     """Run `ec ARGS --out one` in one process and under `torchrun --nproc-per-node 2 ... --out two`."""
     import shutil
@@ -270,7 +279,7 @@ def _ec_one_and_two(tmp_path, args):
     assert r1.returncode == 0, r1.stderr[-2000:]
     r2 = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "--no-python", ec,
                          *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
-    assert r2.returncode == 0, r2.stderr[-3000:]
+    assert r2.returncode == 0, _rank_errors(r2.stderr)
     assert not list((tmp_path / "two").glob("*.tmp"))
 
 
@@ -349,3 +358,42 @@ def test_ec_cache_under_torchrun_equals_one_process(tmp_path):
     assert not list((tmp_path / "two" / "cache").glob("index.rank*.json"))
     man = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert man["world_size"] == 2 and man["steps"]["cache"]["world_size"] == 2
+
+
+def _leave_worker(rank: int, world: int, port: int, out_dir: str, fail_rank: int) -> None:
+    import time
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      LOCAL_RANK=str(rank))
+    from eclens import distributed as D
+
+    ctx = D.init("cpu")
+    D.barrier(ctx)
+    if rank == 0:
+        time.sleep(2.0)  # rank 0 is slow to finish its last collective
+    start = time.time()
+    try:
+        try:
+            if rank == fail_rank:
+                raise ValueError("this rank failed")
+        finally:
+            D.shutdown(ctx)
+    except ValueError:
+        pass
+    Path(out_dir, f"leave{rank}.json").write_text(json.dumps({"start": start, "end": time.time()}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fail_rank", [-1, 1])
+def test_no_rank_leaves_before_the_others_finished(tmp_path, fail_rank):
+    """gloo fails a rank still in its last collective when a peer exits (the CI failure of
+    test_ec_cache_under_torchrun_equals_one_process): D.shutdown holds the early rank until rank 0 is done,
+    except on an error, where the rank leaves at once, and rank 0 does not wait for it."""
+    mp.start_processes(_leave_worker, args=(2, _free_port(), str(tmp_path), fail_rank), nprocs=2,
+                       start_method="spawn", join=True)
+    r0, r1 = (json.loads((tmp_path / f"leave{r}.json").read_text()) for r in (0, 1))
+    if fail_rank == 1:
+        assert r1["end"] < r0["start"]
+        assert r0["end"] - r0["start"] < 10
+    else:
+        assert r1["end"] >= r0["start"]

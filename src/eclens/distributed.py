@@ -16,7 +16,9 @@ state is a fixed size (it does not grow with the number of pairs), so the cost i
 
 from __future__ import annotations
 
+import itertools
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -114,9 +116,42 @@ def merge_diff(result, ctx: Dist):
     return merged
 
 
-def shutdown(ctx: Dist) -> None:
-    if ctx.active:
-        import torch.distributed as dist
+LEAVE_TIMEOUT_S = 1800.0  # the longest a rank waits at the exit for the others (torch's default collective timeout)
+_LEAVES = itertools.count()
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+
+def shutdown(ctx: Dist) -> None:
+    """Leave the process group; meant for a ``finally:``. A rank that finished its work first waits (on
+    the rendezvous store) until every rank has finished its collectives: gloo fails a rank still inside
+    the last collective when a peer closes its sockets (pytorch/gloo#155, seen as "Connection closed by
+    peer" in a barrier). A rank leaving on an exception releases the waiting ranks and does not wait."""
+    if not ctx.active:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    _leave_together(ctx, failed=sys.exc_info()[0] is not None)
+    dist.destroy_process_group()
+
+
+def _leave_together(ctx: Dist, failed: bool) -> None:
+    """Return once every rank has come here (a counter on the rendezvous store, whose requests are
+    acknowledged, unlike the last message of a collective); at once if this rank ``failed``."""
+    import datetime
+
+    import torch.distributed as dist
+
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        return
+    job = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'job')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    try:
+        client = dist.TCPStore(addr, int(port), is_master=False, timeout=datetime.timedelta(seconds=30))
+        store = dist.PrefixStore(f"eclens/{job}/leave{next(_LEAVES)}/", client)
+        if not failed and store.add("finished", 1) < ctx.world_size:
+            store.wait(["all"], datetime.timedelta(seconds=LEAVE_TIMEOUT_S))
+        else:
+            store.set("all", "1")  # the last to arrive, or a rank that will not finish: nobody waits longer
+    except dist.DistError:  # the store's host (rank 0 outside torchrun) is gone: it leaves only after the
+        pass  # others arrived or one failed; or the wait timed out: either way, nothing left to protect
