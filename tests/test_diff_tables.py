@@ -261,13 +261,20 @@ def test_one_pass_tables_equal_the_tables_one_by_one_and_keep_only_the_all_group
     assert len(res.stat_groups()) > 3 and len(res.config.categories) > 1
     one = DiffResult(res.meta, res.tensors, res.model, res.timing)
     one.build_tables()
-    for name in ("layers", "candidates", "sensitivity", "dims", "heads"):
-        want = getattr(res, name)
-        assert not want.empty, name
-        pd.testing.assert_frame_equal(getattr(one, name), want, check_exact=True, obj=name)
     every = {("all", "all")}
     kept = {(k[0], k[1]) for k in one._cache if isinstance(k, tuple) and len(k) == 2 and k[0] in one.hooks}
     assert kept == {(h, None) for h in one.hooks}, kept  # cell_stats of "all" only (rows None)
     assert not any(isinstance(k, tuple) and k[0] == "sums" for k in one._cache)  # each hook's sums forgotten
     assert not any(isinstance(k, tuple) and k[0] in ("cand", "cand_base") and k[2:4] not in every
                    for k in one._cache)
+    for name in ("layers", "candidates", "sensitivity", "heads"):
+        want = getattr(res, name)
+        assert not want.empty, name
+        pd.testing.assert_frame_equal(getattr(one, name), want, check_exact=True, obj=name)
+    # dims.parquet's table, made from the blocks without the float64 frame: the frame at the declared precision
+    from eclens.tables import narrow
+
+    stored = one.dims_stored.to_pandas()
+    assert list(stored.columns) == list(narrow(res.dims, "dims.parquet").columns) and len(stored) == len(res.dims)
+    pd.testing.assert_frame_equal(stored, narrow(res.dims, "dims.parquet"), check_exact=True, obj="dims_stored")
+    pd.testing.assert_frame_equal(one.dims, res.dims, check_exact=True, obj="dims")  # made on demand

@@ -85,6 +85,22 @@ def test_narrow_keeps_values_beyond_float16_at_float32():
     assert "z_mean" not in out  # derived: not stored
 
 
+def test_stored_table_equals_the_narrowed_frame_across_blocks():
+    """dims.parquet's table made block by block holds what narrow() makes of the whole frame: a float16 column
+    with a value beyond float16's range in one block only is float32 in every block."""
+    from eclens.diff.tables import frame
+    from eclens.tables import stored_block, stored_table
+
+    rng = np.random.default_rng(0)
+    blocks = [{"category": c, "hook": "h", "layer": np.arange(n), "n": n, "mean_clean": rng.normal(size=n) * scale,
+               "mean_delta": rng.normal(size=n), "sigma_clean": rng.uniform(0.1, 2, n), "z_mean": rng.normal(size=n)}
+              for c, n, scale in (("all", 5, 1.0), ("a", 3, 1e5), ("all", 4, 1.0))]
+    got = stored_table([stored_block(b, "dims.parquet") for b in blocks], "dims.parquet").to_pandas()
+    want = narrow(frame(blocks), "dims.parquet")
+    pd.testing.assert_frame_equal(got, want, check_exact=True)
+    assert got["mean_clean"].dtype == np.float32 and got["mean_delta"].dtype == np.float16 and "z_mean" not in got
+
+
 def test_readers_find_old_csv_tables(tmp_path):
     """A run folder from before issue 20 (candidates.csv, layers.csv) reads as before."""
     pd.DataFrame({"layer": [0, 1], "rel_l2_mean": [0.5, 0.25]}).to_csv(tmp_path / "layers.csv", index=False)

@@ -191,6 +191,12 @@ def write_table(df, path: str | os.PathLike) -> Path:
     (:func:`table_with_header`), so every table a run writes can be read back. Parquet is written at the
     precision :data:`eclens.tables.PRECISION` declares for the file."""
     path = Path(path)
+    if not isinstance(df, pd.DataFrame):  # an Arrow table already at the file's precision (eclens.tables.stored_table)
+        with atomic_path(path, need=int(df.nbytes) + 4096) as tmp:
+            from .tables import write_parquet
+
+            write_parquet(df, tmp)
+        return path
     df = table_with_header(df, path)
     # About what the file takes: a CSV writes each number as ~2.5x its 8 bytes, Parquet about its bytes.
     need = int(df.memory_usage(index=False, deep=False).sum() * (1 if path.suffix == ".parquet" else 2.5)) + 4096

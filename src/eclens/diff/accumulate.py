@@ -153,15 +153,22 @@ class GroupAccumulator:
         return buf
 
     def flush(self) -> None:
-        """Add the staged float32 sums to the float64 totals (the first flush makes them)."""
+        """Add the staged sums to the float64 totals. The first flush keeps them in the stage's dtype: they are
+        that dtype's numbers, so a run that flushes once (up to :attr:`DiffAccumulator.flush_pairs` pairs per
+        state row, e.g. ``ec run``'s 225) never makes the float64 copy, half the pages the kernel zeroes (its
+        readers convert: :meth:`DiffResult._weighted_sums`, :meth:`merge_state`, :meth:`load_state_dict`)."""
         O, C, L, D = self.O, self.C, self.L, self.D  # noqa: E741
         if self.feat is None:
             with torch.inference_mode(False):  # a normal tensor, as the stage
-                self.feat = (torch.zeros if self.stage is None else torch.empty)((O, C, len(FEATURES), L, D),
-                                                                                   dtype=F64, device=self.device)
+                self.feat = (torch.zeros((O, C, len(FEATURES), L, D), dtype=F64, device=self.device)
+                             if self.stage is None else
+                             torch.empty((O, C, len(FEATURES), L, D), dtype=self.wd, device=self.device))
             if self.stage is not None:
                 self.feat.view(O, C, len(FEATURES), L // self.lc, self.lc, D).copy_(self._stage_as_feat())
         elif self.stage is not None and self.staged:
+            if self.feat.dtype != F64:
+                with torch.inference_mode(False):
+                    self.feat = self.feat.to(F64)
             self.feat.view(O, C, len(FEATURES), L // self.lc, self.lc, D).add_(self._stage_as_feat())
         if self.stage is not None and self.staged:
             self.stage.zero_()
@@ -311,7 +318,7 @@ class GroupAccumulator:
         Ka, Kb = ta[f"{s_}/shift"], tb[f"{s_}/shift"]
         seta, setb = ta[f"{s_}/shift_set"].bool(), tb[f"{s_}/shift_set"].bool()
         K = torch.where(seta[None, :, :, None, None], Ka, Kb)  # [2, O, C, L, D]
-        fa, fb = ta[f"{s_}/feat"].clone(), tb[f"{s_}/feat"].clone()
+        fa, fb = ta[f"{s_}/feat"].to(F64, copy=True), tb[f"{s_}/feat"].to(F64, copy=True)  # either may be float32
         recentre(fb, nb, Kb, K)
         recentre(fa, na, Ka, K)  # adds zeros where a had its own shift
         out = {f"{s_}/feat": fa + fb, f"{s_}/shift": K, f"{s_}/shift_set": seta | setb}

@@ -28,6 +28,7 @@ from .tables import (
     all_tables,
     candidates_table,
     dims_columns,
+    dims_stored,
     frame,
     heads_table,
     layers_table,
@@ -416,6 +417,14 @@ class DiffResult:
             self._cache["dims"] = pd.concat(parts, ignore_index=True)
         return self._cache["dims"]
 
+    @property
+    def dims_stored(self):
+        """What ``dims.parquet`` holds: :attr:`dims` at the precision :data:`eclens.tables.PRECISION` declares, as
+        an Arrow table (made without the float64 frame)."""
+        if "dims_stored" not in self._cache:
+            self._cache["dims_stored"] = dims_stored(self)
+        return self._cache["dims_stored"]
+
     def by_pair_id(self, mem: torch.Tensor) -> torch.Tensor:
         """Sample slots in the order of their pair ids: resampling draws then depend on the sampled pairs only,
         not on the slots a run or a merge put them in."""
@@ -612,11 +621,22 @@ class DiffResult:
         return s
 
     def build_tables(self) -> None:
-        """Compute ``layers``, ``candidates``, ``sensitivity``, ``dims`` and ``heads`` in one pass over the hooks,
+        """Compute ``layers``, ``candidates``, ``sensitivity``, ``dims_stored`` and ``heads`` in one pass over the hooks,
         forgetting each hook's arrays as it goes (:func:`eclens.diff.tables.all_tables`): what :meth:`save`
         does before writing them. Reading the properties one by one gives the same tables."""
-        if any(k not in self._cache for k in ("layers", "candidates", "sensitivity", "dims", "heads")):
+        if any(k not in self._cache for k in ("layers", "candidates", "sensitivity", "dims_stored", "heads")):
             self._cache.update(all_tables(self))
+
+    def rows_of(self, category: str, direction: str = "all") -> tuple | None:
+        """A group's state rows as a key (None: every row); groups with the same rows share their numbers."""
+        return self._rows_key(self._cat_rows(category, direction))
+
+    def forget_group(self, hook: str, category: str, direction: str = "all") -> None:
+        """Forget one group's :meth:`cell_stats` of ``hook`` (recomputed if asked for again), unless they are the
+        whole dataset's, which stay as in :meth:`forget_hook`."""
+        rk = self.rows_of(category, direction)
+        if rk is not None:
+            self._cache.pop((hook, rk), None)
 
     def forget_hook(self, hook: str) -> None:
         """Forget one hook's arrays of every group but the whole dataset's (:meth:`cell_stats`, candidate masks,
@@ -648,7 +668,7 @@ class DiffResult:
         """Forget the per-group arrays behind the tables (recomputed on demand), keep the tables: a default run's
         cached cell statistics are gigabytes (~16 MB per group and hook for SmolLM2-135M) that nothing reads once
         the files are written."""
-        for k in [k for k in self._cache if isinstance(k, tuple) or k in ("scratch", "spare_sums")]:
+        for k in [k for k in self._cache if isinstance(k, tuple) or k in ("scratch", "spare_sums", "dims_stored")]:
             del self._cache[k]
         forget_cluster_weights()
 

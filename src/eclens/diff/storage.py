@@ -44,7 +44,7 @@ def _write_tables(res: DiffResult, run: Path) -> list[str]:
     from ..runs import save_tensors, write_json, write_table
 
     res.build_tables()
-    tables = (res.layers, res.dims, res.candidates, res.contrasts, res.sensitivity, res.pairs)
+    tables = (res.layers, res.dims_stored, res.candidates, res.contrasts, res.sensitivity, res.pairs)
     files = list(RESULT_FILES)
     for df, name in zip(tables, files):
         write_table(df, run / name)

@@ -19,7 +19,10 @@ import torch
 from jaxtyping import Bool, Float
 
 from ..hooks import head_of
+from ..tables import stored_block, stored_table
 from .config import position_kind
+
+DIMS_FILE = "dims.parquet"
 
 if TYPE_CHECKING:
     from .result import DiffResult
@@ -243,10 +246,12 @@ DIM_COLUMNS = ("mean_delta", "std_delta", "mean_abs_delta", "mean_clean", "sigma
                "absz_q25", "absz_q75", "absz_q90", "frac_under")
 
 
-def dims_columns(res: DiffResult, h: str, cat: str, offsets: Sequence[int] | None = None) -> list[dict]:
+def dims_columns(res: DiffResult, h: str, cat: str, offsets: Sequence[int] | None = None, stored: bool = False
+                 ) -> list[dict]:
     """One row per (layer, offset, dim) of one hook and category (every offset, or ``offsets``), as
     :func:`frame` blocks (one per offset): a table of many is one frame, not a concatenation of frames (whose
-    string columns cost more than the numbers)."""
+    string columns cost more than the numbers). ``stored``: the columns ``dims.parquet`` stores, as
+    :func:`eclens.tables.stored_block` gives them."""
     g = res.group(h)
     st = res.cell_stats(h, cat)
     offs = res.offsets
@@ -264,33 +269,49 @@ def dims_columns(res: DiffResult, h: str, cat: str, offsets: Sequence[int] | Non
         for c in DIM_COLUMNS:
             data[c] = st[c][:, o, :].reshape(-1).numpy()
         data["massive"] = st["massive"][:, o, :].reshape(-1).numpy()
-        blocks.append(data)
+        blocks.append(stored_block(data, DIMS_FILE) if stored else data)
     return blocks
 
 
-def all_tables(res: DiffResult) -> dict[str, pd.DataFrame]:
-    """``layers``, ``candidates``, ``sensitivity``, ``dims`` and ``heads`` (the tables above, the same rows in
-    the same order) in one pass over the hooks, each hook's arrays forgotten once its rows are built
+def dims_stored(res: DiffResult, parts: dict | None = None):
+    """``dims.parquet``'s table (:attr:`DiffResult.dims` at the declared precision, an Arrow table; an empty
+    frame when it has no rows) from the stored :func:`dims_columns` blocks of each (category, hook), ``parts``
+    (made here when None), in :attr:`DiffResult.dims`'s row order."""
+    if parts is None:
+        parts = {(c, h): dims_columns(res, h, c, None if c == "all" else [0], stored=True)
+                 for c in res.categories for h in res.hooks}
+    blocks = [b for c in res.categories for h in res.hooks for b in parts.get((c, h), ())]
+    return stored_table(blocks, DIMS_FILE) if blocks else pd.DataFrame()
+
+
+def all_tables(res: DiffResult) -> dict:
+    """``layers``, ``candidates``, ``sensitivity``, ``dims_stored`` and ``heads`` (the tables above, the same rows
+    in the same order) in one pass over the hooks, each hook's arrays forgotten once its rows are built
     (:meth:`DiffResult.forget_hook`): kept for every table, they were gigabytes, and the pages the kernel
     zeroed for them (a million page faults at 225 pairs) took as long as the numbers."""
     groups = res.stat_groups()
     blocks: dict[tuple[str, str, str], tuple[dict, list[dict], list[dict]]] = {}
     dims: dict[tuple[str, str], list[dict]] = {}
     heads: dict[tuple[str, str], pd.DataFrame] = {}
+    rows = [res.rows_of(cat, dr) for cat, dr in groups]
+    last = {rk: i for i, rk in enumerate(rows)}  # the last group reading each row set's numbers
     for h in res.hooks:
-        for cat, dr in groups:
+        for i, (cat, dr) in enumerate(groups):
             blocks[cat, dr, h] = (layers_block(res, h, cat, dr), candidate_blocks(res, h, cat, dr),
                                   sensitivity_rows(res, h, cat, dr))
             if dr == "all":
-                dims[cat, h] = dims_columns(res, h, cat, None if cat == "all" else [0])
+                dims[cat, h] = dims_columns(res, h, cat, None if cat == "all" else [0], stored=True)
                 if res.group(h).n_heads:
                     heads[cat, h] = heads_block(res, h, cat)
+            if last[rows[i]] == i:
+                # 15 MB per group for SmolLM2-135M: kept for the whole hook, the groups' arrays grew the heap by
+                # half a GB per hook, and the kernel zeroed every fresh page (most of the finishing's faults)
+                res.forget_group(h, cat, dr)
         res.forget_hook(h)
     order = [(cat, dr, h) for cat, dr in groups for h in res.hooks]  # the tables' row order: groups, then hooks
-    dim_parts = [b for c in res.categories for h in res.hooks if (c, h) in dims for b in dims[c, h]]
     head_parts = [heads[c, h] for c in res.categories for h in res.hooks if (c, h) in heads]
     return {"layers": frame([blocks[k][0] for k in order]),
             "candidates": candidates_frame([b for k in order for b in blocks[k][1]]),
             "sensitivity": pd.DataFrame([r for k in order for r in blocks[k][2]]),
-            "dims": frame(dim_parts),
+            "dims_stored": dims_stored(res, dims),
             "heads": pd.concat(head_parts, ignore_index=True) if head_parts else pd.DataFrame()}
