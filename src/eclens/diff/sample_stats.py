@@ -57,7 +57,7 @@ def sample_stats(sd: Float[torch.Tensor, "r O L D"], rows: Int[torch.Tensor, " s
     s = len(rows)
     dev = sd.device
     step = max(1, CHUNK_ELEMENTS // max(1, s * O * D))
-    missing = ~sv.T[None, :, None, :]  # [1, O, 1, s]: the pair has no value at that offset
+    gone = torch.nonzero(~sv)  # (pair, offset) without a value: few (offsets past a sentence's end)
     n_valid = sv.sum(0).tolist()  # [O]
     T = bounds.shape[-1]
     itype = _BITS[sd.dtype]
@@ -78,16 +78,18 @@ def sample_stats(sd: Float[torch.Tensor, "r O L D"], rows: Int[torch.Tensor, " s
         out["dd"][:, a:b] = (torch.linalg.vector_norm(x, dim=-1) ** 2).permute(2, 0, 1)
         # |Δ|'s bits, pair-major [l, O, D, s]; a missing pair sorts as +inf, after every valid value and
         # before every NaN (whose bits, sign cleared by abs, exceed +inf's)
+        xh.abs_()
+        if len(gone):  # +inf, as whole rows of xh (a mask over u, broadcast over every value, cost ten times more)
+            xh[gone[:, 0], gone[:, 1]] = float("inf")
         u = _scratch(work, "u", (b - a, O, D, s), itype, dev)
-        u.copy_(xh.abs_().view(itype).permute(2, 1, 3, 0))
-        u.masked_fill_(missing, inf_bits)
+        u.copy_(xh.view(itype).permute(2, 1, 3, 0))
         u = sort_last_(u)
         iv = inv[a:b]
         ok = iv > 0  # False where σ = 0 (inv NaN)
         nan_count = None
         if s and bool((u[..., -1] > inf_bits).any()):  # NaN bits sort last: a cell has one if its last has
             nan_count = (u > inf_bits).sum(-1)
-        _quantiles(u, sd.dtype, iv, ok, n_valid, nan_count, out["q"][:, a:b])
+        _quantiles(u, sd.dtype, iv, ok, n_valid, nan_count, out["q"][:, a:b], work)
         below = torch.searchsorted(u, bounds[a:b])  # [l, O, D, T]: values under each bound
         out["under"][a:b] = below[..., 0]
         if T > 1:
@@ -101,10 +103,10 @@ def _z(bits: torch.Tensor, ftype: torch.dtype, inv: torch.Tensor) -> torch.Tenso
 
 
 def _quantiles(u: torch.Tensor, ftype: torch.dtype, inv: torch.Tensor, ok: torch.Tensor, n_valid: list[int],
-               nan_count: torch.Tensor | None, out: torch.Tensor) -> None:
+               nan_count: torch.Tensor | None, out: torch.Tensor, work: dict | None = None) -> None:
     """Write into ``out`` :data:`QUANTILES` ``[Q, l, O, D]`` of ``z`` over each cell's first ``k`` sorted values
     (linear interpolation, as ``torch.quantile``); ``k`` is the offset's valid pairs less the cell's NaN ``Δ``,
-    0 where not ``ok`` (then NaN)."""
+    0 where not ``ok`` (then NaN). ``work``: as :func:`sample_stats`'s."""
     nan = float("nan")
     if nan_count is not None:  # k differs between cells (rare: a NaN Δ): every value as z, positions per cell
         k = torch.tensor(n_valid, device=u.device)[None, :, None] - nan_count
@@ -130,11 +132,17 @@ def _quantiles(u: torch.Tensor, ftype: torch.dtype, inv: torch.Tensor, ok: torch
     shape = (u.shape[0], O, u.shape[2], len(QUANTILES))
     frac = frac.to(u.device)
     iv = inv[..., None]
-    za = _z(u.gather(-1, lo.to(u.device)[None, :, None].expand(shape)), ftype, iv)  # [l, O, D, Q]
-    zb = _z(u.gather(-1, hi.to(u.device)[None, :, None].expand(shape)), ftype, iv)
+    # The two picked values as z [l, O, D, Q], in buffers kept from call to call: fresh ones were most of the
+    # finishing's page faults (a group's whole hook at once is megabytes).
+    bits = _scratch(work, "q_bits", shape, u.dtype, u.device)
+    za, zb = (_scratch(work, k, shape, F64, u.device) for k in ("q_lo", "q_hi"))
+    for z, pos in ((za, lo), (zb, hi)):
+        torch.gather(u, -1, pos.to(u.device)[None, :, None].expand(shape), out=bits)
+        z.copy_(bits.view(ftype)).mul_(iv)  # |Δ|·inv in float64, as _z
     f = frac[None, :, None]
-    # where lo == hi, za itself: inf - inf would be NaN
-    out.copy_(torch.where(f == 0, za, za + (zb - za) * f).permute(3, 0, 1, 2))
+    zb.sub_(za).mul_(f).add_(za)  # za + (zb - za)·f
+    torch.where(f == 0, za, zb, out=zb)  # where lo == hi, za itself: inf - inf would be NaN
+    out.copy_(zb.permute(3, 0, 1, 2))
     empty = torch.tensor([k == 0 for k in n_valid], device=u.device)[None, :, None]
     out.masked_fill_(~ok | empty, nan)
 
