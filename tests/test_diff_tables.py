@@ -80,6 +80,24 @@ def test_cluster_weights_are_drawn_once_and_read_only():
     assert again is not w and np.array_equal(again, w)
 
 
+def testpermuted_labels_are_drawn_once_read_only_and_as_before():
+    """The contrasts' label permutations: one draw per (labels, permutations, seed), read-only, the seeded
+    permutations a loop per call drew; the effects are those of the per-call draw."""
+    from eclens.diff.contrasts import forget_permutations, permutation_effects, permuted_labels
+
+    is_a = np.array([True, False, True, True, False, False, True])
+    A, B = permuted_labels(is_a.tobytes(), len(is_a), 40, 5)
+    assert permuted_labels(is_a.tobytes(), len(is_a), 40, 5)[0] is A and not A.flags.writeable
+    rng = np.random.default_rng(5)
+    want = np.stack([rng.permutation(is_a) for _ in range(40)]).astype(float)
+    assert np.array_equal(A, want) and np.array_equal(B, 1 - want) and (A.sum(1) == is_a.sum()).all()
+    S, N = np.random.default_rng(0).normal(size=(7, 3)), np.ones((7, 3))
+    direct = (want @ S) / (want @ N) - ((1 - want) @ S) / ((1 - want) @ N)
+    assert np.array_equal(permutation_effects(S, N, is_a, 40, 5), direct)
+    forget_permutations()
+    assert permuted_labels(is_a.tobytes(), len(is_a), 40, 5)[0] is not A
+
+
 def test_dim_means_skip_massive_and_nan():
     x = torch.tensor([[[1.0, float("nan"), 3.0, 100.0]], [[float("nan")] * 4]], dtype=torch.float64)
     keep = torch.tensor([[[True, True, True, False]], [[True] * 4]])

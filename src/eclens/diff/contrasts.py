@@ -16,6 +16,7 @@ Measures, per sampled pair: ``rel_l2`` (‖Δ‖/‖a_clean‖ of the layer) and
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -46,10 +47,27 @@ def unit_sums(x: Float[np.ndarray, "n cells"], ok: Bool[np.ndarray, "n cells"], 
 
 def permutation_effects(S: np.ndarray, N: np.ndarray, is_a: np.ndarray, n_perm: int, seed: int) -> np.ndarray:
     """``[n_perm, cells]`` differences of means (a minus b) with the units' labels permuted."""
-    rng = np.random.default_rng(seed)
-    A = np.stack([rng.permutation(is_a) for _ in range(n_perm)]).astype(float)  # [P, U]
+    A, B = permuted_labels(is_a.tobytes(), len(is_a), n_perm, seed)
     with np.errstate(invalid="ignore", divide="ignore"), one_blas_thread():
-        return (A @ S) / (A @ N) - ((1 - A) @ S) / ((1 - A) @ N)
+        return (A @ S) / (A @ N) - (B @ S) / (B @ N)
+
+
+@functools.lru_cache(maxsize=8)
+def permuted_labels(is_a: bytes, U: int, n_perm: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The permuted labels ``A`` ``[P, U]`` (1: group a) and ``1 - A``, read-only. One contrast reads the same
+    ones for every hook, layer and measure: made once, they were half of the contrasts' time (a Python loop
+    of ``n_perm`` permutations per call)."""
+    rng = np.random.default_rng(seed)
+    labels = np.frombuffer(is_a, dtype=bool, count=U)
+    A = np.stack([rng.permutation(labels) for _ in range(n_perm)]).astype(float)
+    B = 1 - A
+    A.flags.writeable = B.flags.writeable = False
+    return A, B
+
+
+def forget_permutations() -> None:
+    """Drop the kept permuted labels (:func:`permuted_labels`): up to megabytes each."""
+    permuted_labels.cache_clear()
 
 
 def effect_table(x: np.ndarray, ok: np.ndarray, group: np.ndarray, clusters: list[str], n_boot: int, n_perm: int,

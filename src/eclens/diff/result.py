@@ -21,7 +21,7 @@ from .config import (
     THRESHOLD_GRID,
     DiffConfig,
 )
-from .contrasts import compute_contrasts
+from .contrasts import compute_contrasts, forget_permutations
 from .intervals import forget_cluster_weights, mean_intervals
 from .sample_stats import sample_stats, threshold_bounds
 from .tables import (
@@ -671,6 +671,7 @@ class DiffResult:
         for k in [k for k in self._cache if isinstance(k, tuple) or k in ("scratch", "spare_sums", "dims_stored")]:
             del self._cache[k]
         forget_cluster_weights()
+        forget_permutations()
 
     # ---- files
     def manifest_step(self, files: list[str], *, batch_size: int | None, seconds: float | None,
