@@ -314,20 +314,15 @@ class DiffResult:
         n = self.counts(category, direction)  # [O]
         n3 = n[None, :, None]
         nn = n3.clamp_min(1)
-        sigma = cm_all.std  # normaliser: the whole dataset's clean spread
         nan = torch.tensor(float("nan"), dtype=F64)
-        with np.errstate(all="ignore"):
-            sig_ok = sigma > 0
-            inv = torch.where(sig_ok, 1 / sigma.clamp_min(1e-300), nan)
+        norm = self._hook_norms(hook)
+        sigma, sig_ok, inv = norm["sigma"], norm["sig_ok"], norm["inv"]  # the whole dataset's clean spread
         out: dict[str, torch.Tensor] = {"n": n}
         out["mean_delta"] = torch.where(n3 > 0, dm.mean, nan)
         out["std_delta"] = dm.std
         out["mean_abs_delta"] = torch.where(n3 > 0, self._feat_sum(hook, category, "delta_abs", direction) / nn, nan)
         out["mean_clean"] = torch.where(n3 > 0, cm.mean, nan)
         out["sigma_clean"] = sigma
-        # Root mean square of the clean activation (the massive-activation criterion): from the moments.
-        n_all = self.counts("all")[None, :, None]
-        rms_all = (cm_all.m2 / n_all.clamp_min(1) + cm_all.mean ** 2).sqrt()
         out["rms_clean"] = torch.where(n3 > 0, (cm.m2 / nn + cm.mean ** 2).sqrt(), nan)
         out["z_mean"] = out["mean_delta"] * inv
         out["absz_mean"] = out["mean_abs_delta"] * inv
@@ -336,12 +331,8 @@ class DiffResult:
         out["frac_pos"] = torch.where(n3 > 0, (nz + ss) / 2 / nn, nan)
         out["frac_neg"] = torch.where(n3 > 0, (nz - ss) / 2 / nn, nan)
         out["sign_consistency"] = torch.maximum(out["frac_pos"], out["frac_neg"])
-        med = rms_all.median(dim=-1, keepdim=True).values
-        out["rms_ratio"] = torch.where(n_all > 0, rms_all / med.clamp_min(1e-30), nan)
-        # Massive per (hook, layer) over every aligned position: a dimension massive at one position is left
-        # out at all of them (flagged per cell, L2 #90 of SmolLM2 slipped through where it was under 100x).
-        out["massive_cell"] = (out["rms_ratio"] > cfg.massive_ratio) & (n_all > 0)
-        out["massive"] = out["massive_cell"].any(1, keepdim=True).expand_as(out["massive_cell"])
+        for k in ("rms_ratio", "massive_cell", "massive"):
+            out[k] = norm[k]
         # Relative L2 as a ratio of mean squares, from the exact per-dimension sums, with and without the
         # massive dimensions (they dominate ‖a‖ and hide changes elsewhere).
         e_d2 = dm.m2 / nn + dm.mean ** 2  # mean Δ_d² [L, O, D]
@@ -400,6 +391,29 @@ class DiffResult:
                 out[f"head_{k}_std"] = mom.std
         self._cache[key] = out
         return out
+
+    def _hook_norms(self, hook: str) -> dict[str, torch.Tensor]:
+        """What every group of ``hook`` shares (read-only), from the whole dataset's clean moments: σ, ``1/σ``
+        (NaN where σ = 0), the RMS ratio and the massive dimensions; made once per hook, not per group."""
+        key = ("norms", hook)
+        if key not in self._cache:
+            cm_all = self._feat_moments(hook, "all", 1)
+            nan = torch.tensor(float("nan"), dtype=F64)
+            sigma = cm_all.std
+            sig_ok = sigma > 0
+            inv = torch.where(sig_ok, 1 / sigma.clamp_min(1e-300), nan)
+            # Root mean square of the clean activation (the massive-activation criterion): from the moments.
+            n_all = self.counts("all")[None, :, None]
+            rms_all = (cm_all.m2 / n_all.clamp_min(1) + cm_all.mean ** 2).sqrt()
+            med = rms_all.median(dim=-1, keepdim=True).values
+            rms_ratio = torch.where(n_all > 0, rms_all / med.clamp_min(1e-30), nan)
+            # Massive per (hook, layer) over every aligned position: a dimension massive at one position is left
+            # out at all of them (flagged per cell, L2 #90 of SmolLM2 slipped through where it was under 100x).
+            massive_cell = (rms_ratio > self.config.massive_ratio) & (n_all > 0)
+            self._cache[key] = {"sigma": sigma, "sig_ok": sig_ok, "inv": inv, "rms_ratio": rms_ratio,
+                                "massive_cell": massive_cell,
+                                "massive": massive_cell.any(1, keepdim=True).expand_as(massive_cell)}
+        return self._cache[key]
 
     # ---- tables
     def dims_for(self, category: str = "all", offset: int | None = None, hook: str | None = None) -> pd.DataFrame:
@@ -653,7 +667,7 @@ class DiffResult:
                 return k[2:4] != ("all", "all")
             if k[0] == "intervals" and k[1] == hook:
                 return k[2] != mem_all
-            return k[:2] in (("sums", hook), ("bounds", hook))
+            return k[:2] in (("sums", hook), ("bounds", hook), ("norms", hook))
 
         for k in [k for k in self._cache if of_hook(k)]:
             v = self._cache.pop(k)
