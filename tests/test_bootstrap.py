@@ -109,3 +109,17 @@ def test_poisson_merge_is_exact_and_weights_are_shard_free():
     assert {split_half(f"k{i}") for i in range(20)} == {0, 1}
     with pytest.raises(EclensError):
         a.merge(PoissonBootstrap((3, 4), PoissonConfig(n_reps=20)))
+
+
+def test_cluster_counts_are_drawn_once_read_only_and_as_the_seeded_multinomial():
+    """The replicate counts are kept per (clusters, replicates, seed): every statistic of the same clusters
+    reads one draw, the one numpy's seeded multinomial gives, and nobody can change it."""
+    from eclens.bootstrap import cluster_counts, forget_cluster_counts
+
+    c = cluster_counts(6, 40, 3)
+    assert cluster_counts(6, 40, 3) is c and not c.flags.writeable
+    want = np.random.default_rng(3).multinomial(6, np.full(6, 1 / 6), size=40).astype(float)
+    assert np.array_equal(c, want) and (c.sum(1) == 6).all()
+    assert cluster_counts(0, 5, 3).shape == (5, 0)
+    forget_cluster_counts()
+    assert cluster_counts(6, 40, 3) is not c

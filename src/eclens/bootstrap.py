@@ -27,6 +27,7 @@ Both follow one accumulator protocol (``update`` / ``merge`` / ``state_dict`` /
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Callable, Hashable, Sequence
@@ -145,6 +146,26 @@ def _clean(values, clusters, statistic) -> tuple[np.ndarray, list]:
     return x[keep], [c for c, k in zip(cl, keep) if k]
 
 
+def cluster_counts(G: int, n_boot: int, seed: int) -> np.ndarray:
+    """``[n_boot, G]`` read-only: how often each of ``G`` clusters is drawn in each replicate (a seeded
+    multinomial per replicate, as the resampling of whole clusters gives). The same for every statistic of
+    the same clusters: numpy draws a multinomial one replicate at a time, so it is drawn once and kept."""
+    return _cluster_counts(int(G), int(n_boot), int(seed))
+
+
+def forget_cluster_counts() -> None:
+    """Drop the kept draws of :func:`cluster_counts`."""
+    _cluster_counts.cache_clear()
+
+
+@functools.lru_cache(maxsize=32)
+def _cluster_counts(G: int, n_boot: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    counts = rng.multinomial(G, np.full(G, 1.0 / G), size=n_boot).astype(float) if G else np.zeros((n_boot, 0))
+    counts.setflags(write=False)
+    return counts
+
+
 def cluster_replicates(
     values: np.ndarray | Sequence[float],
     clusters: Sequence[Hashable],
@@ -158,8 +179,7 @@ def cluster_replicates(
         return math.nan, np.full(cfg.n_boot, np.nan), 0, 0
     codes, G = cluster_codes(cl)
     est = float(_evaluate(statistic, x, np.ones((1, len(x))))[0])
-    rng = np.random.default_rng(cfg.seed)
-    counts = rng.multinomial(G, np.full(G, 1.0 / G), size=cfg.n_boot).astype(float)  # [B, G]
+    counts = cluster_counts(G, cfg.n_boot, cfg.seed)  # [B, G]
     return est, _evaluate(statistic, x, counts[:, codes]), G, len(x)
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from jaxtyping import Bool, Float
 
 from ..blas import one_blas_thread
-from ..bootstrap import cluster_codes
+from ..bootstrap import cluster_codes, cluster_counts, forget_cluster_counts
 
 
 def cluster_weights(clusters: Sequence[Hashable], n_boot: int, seed: int = 0) -> np.ndarray:
@@ -27,14 +27,13 @@ def cluster_weights(clusters: Sequence[Hashable], n_boot: int, seed: int = 0) ->
 def forget_cluster_weights() -> None:
     """Drop the cached draws of :func:`cluster_weights` (tens of MB once a run's groups have been drawn)."""
     _cluster_weights.cache_clear()
+    forget_cluster_counts()
 
 
 @lru_cache(maxsize=64)  # a run's groups (about 30 for the default templates), each drawn once for every hook
 def _cluster_weights(clusters: tuple, n_boot: int, seed: int) -> np.ndarray:
     codes, G = cluster_codes(list(clusters))
-    rng = np.random.default_rng(seed)
-    counts = rng.multinomial(G, np.full(G, 1.0 / G), size=n_boot).astype(float) if G else np.zeros((n_boot, 0))
-    w = counts[:, codes]
+    w = cluster_counts(G, n_boot, seed)[:, codes]
     w.setflags(write=False)
     return w
 
