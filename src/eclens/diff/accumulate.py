@@ -89,6 +89,7 @@ class GroupAccumulator:
         self.feat: torch.Tensor | None = None
         self.stage: torch.Tensor | None = None
         self.staged = False  # the stage holds sums not yet in feat (a flush without is free)
+        self.stale = False  # the stage holds sums already in feat: zero it before the next batch adds to it
         # Shifts per (offset, row): set from the first batch where the row has the offset, then fixed (the
         # float64 algebra of DiffResult re-expresses every row about one shift; merges do the same).
         self.shift = torch.zeros((2, O, C, L, D), dtype=F64, device=device)
@@ -171,7 +172,7 @@ class GroupAccumulator:
                     self.feat = self.feat.to(F64)
             self.feat.view(O, C, len(FEATURES), L // self.lc, self.lc, D).add_(self._stage_as_feat())
         if self.stage is not None and self.staged:
-            self.stage.zero_()
+            self.stale = True  # zeroed by the next batch, if one comes (the last flush of a run needs none)
         self.staged = False
 
     def _set_shifts(self, xl: torch.Tensor, Wo: torch.Tensor, new_shift: list[tuple[int, int]]) -> None:
@@ -205,6 +206,9 @@ class GroupAccumulator:
             xl = xl.contiguous()
         if self.stage is None:
             self._new_stage(self._chunk(B))
+        elif self.stale:
+            self.stage.zero_()
+        self.stale = False
         self.staged = True
         if new_shift:
             self._set_shifts(xl, Wo, new_shift)
