@@ -5,7 +5,8 @@
 
 State (``RUN/state``, written only with ``--keep-state``) is exact arithmetic on the
 accumulator shapes of ``eclens.diff`` (key layout in its docstring), per diff hook ``H``:
-``{H}/feat`` [O, C, 7, L, D] float64, ``{H}/shift`` [2, O, C, L, D] float64 and ``{H}/sample_delta``
+``{H}/feat`` [O, C, 7, L, D] (float32 while no state row has passed ``DiffAccumulator.flush_pairs`` = 256 pairs,
+the stage's own numbers; float64 after: taken here as pairs / C <= 256, rows balanced), ``{H}/shift`` [2, O, C, L, D] float64 and ``{H}/sample_delta``
 [S, O, L, D] float16, with ``O`` offsets, ``C`` state rows (two split halves per (category, swap direction)
 cell), ``L`` layers, ``D`` the hook's width, ``S = min(pairs, sample_size)``.
 
@@ -27,6 +28,7 @@ CAND_FILL = 175267 / (30 * 5 * 30 * 5 * 2 * 50)  # share of the max_candidates s
 LAYERS_BYTES_PER_ROW = 106.7     # layers.parquet (float64): 2.48 MB / 23,250 rows
 PAIRS_BYTES_PER_PAIR = 480.0     # pairs.csv + pairs.jsonl
 INV_BYTES_PER_ROW = 34.7         # invariance.parquet (measure step): 1.78 MB / 51,324 rows, one per (layer, 3 offsets, dim)
+FLUSH_PAIRS = 256                # eclens.diff.accumulate.DiffAccumulator.flush_pairs
 FIXED_MB = 3.7 + 2.5             # report.html (plotly inlined), patch and other measure files
 
 
@@ -34,7 +36,8 @@ def estimate(layers: int, d_model: int, pairs: int, hooks: int = 5, offsets: int
              groups: int = 30, state_rows: int = 40, sample_size: int = 512, max_candidates: int = 50) -> dict:
     S = min(pairs, sample_size)
     cell = offsets * layers * d_model
-    state = hooks * (cell * state_rows * 7 * 8 + 2 * cell * state_rows * 8 + S * cell * 2)
+    feat_bytes = 4 if pairs / state_rows <= FLUSH_PAIRS else 8
+    state = hooks * (cell * state_rows * 7 * feat_bytes + 2 * cell * state_rows * 8 + S * cell * 2)
     state += pairs * 600  # the metadata's per-pair rows (JSON)
     dims_rows = (offsets + categories) * hooks * layers * d_model
     cand_rows = groups * hooks * layers * offsets * 2 * max_candidates * CAND_FILL
