@@ -138,7 +138,9 @@ its flattened width; all float64 unless noted):
   :attr:`DiffConfig.rows`, two per (category, swap direction) cell);
 * ``{H}/feat`` ``[O, C, 7, L, D]``: sums of ``Δ - K_Δ``, ``(Δ - K_Δ)^2``, ``a - K_a``,
   ``(a - K_a)^2`` (``a`` the clean activation), ``|Δ|``, ``sign(Δ)``, ``[Δ != 0]``
-  (:data:`FEATURES`); ``{H}/shift`` ``[2, O, C, L, D]``: the shifts ``K_Δ, K_a``;
+  (:data:`FEATURES`; float32 while no state row has passed ``DiffAccumulator.flush_pairs`` pairs: the
+  staged float32 sums themselves, which readers convert to float64); ``{H}/shift`` ``[2, O, C, L, D]``:
+  the shifts ``K_Δ, K_a``;
   ``{H}/shift_set`` ``[O, C]`` (bool). ``mean = K + s1/n``, ``M2 = s2 - s1^2/n``;
 * ``{H}/scalars/{count,s1,s2,shift,shift_set}``: power sums
   (:class:`eclens.stats.PowerSums`) ``[C, 3, O, L]`` of ‖Δ‖, ‖Δ‖/‖a‖ and cos(a_clean,
