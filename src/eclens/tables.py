@@ -84,6 +84,24 @@ def _derive(df: pd.DataFrame, name: str) -> pd.Series:
         return (num / sig).where(sig > 0)
 
 
+def as_float16(v: np.ndarray) -> np.ndarray:
+    """A float16-declared column at float16, or at float32 when a finite value is beyond float16's range (it
+    would become inf)."""
+    fin = v[np.isfinite(v)]
+    return v.astype(np.float16 if not fin.size or np.abs(fin).max() <= F16_MAX else np.float32)
+
+
+def repeated_strings(values: list[str], lengths: list[int]):
+    """An Arrow ``large_string`` array of ``values[i]`` repeated ``lengths[i]`` times, expanded by Arrow from one
+    code per row (an object array of millions of Python strings took ~0.8 s per column to convert)."""
+    import pyarrow as pa
+
+    uniq = list(dict.fromkeys(values))
+    codes = np.repeat(np.array([uniq.index(v) for v in values], dtype=np.int32), lengths)
+    return pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(uniq, type=pa.large_string())).cast(
+        pa.large_string())
+
+
 def narrow(df: pd.DataFrame, file: str) -> pd.DataFrame:
     """``df`` at the precision :data:`PRECISION` declares for ``file`` (derived columns dropped)."""
     spec = PRECISION.get(Path(file).name)
@@ -94,10 +112,7 @@ def narrow(df: pd.DataFrame, file: str) -> pd.DataFrame:
     f32 = floats if "*" in spec.get("float32", ()) else [c for c in spec.get("float32", ()) if c in floats]
     for c in floats:
         if c in spec.get("float16", ()):
-            v = out[c].to_numpy()
-            fin = v[np.isfinite(v)]
-            # beyond float16's range a value would become inf: keep the column at float32 then
-            out[c] = v.astype(np.float16 if not fin.size or np.abs(fin).max() <= F16_MAX else np.float32)
+            out[c] = as_float16(out[c].to_numpy())
         elif c in f32:
             out[c] = out[c].astype(np.float32)
     return out
@@ -131,17 +146,11 @@ def stored_table(blocks: list[dict], file: str):
     cols = {}
     for k in blocks[0]:
         vals = [b[k] for b in blocks]
-        if all(isinstance(v, str) for v in vals):  # one code per block, expanded by Arrow
-            uniq = list(dict.fromkeys(vals))
-            codes = np.repeat(np.array([uniq.index(v) for v in vals], dtype=np.int32), lengths)
-            arr = pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(uniq, type=pa.large_string()))
-            cols[k] = arr.cast(pa.large_string())
+        if all(isinstance(v, str) for v in vals):
+            cols[k] = repeated_strings(vals, lengths)
             continue
         v = np.concatenate([x if isinstance(x, np.ndarray) else np.full(n, x) for x, n in zip(vals, lengths)])
-        if k in spec.get("float16", ()) and v.dtype.kind == "f":
-            fin = v[np.isfinite(v)]
-            v = v.astype(np.float16 if not fin.size or np.abs(fin).max() <= F16_MAX else np.float32)
-        cols[k] = pa.array(v)
+        cols[k] = pa.array(as_float16(v) if k in spec.get("float16", ()) and v.dtype.kind == "f" else v)
     return pa.table(cols)
 
 
@@ -192,5 +201,5 @@ def read_table_file(path: str | os.PathLike, columns: Sequence[str] | None = Non
     return df
 
 
-__all__ = ["DERIVED", "PRECISION", "TABLE_FILES", "narrow", "read_table_file", "stored_block", "stored_table", "table_file",
-           "write_parquet"]
+__all__ = ["DERIVED", "PRECISION", "TABLE_FILES", "as_float16", "narrow", "read_table_file", "repeated_strings",
+           "stored_block", "stored_table", "table_file", "write_parquet"]

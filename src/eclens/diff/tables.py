@@ -19,7 +19,7 @@ import torch
 from jaxtyping import Bool, Float
 
 from ..hooks import head_of
-from ..tables import stored_block, stored_table
+from ..tables import DERIVED, repeated_strings, stored_block, stored_table
 from .config import position_kind
 
 DIMS_FILE = "dims.parquet"
@@ -65,12 +65,7 @@ def _repeated_strings(values: list[str], lengths: list[int]):
     dtype = pd.Series(["x"]).dtype
     if getattr(dtype, "storage", None) != "pyarrow":  # pandas without Arrow strings: its own conversion
         return np.repeat(np.array(values, dtype=object), lengths)
-    import pyarrow as pa
-
-    uniq = list(dict.fromkeys(values))
-    codes = np.repeat(np.array([uniq.index(v) for v in values], dtype=np.int32), lengths)
-    arr = pa.DictionaryArray.from_arrays(pa.array(codes), pa.array(uniq, type=pa.large_string()))
-    return pd.array(arr.cast(pa.large_string()), dtype=dtype)
+    return pd.array(repeated_strings(values, lengths), dtype=dtype)
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -267,7 +262,8 @@ def dims_columns(res: DiffResult, h: str, cat: str, offsets: Sequence[int] | Non
                 "head": np.tile(head, L),
                 "n": int(st["n"][o]), "n_sample": int(st["n_sample"][o])}
         for c in DIM_COLUMNS:
-            data[c] = st[c][:, o, :].reshape(-1).numpy()
+            if not (stored and c in DERIVED):  # the file derives these on reading
+                data[c] = st[c][:, o, :].reshape(-1).numpy()
         data["massive"] = st["massive"][:, o, :].reshape(-1).numpy()
         blocks.append(stored_block(data, DIMS_FILE) if stored else data)
     return blocks
