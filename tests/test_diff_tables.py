@@ -3,10 +3,12 @@ definitions, and a group's moments from the common-shift sums against a float64 
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import numpy as np
 import pandas as pd
+import pytest
 import torch
 
 from eclens.diff import run_diff
@@ -296,3 +298,38 @@ def test_one_pass_tables_equal_the_tables_one_by_one_and_keep_only_the_all_group
     assert list(stored.columns) == list(narrow(res.dims, "dims.parquet").columns) and len(stored) == len(res.dims)
     pd.testing.assert_frame_equal(stored, narrow(res.dims, "dims.parquet"), check_exact=True, obj="dims_stored")
     pd.testing.assert_frame_equal(one.dims, res.dims, check_exact=True, obj="dims")  # made on demand
+
+
+def test_tables_do_not_depend_on_the_worker_threads(tiny, monkeypatch):
+    """:func:`eclens.diff.tables.all_tables` runs the groups on worker threads: one worker and three give the
+    same tables bit for bit, torch's thread count is the caller's again afterwards, and an error in a worker
+    reaches the caller."""
+    from eclens.diff import DiffResult
+    from eclens.diff import tables as T
+
+    pairs = _pairs(tiny.tokenizer)
+    res = run_diff(tiny, pairs, hooks=["hook_resid_post", "attn.hook_z", "hook_mlp_out"], max_offset=1,
+                   batch_size=8, sample_size=256, min_pairs=2)
+    threads = torch.get_num_threads()
+    built = {}
+    for workers in (1, 3):
+        r = DiffResult(res.meta, res.tensors, res.model, res.timing)
+        built[workers] = T.all_tables(r, workers=workers)
+        built[workers]["dims"] = T.dims_stored(r, built[workers].pop("dims_parts")).to_pandas()
+        assert torch.get_num_threads() == threads
+        others = [k for k in r._cache if isinstance(k, tuple) and k[0] == "scratch" and k[1] != threading.get_ident()]
+        assert not others  # the workers' chunk buffers are dropped with them
+    for name, want in built[1].items():
+        assert not want.empty, name
+        pd.testing.assert_frame_equal(built[3][name], want, check_exact=True, obj=name)
+
+    def fail(res, h, cat, dr):
+        if h == "hook_mlp_out" and cat != "all":
+            raise RuntimeError(f"planted failure in {h} {cat} {dr}")
+        return real(res, h, cat, dr)
+
+    real = T.layers_block
+    monkeypatch.setattr(T, "layers_block", fail)
+    with pytest.raises(RuntimeError, match="planted failure in hook_mlp_out"):
+        T.all_tables(DiffResult(res.meta, res.tensors, res.model, res.timing), workers=2)
+    assert torch.get_num_threads() == threads

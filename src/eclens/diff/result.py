@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -354,7 +355,7 @@ class DiffResult:
             self._cache[bkey] = threshold_bounds(inv, [cfg.threshold, *self.grid("threshold")], sd.dtype)
         bounds = self._cache[bkey]
         smp = sample_stats(sd, mem, sv, inv, S, bounds if direction == "all" else bounds[..., :1].contiguous(),
-                           work=self._cache.setdefault("scratch", {}))
+                           work=self._cache.setdefault(("scratch", threading.get_ident()), {}))
         for q, v in zip(QUANTILES, smp["q"]):
             out["absz_median" if q == 0.5 else f"absz_q{int(round(q * 100)):02d}"] = v
         ns = sv.sum(0).to(F64)[None, :, None]
@@ -435,8 +436,8 @@ class DiffResult:
     def dims_stored(self):
         """What ``dims.parquet`` holds: :attr:`dims` at the precision :data:`eclens.tables.PRECISION` declares, as
         an Arrow table (made without the float64 frame)."""
-        if "dims_stored" not in self._cache:
-            self._cache["dims_stored"] = dims_stored(self)
+        if "dims_stored" not in self._cache:  # from build_tables' blocks when it has run
+            self._cache["dims_stored"] = dims_stored(self, self._cache.pop("dims_parts", None))
         return self._cache["dims_stored"]
 
     def by_pair_id(self, mem: torch.Tensor) -> torch.Tensor:
@@ -567,7 +568,8 @@ class DiffResult:
         """Compute ``layers``, ``candidates``, ``sensitivity``, ``dims_stored`` and ``heads`` in one pass over the hooks,
         forgetting each hook's arrays as it goes (:func:`eclens.diff.tables.all_tables`): what :meth:`save`
         does before writing them. Reading the properties one by one gives the same tables."""
-        if any(k not in self._cache for k in ("layers", "candidates", "sensitivity", "dims_stored", "heads")):
+        if any(k not in self._cache for k in ("layers", "candidates", "sensitivity", "heads")) or \
+                not ({"dims_stored", "dims_parts"} & set(self._cache)):
             self._cache.update(all_tables(self))
 
     def rows_of(self, category: str, direction: str = "all") -> tuple | None:
@@ -598,10 +600,17 @@ class DiffResult:
                 return k[2] != mem_all
             return k[:2] in (("sums", hook), ("bounds", hook), ("norms", hook))
 
-        for k in [k for k in self._cache if of_hook(k)]:
+        for k in [k for k in list(self._cache) if of_hook(k)]:
             v = self._cache.pop(k)
             if k[0] == "sums":  # the next hook's sums fill the same buffer
                 self._cache["spare_sums"] = v
+
+    def forget_scratch(self) -> None:
+        """Drop the chunk buffers of :func:`sample_stats` kept for other threads than this one (each thread has
+        its own: :func:`eclens.diff.tables.all_tables` runs groups on worker threads, which end with it)."""
+        mine = ("scratch", threading.get_ident())
+        for k in [k for k in list(self._cache) if isinstance(k, tuple) and k[0] == "scratch" and k != mine]:
+            self._cache.pop(k, None)
 
     def state_bytes(self) -> int:
         """Bytes of the state's arrays (:data:`STATS_FILE` less its header): what ``--keep-state`` keeps."""
@@ -611,7 +620,7 @@ class DiffResult:
         """Forget the per-group arrays behind the tables (recomputed on demand), keep the tables: a default run's
         cached cell statistics are gigabytes (~16 MB per group and hook for SmolLM2-135M) that nothing reads once
         the files are written."""
-        for k in [k for k in self._cache if isinstance(k, tuple) or k in ("scratch", "spare_sums", "dims_stored")]:
+        for k in [k for k in list(self._cache) if isinstance(k, tuple) or k in ("spare_sums", "dims_stored", "dims_parts")]:
             del self._cache[k]
         forget_cluster_weights()
         forget_permutations()

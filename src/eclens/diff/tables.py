@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,6 +24,7 @@ from ..tables import DERIVED, repeated_strings, stored_block, stored_table
 from .config import position_kind
 
 DIMS_FILE = "dims.parquet"
+MAX_WORKERS = 4  # each holds a group's arrays (~15 MB per hook for SmolLM2-135M, ~0.3 GB for an 8B model)
 
 if TYPE_CHECKING:
     from .result import DiffResult
@@ -280,34 +282,65 @@ def dims_stored(res: DiffResult, parts: dict | None = None):
     return stored_table(blocks, DIMS_FILE) if blocks else pd.DataFrame()
 
 
-def all_tables(res: DiffResult) -> dict:
-    """``layers``, ``candidates``, ``sensitivity``, ``dims_stored`` and ``heads`` (the tables above, the same rows
-    in the same order) in one pass over the hooks, each hook's arrays forgotten once its rows are built
-    (:meth:`DiffResult.forget_hook`): kept for every table, they were gigabytes, and the pages the kernel
-    zeroed for them (a million page faults at 225 pairs) took as long as the numbers."""
+def all_tables(res: DiffResult, workers: int | None = None) -> dict:
+    """``layers``, ``candidates``, ``sensitivity``, ``heads`` (the tables above, the same rows in the same
+    order) and ``dims_parts`` (:func:`dims_stored`'s blocks) in one pass over the hooks, each hook's arrays
+    forgotten once its rows are built (:meth:`DiffResult.forget_hook`): kept for every table, they were
+    gigabytes, and the pages the kernel zeroed for them (a million page faults at 225 pairs) took as long as
+    the numbers.
+
+    The work runs on ``workers`` threads (default: torch's intra-op threads, at most :data:`MAX_WORKERS`), each
+    with one torch thread: a task is one hook's groups that share their state rows (they read the same
+    numbers, forgotten when the task ends), after the hook's whole-dataset statistics (its sums, σ and
+    bounds, which every group reads), made by a task queued while the previous hook's groups run. The arrays
+    of a group are too small for one torch call to use more than one core well, and the groups are
+    independent; each number is made by the same calls on the same arrays whatever the thread, so the tables
+    do not depend on ``workers``."""
     groups = res.stat_groups()
     blocks: dict[tuple[str, str, str], tuple[dict, list[dict], list[dict]]] = {}
     dims: dict[tuple[str, str], list[dict]] = {}
     heads: dict[tuple[str, str], pd.DataFrame] = {}
-    rows = [res.rows_of(cat, dr) for cat, dr in groups]
-    last = {rk: i for i, rk in enumerate(rows)}  # the last group reading each row set's numbers
-    for h in res.hooks:
-        for i, (cat, dr) in enumerate(groups):
+    by_rows: dict = {}  # the groups of each row set, in order
+    for cat, dr in groups:
+        by_rows.setdefault(res.rows_of(cat, dr), []).append((cat, dr))
+    threads = torch.get_num_threads()
+    n = max(1, min(workers or threads, MAX_WORKERS))
+
+    def rows_task(h: str, members: list[tuple[str, str]]) -> None:
+        for cat, dr in members:
             blocks[cat, dr, h] = (layers_block(res, h, cat, dr), candidate_blocks(res, h, cat, dr),
                                   sensitivity_rows(res, h, cat, dr))
             if dr == "all":
                 dims[cat, h] = dims_columns(res, h, cat, None if cat == "all" else [0], stored=True)
                 if res.group(h).n_heads:
                     heads[cat, h] = heads_block(res, h, cat)
-            if last[rows[i]] == i:
-                # 15 MB per group for SmolLM2-135M: kept for the whole hook, the groups' arrays grew the heap by
-                # half a GB per hook, and the kernel zeroed every fresh page (most of the finishing's faults)
-                res.forget_group(h, cat, dr)
-        res.forget_hook(h)
-    order = [(cat, dr, h) for cat, dr in groups for h in res.hooks]  # the tables' row order: groups, then hooks
-    head_parts = [heads[c, h] for c in res.categories for h in res.hooks if (c, h) in heads]
+        # 15 MB per group for SmolLM2-135M: kept for the whole hook, the groups' arrays grew the heap by half a
+        # GB per hook, and the kernel zeroed every fresh page (most of the finishing's faults)
+        res.forget_group(h, *members[-1])
+
+    hooks = res.hooks
+    pool = ThreadPoolExecutor(n, initializer=torch.set_num_threads, initargs=(1,))
+    try:
+        if hooks:  # the first hook's here, on every torch thread: nothing else could run yet
+            res.cell_stats(hooks[0])
+        shared = None
+        for i, h in enumerate(hooks):
+            if shared is not None:
+                shared.result()
+            if i + 1 < len(hooks):  # the next hook's, queued first: made while this one's groups run (no core idle)
+                shared = pool.submit(res.cell_stats, hooks[i + 1])
+            tasks = [pool.submit(rows_task, h, m) for m in by_rows.values()]
+            for f in tasks:
+                f.result()
+            res.forget_hook(h)
+    finally:
+        pool.shutdown(cancel_futures=True)  # after an error, the queued tasks do not run
+        res.forget_scratch()  # the workers' buffers (tens of MB each)
+        torch.set_num_threads(threads)  # MKL's thread count is process-wide: the workers' setting reached it
+    order = [(cat, dr, h) for cat, dr in groups for h in hooks]  # the tables' row order: groups, then hooks
+    head_parts = [heads[c, h] for c in res.categories for h in hooks if (c, h) in heads]
     return {"layers": frame([blocks[k][0] for k in order]),
             "candidates": candidates_frame([b for k in order for b in blocks[k][1]]),
             "sensitivity": pd.DataFrame([r for k in order for r in blocks[k][2]]),
-            "dims_stored": dims_stored(res, dims),
+            "dims_parts": dims,
             "heads": pd.concat(head_parts, ignore_index=True) if head_parts else pd.DataFrame()}
