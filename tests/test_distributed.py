@@ -360,6 +360,83 @@ def test_ec_cache_under_torchrun_equals_one_process(tmp_path):
     assert man["world_size"] == 2 and man["steps"]["cache"]["world_size"] == 2
 
 
+def _barrier_worker(rank: int, world: int, port: int, out_dir: str, fail_rank: int) -> None:
+    import time
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      LOCAL_RANK=str(rank))
+    from eclens import distributed as D
+    from eclens.errors import EclensError
+
+    ctx = D.init("cpu")
+    out = {"seen": [], "error": None}
+    try:
+        try:
+            for i in range(3):
+                if rank == fail_rank and i == 1:
+                    raise ValueError("this rank failed")
+                if rank == 0:
+                    time.sleep(0.5)  # rank 0 is slow: the others must not pass the barrier before its file exists
+                    Path(out_dir, f"step{i}").write_text("x")
+                elif rank == fail_rank and i == 0:  # the failing rank arrives last, then fails at once: rank 0,
+                    time.sleep(1.0)  # still waking from this barrier, must pass it and stop at the next one
+                D.barrier(ctx)
+                out["seen"].append(Path(out_dir, f"step{i}").exists())
+        finally:
+            D.shutdown(ctx)
+    except ValueError:
+        out["error"] = "own"
+    except EclensError as e:
+        out["error"] = str(e)
+    Path(out_dir, f"barrier{rank}.json").write_text(json.dumps(out))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fail_rank", [-1, 1])
+def test_barrier_orders_the_ranks_and_a_failed_rank_stops_the_others(tmp_path, fail_rank):
+    """D.barrier (a counter on the rendezvous store, not a gloo barrier, which once returned on one rank while
+    its peer stayed in it): no rank passes it before every rank reached it, and a rank that fails makes the
+    ranks waiting at the next barrier raise at once instead of waiting for it."""
+    mp.start_processes(_barrier_worker, args=(2, _free_port(), str(tmp_path), fail_rank), nprocs=2,
+                       start_method="spawn", join=True)
+    r0, r1 = (json.loads((tmp_path / f"barrier{r}.json").read_text()) for r in (0, 1))
+    if fail_rank == -1:
+        assert r0 == r1 == {"seen": [True, True, True], "error": None}
+    else:
+        assert r1 == {"seen": [True], "error": "own"}
+        assert r0["seen"] == [True] and "rank 1 of 2 failed" in r0["error"]
+
+
+def _skip_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                      LOCAL_RANK=str(rank))
+    from eclens import distributed as D
+    from eclens.errors import EclensError
+
+    ctx = D.init("cpu")
+    error = None
+    try:
+        try:
+            D.barrier(ctx)
+            if rank == 0:  # rank 1 skips this one (as ec cache's rank 1 once did, when it saw rank 0's new index)
+                D.barrier(ctx)
+        finally:
+            D.shutdown(ctx)
+    except EclensError as e:
+        error = str(e)
+    Path(out_dir, f"skip{rank}.json").write_text(json.dumps({"error": error}))
+
+
+@pytest.mark.slow
+def test_ranks_on_different_paths_get_an_error_not_a_hang(tmp_path):
+    """A rank that skips a barrier meets the others' barrier at its exit: rank 0 gets a one-line error naming
+    both (before, gloo paired the wrong barriers: torchrun hung, or "Connection closed by peer")."""
+    mp.start_processes(_skip_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, start_method="spawn",
+                       join=True)
+    r0 = json.loads((tmp_path / "skip0.json").read_text())
+    assert "took different paths" in r0["error"] and "a barrier" in r0["error"] and "the exit" in r0["error"]
+
+
 def _leave_worker(rank: int, world: int, port: int, out_dir: str, fail_rank: int) -> None:
     import time
 

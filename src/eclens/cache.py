@@ -157,10 +157,15 @@ def write_cache(
               "pair_ids": [a.id for a in pairs]}
     index: dict[str, Any] | None = None
     ipath = folder / INDEX
-    if ctx.is_main and ipath.exists():
+    # Whether the cache exists, seen by every rank before the first barrier: rank 0 writes a new index.json
+    # right after it, and a rank that looked later took it for an old one and skipped the next barrier (one
+    # barrier short, it left while rank 0 waited in its last one: the torchrun test hung or "Connection
+    # closed by peer").
+    existed = ipath.exists()
+    if ctx.is_main and existed:
         index = _fold_partials(folder, _read_index(ipath))  # shards an interrupted torchrun run left in partials
     D.barrier(ctx)  # the others read index.json only after rank 0 folded the partials into it
-    if index is None and ipath.exists():
+    if index is None and existed:
         index = _read_index(ipath)
     if index is not None:
         old = {k: index.get(k) for k in params}

@@ -95,7 +95,13 @@ def all_reduce_sum(t: torch.Tensor, ctx: Dist) -> torch.Tensor:
 
 
 def barrier(ctx: Dist) -> None:
-    if ctx.active:
+    """Every rank at the same point before any goes on: a counter on the rendezvous store (:func:`_meet`), not
+    a gloo barrier: a rank that fails stops the ranks waiting for it at once, and ranks that reach different
+    meetings (one at a barrier, one at the exit: a rank that skipped a barrier) get an error, where gloo
+    paired the wrong barriers and hung or failed with "Connection closed by peer"."""
+    if not ctx.active:
+        return
+    if not _meet(ctx, "a barrier"):  # no rendezvous store in the environment (MASTER_ADDR/MASTER_PORT unset)
         import torch.distributed as dist
 
         dist.barrier()
@@ -116,42 +122,75 @@ def merge_diff(result, ctx: Dist):
     return merged
 
 
-LEAVE_TIMEOUT_S = 1800.0  # the longest a rank waits at the exit for the others (torch's default collective timeout)
-_LEAVES = itertools.count()
+SYNC_TIMEOUT_S = 1800.0  # the longest a rank waits for the others at a barrier or the exit (torch's collective default)
+_SYNCS = itertools.count()  # barriers and exits so far: every rank passes the same ones in the same order
+_CLIENTS: dict = {}
 
 
-def shutdown(ctx: Dist) -> None:
-    """Leave the process group; meant for a ``finally:``. A rank that finished its work first waits (on
-    the rendezvous store) until every rank has finished its collectives: gloo fails a rank still inside
-    the last collective when a peer closes its sockets (pytorch/gloo#155, seen as "Connection closed by
-    peer" in a barrier). A rank leaving on an exception releases the waiting ranks and does not wait."""
-    if not ctx.active:
-        return
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        return
-    _leave_together(ctx, failed=sys.exc_info()[0] is not None)
-    dist.destroy_process_group()
+def _job() -> str:
+    return f"{os.environ.get('TORCHELASTIC_RUN_ID', 'job')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
-def _leave_together(ctx: Dist, failed: bool) -> None:
-    """Return once every rank has come here (a counter on the rendezvous store, whose requests are
-    acknowledged, unlike the last message of a collective); at once if this rank ``failed``."""
+def _meet(ctx: Dist, what: str, failed: bool = False) -> bool:
+    """Return once every rank has called this as often (a counter on the rendezvous store, whose requests are
+    acknowledged, unlike the last message of a collective); ``what`` names the kind of meeting (a barrier, the
+    exit), and a rank that finds another kind there raises: ranks that took different paths fail at once
+    rather than hang. ``failed``: this rank will not go on; it releases the ranks waiting at this meeting,
+    which then raise instead of going on. False when the environment names no store
+    (MASTER_ADDR/MASTER_PORT)."""
     import datetime
 
     import torch.distributed as dist
 
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if not addr or not port:
+        return False
+    key = (addr, port, _job())
+    if key not in _CLIENTS:  # one connection per process and job (the store is torchrun's, or rank 0's)
+        _CLIENTS[key] = dist.TCPStore(addr, int(port), is_master=False, timeout=datetime.timedelta(seconds=60))
+    # One prefix per meeting: a rank that fails marks the meeting it will not reach, not the ones the others
+    # passed with it (they may still be waking from the last of those).
+    n = next(_SYNCS)
+    store = dist.PrefixStore(f"eclens/{_job()}/sync{n}/", _CLIENTS[key])
+
+    def fail(msg: str) -> None:
+        store.set("failed", msg)  # before the release: a woken rank finds it
+        store.set("all", "1")
+
+    if failed:
+        fail(f"rank {ctx.rank} of {ctx.world_size} failed; see its error above")
+        return True
+    seen = store.compare_set("what", "", what).decode()  # every rank must be at the same kind of meeting
+    if seen != what:
+        msg = (f"rank {ctx.rank} reached {what} at meeting {n}, where another rank reached {seen}: the ranks "
+               "took different paths (an eclens bug; please report it)")
+        fail(msg)
+        raise EclensError(msg)
+    if store.add("arrived", 1) >= ctx.world_size:
+        store.set("all", "1")  # the last to arrive releases the others
+    else:
+        store.wait(["all"], datetime.timedelta(seconds=SYNC_TIMEOUT_S))
+    if store.check(["failed"]):
+        raise EclensError(store.get("failed").decode())
+    return True
+
+
+def shutdown(ctx: Dist) -> None:
+    """Leave the process group; meant for a ``finally:``. A rank that finished its work first waits (on
+    the rendezvous store, :func:`_meet`) until every rank has finished its collectives: gloo fails a rank
+    still inside the last collective when a peer closes its sockets (pytorch/gloo#155, seen as "Connection
+    closed by peer" in a barrier). A rank leaving on an exception releases the waiting ranks and does not
+    wait."""
+    if not ctx.active:
         return
-    job = f"{os.environ.get('TORCHELASTIC_RUN_ID', 'job')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
     try:
-        client = dist.TCPStore(addr, int(port), is_master=False, timeout=datetime.timedelta(seconds=30))
-        store = dist.PrefixStore(f"eclens/{job}/leave{next(_LEAVES)}/", client)
-        if not failed and store.add("finished", 1) < ctx.world_size:
-            store.wait(["all"], datetime.timedelta(seconds=LEAVE_TIMEOUT_S))
-        else:
-            store.set("all", "1")  # the last to arrive, or a rank that will not finish: nobody waits longer
-    except dist.DistError:  # the store's host (rank 0 outside torchrun) is gone: it leaves only after the
-        pass  # others arrived or one failed; or the wait timed out: either way, nothing left to protect
+        _meet(ctx, "the exit", failed=sys.exc_info()[0] is not None)
+    except (dist.DistError, EclensError):  # the store's host (rank 0 outside torchrun) is gone, the wait timed
+        pass  # out, or another rank failed: this rank is leaving anyway, and nothing is left to protect
+    finally:
+        _CLIENTS.clear()
+    dist.destroy_process_group()
