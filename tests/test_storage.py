@@ -101,6 +101,20 @@ def test_stored_table_equals_the_narrowed_frame_across_blocks():
     assert got["mean_clean"].dtype == np.float32 and got["mean_delta"].dtype == np.float16 and "z_mean" not in got
 
 
+def test_storage_estimate_flushes_where_the_accumulator_does():
+    """scripts/estimate_storage.py (plain arithmetic, no eclens import) keeps its own copy of the pairs per state
+    row after which the feature sums become float64: it must be the accumulator's."""
+    import importlib.util
+
+    from eclens.diff.accumulate import DiffAccumulator
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "estimate_storage.py"
+    spec = importlib.util.spec_from_file_location("estimate_storage", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.FLUSH_PAIRS == DiffAccumulator.flush_pairs
+
+
 def test_readers_find_old_csv_tables(tmp_path):
     """A run folder from before issue 20 (candidates.csv, layers.csv) reads as before."""
     pd.DataFrame({"layer": [0, 1], "rel_l2_mean": [0.5, 0.25]}).to_csv(tmp_path / "layers.csv", index=False)

@@ -145,13 +145,14 @@ def _meet(ctx: Dist, what: str, failed: bool = False) -> bool:
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if not addr or not port:
         return False
-    key = (addr, port, _job())
+    job = _job()
+    key = (addr, port, job)
     if key not in _CLIENTS:  # one connection per process and job (the store is torchrun's, or rank 0's)
         _CLIENTS[key] = dist.TCPStore(addr, int(port), is_master=False, timeout=datetime.timedelta(seconds=60))
     # One prefix per meeting: a rank that fails marks the meeting it will not reach, not the ones the others
     # passed with it (they may still be waking from the last of those).
     n = next(_SYNCS)
-    store = dist.PrefixStore(f"eclens/{_job()}/sync{n}/", _CLIENTS[key])
+    store = dist.PrefixStore(f"eclens/{job}/sync{n}/", _CLIENTS[key])
 
     def fail(msg: str) -> None:
         store.set("failed", msg)  # before the release: a woken rank finds it
@@ -177,10 +178,10 @@ def _meet(ctx: Dist, what: str, failed: bool = False) -> bool:
 
 def shutdown(ctx: Dist) -> None:
     """Leave the process group; meant for a ``finally:``. A rank that finished its work first waits (on
-    the rendezvous store, :func:`_meet`) until every rank has finished its collectives: gloo fails a rank
-    still inside the last collective when a peer closes its sockets (pytorch/gloo#155, seen as "Connection
-    closed by peer" in a barrier). A rank leaving on an exception releases the waiting ranks and does not
-    wait."""
+    the rendezvous store, :func:`_meet`) until every rank is here, so that no rank closes its sockets while
+    a peer is still inside a collective with it (gloo then fails that peer, pytorch/gloo#155), and a rank
+    that skipped a barrier gets an error here rather than hanging its peers. A rank leaving on an exception
+    releases the waiting ranks and does not wait."""
     if not ctx.active:
         return
     import torch.distributed as dist
