@@ -183,7 +183,9 @@ def test_sample_stats_sort_bits_and_equal_a_float64_sort_of_z_exactly():
         sd[8, :, 0, 0] = float("nan")
         sv[8] = False  # a NaN where the pair has no value: not counted anywhere
         S = torch.randn(L, O, D, generator=g, dtype=torch.float64)
-        for rows in (torch.arange(r), torch.tensor([0, 1, 2, 5, 6, 9, 11, 30]), torch.tensor([], dtype=torch.long)):
+        # with rows 0-2 (NaN at σ = 0) or 5 every cell takes the path for NaN Δ; without, the count per offset (±inf in)
+        for rows in (torch.arange(r), torch.tensor([0, 1, 2, 5, 6, 9, 11, 30]), torch.tensor([3, 4, 6, 7, 8, 9, 11, 30]),
+                     torch.tensor([], dtype=torch.long)):
             got = SS.sample_stats(sd, rows, sv[rows], inv, S, SS.threshold_bounds(inv, [t, *grid], dtype))
             want = _reference_sample_stats(sd, rows, sv[rows], inv, S, t, grid)
             for k in ("q", "under", "below"):
@@ -287,7 +289,7 @@ def test_one_pass_tables_equal_the_tables_one_by_one_and_keep_only_the_all_group
     assert not any(isinstance(k, tuple) and k[0] == "sums" for k in one._cache)  # each hook's sums forgotten
     assert not any(isinstance(k, tuple) and k[0] in ("cand", "cand_base") and k[2:4] not in every
                    for k in one._cache)
-    for name in ("layers", "candidates", "sensitivity", "heads"):
+    for name in ("layers", "candidates", "sensitivity", "heads", "contrasts"):  # contrasts: on a worker thread
         want = getattr(res, name)
         assert not want.empty, name
         pd.testing.assert_frame_equal(getattr(one, name), want, check_exact=True, obj=name)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -84,11 +85,15 @@ def _derive(df: pd.DataFrame, name: str) -> pd.Series:
         return (num / sig).where(sig > 0)
 
 
-def as_float16(v: np.ndarray) -> np.ndarray:
-    """A float16-declared column at float16, or at float32 when a finite value is beyond float16's range (it
-    would become inf)."""
+def fits_float16(v: np.ndarray) -> bool:
+    """Whether every finite value of ``v`` is within float16's range (beyond it, it would become inf)."""
     fin = v[np.isfinite(v)]
-    return v.astype(np.float16 if not fin.size or np.abs(fin).max() <= F16_MAX else np.float32)
+    return not fin.size or bool(np.abs(fin).max() <= F16_MAX)
+
+
+def as_float16(v: np.ndarray) -> np.ndarray:
+    """A float16-declared column at float16, or at float32 when a finite value is beyond float16's range."""
+    return v.astype(np.float16 if fits_float16(v) else np.float32)
 
 
 def repeated_strings(values: list[str], lengths: list[int]):
@@ -134,24 +139,58 @@ def stored_block(block: dict, file: str) -> dict:
     return out
 
 
-def stored_table(blocks: list[dict], file: str):
-    """The Arrow table ``file`` holds for blocks of columns (arrays of one length per block, or scalars
-    repeated over it; :func:`stored_block`): the numbers and types of ``narrow(frame)`` converted by Arrow, made
-    column by column without a float64 frame of the whole table (for ``dims.parquet``, 300 MB at 225 pairs of
-    SmolLM2-135M, built, consolidated and converted, was a tenth of ``ec diff``'s finishing time)."""
+class HalfColumn(NamedTuple):
+    """One block of a float16-declared column (:func:`stored_chunk`): the values and, when they all fit float16,
+    their float16 copy (None otherwise)."""
+
+    values: np.ndarray
+    half: np.ndarray | None
+
+
+def stored_chunk(block: dict, file: str) -> dict:
+    """One :func:`stored_block` block of ``file`` as Arrow arrays (scalars repeated over the block's rows), made
+    where the block is (a worker thread): :func:`join_chunks` then joins the blocks without copying them. A
+    float16-declared float column is a :class:`HalfColumn`: whether the column fits float16 is known only once
+    every block of it is."""
     import pyarrow as pa
 
     spec = PRECISION.get(Path(file).name) or {}
-    lengths = [next(len(v) for v in b.values() if isinstance(v, np.ndarray)) for b in blocks]
+    n = next(len(v) for v in block.values() if isinstance(v, np.ndarray))
+    out = {}
+    for k, v in block.items():
+        if isinstance(v, str):
+            out[k] = repeated_strings([v], [n])
+        elif not isinstance(v, np.ndarray):
+            out[k] = pa.array(np.full(n, v))
+        elif k in spec.get("float16", ()) and v.dtype.kind == "f":
+            out[k] = HalfColumn(v, v.astype(np.float16) if fits_float16(v) else None)
+        else:
+            out[k] = pa.array(v)
+    return out
+
+
+def join_chunks(chunks: list[dict]):
+    """The Arrow table of :func:`stored_chunk` blocks, in order: a float16-declared column at float16 where every
+    block fits it, at float32 in every block otherwise (:func:`as_float16` of the whole column)."""
+    import pyarrow as pa
+
     cols = {}
-    for k in blocks[0]:
-        vals = [b[k] for b in blocks]
-        if all(isinstance(v, str) for v in vals):
-            cols[k] = repeated_strings(vals, lengths)
-            continue
-        v = np.concatenate([x if isinstance(x, np.ndarray) else np.full(n, x) for x, n in zip(vals, lengths)])
-        cols[k] = pa.array(as_float16(v) if k in spec.get("float16", ()) and v.dtype.kind == "f" else v)
+    for k in chunks[0]:
+        parts = [c[k] for c in chunks]
+        if isinstance(parts[0], HalfColumn):
+            fits = all(p.half is not None for p in parts)
+            parts = [pa.array(p.half if fits else p.values.astype(np.float32)) for p in parts]
+        cols[k] = pa.chunked_array(parts)
     return pa.table(cols)
+
+
+def stored_table(blocks: list[dict], file: str):
+    """The Arrow table ``file`` holds for blocks of columns (arrays of one length per block, or scalars
+    repeated over it; :func:`stored_block`): the numbers and types of ``narrow(frame)`` converted by Arrow, made
+    block by block (:func:`stored_chunk`) without a float64 frame of the whole table (for ``dims.parquet``,
+    300 MB at 225 pairs of SmolLM2-135M, built, consolidated and converted, was a tenth of ``ec diff``'s
+    finishing time)."""
+    return join_chunks([stored_chunk(b, file) for b in blocks])
 
 
 def write_parquet(df, path: str | os.PathLike) -> None:
@@ -201,5 +240,5 @@ def read_table_file(path: str | os.PathLike, columns: Sequence[str] | None = Non
     return df
 
 
-__all__ = ["DERIVED", "PRECISION", "TABLE_FILES", "as_float16", "narrow", "read_table_file", "repeated_strings",
-           "stored_block", "stored_table", "table_file", "write_parquet"]
+__all__ = ["DERIVED", "PRECISION", "TABLE_FILES", "HalfColumn", "as_float16", "join_chunks", "narrow", "read_table_file",
+           "repeated_strings", "stored_block", "stored_chunk", "stored_table", "table_file", "write_parquet"]

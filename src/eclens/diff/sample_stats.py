@@ -89,7 +89,7 @@ def sample_stats(sd: Float[torch.Tensor, "r O L D"], rows: Int[torch.Tensor, " s
         nan_count = None
         if s and bool((u[..., -1] > inf_bits).any()):  # NaN bits sort last: a cell has one if its last has
             nan_count = (u > inf_bits).sum(-1)
-        _quantiles(u, sd.dtype, iv, ok, n_valid, nan_count, out["q"][:, a:b], work)
+        _quantiles(u, sd.dtype, iv, ok, n_valid, nan_count, out["q"][:, a:b])
         below = torch.searchsorted(u, bounds[a:b])  # [l, O, D, T]: values under each bound
         out["under"][a:b] = below[..., 0]
         if T > 1:
@@ -103,48 +103,39 @@ def _z(bits: torch.Tensor, ftype: torch.dtype, inv: torch.Tensor) -> torch.Tenso
 
 
 def _quantiles(u: torch.Tensor, ftype: torch.dtype, inv: torch.Tensor, ok: torch.Tensor, n_valid: list[int],
-               nan_count: torch.Tensor | None, out: torch.Tensor, work: dict | None = None) -> None:
+               nan_count: torch.Tensor | None, out: torch.Tensor) -> None:
     """Write into ``out`` :data:`QUANTILES` ``[Q, l, O, D]`` of ``z`` over each cell's first ``k`` sorted values
     (linear interpolation, as ``torch.quantile``); ``k`` is the offset's valid pairs less the cell's NaN ``Δ``,
-    0 where not ``ok`` (then NaN). ``work``: as :func:`sample_stats`'s."""
+    0 where not ``ok`` (then NaN)."""
     nan = float("nan")
     if nan_count is not None:  # k differs between cells (rare: a NaN Δ): every value as z, positions per cell
         k = torch.tensor(n_valid, device=u.device)[None, :, None] - nan_count
         out.copy_(sorted_quantiles(_z(u, ftype, inv[..., None]), torch.where(ok, k, 0), QUANTILES))
         return
-    # k is the offset's count in every cell with σ > 0: two columns of the sorted values per (offset, quantile),
-    # gathered for every offset at once
-    if u.shape[-1] == 0:  # no sampled pair
+    # k is the offset's count in every cell with σ > 0: per (offset, quantile) the one or two columns of the
+    # sorted values, turned into z straight into ``out`` (one gather of every position and its float64 copies
+    # were most of the cost of a small group)
+    s = u.shape[-1]
+    if s == 0:  # no sampled pair
         out.fill_(nan)
         return
-    O = len(n_valid)  # noqa: E741
-    lo = torch.zeros((O, len(QUANTILES)), dtype=torch.long)
-    hi = torch.zeros_like(lo)
-    frac = torch.zeros((O, len(QUANTILES)), dtype=F64)
+    vals = u.view(ftype)
     for o, k in enumerate(n_valid):
-        if k == 0:  # NaN below; position 0 stands in
+        if k == 0:
+            out[:, :, o].fill_(nan)
             continue
+        iv = inv[:, o]
         for j, q in enumerate(QUANTILES):
             p = (k - 1) * q
             i = int(p // 1)
-            lo[o, j], frac[o, j] = i, p - i
-            hi[o, j] = min(i + int(p - i > 0), u.shape[-1] - 1)
-    shape = (u.shape[0], O, u.shape[2], len(QUANTILES))
-    frac = frac.to(u.device)
-    iv = inv[..., None]
-    # The two picked values as z [l, O, D, Q], in buffers kept from call to call: fresh ones were most of the
-    # finishing's page faults (a group's whole hook at once is megabytes).
-    bits = _scratch(work, "q_bits", shape, u.dtype, u.device)
-    za, zb = (_scratch(work, k, shape, F64, u.device) for k in ("q_lo", "q_hi"))
-    for z, pos in ((za, lo), (zb, hi)):
-        torch.gather(u, -1, pos.to(u.device)[None, :, None].expand(shape), out=bits)
-        z.copy_(bits.view(ftype)).mul_(iv)  # |Δ|·inv in float64, as _z
-    f = frac[None, :, None]
-    zb.sub_(za).mul_(f).add_(za)  # za + (zb - za)·f
-    torch.where(f == 0, za, zb, out=zb)  # where lo == hi, za itself: inf - inf would be NaN
-    out.copy_(zb.permute(3, 0, 1, 2))
-    empty = torch.tensor([k == 0 for k in n_valid], device=u.device)[None, :, None]
-    out.masked_fill_(~ok | empty, nan)
+            f = p - i
+            za = out[j, :, o]
+            torch.mul(vals[:, o, :, i], iv, out=za)  # |Δ|·inv in float64, as _z
+            if f > 0:  # za + (zb - za)·f; where f = 0, za itself (inf - inf would be NaN)
+                zb = torch.mul(vals[:, o, :, min(i + 1, s - 1)], iv)
+                za.copy_(zb.sub_(za).mul_(f).add_(za))
+    if not bool(ok.all()):
+        out.masked_fill_(~ok, nan)
 
 
 def threshold_bounds(inv: Float[torch.Tensor, "L O D"], ts: Sequence[float], ftype: torch.dtype

@@ -20,8 +20,9 @@ import torch
 from jaxtyping import Bool, Float
 
 from ..hooks import head_of
-from ..tables import DERIVED, repeated_strings, stored_block, stored_table
+from ..tables import DERIVED, join_chunks, repeated_strings, stored_block, stored_chunk
 from .config import position_kind
+from .contrasts import compute_contrasts
 
 DIMS_FILE = "dims.parquet"
 MAX_WORKERS = 4  # each holds a group's arrays (~15 MB per hook for SmolLM2-135M, ~0.3 GB for an 8B model)
@@ -273,18 +274,24 @@ def dims_columns(res: DiffResult, h: str, cat: str, offsets: Sequence[int] | Non
 
 def dims_stored(res: DiffResult, parts: dict | None = None):
     """``dims.parquet``'s table (:attr:`DiffResult.dims` at the declared precision, an Arrow table; an empty
-    frame when it has no rows) from the stored :func:`dims_columns` blocks of each (category, hook), ``parts``
-    (made here when None), in :attr:`DiffResult.dims`'s row order."""
+    frame when it has no rows) from the :func:`dims_chunks` of each (category, hook), ``parts`` (made here when
+    None), in :attr:`DiffResult.dims`'s row order."""
     if parts is None:
-        parts = {(c, h): dims_columns(res, h, c, None if c == "all" else [0], stored=True)
-                 for c in res.categories for h in res.hooks}
-    blocks = [b for c in res.categories for h in res.hooks for b in parts.get((c, h), ())]
-    return stored_table(blocks, DIMS_FILE) if blocks else pd.DataFrame()
+        parts = {(c, h): dims_chunks(res, h, c) for c in res.categories for h in res.hooks}
+    chunks = [b for c in res.categories for h in res.hooks for b in parts.get((c, h), ())]
+    return join_chunks(chunks) if chunks else pd.DataFrame()
+
+
+def dims_chunks(res: DiffResult, h: str, cat: str) -> list[dict]:
+    """The rows ``dims.parquet`` holds of one hook and category (every offset for ``all``, the first for the
+    others) as Arrow blocks (:func:`eclens.tables.stored_chunk`)."""
+    return [stored_chunk(b, DIMS_FILE) for b in dims_columns(res, h, cat, None if cat == "all" else [0], stored=True)]
 
 
 def all_tables(res: DiffResult, workers: int | None = None) -> dict:
     """``layers``, ``candidates``, ``sensitivity``, ``heads`` (the tables above, the same rows in the same
-    order) and ``dims_parts`` (:func:`dims_stored`'s blocks) in one pass over the hooks, each hook's arrays
+    order), ``contrasts`` (:func:`eclens.diff.contrasts.compute_contrasts`) and ``dims_parts``
+    (:func:`dims_stored`'s blocks) in one pass over the hooks, each hook's arrays
     forgotten once its rows are built (:meth:`DiffResult.forget_hook`): kept for every table, they were
     gigabytes, and the pages the kernel zeroed for them (a million page faults at 225 pairs) took as long as
     the numbers.
@@ -311,7 +318,7 @@ def all_tables(res: DiffResult, workers: int | None = None) -> dict:
             blocks[cat, dr, h] = (layers_block(res, h, cat, dr), candidate_blocks(res, h, cat, dr),
                                   sensitivity_rows(res, h, cat, dr))
             if dr == "all":
-                dims[cat, h] = dims_columns(res, h, cat, None if cat == "all" else [0], stored=True)
+                dims[cat, h] = dims_chunks(res, h, cat)
                 if res.group(h).n_heads:
                     heads[cat, h] = heads_block(res, h, cat)
         # 15 MB per group for SmolLM2-135M: kept for the whole hook, the groups' arrays grew the heap by half a
@@ -323,12 +330,15 @@ def all_tables(res: DiffResult, workers: int | None = None) -> dict:
     try:
         if hooks:  # the first hook's here, on every torch thread: nothing else could run yet
             res.cell_stats(hooks[0])
-        shared = None
+        shared = contrasts = None
         for i, h in enumerate(hooks):
             if shared is not None:
                 shared.result()
             if i + 1 < len(hooks):  # the next hook's, queued first: made while this one's groups run (no core idle)
                 shared = pool.submit(res.cell_stats, hooks[i + 1])
+            else:  # the contrasts read every hook's whole-dataset statistics (made now) and the sample: made
+                # beside the last hook's groups, not after them on a core left alone
+                contrasts = pool.submit(compute_contrasts, res)
             tasks = [pool.submit(rows_task, h, m) for m in by_rows.values()]
             for f in tasks:
                 f.result()
@@ -342,5 +352,5 @@ def all_tables(res: DiffResult, workers: int | None = None) -> dict:
     return {"layers": frame([blocks[k][0] for k in order]),
             "candidates": candidates_frame([b for k in order for b in blocks[k][1]]),
             "sensitivity": pd.DataFrame([r for k in order for r in blocks[k][2]]),
-            "dims_parts": dims,
+            "dims_parts": dims, "contrasts": contrasts.result() if contrasts else compute_contrasts(res),
             "heads": pd.concat(head_parts, ignore_index=True) if head_parts else pd.DataFrame()}
