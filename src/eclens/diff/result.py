@@ -566,8 +566,8 @@ class DiffResult:
 
     def build_tables(self) -> None:
         """Compute ``layers``, ``candidates``, ``sensitivity``, ``dims_stored``, ``heads`` and ``contrasts`` in one
-        pass over the hooks, forgetting each hook's arrays as it goes (:func:`eclens.diff.tables.all_tables`): what :meth:`save`
-        does before writing them. Reading the properties one by one gives the same tables."""
+        pass over the hooks, forgetting each hook's arrays as it goes (:func:`eclens.diff.tables.all_tables`):
+        what :meth:`save` does before writing them. Reading the properties one by one gives the same tables."""
         if any(k not in self._cache for k in ("layers", "candidates", "sensitivity", "heads", "contrasts")) or \
                 not ({"dims_stored", "dims_parts"} & set(self._cache)):
             self._cache.update(all_tables(self))

@@ -47,7 +47,7 @@ def _write_tables(res: DiffResult, run: Path) -> list[str]:
     res.build_tables()
     files = list(RESULT_FILES)
     # The files are written by two threads (Arrow's conversions, zstd and the disk release the GIL) while this
-    # one computes the contrasts and the summary: written one after the other, they were a tenth of the step.
+    # one makes the directions and the summary: written one after the other, they were a tenth of the step.
     with ThreadPoolExecutor(2) as pool:
         def write(table, name: str) -> Future:
             return pool.submit(lambda: write_table(table() if callable(table) else table, run / name))

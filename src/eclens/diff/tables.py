@@ -291,10 +291,9 @@ def dims_chunks(res: DiffResult, h: str, cat: str) -> list[dict]:
 def all_tables(res: DiffResult, workers: int | None = None) -> dict:
     """``layers``, ``candidates``, ``sensitivity``, ``heads`` (the tables above, the same rows in the same
     order), ``contrasts`` (:func:`eclens.diff.contrasts.compute_contrasts`) and ``dims_parts``
-    (:func:`dims_stored`'s blocks) in one pass over the hooks, each hook's arrays
-    forgotten once its rows are built (:meth:`DiffResult.forget_hook`): kept for every table, they were
-    gigabytes, and the pages the kernel zeroed for them (a million page faults at 225 pairs) took as long as
-    the numbers.
+    (:func:`dims_stored`'s blocks) in one pass over the hooks, each hook's arrays forgotten once its rows are
+    built (:meth:`DiffResult.forget_hook`): kept for every table, they were gigabytes, and the pages the kernel
+    zeroed for them (a million page faults at 225 pairs) took as long as the numbers.
 
     The work runs on ``workers`` threads (default: torch's intra-op threads, at most :data:`MAX_WORKERS`), each
     with one torch thread: a task is one hook's groups that share their state rows (they read the same
