@@ -101,6 +101,20 @@ def test_stored_table_equals_the_narrowed_frame_across_blocks():
     assert got["mean_clean"].dtype == np.float32 and got["mean_delta"].dtype == np.float16 and "z_mean" not in got
 
 
+@pytest.mark.parametrize("values,lengths", [(["hook_resid_pre"], [17280]), (["a", "bé", "", "日本"], [3, 0, 2, 5]),
+                                             (["x", "x"], [0, 0]), ([], [])])
+def test_repeated_strings_is_the_expanded_list_as_arrow_strings(values, lengths):
+    """Built from its buffers: the same array (type, values, valid) as Arrow makes of the expanded Python list,
+    multi-byte characters and empty strings included."""
+    import pyarrow as pa
+
+    from eclens.tables import repeated_strings
+
+    got = repeated_strings(values, lengths)
+    got.validate(full=True)
+    assert got.equals(pa.array([v for v, k in zip(values, lengths) for _ in range(k)], type=pa.large_string()))
+
+
 def test_storage_estimate_flushes_where_the_accumulator_does():
     """scripts/estimate_storage.py (plain arithmetic, no eclens import) keeps its own copy of the pairs per state
     row after which the feature sums become float64: it must be the accumulator's."""
