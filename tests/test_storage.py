@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from eclens.diff import STATS_FILE, DiffResult, run_diff
+from eclens.diff import STATS_FILE, DiffConfig, DiffResult, run_diff
 from eclens.errors import EclensError
 from eclens.integrity import verify_run
 from eclens.pairs import write_jsonl
@@ -181,6 +181,27 @@ def test_state_deleted_when_the_run_completes_and_readers_use_the_tables(tiny, t
 
 
 @pytest.mark.slow  # a second small pipeline (17 s on 2 cores at load 18; the deletion test covers the engine)
+def test_the_tables_bar_counts_each_hook_and_the_files(tiny, tmp_path, capsys):
+    """After the streaming bar, ``diff_step(progress=True)`` shows the finishing work (a third of ec diff at 225
+    pairs on 2 cores): one step per hook's tables and one for the files, all done; quiet without progress."""
+    from eclens.pairs import check_with_model, load_pairs
+    from eclens.steps import diff_step
+
+    pairs = check_with_model(load_pairs(_pairs_file(tiny, tmp_path)), tiny).valid
+    hooks = "hook_resid_pre,hook_resid_post,hook_mlp_out"
+    capsys.readouterr()
+    done = diff_step(tmp_path / "quiet", tiny, pairs, DiffConfig(hooks=hooks), progress=False, write_state=False)
+    assert "diff tables" not in capsys.readouterr().err
+    n = len(done.value.hooks)
+    assert n == 3
+    diff_step(tmp_path / "run", tiny, pairs, DiffConfig(hooks=hooks), progress=True, write_state=False)
+    err = capsys.readouterr().err
+    assert "diff tables" in err and f"{n + 1}/{n + 1}" in err, err
+    calls: list[int] = []  # a step as each hook is done, not all at the end
+    run_diff(tiny, pairs, hooks=hooks).build_tables(on_hook=lambda: calls.append(1))
+    assert len(calls) == n
+
+
 def test_keep_state_keeps_it_and_says_its_size(tiny, tmp_path):
     pf, run, lines = _pairs_file(tiny, tmp_path), tmp_path / "run", []
     _pipeline(tiny, run, pf, True, lines.append)
@@ -203,7 +224,7 @@ def test_a_failure_while_the_tables_are_built_resumes_from_the_last_checkpoint(t
     assert not (tmp_path / "clean" / STATE_DIR).exists()
     run = tmp_path / "run"
 
-    def die(self):
+    def die(self, on_hook=None):
         raise RuntimeError("killed while the tables were built")
 
     monkeypatch.setattr(DiffResult, "build_tables", die)

@@ -155,7 +155,7 @@ def diff_step(run: str | Path, model, pairs: Sequence, config: DiffConfig | None
     else:
         res = run_diff(model, pairs, batch_size=batch_size, run=run, checkpoint_every=checkpoint_every,
                        progress=progress, config=cfg)
-    files = save_diff(run, res, batch_size=batch_size, write_state=write_state)
+    files = save_diff(run, res, batch_size=batch_size, write_state=write_state, progress=progress)
     s = res.summary
     res.release_arrays()  # the tables are written: the arrays behind them would stay resident through later steps
     nc = s.get("n_candidates") or {}
@@ -171,13 +171,14 @@ def diff_step(run: str | Path, model, pairs: Sequence, config: DiffConfig | None
 
 
 def save_diff(run: str | Path, res, *, batch_size: int | None, from_cache: str | None = None,
-              manifest: dict | None = None, write_state: bool = True) -> list[str]:
+              manifest: dict | None = None, write_state: bool = True, progress: bool = False) -> list[str]:
     """Write a :class:`~eclens.diff.DiffResult` into ``run`` and record the ``diff`` step (``manifest``:
     further fields to record with it); returns the files. ``write_state``: also write the state
-    (:func:`diff_step`); its size is recorded either way, for :func:`eclens.state.finish_state` to say."""
+    (:func:`diff_step`); its size is recorded either way, for :func:`eclens.state.finish_state` to say.
+    ``progress``: a bar while the tables are computed and written."""
     from .runs import update_manifest
 
-    files = res.save(run, stats=write_state)
+    files = res.save(run, stats=write_state, progress=progress)
     step = res.manifest_step(files, batch_size=batch_size, seconds=res.timing.get("seconds"),
                              from_cache=from_cache, contrast_offsets=res.config.contrast_offsets,
                              state={"written": write_state, "bytes": res.state_bytes()})

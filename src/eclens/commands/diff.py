@@ -139,7 +139,7 @@ def diff(
 
             check_manifest_model(run, model_entry.get("name"), model_entry.get("weights_hash"))
         save_diff(run, res, batch_size=res.timing.get("batch_size"), from_cache=str(from_cache),
-                  manifest={"model": model_entry}, write_state=keep_state)
+                  manifest={"model": model_entry}, write_state=keep_state, progress=True)
         print_summary(res, run)
         finish_state(run, keep=keep_state, log=console.print)
         return

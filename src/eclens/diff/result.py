@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -564,13 +565,14 @@ class DiffResult:
             self._cache["summary"] = diff_summary(self)
         return self._cache["summary"]
 
-    def build_tables(self) -> None:
+    def build_tables(self, on_hook: Callable[[], None] | None = None) -> None:
         """Compute ``layers``, ``candidates``, ``sensitivity``, ``dims_stored``, ``heads`` and ``contrasts`` in one
         pass over the hooks, forgetting each hook's arrays as it goes (:func:`eclens.diff.tables.all_tables`):
-        what :meth:`save` does before writing them. Reading the properties one by one gives the same tables."""
+        what :meth:`save` does before writing them. Reading the properties one by one gives the same tables.
+        ``on_hook``: called as each hook's rows are done (not at all when the tables were already built)."""
         if any(k not in self._cache for k in ("layers", "candidates", "sensitivity", "heads", "contrasts")) or \
                 not ({"dims_stored", "dims_parts"} & set(self._cache)):
-            self._cache.update(all_tables(self))
+            self._cache.update(all_tables(self, on_hook=on_hook))
 
     def rows_of(self, category: str, direction: str = "all") -> tuple | None:
         """A group's state rows as a key (None: every row); groups with the same rows share their numbers."""
@@ -635,11 +637,11 @@ class DiffResult:
                 "from_cache": from_cache, "n_pairs": self.n_pairs, "timing": self.timing, "seconds": seconds,
                 "outputs": files}
 
-    def save(self, run: str | Path, *, stats: bool = True) -> list[str]:
+    def save(self, run: str | Path, *, stats: bool = True, progress: bool = False) -> list[str]:
         """Write every output of the diff step into ``run`` (:func:`eclens.diff.storage.save_result`)."""
         from .storage import save_result
 
-        return save_result(self, run, stats=stats)
+        return save_result(self, run, stats=stats, progress=progress)
 
     @classmethod
     def load(cls, run: str | Path) -> DiffResult:

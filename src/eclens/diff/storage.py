@@ -27,24 +27,37 @@ RESULT_FILES = ("layers.parquet", "dims.parquet", "candidates.parquet", "contras
                 "pairs.csv")
 
 
-def save_result(res: DiffResult, run: str | Path, *, stats: bool = True) -> list[str]:
+def save_result(res: DiffResult, run: str | Path, *, stats: bool = True, progress: bool = False) -> list[str]:
     """Write every output of the diff step into ``run`` (atomically): the state (``stats``) in the background
     while the tables are computed and written, and whole before this returns (so a kill after the step is
     recorded always finds it, and a kill before resumes from it once written); returns the result files (the
-    state is not one)."""
+    state is not one). ``progress``: a bar on stderr, a step per hook's tables and one for the files (after the
+    streaming bar ends, this is a third of ``ec diff`` at 225 pairs on a 2-core CPU, seconds with nothing on
+    screen)."""
+    from ..progress import TaskBar
+
     run = Path(run)
     wait = start_save_stats(run, res.tensors, res.meta) if stats else (lambda: None)
     try:
-        files = _write_tables(res, run)
+        with TaskBar(progress, len(res.hooks) + 1, "diff tables") as bar:
+            files = _write_tables(res, run, bar)
     finally:
         wait()  # the state is whole on disk before the step can be recorded as done
     return files
 
 
-def _write_tables(res: DiffResult, run: Path) -> list[str]:
+def _write_tables(res: DiffResult, run: Path, bar) -> list[str]:
     from ..runs import save_tensors, write_json, write_table
 
-    res.build_tables()
+    n_built = 0
+
+    def hook_built() -> None:
+        nonlocal n_built
+        n_built += 1
+        bar.advance()
+
+    res.build_tables(on_hook=hook_built)
+    bar.advance(len(res.hooks) - n_built)  # built before (read one by one): nothing left to do for them
     files = list(RESULT_FILES)
     # The files are written by two threads (Arrow's conversions, zstd and the disk release the GIL) while this
     # one makes the directions and the summary: written one after the other, they were a tenth of the step.
@@ -70,6 +83,7 @@ def _write_tables(res: DiffResult, run: Path) -> list[str]:
         write_json(run / "summary.json", res.summary)
         for f in jobs:
             f.result()  # a write's error, raised here once every write has ended
+    bar.advance()
     return files + ["diff_directions.safetensors", "summary.json"]
 
 

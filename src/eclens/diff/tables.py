@@ -10,7 +10,7 @@ was most of the finishing time of ``ec diff``. The numbers and the row order are
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -288,7 +288,7 @@ def dims_chunks(res: DiffResult, h: str, cat: str) -> list[dict]:
     return [stored_chunk(b, DIMS_FILE) for b in dims_columns(res, h, cat, None if cat == "all" else [0], stored=True)]
 
 
-def all_tables(res: DiffResult, workers: int | None = None) -> dict:
+def all_tables(res: DiffResult, workers: int | None = None, on_hook: Callable[[], None] | None = None) -> dict:
     """``layers``, ``candidates``, ``sensitivity``, ``heads`` (the tables above, the same rows in the same
     order), ``contrasts`` (:func:`eclens.diff.contrasts.compute_contrasts`) and ``dims_parts``
     (:func:`dims_stored`'s blocks) in one pass over the hooks, each hook's arrays forgotten once its rows are
@@ -301,7 +301,7 @@ def all_tables(res: DiffResult, workers: int | None = None) -> dict:
     bounds, which every group reads), made by a task queued while the previous hook's groups run. The arrays
     of a group are too small for one torch call to use more than one core well, and the groups are
     independent; each number is made by the same calls on the same arrays whatever the thread, so the tables
-    do not depend on ``workers``."""
+    do not depend on ``workers``. ``on_hook``: called (on this thread) as each hook's rows are done."""
     groups = res.stat_groups()
     blocks: dict[tuple[str, str, str], tuple[dict, list[dict], list[dict]]] = {}
     dims: dict[tuple[str, str], list[dict]] = {}
@@ -342,6 +342,8 @@ def all_tables(res: DiffResult, workers: int | None = None) -> dict:
             for f in tasks:
                 f.result()
             res.forget_hook(h)
+            if on_hook is not None:
+                on_hook()
     finally:
         pool.shutdown(cancel_futures=True)  # after an error, the queued tasks do not run
         res.forget_scratch()  # the workers' buffers (tens of MB each)
