@@ -265,18 +265,24 @@ def _rank_errors(stderr: str) -> str:
 
 
 def _ec_one_and_two(tmp_path, args):
-    """Run `ec ARGS --out one` in one process and under `torchrun --nproc-per-node 2 ... --out two`."""
+    """Run `ec ARGS --out one` in one process (this one, through the CLI's entry point, on one torch thread as each
+    rank has: a child process would add ~8 s of imports) and under `torchrun --nproc-per-node 2 ... --out two`."""
     import shutil
     import subprocess
     import sys
+
+    from eclens.cli import main
 
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     require(torchrun is not None, "torchrun not installed next to this python (it ships with torch)")
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     ec = str(Path(sys.executable).parent / "ec")
-    r1 = subprocess.run([ec, *args, "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env,
-                        timeout=600)
-    assert r1.returncode == 0, r1.stderr[-2000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
     r2 = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_free_port()), "--no-python", ec,
                          *args, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
     assert r2.returncode == 0, _rank_errors(r2.stderr)
