@@ -138,3 +138,15 @@ def test_the_committed_readme_quotes_its_results(tmp_path):
     shutil.copytree(STUDY / "results", tmp_path / "results")
     again = wr.write_readme(tmp_path, _module("run_study").CONFOUND).read_text()
     assert again == readme
+
+
+@pytest.mark.parametrize("smoke_mode", [False, True])
+def test_study_runs_an_ec_command_in_a_child_process_or_in_this_one(tmp_path, capfd, smoke_mode):
+    """The real study runs each `ec` command in a child process, the smoke run through the CLI's entry point in
+    its own: both run the command, and a failed one stops the study with a line naming it."""
+    rs = _module("run_study")
+    study = rs.Study(tmp_path, rs.StudyConfig(models=["m"], smoke=smoke_mode))
+    study.ec("model", "info", "--help")
+    assert "--load-in-8bit" in capfd.readouterr().out  # the command's own help, from either process
+    with pytest.raises(SystemExit, match=r"`.*ec model info --no-such-option` failed \(exit 2\)"):
+        study.ec("model", "info", "--no-such-option")
