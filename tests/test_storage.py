@@ -180,7 +180,7 @@ def test_state_deleted_when_the_run_completes_and_readers_use_the_tables(tiny, t
     assert [s.status for s in res.steps] == ["skipped"] * 3 and not any("state" in ln for ln in lines)
 
 
-@pytest.mark.slow  # a second small pipeline (17 s on 2 cores at load 18; the deletion test covers the engine)
+@pytest.mark.slow  # three small diffs (~9 s alone); the deletion test runs the same engine in the fast subset
 def test_the_tables_bar_counts_each_hook_and_the_files(tiny, tmp_path, capsys):
     """After the streaming bar, ``diff_step(progress=True)`` shows the finishing work (a third of ec diff at 225
     pairs on 2 cores): one step per hook's tables and one for the files, all done; quiet without progress."""
@@ -202,6 +202,7 @@ def test_the_tables_bar_counts_each_hook_and_the_files(tiny, tmp_path, capsys):
     assert len(calls) == n
 
 
+@pytest.mark.slow  # a second small pipeline (17 s on 2 cores at load 18; the deletion test covers the engine)
 def test_keep_state_keeps_it_and_says_its_size(tiny, tmp_path):
     pf, run, lines = _pairs_file(tiny, tmp_path), tmp_path / "run", []
     _pipeline(tiny, run, pf, True, lines.append)
