@@ -3,9 +3,12 @@ compute the same tables from one small pairs file: each step is one library func
 may differ only in float noise (rtol 1e-4) and never in what they count, except for a candidate
 whose statistic sits within 1e-4 of a rule threshold.
 
-The embedded model (a random-weight one finds no candidate to test) on 18 template pairs and one
-diff hook keeps it to about a minute; the pairs file is ordered so that its first N pairs are the N pairs ``ec run`` picks
-(:func:`eclens.steps.spread_pairs`), which makes ``--max-pairs N`` select the same pairs.
+The embedded model (a random-weight one finds no candidate to test) on 28 template pairs, one diff
+hook and one pair's exact map keeps it to about a minute and a half (a map is ~500 patched runs per
+pair, the fixture's largest part: a second pair cost ~20 s over the three paths, and the steps that take
+several pairs, dims and attribution, already check that the three pick the same ones). The pairs file is
+ordered so that its first N pairs are the N pairs ``ec run`` picks (:func:`eclens.steps.spread_pairs`),
+which makes ``--max-pairs N`` select the same pairs.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from eclens.steps import (
 
 RTOL = 1e-4
 HOOKS = "hook_resid_post"
-N_EXACT, N_DIMS, N_ATTR, N_CONTROLS, VERIFY = 2, 4, 3, 10, 2
+N_EXACT, N_DIMS, N_ATTR, N_CONTROLS, VERIFY = 1, 4, 3, 10, 2
 DIFF_TABLES = ("layers.parquet", "dims.parquet", "pairs.csv", "contrasts.parquet")
 PATCH_TABLES = ("patch_exact.csv", "patch_baselines.csv", "patch_attribution.csv")
 # the rule's thresholds (DiffConfig defaults): a candidate this close to one may flip with float noise
