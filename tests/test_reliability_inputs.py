@@ -327,6 +327,29 @@ def test_subprocess_error_is_one_line_without_traceback(cmd, tiny_dir, tmp_path)
     assert not out.exists()
 
 
+# Every command that reads a pairs file, on one bad file, in one child process (this one has imported torch).
+EARLY = ("import sys\nfrom eclens.cli import main\nbad, out = sys.argv[1:]\n"
+         "for argv in (['diff', bad], ['cache', bad, '--out', out], ['patch', bad, '--out', out],\n"
+         "             ['run', '--pairs', bad, '--out', out], ['pairs', 'check', bad]):\n"
+         "    print(argv[0], main(argv), 'torch' in sys.modules, flush=True)\n")
+
+
+def test_a_bad_pairs_file_fails_before_torch_is_imported(tmp_path):
+    """The one-line error comes before torch, transformers and scipy are imported (2-3 s of a 3-s wait on this
+    machine before), so a typo in a file is a second's round trip, and nothing is written."""
+    src = tmp_path / "bad.jsonl"
+    src.write_bytes(jsonl(valid_records()[:1]) + b'{"id": "x", "clean": "The cat sat."}\n')
+    out = tmp_path / "out"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "COLUMNS": "200"}
+    r = subprocess.run([sys.executable, "-c", EARLY, str(src), str(out)], capture_output=True, text=True, env=env,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[:-1] == [f"{c} 2 False" for c in ("diff", "cache", "patch", "run", "pairs")]
+    lines = r.stderr.strip().splitlines()
+    assert lines == [f"error: {src}:2: missing field 'corrupt'"] * 5, r.stderr
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------- 100,000 pairs
 
 

@@ -58,14 +58,12 @@ def _model_entry(run: Path, m) -> dict:
 
 
 def _open_pairs_run(pairs: Path, out_dir: Path | None, fmt, model: str, device: str, dtype: str, device_map,
-                    load_in_8bit: bool, load_in_4bit: bool, mode: str = "single"):
+                    load_in_8bit: bool, load_in_4bit: bool, mode: str = "single", raw=None):
     """What `ec diff` and `ec cache` do before their pass: check the pairs file, join torchrun, lock the
-    run folder, load the model and align the pairs once. Returns (ctx, run, model, manifest entry, pairs)."""
-    if not pairs.exists():
-        from ..errors import EclensError
-
-        raise EclensError(f"{pairs}: no such file or folder")
-    raw = preflight_pairs(pairs, fmt)  # a bad file fails now, not after the model loads
+    run folder, load the model and align the pairs once. Returns (ctx, run, model, manifest entry, pairs).
+    ``raw``: :func:`check_pairs_file`'s pairs when the caller checked the file already."""
+    if raw is None:
+        raw = check_pairs_file(pairs, fmt)
     from .. import distributed as D
 
     ctx = D.init(device)  # under torchrun: this process's rank and the world size
@@ -79,6 +77,16 @@ def _open_pairs_run(pairs: Path, out_dir: Path | None, fmt, model: str, device: 
     aligned = aligned_pairs(m, pairs, run, ctx, fmt=fmt, raw=raw, say=_say_check,
                             manifest={"model": entry, "world_size": ctx.world_size}, mode=mode)
     return ctx, run, m, entry, aligned
+
+
+def check_pairs_file(pairs: Path, fmt):
+    """The raw pairs of a pairs file (None for a run folder), or its one-line error: before the model loads
+    and before torch is imported, so a bad file fails in about a second."""
+    if not pairs.exists():
+        from ..errors import EclensError
+
+        raise EclensError(f"{pairs}: no such file or folder")
+    return preflight_pairs(pairs, fmt)
 
 
 @app.command("diff")
@@ -117,6 +125,7 @@ def diff(
                                     "resume or a merge reads) once the diff completes"),
 ) -> None:
     """Stream position-aligned, normalised activation differences; write layers, dims, candidates, contrasts, sensitivity."""
+    raw = check_pairs_file(pairs, fmt) if pairs is not None and from_cache is None else None
     from ..diff import STATS_FILE, DiffConfig
     from ..state import finish_state
     from ..steps import diff_step, save_diff
@@ -146,7 +155,7 @@ def diff(
     if pairs is None:
         raise typer.BadParameter("give a PAIRS file or run folder, or --from-cache RUN")
     ctx, run, m, entry, aligned = _open_pairs_run(pairs, out_dir, fmt, model, device, dtype, device_map,
-                                                   load_in_8bit, load_in_4bit, "span" if span else "single")
+                                                   load_in_8bit, load_in_4bit, "span" if span else "single", raw)
     from .. import distributed as D
     cfg = DiffConfig(hooks=hooks, max_offset=max_offset, include_last=last, by_category=by_category,
                      sample_size=sample_size, seed=seed, **rule)
@@ -227,11 +236,12 @@ def cache(
     load_in_4bit: bool = Load4Opt,
 ) -> None:
     """Write the raw activations of both sentences as safetensors shards (resumable); read with eclens.open_cache."""
+    raw = check_pairs_file(pairs, fmt)
     from ..cache import write_cache
     from ..runs import record_step
 
     ctx, run, m, entry, aligned = _open_pairs_run(pairs, out_dir, fmt, model, device, dtype, device_map,
-                                                   load_in_8bit, load_in_4bit)
+                                                   load_in_8bit, load_in_4bit, raw=raw)
     from .. import distributed as D
     t0 = time.perf_counter()
     try:

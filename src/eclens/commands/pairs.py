@@ -28,10 +28,11 @@ def check(
 
     Needs only the tokenizer and the model's context length (from its config), never its weights.
     Exits non-zero, writing nothing, when no pair is valid."""
-    from ..model import context_length, load_tokenizer, tokenizer_prepends_bos
     from ..pairs import check_pairs, load_pairs, write_jsonl
 
-    pairs = load_pairs(file, fmt=fmt)
+    pairs = load_pairs(file, fmt=fmt)  # before torch is imported (by ..model): a bad file fails in about a second
+    from ..model import context_length, load_tokenizer, tokenizer_prepends_bos
+
     with console.status(f"loading the tokenizer of {model}"):
         tok = load_tokenizer(model)
         n_ctx = context_length(model)

@@ -122,14 +122,11 @@ def patch(
     """Causal tests: which activations, heads and dimension sets restore clean behaviour in the corrupt run
     (denoise) or break it in the clean run (noise)."""
     from ..errors import EclensError
-    from ..metrics import METRICS
     from ..tables import table_file
     from ._common import load, preflight_pairs
 
     if mode not in MODES:
         raise EclensError(f"unknown --mode {mode!r}: use exact, dims, attribution or skip")
-    if metric not in METRICS:
-        raise EclensError(f"unknown --metric {metric!r}: use {', '.join(METRICS)}")
     if direction not in ("denoise", "noise", "both"):
         raise EclensError(f"unknown --direction {direction!r}: use denoise, noise or both")
     if not source.exists():
@@ -141,7 +138,11 @@ def patch(
     if mode == "dims" and dims is None and split is None and not cpath.exists():
         raise EclensError(f"{cpath}: no candidates file; run `ec diff` first, pass --candidates FILE, "
                           "or test one set with --dims")
-    raw = preflight_pairs(source)
+    raw = preflight_pairs(source)  # before torch is imported (by ..metrics): a bad file fails in about a second
+    from ..metrics import METRICS
+
+    if metric not in METRICS:
+        raise EclensError(f"unknown --metric {metric!r}: use {', '.join(METRICS)}")
     from .. import distributed as D
     from .. import steps as S
 

@@ -106,12 +106,8 @@ def run(
     from rich.table import Table
 
     from ..errors import EclensError
-    from ..metrics import METRICS
-    from ..pipeline import RunConfig, run_pipeline
     from ._common import load, preflight_pairs
 
-    if metric not in METRICS:
-        raise EclensError(f"unknown --metric {metric!r}: use {', '.join(METRICS)}")
     for name, v in (("--n", n_per_category), ("--batch-size", batch_size), ("--exact-pairs", exact_pairs),
                     ("--dims-pairs", dims_pairs), ("--max-sets", max_sets), ("--top-k", top_k),
                     ("--n-controls", n_controls), ("--attribution-pairs", attribution_pairs),
@@ -126,6 +122,13 @@ def run(
         raise EclensError(f"unknown --baseline {baseline!r}: use random")
     if out_dir is None:
         out_dir = Path("runs") / (pairs.stem if pairs else f"templates-n{n_per_category}-seed{seed}")
+    # the file before torch, transformers and scipy are imported: a bad one fails in about a second, not four
+    raw = preflight_pairs(pairs)
+    from ..metrics import METRICS
+    from ..pipeline import RunConfig, run_pipeline
+
+    if metric not in METRICS:
+        raise EclensError(f"unknown --metric {metric!r}: use {', '.join(METRICS)}")
     cfg = RunConfig(pairs_file=str(pairs) if pairs else None, n_per_category=n_per_category, seed=seed,
                     hooks=hooks, batch_size=batch_size, min_pairs=min_pairs,
                     patch_hooks=tuple(h.strip() for h in patch_hooks.split(",") if h.strip()), exact_pairs=exact_pairs, dims_pairs=dims_pairs,
@@ -134,7 +137,6 @@ def run(
                     skip_pairs=max(0, skip_pairs), baseline=baseline,
                     measure_clusters=measure_clusters or None, measure_permutations=measure_permutations,
                     span=span)
-    raw = preflight_pairs(pairs)
     console.print(f"run folder: {out_dir}")
     from ..lock import lock_run
 
