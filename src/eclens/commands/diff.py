@@ -57,13 +57,11 @@ def _model_entry(run: Path, m) -> dict:
     return entry
 
 
-def _open_pairs_run(pairs: Path, out_dir: Path | None, fmt, model: str, device: str, dtype: str, device_map,
-                    load_in_8bit: bool, load_in_4bit: bool, mode: str = "single", raw=None):
-    """What `ec diff` and `ec cache` do before their pass: check the pairs file, join torchrun, lock the
-    run folder, load the model and align the pairs once. Returns (ctx, run, model, manifest entry, pairs).
-    ``raw``: :func:`check_pairs_file`'s pairs when the caller checked the file already."""
-    if raw is None:
-        raw = check_pairs_file(pairs, fmt)
+def _open_pairs_run(pairs: Path, raw, out_dir: Path | None, fmt, model: str, device: str, dtype: str, device_map,
+                    load_in_8bit: bool, load_in_4bit: bool, mode: str = "single"):
+    """What `ec diff` and `ec cache` do before their pass, once the caller has checked the pairs file
+    (``raw``: :func:`check_pairs_file`'s result, before its own heavy imports): join torchrun, lock the run
+    folder, load the model and align the pairs once. Returns (ctx, run, model, manifest entry, pairs)."""
     from .. import distributed as D
 
     ctx = D.init(device)  # under torchrun: this process's rank and the world size
@@ -154,8 +152,8 @@ def diff(
         return
     if pairs is None:
         raise typer.BadParameter("give a PAIRS file or run folder, or --from-cache RUN")
-    ctx, run, m, entry, aligned = _open_pairs_run(pairs, out_dir, fmt, model, device, dtype, device_map,
-                                                   load_in_8bit, load_in_4bit, "span" if span else "single", raw)
+    ctx, run, m, entry, aligned = _open_pairs_run(pairs, raw, out_dir, fmt, model, device, dtype, device_map,
+                                                   load_in_8bit, load_in_4bit, "span" if span else "single")
     from .. import distributed as D
     cfg = DiffConfig(hooks=hooks, max_offset=max_offset, include_last=last, by_category=by_category,
                      sample_size=sample_size, seed=seed, **rule)
@@ -240,8 +238,8 @@ def cache(
     from ..cache import write_cache
     from ..runs import record_step
 
-    ctx, run, m, entry, aligned = _open_pairs_run(pairs, out_dir, fmt, model, device, dtype, device_map,
-                                                   load_in_8bit, load_in_4bit, raw=raw)
+    ctx, run, m, entry, aligned = _open_pairs_run(pairs, raw, out_dir, fmt, model, device, dtype, device_map,
+                                                   load_in_8bit, load_in_4bit)
     from .. import distributed as D
     t0 = time.perf_counter()
     try:
