@@ -665,8 +665,9 @@ def test_interrupted_runs_leave_whole_files_and_resume(tiny_dir, tokenizer, tmp_
     raw = _write_raw(tmp_path / "raw.jsonl", tokenizer, 36)
     run = tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "eclens", "diff", str(raw), "--model", str(tiny_dir), "--out", str(run),
-           "--batch-size", "1", "--checkpoint-every", "1", "--hooks", "all", "--keep-state"]
+    args = ["diff", str(raw), "--model", str(tiny_dir), "--out", str(run), "--batch-size", "1",
+            "--checkpoint-every", "1", "--hooks", "all", "--keep-state"]
+    cmd = [sys.executable, "-m", "eclens", *args]
     stats = run / STATS_FILE
     # Ctrl-C: the loop stops at the end of the batch, saves, and says so. The signal goes out once the
     # checkpoint holds a pair, with 35 one-pair batches still to run: a run that finished first would
@@ -683,7 +684,7 @@ def test_interrupted_runs_leave_whole_files_and_resume(tiny_dir, tokenizer, tmp_
     n2 = len(load_stats(run)[1]["done"])
     assert n1 < n2 < 36, (n1, n2)  # it had saved more than n1 when killed, and was killed before the end
     capsys.readouterr()
-    assert main(cmd[3:]) == 0  # the same command resumes (here, in this process: no second ~8 s of imports)
+    assert main(args) == 0  # the same command resumes (here, in this process: no second ~8 s of imports)
     assert f"resumed: {n2} pairs" in capsys.readouterr().err
     res = DiffResult.load(run)
     assert res.n_pairs == 36 and res.meta["complete"]
