@@ -51,11 +51,16 @@ def test_random_baseline(tiny_dir):
     assert "random_init" not in manifest_model_entry(trained)
 
 
-def test_weights_hash_follows_in_place_changes(tiny_dir):
+def test_weights_hash_follows_in_place_changes(tiny_dir, monkeypatch):
     """The hash is cached on the model, but a weight changed in place (planting an effect, a reload) changes it."""
+    import eclens.model as M
+
     m = load_model(str(tiny_dir), verify="never")
     h = weights_hash(m)
-    assert weights_hash(m) == h
+    real = M.hashlib.sha256
+    monkeypatch.setattr(M.hashlib, "sha256", lambda: pytest.fail("weights hashed again, unchanged"))
+    assert weights_hash(m) == h  # the cached one
+    monkeypatch.setattr(M.hashlib, "sha256", real)
     p = next(m.parameters())
     before = p.detach().clone()
     with torch.no_grad():

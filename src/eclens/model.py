@@ -488,10 +488,12 @@ def weights_hash(model) -> str:
     Hashing every byte of an 8B model takes minutes; a strided sample of up to 64k
     values per tensor distinguishes checkpoints just as well for provenance.
     """
-    # Cached on the model until a weight changes in place (its version counter moves): every step asks for it,
-    # and the strided reads of every tensor cost a fifth of a second for SmolLM2-135M.
+    # Cached on the model until a weight changes in place (its version counter moves) or is replaced (its
+    # storage moves): the load, the command and the step each ask for it, and the strided reads of every tensor
+    # cost a tenth of a second for SmolLM2-135M. Not the tensors' ids: state_dict() makes new ones every call.
     state = model.state_dict()
-    key = tuple((name, id(p), p._version) for name, p in state.items() if torch.is_tensor(p))
+    key = tuple((name, p.data_ptr(), p._version, tuple(p.shape), p.dtype) for name, p in state.items()
+                if torch.is_tensor(p))
     cached = getattr(model, "_eclens_weights_hash", None)
     if cached is not None and cached[0] == key:
         return cached[1]
