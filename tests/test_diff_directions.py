@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from eclens.diff import run_diff
+from eclens.diff import DiffResult, run_diff
 from eclens.pairs import AlignedPair, MinimalPair, align
 from eclens.stats import Moments
 
@@ -204,10 +204,19 @@ def test_sensitivity_is_monotone_and_matches_the_candidates(unplanted):
         assert (g["n_candidates"] == listed).all(), (cat, d, kind)
     # Every count, the whole grid at once, is the candidate rule's own mask at that setting.
     for r in sens.itertuples():
-        kw = ({"threshold_index": unplanted.grid("threshold").index(r.value)} if r.parameter == "threshold"
+        kw = ({"threshold": r.value} if r.parameter == "threshold"
               else {r.parameter: r.value})
         m = unplanted.candidate_masks(r.hook, r.category, r.swap_direction, **kw)[r.kind]
         assert r.n_candidates == int(m.sum()), r
+    # Each threshold of the grid: the stable masks of a run set to it (its fraction of pairs under it)
+    for v in unplanted.grid("threshold"):
+        other = DiffResult({**unplanted.meta, "config": {**unplanted.meta["config"], "threshold": v}},
+                           unplanted.tensors)
+        for cat, d in unplanted.stat_groups():
+            for h in unplanted.hooks:
+                if d == "all":
+                    assert torch.equal(unplanted.candidate_masks(h, cat, d, threshold=v)["stable"],
+                                       other.candidate_masks(h, cat, d)["stable"]), (v, cat, h)
 
 
 def test_sensitivity_figure(unplanted):

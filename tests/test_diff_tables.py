@@ -3,6 +3,7 @@ definitions, and a group's moments from the common-shift sums against a float64 
 
 from __future__ import annotations
 
+import math
 import threading
 import warnings
 
@@ -118,10 +119,11 @@ def test_sample_stats_in_chunks_equal_whole_and_a_direct_computation(monkeypatch
     inv[0, 0, 0] = float("nan")  # σ = 0
     S = torch.randn(L, O, D, generator=g, dtype=torch.float64)
     grid = [0.1, 0.3, 1.0]
-    bounds = SS.threshold_bounds(inv, [0.3, *grid], sd.dtype)
-    whole = SS.sample_stats(sd, rows, sv, inv, S, bounds)
+    bound = SS.threshold_bounds(inv, [0.3], sd.dtype)[..., 0]
+    ranks = [0, 7]  # offset 0: every cell passes; 1: the 7th smallest (past the valid values in some cells)
+    whole = SS.sample_stats(sd, rows, sv, inv, S, bound, ranks)
     monkeypatch.setattr(SS, "CHUNK_ELEMENTS", s * O * D * 2)  # two layers a chunk, the last one alone
-    parts = SS.sample_stats(sd, rows, sv, inv, S, bounds)
+    parts = SS.sample_stats(sd, rows, sv, inv, S, bound, ranks)
     for k in whole:
         assert torch.equal(torch.nan_to_num(whole[k], nan=-7.0), torch.nan_to_num(parts[k], nan=-7.0)), k
     # Every cell against torch.quantile and plain counting over that cell's valid items (independent of the sort).
@@ -136,14 +138,16 @@ def test_sample_stats_in_chunks_equal_whole_and_a_direct_computation(monkeypatch
                 got = whole["q"][:, li, o, d]
                 assert torch.allclose(got, want, rtol=0, atol=1e-12, equal_nan=True), (li, o, d)
                 assert whole["under"][li, o, d] == (v < 0.3).sum()
-                assert [float(c) for c in whole["below"][:, li, o, d]] == [float((v < t).sum()) for t in grid]
+                # the ranked value says, for every threshold, whether at least that many are under it
+                assert [bool(whole["ranked"][li, o, d] < t) for t in grid] == [bool((v < t).sum() >= ranks[o])
+                                                                               for t in grid] or inv[li, o, d].isnan()
     assert torch.allclose(whole["dd"], (x * x).sum(-1), rtol=1e-12, atol=0)
     assert torch.allclose(whole["dot"], (x * S).sum(-1), rtol=1e-12, atol=1e-12)
 
 
-def _reference_sample_stats(sd, rows, sv, inv, S, threshold, grid):
+def _reference_sample_stats(sd, rows, sv, inv, S, threshold, ranks):
     """The definition: ``z = |Δ|·inv`` in float64, sorted per cell with missing and NaN items last, quantiles
-    as ``torch.quantile``'s interpolation, counts of ``z`` under each threshold."""
+    as ``torch.quantile``'s interpolation, the count of ``z`` under the threshold, the ``ranks``-th smallest."""
     from eclens.diff.config import QUANTILES
     from eclens.stats import sorted_quantiles
 
@@ -152,10 +156,15 @@ def _reference_sample_stats(sd, rows, sv, inv, S, threshold, grid):
     bad = ~sv.T[None, :, None, :] | torch.isnan(z)
     z = torch.where(bad, float("inf"), z).sort(-1).values
     k = (~bad).sum(-1)
-    ts = torch.tensor([threshold, *grid], dtype=torch.float64)
-    below = (z[..., None, :] < ts[:, None]).sum(-1).double().movedim(-1, 0)
+    under = (z < threshold).sum(-1).double()
+    # the rank-th smallest z: NaN Δ after the missing pairs (+inf), as float64 sorts them
+    zr = torch.where(~sv.T[None, :, None, :], float("inf"), x.abs() * inv[..., None]).sort(-1).values
+    ranked = torch.stack([zr[:, o, :, m - 1] if 0 < m <= zr.shape[-1] else
+                          torch.full_like(zr[:, o, :, 0] if zr.shape[-1] else inv[:, o], -math.inf if m == 0 else math.inf)
+                          for o, m in enumerate(ranks)], 1)
+    ranked[inv.isnan()] = math.nan
     xs = sd[rows].double()  # [s, O, L, D]
-    return {"q": sorted_quantiles(z, k, QUANTILES), "under": below[0], "below": below[1:],
+    return {"q": sorted_quantiles(z, k, QUANTILES), "under": under, "ranked": ranked,
             "dot": torch.einsum("sold,lod->slo", xs, S), "dd": (xs * xs).sum(-1).transpose(1, 2)}
 
 
@@ -165,7 +174,6 @@ def test_sample_stats_sort_bits_and_equal_a_float64_sort_of_z_exactly():
     pairs (some NaN there), σ = 0 cells, a float32 sample, and a group with no pair."""
     g = torch.Generator().manual_seed(1)
     r, O, L, D = 40, 3, 4, 33  # noqa: E741
-    grid = [0.05, 0.1, 0.4, 2.0]
     t = 0.1
     for dtype in (torch.float16, torch.float32):
         inv = torch.rand(L, O, D, generator=g, dtype=torch.float64) * 3 + 0.01
@@ -186,13 +194,29 @@ def test_sample_stats_sort_bits_and_equal_a_float64_sort_of_z_exactly():
         # with rows 0-2 (NaN at σ = 0) or 5 every cell takes the path for NaN Δ; without, the count per offset (±inf in)
         for rows in (torch.arange(r), torch.tensor([0, 1, 2, 5, 6, 9, 11, 30]), torch.tensor([3, 4, 6, 7, 8, 9, 11, 30]),
                      torch.tensor([], dtype=torch.long)):
-            got = SS.sample_stats(sd, rows, sv[rows], inv, S, SS.threshold_bounds(inv, [t, *grid], dtype))
-            want = _reference_sample_stats(sd, rows, sv[rows], inv, S, t, grid)
-            for k in ("q", "under", "below"):
+            ranks = [0, max(1, len(rows) // 2), len(rows) + 1][:O]
+            got = SS.sample_stats(sd, rows, sv[rows], inv, S, SS.threshold_bounds(inv, [t], dtype)[..., 0], ranks)
+            want = _reference_sample_stats(sd, rows, sv[rows], inv, S, t, ranks)
+            for k in ("q", "under", "ranked"):
                 assert torch.equal(torch.nan_to_num(got[k], nan=-7.0), torch.nan_to_num(want[k], nan=-7.0)), \
                     (dtype, len(rows), k)
+            # at the threshold's own boundary (Δ on each side of it): under it exactly where that many are
+            for o, m in enumerate(ranks):
+                ok = ~inv[:, o].isnan()
+                assert torch.equal((got["ranked"][:, o] < t)[ok], (want["under"][:, o] >= m)[ok]), (dtype, len(rows), o)
             assert torch.allclose(got["dd"], want["dd"], rtol=1e-12, atol=0, equal_nan=True)
             assert torch.allclose(got["dot"], want["dot"], rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+def test_stable_rank_is_the_least_count_whose_fraction_passes():
+    for frac in (0.0, 0.1, 0.3, 0.7, 0.9, 1.0, 1.5, 0.1 + 0.2):  # 0.1 + 0.2: frac·n rounds next to an integer
+        for n in range(0, 60):
+            m = SS.stable_rank(n, frac)
+            if n == 0:
+                assert m == 1  # no pair: the first value is missing (+inf), never under a threshold
+                continue
+            passing = [k for k in range(n + 1) if k / n >= frac]
+            assert m == (passing[0] if passing else n + 1), (frac, n)
 
 
 def test_masked_quantiles_ignore_missing_items_and_empty_samples():

@@ -24,7 +24,7 @@ from .config import (
 )
 from .contrasts import compute_contrasts, forget_permutations
 from .intervals import forget_cluster_weights, mean_intervals
-from .sample_stats import sample_stats, threshold_bounds
+from .sample_stats import sample_stats, stable_rank, threshold_bounds
 from .summary import diff_summary
 from .tables import (
     all_tables,
@@ -349,20 +349,21 @@ class DiffResult:
         sv = self.tensors["sample/valid"].index_select(0, mem)  # [s, O]
         out["n_sample"] = sv.sum(0).to(F64)  # [O]
         S = dm.mean * n3  # [L, O, D] sum of Δ over the category's pairs
-        # The threshold grid (threshold sensitivity) for unsigned (pooled) groups only.
         sd = self.tensors[f"{hook}/sample_delta"]
-        bkey = ("bounds", hook)  # inv is the whole dataset's: one set of bounds serves every group
+        bkey = ("bound", hook)  # inv is the whole dataset's: one bound serves every group
         if bkey not in self._cache:
-            self._cache[bkey] = threshold_bounds(inv, [cfg.threshold, *self.grid("threshold")], sd.dtype)
-        bounds = self._cache[bkey]
-        smp = sample_stats(sd, mem, sv, inv, S, bounds if direction == "all" else bounds[..., :1].contiguous(),
+            self._cache[bkey] = threshold_bounds(inv, [cfg.threshold], sd.dtype)[..., 0]
+        # For the threshold grid (threshold sensitivity; unsigned, pooled, groups only): per offset the rank
+        # whose |z| decides the stable rule at every threshold (stable_z), not a count per threshold.
+        ranks = [stable_rank(int(k), cfg.stable_frac) for k in sv.sum(0).tolist()] if direction == "all" else None
+        smp = sample_stats(sd, mem, sv, inv, S, self._cache[bkey], ranks,
                            work=self._cache.setdefault(("scratch", threading.get_ident()), {}))
         for q, v in zip(QUANTILES, smp["q"]):
             out["absz_median" if q == 0.5 else f"absz_q{int(round(q * 100)):02d}"] = v
         ns = sv.sum(0).to(F64)[None, :, None]
         out["frac_under"] = torch.where((ns > 0) & sig_ok, smp["under"] / ns.clamp_min(1), nan)
         if direction == "all":
-            out["frac_under_grid"] = torch.where((ns > 0) & sig_ok, smp["below"] / ns.clamp_min(1), nan)
+            out["stable_z"] = smp["ranked"]
         out["reachable"] = (nz.sum(-1) > 0)  # [L, O]
         # Per-layer exact scalars.
         for k in SCALARS:
@@ -506,27 +507,30 @@ class DiffResult:
             self._cache[bkey] = enough & (st["sigma_clean"] > 0) & ~st["massive"] & st["reachable"][..., None]
         return self._cache[bkey]
 
-    def candidate_masks(self, hook: str, category: str, direction: str = "all", *, threshold_index: int | None = None,
+    def candidate_masks(self, hook: str, category: str, direction: str = "all", *, threshold: float | None = None,
                         responsive_z: float | None = None, responsive_sign: float | None = None
                         ) -> dict[str, torch.Tensor]:
-        """Stable and responsive masks ``[L, O, D]``; the rule's thresholds may be overridden (sensitivity).
-        The responsive rule needs a sign consistency, so it is evaluated per swap direction only: a group
-        pooling two or more directions has no responsive candidates."""
-        key = ("cand", hook, category, direction, threshold_index, responsive_z, responsive_sign)
+        """Stable and responsive masks ``[L, O, D]``; the rule's thresholds may be overridden (sensitivity; another
+        ``threshold`` only for a group pooling its swap directions, ``direction="all"``). The responsive rule
+        needs a sign consistency, so it is evaluated per swap direction only: a group pooling two or more
+        directions has no responsive candidates."""
+        key = ("cand", hook, category, direction, threshold, responsive_z, responsive_sign)
         if key in self._cache:
             return self._cache[key]
         cfg = self.config
         st = self.cell_stats(hook, category, direction)
         base = self.rule_base(hook, category, direction)
-        fu = st["frac_under"] if threshold_index is None else st["frac_under_grid"][threshold_index]
-        stable = base & (fu >= cfg.stable_frac)
+        if threshold is None:
+            stable = base & (st["frac_under"] >= cfg.stable_frac)
+        else:  # at least stable_frac of the pairs under it: the stable_rank-th smallest |z| is (exactly)
+            stable = base & (st["stable_z"] < threshold)
         rz = cfg.responsive_z if responsive_z is None else responsive_z
         rs = cfg.responsive_sign if responsive_sign is None else responsive_sign
         resp = base & (st["absz_median"] >= rz) & (st["sign_consistency"] >= rs)
         if self.mixed(category, direction):
             resp = torch.zeros_like(resp)
         out = {"stable": stable, "responsive": resp}
-        if threshold_index is None and responsive_z is None and responsive_sign is None:
+        if threshold is None and responsive_z is None and responsive_sign is None:
             self._cache[key] = out
         return out
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from jaxtyping import Bool, Float, Int
 
+from ..blas import one_blas_thread
 from ..stats import F64, sort_last_, sorted_quantiles
 from .config import QUANTILES
 
@@ -45,36 +47,44 @@ def _scratch(work: dict | None, name: str, shape: tuple[int, ...], dtype: torch.
 
 def sample_stats(sd: Float[torch.Tensor, "r O L D"], rows: Int[torch.Tensor, " s"], sv: Bool[torch.Tensor, "s O"],
                  inv: Float[torch.Tensor, "L O D"], S: Float[torch.Tensor, "L O D"],
-                 bounds: Int[torch.Tensor, "L O D T"], work: dict | None = None) -> dict[str, torch.Tensor]:
+                 bound: Int[torch.Tensor, "L O D"], ranks: Sequence[int] | None = None, work: dict | None = None
+                 ) -> dict[str, torch.Tensor]:
     """Of the sampled Δ ``sd[rows]`` (any float dtype; rows taken a chunk at a time, so the group's sample is
     never copied whole) with validity ``sv``: quantiles (:data:`QUANTILES`) of
-    ``|Δ|·inv`` over the valid pairs (``q`` ``[len(QUANTILES), L, O, D]``), how many are under the first
-    threshold of ``bounds`` (:func:`threshold_bounds`; ``under`` ``[L, O, D]``) and under each of the others
-    (``below`` ``[T - 1, L, O, D]``, when there are others), and per pair ``Δ·S`` and ``‖Δ‖²`` (``dot``, ``dd``
-    ``[s, L, O]``). A NaN ``Δ`` is left out of its cell; a cell whose ``inv`` is NaN (σ = 0) has NaN quantiles
-    and zero counts. ``work``: a dict in which to keep the chunk buffers for the next call (:func:`_scratch`)."""
+    ``|Δ|·inv`` over the valid pairs (``q`` ``[len(QUANTILES), L, O, D]``), how many are under a threshold
+    (``bound``: its :func:`threshold_bounds`; ``under`` ``[L, O, D]``), and per pair ``Δ·S`` and ``‖Δ‖²``
+    (``dot``, ``dd`` ``[s, L, O]``). ``ranks``: per offset a rank ``m`` (1-based); ``ranked`` ``[L, O, D]`` is
+    then each cell's ``m``-th smallest ``|Δ|·inv`` (+inf past the valid values, NaN where that value is a NaN
+    ``Δ``; -inf where ``m`` is 0): at least ``m`` values are under a threshold ``t`` exactly when it is under
+    ``t``, so one number per cell says the count test of every threshold. A NaN ``Δ`` is left out of its cell;
+    a cell whose ``inv`` is NaN (σ = 0) has NaN quantiles and zero counts. ``work``: a dict in which to keep the
+    chunk buffers for the next call (:func:`_scratch`)."""
     O, L, D = sd.shape[1:]  # noqa: E741
     s = len(rows)
     dev = sd.device
     step = max(1, CHUNK_ELEMENTS // max(1, s * O * D))
     gone = torch.nonzero(~sv)  # (pair, offset) without a value: few (offsets past a sentence's end)
     n_valid = sv.sum(0).tolist()  # [O]
-    T = bounds.shape[-1]
     itype = _BITS[sd.dtype]
     inf_bits = _inf_bits(sd.dtype)
     # the outputs made once and filled a chunk at a time (a list of parts and a concatenation made each twice)
     out = {"q": torch.empty((len(QUANTILES), L, O, D), dtype=F64, device=dev),
            "under": torch.empty((L, O, D), dtype=F64, device=dev),
            "dot": torch.empty((s, L, O), dtype=F64, device=dev), "dd": torch.empty((s, L, O), dtype=F64, device=dev)}
-    if T > 1:
-        out["below"] = torch.empty((T - 1, L, O, D), dtype=F64, device=dev)
+    if ranks is not None:
+        out["ranked"] = torch.empty((L, O, D), dtype=F64, device=dev)
     for a in range(0, L, step):
         b = min(L, a + step)
         xh = torch.index_select(sd[:, :, a:b], 0, rows, out=_scratch(work, "xh", (s, O, b - a, D), sd.dtype, dev))
         # Δ in float64, pair-minor [l, O, s, D] (D contiguous on both sides) for the dot products
         x = _scratch(work, "x", (b - a, O, s, D), F64, dev)
         x.copy_(xh.permute(2, 1, 0, 3))
-        out["dot"][:, a:b] = torch.matmul(x, S[a:b, :, :, None])[..., 0].permute(2, 0, 1)  # [s, l, O]
+        if dev.type == "cpu":  # numpy's stacked matrix-vector products: a quarter of torch.matmul's time here
+            with one_blas_thread():  # (free inside DiffResult.build_tables, which holds it)
+                dot = torch.from_numpy(np.matmul(x.numpy(), S[a:b, :, :, None].numpy()))
+        else:
+            dot = torch.matmul(x, S[a:b, :, :, None])
+        out["dot"][:, a:b] = dot[..., 0].permute(2, 0, 1)  # [s, l, O]
         out["dd"][:, a:b] = (torch.linalg.vector_norm(x, dim=-1) ** 2).permute(2, 0, 1)
         # |Δ|'s bits, pair-major [l, O, D, s]; a missing pair sorts as +inf, after every valid value and
         # before every NaN (whose bits, sign cleared by abs, exceed +inf's)
@@ -90,11 +100,42 @@ def sample_stats(sd: Float[torch.Tensor, "r O L D"], rows: Int[torch.Tensor, " s
         if s and bool((u[..., -1] > inf_bits).any()):  # NaN bits sort last: a cell has one if its last has
             nan_count = (u > inf_bits).sum(-1)
         _quantiles(u, sd.dtype, iv, ok, n_valid, nan_count, out["q"][:, a:b])
-        below = torch.searchsorted(u, bounds[a:b])  # [l, O, D, T]: values under each bound
-        out["under"][a:b] = below[..., 0]
-        if T > 1:
-            out["below"][:, a:b] = below[..., 1:].movedim(-1, 0)
+        out["under"][a:b] = torch.searchsorted(u, bound[a:b, ..., None])[..., 0]  # values under the bound
+        if ranks is not None:
+            _ranked(u, sd.dtype, iv, ok, ranks, out["ranked"][a:b])
     return out
+
+
+def stable_rank(n: int, frac: float) -> int:
+    """The least count ``m`` of ``n`` pairs with ``m / n >= frac`` in float64 (the test a fraction of the pairs
+    under a threshold meets, as :meth:`DiffResult.cell_stats`'s ``frac_under`` is compared); ``n + 1`` where no
+    count meets it and 1 where ``n`` is 0 (no pair: every value missing, +inf)."""
+    if n == 0:
+        return 1
+    m = min(n + 1, max(0, math.ceil(frac * n)))
+    while m > 0 and (m - 1) / n >= frac:  # float rounding of frac·n: step to the exact least count
+        m -= 1
+    while m <= n and not m / n >= frac:
+        m += 1
+    return m
+
+
+def _ranked(u: torch.Tensor, ftype: torch.dtype, inv: torch.Tensor, ok: torch.Tensor, ranks: Sequence[int],
+            out: torch.Tensor) -> None:
+    """Write into ``out`` ``[l, O, D]`` the ``z`` of each cell's ``ranks[o]``-th smallest sorted value (missing
+    pairs sort as +inf after the valid values, NaN ``Δ`` after them), -inf where the rank is 0, NaN where
+    not ``ok``."""
+    s = u.shape[-1]
+    vals = u.view(ftype)
+    for o, m in enumerate(ranks):
+        if m == 0:
+            out[:, o].fill_(-math.inf)
+        elif m > s:
+            out[:, o].fill_(math.inf)
+        else:
+            torch.mul(vals[:, o, :, m - 1], inv[:, o], out=out[:, o])
+    if not bool(ok.all()):
+        out.masked_fill_(~ok, math.nan)
 
 
 def _z(bits: torch.Tensor, ftype: torch.dtype, inv: torch.Tensor) -> torch.Tensor:

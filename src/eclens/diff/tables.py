@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 from jaxtyping import Bool, Float
 
+from ..blas import one_blas_thread
 from ..hooks import head_of
 from ..tables import DERIVED, join_chunks, repeated_strings, stored_block, stored_chunk
 from .config import position_kind
@@ -201,8 +202,8 @@ def sensitivity_rows(res: DiffResult, h: str, cat: str, dr: str) -> list[dict]:
     st = res.cell_stats(h, cat, dr)
     base = res.rule_base(h, cat, dr)
     counts: list[tuple[str, str, list[float], torch.Tensor]] = []
-    if dr == "all":  # stable is unsigned: its pooled groups say it
-        stable = base & (st["frac_under_grid"] >= cfg.stable_frac)  # [T, L, O, D]
+    if dr == "all":  # stable is unsigned: its pooled groups say it (candidate_masks' test, every value at once)
+        stable = base & (st["stable_z"] < torch.tensor(grids["threshold"], dtype=torch.float64)[:, None, None, None])
         counts.append(("stable", "threshold", grids["threshold"], stable.flatten(1).sum(1)))
     med, sc = st["absz_median"], st["sign_consistency"]
     for param, v, over in (("responsive_z", grids["responsive_z"], med),
@@ -325,29 +326,31 @@ def all_tables(res: DiffResult, workers: int | None = None, on_hook: Callable[[]
         res.forget_group(h, *members[-1])
 
     hooks = res.hooks
-    pool = ThreadPoolExecutor(n, initializer=torch.set_num_threads, initargs=(1,))
-    try:
-        if hooks:  # the first hook's here, on every torch thread: nothing else could run yet
-            res.cell_stats(hooks[0])
-        shared = contrasts = None
-        for i, h in enumerate(hooks):
-            if shared is not None:
-                shared.result()
-            if i + 1 < len(hooks):  # the next hook's, queued first: made while this one's groups run (no core idle)
-                shared = pool.submit(res.cell_stats, hooks[i + 1])
-            else:  # the contrasts read every hook's whole-dataset statistics (made now) and the sample: made
-                # beside the last hook's groups, not after them on a core left alone
-                contrasts = pool.submit(compute_contrasts, res)
-            tasks = [pool.submit(rows_task, h, m) for m in by_rows.values()]
-            for f in tasks:
-                f.result()
-            res.forget_hook(h)
-            if on_hook is not None:
-                on_hook()
-    finally:
-        pool.shutdown(cancel_futures=True)  # after an error, the queued tasks do not run
-        res.forget_scratch()  # the workers' buffers (tens of MB each)
-        torch.set_num_threads(threads)  # MKL's thread count is process-wide: the workers' setting reached it
+    # numpy's products in the groups on one thread each, as torch's: the limit set once here, not per product
+    with one_blas_thread():
+        pool = ThreadPoolExecutor(n, initializer=torch.set_num_threads, initargs=(1,))
+        try:
+            if hooks:  # the first hook's here, on every torch thread: nothing else could run yet
+                res.cell_stats(hooks[0])
+            shared = contrasts = None
+            for i, h in enumerate(hooks):
+                if shared is not None:
+                    shared.result()
+                if i + 1 < len(hooks):  # the next hook's, queued first: made while this one's groups run (no core idle)
+                    shared = pool.submit(res.cell_stats, hooks[i + 1])
+                else:  # the contrasts read every hook's whole-dataset statistics (made now) and the sample: made
+                    # beside the last hook's groups, not after them on a core left alone
+                    contrasts = pool.submit(compute_contrasts, res)
+                tasks = [pool.submit(rows_task, h, m) for m in by_rows.values()]
+                for f in tasks:
+                    f.result()
+                res.forget_hook(h)
+                if on_hook is not None:
+                    on_hook()
+        finally:
+            pool.shutdown(cancel_futures=True)  # after an error, the queued tasks do not run
+            res.forget_scratch()  # the workers' buffers (tens of MB each)
+            torch.set_num_threads(threads)  # MKL's thread count is process-wide: the workers' setting reached it
     order = [(cat, dr, h) for cat, dr in groups for h in hooks]  # the tables' row order: groups, then hooks
     head_parts = [heads[c, h] for c in res.categories for h in hooks if (c, h) in heads]
     return {"layers": frame([blocks[k][0] for k in order]),
