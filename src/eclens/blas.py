@@ -8,8 +8,11 @@ a few hundred by a few thousand, take milliseconds either way; results are the s
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
+from typing import Any
 
 
 @cache
@@ -19,6 +22,28 @@ def _controller():
     return ThreadpoolController()
 
 
-def one_blas_thread() -> AbstractContextManager:
-    """A context in which numpy's BLAS (and any other BLAS library loaded) runs on one thread."""
-    return _controller().limit(limits=1, user_api="blas")
+_lock = threading.Lock()
+_held: list[Any] = []  # the limit in force (one) while any context is open
+_depth = 0
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """A context in which numpy's BLAS (and any other BLAS library loaded) runs on one thread. The limit is the
+    process's, so contexts opened inside it or beside it on other threads share it: set by the first to open,
+    restored by the last to close (each restoring its own start, a worker's close lifted the limit while
+    another worker computed). Setting it costs a third of a millisecond and a diff run's tables open hundreds:
+    the table build holds one around them all, so that its own, opened first, closes last, on the thread that
+    set it (OpenBLAS does not raise its thread count when asked from another thread)."""
+    global _depth
+    with _lock:
+        if _depth == 0:
+            _held.append(_controller().limit(limits=1, user_api="blas"))
+        _depth += 1
+    try:
+        yield
+    finally:
+        with _lock:
+            _depth -= 1
+            if _depth == 0:
+                _held.pop().restore_original_limits()
