@@ -206,13 +206,16 @@ def sensitivity_rows(res: DiffResult, h: str, cat: str, dr: str) -> list[dict]:
         stable = base & (st["stable_z"] < torch.tensor(grids["threshold"], dtype=torch.float64)[:, None, None, None])
         counts.append(("stable", "threshold", grids["threshold"], stable.flatten(1).sum(1)))
     med, sc = st["absz_median"], st["sign_consistency"]
+    mixed = res.mixed(cat, dr)
     for param, v, over in (("responsive_z", grids["responsive_z"], med),
                            ("responsive_sign", grids["responsive_sign"], sc)):
+        if mixed:  # none where directions are pooled
+            counts.append(("responsive", param, v, torch.zeros(len(v), dtype=torch.long)))
+            continue
         t = torch.tensor(v, dtype=over.dtype)[:, None, None, None]
         other = (sc >= cfg.responsive_sign) if param == "responsive_z" else (med >= cfg.responsive_z)
         resp = (base & other)[None] & (over[None] >= t)
-        n = resp.flatten(1).sum(1) * (0 if res.mixed(cat, dr) else 1)  # none where directions are pooled
-        counts.append(("responsive", param, v, n))
+        counts.append(("responsive", param, v, resp.flatten(1).sum(1)))
     return [{"category": cat, "swap_direction": dr, "hook": h, "kind": kind, "parameter": param, "value": v,
              "default": bool(math.isclose(v, getattr(cfg, param))), "n_candidates": int(c)}
             for kind, param, values, n in counts for v, c in zip(values, n.tolist())]
