@@ -140,7 +140,14 @@ class DiffResult:
         return len(self.meta["rows"])
 
     def _cat_rows(self, category: str, direction: str = "all") -> torch.Tensor | None:
-        """The state rows of a group (``cfg.rows``: category, swap direction, half); None for every row."""
+        """The state rows of a group (``cfg.rows``: category, swap direction, half); None for every row. Kept
+        (read-only): every cached statistic asks for its rows to find its key, thousands of times per run."""
+        key = ("cat_rows", category, direction)
+        if key not in self._cache:
+            self._cache[key] = self._find_rows(category, direction)
+        return self._cache[key]
+
+    def _find_rows(self, category: str, direction: str) -> torch.Tensor | None:
         if category != "all" and category not in self.config.categories:
             raise EclensError(f"category {category!r} not in this run ({', '.join(self.categories)})")
         if direction != "all" and direction not in self.directions(category):
@@ -604,7 +611,7 @@ class DiffResult:
                 return k[2:4] != ("all", "all")
             if k[0] == "intervals" and k[1] == hook:
                 return k[2] != mem_all
-            return k[:2] in (("sums", hook), ("bounds", hook), ("norms", hook))
+            return k[:2] in (("sums", hook), ("bound", hook), ("norms", hook))
 
         for k in [k for k in list(self._cache) if of_hook(k)]:
             v = self._cache.pop(k)
