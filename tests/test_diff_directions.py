@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from eclens.diff import DiffResult, run_diff
+from eclens.errors import EclensError
 from eclens.pairs import AlignedPair, MinimalPair, align
 from eclens.stats import Moments
 
@@ -217,6 +218,8 @@ def test_sensitivity_is_monotone_and_matches_the_candidates(unplanted):
                 if d == "all":
                     assert torch.equal(unplanted.candidate_masks(h, cat, d, threshold=v)["stable"],
                                        other.candidate_masks(h, cat, d)["stable"]), (v, cat, h)
+    with pytest.raises(EclensError, match="pool their swap directions only"):  # one direction: no threshold grid
+        unplanted.candidate_masks(unplanted.hooks[0], "test/x", "up", threshold=0.1)
 
 
 def test_sensitivity_figure(unplanted):

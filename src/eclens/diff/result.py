@@ -529,8 +529,11 @@ class DiffResult:
         base = self.rule_base(hook, category, direction)
         if threshold is None:
             stable = base & (st["frac_under"] >= cfg.stable_frac)
-        else:  # at least stable_frac of the pairs under it: the stable_rank-th smallest |z| is (exactly)
+        elif "stable_z" in st:  # at least stable_frac of the pairs under it: the stable_rank-th smallest |z| is
             stable = base & (st["stable_z"] < threshold)
+        else:
+            raise EclensError(f"another threshold is counted for the groups that pool their swap directions only: "
+                              f"candidate_masks({hook!r}, {category!r}, 'all', threshold={threshold})")
         rz = cfg.responsive_z if responsive_z is None else responsive_z
         rs = cfg.responsive_sign if responsive_sign is None else responsive_sign
         resp = base & (st["absz_median"] >= rz) & (st["sign_consistency"] >= rs)

@@ -80,7 +80,7 @@ def sample_stats(sd: Float[torch.Tensor, "r O L D"], rows: Int[torch.Tensor, " s
         x = _scratch(work, "x", (b - a, O, s, D), F64, dev)
         x.copy_(xh.permute(2, 1, 0, 3))
         if dev.type == "cpu":  # numpy's stacked matrix-vector products: a quarter of torch.matmul's time here
-            with one_blas_thread():  # (free inside DiffResult.build_tables, which holds it)
+            with one_blas_thread():  # (free inside the table build, which holds it: tables.all_tables)
                 dot = torch.from_numpy(np.matmul(x.numpy(), S[a:b, :, :, None].numpy()))
         else:
             dot = torch.matmul(x, S[a:b, :, :, None])
