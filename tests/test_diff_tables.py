@@ -160,8 +160,7 @@ def _reference_sample_stats(sd, rows, sv, inv, S, threshold, ranks):
     # the rank-th smallest z: NaN Δ after the missing pairs (+inf), as float64 sorts them
     zr = torch.where(~sv.T[None, :, None, :], float("inf"), x.abs() * inv[..., None]).sort(-1).values
     ranked = torch.stack([zr[:, o, :, m - 1] if 0 < m <= zr.shape[-1] else
-                          torch.full_like(zr[:, o, :, 0] if zr.shape[-1] else inv[:, o], -math.inf if m == 0 else math.inf)
-                          for o, m in enumerate(ranks)], 1)
+                          torch.full_like(inv[:, o], -math.inf if m == 0 else math.inf) for o, m in enumerate(ranks)], 1)
     ranked[inv.isnan()] = math.nan
     xs = sd[rows].double()  # [s, O, L, D]
     return {"q": sorted_quantiles(z, k, QUANTILES), "under": under, "ranked": ranked,

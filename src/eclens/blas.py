@@ -23,8 +23,8 @@ def _controller():
 
 
 _lock = threading.Lock()
-_held: list[Any] = []  # the limit in force (one) while any context is open
-_depth = 0
+_limiter: Any = None  # the limit in force while any context is open
+_depth = 0  # the contexts open
 
 
 @contextmanager
@@ -35,10 +35,10 @@ def one_blas_thread() -> Iterator[None]:
     another worker computed). Setting it costs a third of a millisecond and a diff run's tables open hundreds:
     the table build holds one around them all, so that its own, opened first, closes last, on the thread that
     set it (OpenBLAS does not raise its thread count when asked from another thread)."""
-    global _depth
+    global _depth, _limiter
     with _lock:
         if _depth == 0:
-            _held.append(_controller().limit(limits=1, user_api="blas"))
+            _limiter = _controller().limit(limits=1, user_api="blas")
         _depth += 1
     try:
         yield
@@ -46,4 +46,5 @@ def one_blas_thread() -> Iterator[None]:
         with _lock:
             _depth -= 1
             if _depth == 0:
-                _held.pop().restore_original_limits()
+                _limiter.restore_original_limits()
+                _limiter = None

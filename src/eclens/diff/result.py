@@ -362,12 +362,12 @@ class DiffResult:
             self._cache[bkey] = threshold_bounds(inv, [cfg.threshold], sd.dtype)[..., 0]
         # For the threshold grid (threshold sensitivity; unsigned, pooled, groups only): per offset the rank
         # whose |z| decides the stable rule at every threshold (stable_z), not a count per threshold.
-        ranks = [stable_rank(int(k), cfg.stable_frac) for k in sv.sum(0).tolist()] if direction == "all" else None
+        ranks = [stable_rank(int(k), cfg.stable_frac) for k in out["n_sample"].tolist()] if direction == "all" else None
         smp = sample_stats(sd, mem, sv, inv, S, self._cache[bkey], ranks,
                            work=self._cache.setdefault(("scratch", threading.get_ident()), {}))
         for q, v in zip(QUANTILES, smp["q"]):
             out["absz_median" if q == 0.5 else f"absz_q{int(round(q * 100)):02d}"] = v
-        ns = sv.sum(0).to(F64)[None, :, None]
+        ns = out["n_sample"][None, :, None]
         out["frac_under"] = torch.where((ns > 0) & sig_ok, smp["under"] / ns.clamp_min(1), nan)
         if direction == "all":
             out["stable_z"] = smp["ranked"]
