@@ -480,9 +480,9 @@ def test_staged_sums_are_flushed_before_any_row_holds_more_than_the_bound(tiny, 
         real_update(self, pairs, *a)
         seen.append(int(self._row_terms.max()) + len(pairs))  # what the next batch could bring a row to
 
-    def flush(self):
+    def flush(self, final=False):
         flushes.append(int(self._row_terms.max()))
-        real_flush(self)
+        real_flush(self, final)
 
     monkeypatch.setattr(DiffAccumulator, "_update", update)
     monkeypatch.setattr(DiffAccumulator, "flush", flush)
@@ -733,3 +733,52 @@ def test_accumulators_merge_as_the_results_do(tiny):
     pd.testing.assert_frame_equal(got.layers, whole.layers, rtol=1e-6, atol=1e-7)
     with pytest.raises(EclensError):
         accs[0].merge(accs[0])
+
+
+def test_the_last_flush_hands_the_stage_over_and_the_accumulator_goes_on(tiny):
+    """A run that flushes once takes its stage as the totals, a view instead of a copy: the same numbers as the
+    copy, bit for bit; and an accumulator fed more batches after that result adds them as one run would have
+    (the view is copied once, into float64, at the next flush)."""
+    from eclens.diff.accumulate import DiffAccumulator
+    from eclens.diff.gather import Gatherer, pair_index
+    from eclens.diff.logprobs import pair_metric_tensors, span_rows
+    from eclens.hooks import hook_groups, iter_batches, pad_id
+
+    pairs = sorted(make_pairs(tiny, small_pairs(tiny.tokenizer)), key=lambda a: a.length)
+    whole = run_diff(tiny, pairs, batch_size=4, sample_size=8)
+    cfg = whole.config
+    groups = hook_groups(tiny, list(cfg.hooks))
+
+    def feed(acc, some):
+        gat = Gatherer(groups, "cpu")
+        with torch.inference_mode(), tiny.hooks(fwd_hooks=gat.hooks()):
+            for b in iter_batches(some, 4, pad_id(tiny), "cpu"):
+                gat.index = ix = pair_index(b.pairs, cfg.offsets, "cpu", b.tokens.shape[1], anchor=cfg.anchor)
+                logits = tiny(b.tokens)
+                rows = pair_metric_tensors(logits, b.tokens, [a.position for a in b.pairs],
+                                           [a.length for a in b.pairs], spans=span_rows(b.pairs))
+                acc.update(b.pairs, gat.collect(), ix.valid, rows, ix.valid_cpu)
+
+    def accumulator():
+        return DiffAccumulator(cfg, groups, "cpu", n_pairs=len(pairs))
+
+    handed, copied = accumulator(), accumulator()
+    feed(handed, pairs)
+    feed(copied, pairs)
+    copied.flush()  # a flush before the last: the stage is copied into new totals
+    a, b = handed.result(whole.model), copied.result(whole.model)
+    h0 = whole.hooks[0]
+    assert not a.tensors[f"{h0}/feat"].is_contiguous() and b.tensors[f"{h0}/feat"].is_contiguous()
+    assert all(torch.equal(a.tensors[k], b.tensors[k]) for k in b.tensors)
+    pd.testing.assert_frame_equal(a.layers, b.layers, check_exact=True)
+
+    went_on = accumulator()
+    feed(went_on, pairs[:10])
+    first = went_on.result(whole.model)
+    before = first.tensors[f"{h0}/feat"].clone()
+    feed(went_on, pairs[10:])
+    got = went_on.result(whole.model)
+    assert torch.equal(first.tensors[f"{h0}/feat"], before)  # the earlier result is not written into
+    for h in whole.hooks:
+        for k in ("mean_delta", "std_delta", "sigma_clean", "absz_mean", "rel_l2_mean"):
+            assert rel_err(got.cell_stats(h)[k].numpy(), whole.cell_stats(h)[k].numpy()) < 1e-6, (h, k)

@@ -185,8 +185,9 @@ class DiffResult:
     def _rows_key(self, r: torch.Tensor | None) -> tuple | None:
         return None if r is None else tuple(r.tolist())
 
-    # float64 columns per chunk of the sums pass: ~5 MB of working arrays at 40 state rows, reused chunk after
-    # chunk (a whole hook at once was ~500 MB of fresh pages per hook, most of the finishing time's page faults)
+    # float64 columns per chunk of the sums pass, at most (whole layers, one at least): ~5 MB of working arrays at
+    # 40 state rows, reused chunk after chunk (a whole hook at once was ~500 MB of fresh pages per hook, most of
+    # the finishing time's page faults)
     SUMS_CHUNK = 2048
 
     def _row_sets(self) -> tuple[dict, torch.Tensor]:
@@ -221,22 +222,24 @@ class DiffResult:
         (``delta_abs``, ``delta_sign``, ``delta_nonzero``). Each row's sums are recentred with recentre()'s
         algebra and rounding, a chunk of columns at a time, then summed over the rows by one matrix product.
         ``out``: a buffer of that shape to fill (a forgotten hook's: the same pages again, not fresh ones)."""
-        f = self.tensors[f"{hook}/feat"]  # [O, C, F, L, D]
+        f = self.tensors[f"{hook}/feat"]  # [O, C, F, L, D], perhaps a strided view of the stream's stage
         K = self.tensors[f"{hook}/shift"]
-        O, C, F = f.shape[:3]  # noqa: E741
-        X = f[0, 0, 0].numel()
-        fv, Kv = f.view(O, C, F, X), K.view(2, O, C, X)
+        O, C, F, L, D = f.shape  # noqa: E741
+        X = L * D
+        Kv = K.reshape(2, O, C, X)
         k0 = self._shift0(hook).view(2, O, X)
         cnt = self.tensors["count"].T.to(F64)  # [O, C]
         shape = (O, W.shape[0], F, X)
         if out is None or tuple(out.shape) != shape:
             out = torch.empty(shape, dtype=F64)
-        step = self.SUMS_CHUNK
+        nl = max(1, self.SUMS_CHUNK // D)  # whole layers per chunk: one copy from f whatever its strides
         for o in range(O):
             n = cnt[o][:, None]
-            for x0 in range(0, X, step):
-                x1 = min(X, x0 + step)
-                fc = torch.empty((C, F, x1 - x0), dtype=F64).copy_(fv[o, :, :, x0:x1])
+            for l0 in range(0, L, nl):
+                l1 = min(L, l0 + nl)
+                x0, x1 = l0 * D, l1 * D
+                fc = torch.empty((C, F, x1 - x0), dtype=F64)
+                fc.view(C, F, l1 - l0, D).copy_(f[o, :, :, l0:l1])
                 dks = Kv[:, o, :, x0:x1].to(F64) - k0[:, o, None, x0:x1]  # [2, C, x]
                 for w in (0, 1):
                     dk, s1 = dks[w], fc[:, 2 * w]
