@@ -193,10 +193,11 @@ class GroupAccumulator:
             clean = xl[:, :B, o].to(self.wd)  # [L, B, D]
             k = torch.stack([torch.einsum("kb,lbd->kld", w, xl[:, B:, o].to(self.wd) - clean),
                              torch.einsum("kb,lbd->kld", w, clean)], 1) / w.sum(1)[:, None, None, None]
-            for i, c in enumerate(cells):  # k [cells, 2, L, D], float32 as the staged sums
-                self.shift[:, o, c] = k[i].to(F64)
-                self._shift_ch[:, :, c, o] = k[i].view(2, nch, lc, self.D)
-                self.shift_set[o, c] = True
+            # k [cells, 2, L, D], float32 as the staged sums, into each cell's row (one copy, not one per cell)
+            idx = torch.tensor(cells, dtype=torch.long, device=self.device)
+            self.shift[:, o].index_copy_(1, idx, k.transpose(0, 1).to(F64))
+            self._shift_ch[:, :, :, o].index_copy_(2, idx, k.view(len(cells), 2, nch, lc, self.D).permute(1, 2, 0, 3, 4))
+            self.shift_set[o, cells] = True
 
     def update(self, X: Float[torch.Tensor, "two_b O L *rest"], cat: Int[torch.Tensor, " b"],
                W: Float[torch.Tensor, "C b"], Wo: Float[torch.Tensor, "O C b"], m3: Float[torch.Tensor, "b O 1"],
