@@ -740,8 +740,8 @@ def test_the_last_flush_hands_the_stage_over_and_the_accumulator_goes_on(tiny):
     copy, bit for bit; and an accumulator fed more batches after that result adds them as one run would have
     (the view is copied once, into float64, at the next flush)."""
     from eclens.diff.accumulate import DiffAccumulator
-    from eclens.diff.gather import Gatherer, pair_index
-    from eclens.diff.logprobs import pair_metric_tensors, span_rows
+    from eclens.diff.gather import Gatherer
+    from eclens.diff.stream import feed_batch
     from eclens.hooks import hook_groups, iter_batches, pad_id
 
     pairs = sorted(make_pairs(tiny, small_pairs(tiny.tokenizer)), key=lambda a: a.length)
@@ -753,11 +753,7 @@ def test_the_last_flush_hands_the_stage_over_and_the_accumulator_goes_on(tiny):
         gat = Gatherer(groups, "cpu")
         with torch.inference_mode(), tiny.hooks(fwd_hooks=gat.hooks()):
             for b in iter_batches(some, 4, pad_id(tiny), "cpu"):
-                gat.index = ix = pair_index(b.pairs, cfg.offsets, "cpu", b.tokens.shape[1], anchor=cfg.anchor)
-                logits = tiny(b.tokens)
-                rows = pair_metric_tensors(logits, b.tokens, [a.position for a in b.pairs],
-                                           [a.length for a in b.pairs], spans=span_rows(b.pairs))
-                acc.update(b.pairs, gat.collect(), ix.valid, rows, ix.valid_cpu)
+                feed_batch(tiny, gat, acc, b)
 
     def accumulator():
         return DiffAccumulator(cfg, groups, "cpu", n_pairs=len(pairs))

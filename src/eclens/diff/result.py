@@ -226,7 +226,7 @@ class DiffResult:
         K = self.tensors[f"{hook}/shift"]
         O, C, F, L, D = f.shape  # noqa: E741
         X = L * D
-        Kv = K.reshape(2, O, C, X)
+        Kv = K.view(2, O, C, X)
         k0 = self._shift0(hook).view(2, O, X)
         cnt = self.tensors["count"].T.to(F64)  # [O, C]
         shape = (O, W.shape[0], F, X)

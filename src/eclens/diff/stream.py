@@ -143,16 +143,7 @@ def run_diff(
     with prog as pr, _Interrupt() as intr, torch.inference_mode(), model.hooks(fwd_hooks=gat.hooks()):
         task = pr.add_task("diff", total=len(aligned_pairs), completed=n_done0) if pr is not None else None
         for batch in iter_batches(todo, batch_size, pid, device):
-            # each side read from its own span end (the same positions for single-token pairs)
-            ix = pair_index(batch.pairs, cfg.offsets, device, batch.tokens.shape[1], anchor=cfg.anchor)
-            gat.index = ix
-            logits = model(batch.tokens)
-            acts = gat.collect()
-            rows = pair_metric_tensors(logits, batch.tokens, [a.position for a in batch.pairs],
-                                       [a.length for a in batch.pairs], spans=span_rows(batch.pairs))
-            del logits
-            acc.update(batch.pairs, acts, ix.valid, rows, ix.valid_cpu)
-            del acts
+            feed_batch(model, gat, acc, batch)
             n_batches += 1
             if task is not None:
                 pr.update(task, advance=batch.size)
@@ -175,6 +166,21 @@ def run_diff(
     if not complete and run is not None:
         save_stats(Path(run), acc.state_dict(), acc.meta(complete=False))
     return acc.result(None, timing, complete=complete)
+
+
+def feed_batch(model, gat: Gatherer, acc: DiffAccumulator, batch) -> None:
+    """One batch of :func:`run_diff`'s stream into ``acc``: the forward pass with ``gat``'s hooks registered by
+    the caller (inside inference mode), the aligned activations and the pairs' log-probs and KL."""
+    cfg = acc.cfg
+    # each side read from its own span end (the same positions for single-token pairs)
+    ix = pair_index(batch.pairs, cfg.offsets, acc.device, batch.tokens.shape[1], anchor=cfg.anchor)
+    gat.index = ix
+    logits = model(batch.tokens)
+    acts = gat.collect()
+    rows = pair_metric_tensors(logits, batch.tokens, [a.position for a in batch.pairs],
+                               [a.length for a in batch.pairs], spans=span_rows(batch.pairs))
+    del logits
+    acc.update(batch.pairs, acts, ix.valid, rows, ix.valid_cpu)
 
 
 def _resume(acc: DiffAccumulator, run: Path, cfg: DiffConfig, ids: set[str]) -> None:
