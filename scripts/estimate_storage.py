@@ -8,7 +8,9 @@ accumulator shapes of ``eclens.diff`` (key layout in its docstring), per diff ho
 ``{H}/feat`` [O, C, 7, L, D] (float32 while no state row has passed ``DiffAccumulator.flush_pairs`` = 256 pairs,
 the stage's own numbers; float64 after: taken here as pairs / C <= 256, rows balanced), ``{H}/shift`` [2, O, C, L, D] float64 and ``{H}/sample_delta``
 [S, O, L, D] float16, with ``O`` offsets, ``C`` state rows (two split halves per (category, swap direction)
-cell), ``L`` layers, ``D`` the hook's width, ``S = min(pairs, sample_size)``.
+cell), ``L`` layers, ``D`` the hook's width, ``S = min(pairs, sample_size)``. ``hook_resid_post`` holds its
+last layer only (its others are ``hook_resid_pre``'s next layers: ``eclens.diff.aliases``), so the default
+hooks hold ``4L + 1`` hook layers, not ``5L``.
 
 Results are row counts from the same shapes times bytes per row measured on the default ``ec run``
 (smollm2-135m, 358 pairs; this branch's storage: ``dims.parquet`` float16/float32 zstd, see
@@ -33,11 +35,14 @@ FIXED_MB = 3.7 + 2.5             # report.html (plotly inlined), patch and other
 
 
 def estimate(layers: int, d_model: int, pairs: int, hooks: int = 5, offsets: int = 5, categories: int = 9,
-             groups: int = 30, state_rows: int = 40, sample_size: int = 512, max_candidates: int = 50) -> dict:
+             groups: int = 30, state_rows: int = 40, sample_size: int = 512, max_candidates: int = 50,
+             aliased: bool = True) -> dict:
     S = min(pairs, sample_size)
     cell = offsets * layers * d_model
     feat_bytes = 4 if pairs / state_rows <= FLUSH_PAIRS else 8
-    state = hooks * (cell * state_rows * 7 * feat_bytes + 2 * cell * state_rows * 8 + S * cell * 2)
+    # with resid_pre and resid_post among the hooks, resid_post's layers but the last are resid_pre's (aliases)
+    stored_cells = cell * hooks - (offsets * (layers - 1) * d_model if aliased and hooks >= 2 else 0)
+    state = stored_cells * (state_rows * 7 * feat_bytes + 2 * state_rows * 8 + S * 2)
     state += pairs * 600  # the metadata's per-pair rows (JSON)
     dims_rows = (offsets + categories) * hooks * layers * d_model
     cand_rows = groups * hooks * layers * offsets * 2 * max_candidates * CAND_FILL

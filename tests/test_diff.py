@@ -719,7 +719,9 @@ def test_accumulators_merge_as_the_results_do(tiny):
     a, b = run_diff(tiny, pairs[:8], **kw), run_diff(tiny, pairs[8:], **kw)
     accs = []
     for r in (a, b):
-        acc = DiffAccumulator(r.config, r.groups, "cpu", n_pairs=r.n_pairs)
+        with pytest.raises(EclensError, match="aliases differ"):  # the state holds resid_post's last layer only
+            DiffAccumulator(r.config, r.groups, "cpu", n_pairs=r.n_pairs).load(r.tensors, r.meta)
+        acc = DiffAccumulator(r.config, r.groups, "cpu", n_pairs=r.n_pairs, aliases=r.aliases.values())
         acc.load(r.tensors, r.meta)
         accs.append(acc)
     accs[0].merge(accs[1])

@@ -509,6 +509,23 @@ def shard_problem(path: Path) -> str | None:
     return None
 
 
+def _cached_aliases(store: ActivationStore, groups: list) -> list:
+    """The aliases (:mod:`eclens.diff.aliases`) the cache's first shard shows: the two hook points' cached
+    activations equal, as a run's probe forward pass finds them."""
+    from .diff.aliases import aliases_where_equal
+
+    if not store.index["shards"]:
+        return []
+    f = store._handle(store.index["shards"][0]["index"])
+    keys = set(f.keys())
+
+    def probe(names: list[str]) -> dict[str, torch.Tensor]:
+        return {n: torch.cat([f.get_tensor(f"{n}/{w}").flatten() for w in ("clean", "corrupt")]) for n in names
+                if f"{n}/clean" in keys and f"{n}/corrupt" in keys}
+
+    return aliases_where_equal(groups, probe)
+
+
 def diff_from_cache(
     run: str | Path,
     max_offset: int = 3,
@@ -556,7 +573,7 @@ def diff_from_cache(
     cfg.cells = cfg.cells or resolve_cells(store.pairs, cfg)
     shapes = store.shapes
     glist = groups_from_shapes(names, {n: tuple(shapes[n]) for n in names})
-    acc = DiffAccumulator(cfg, glist, "cpu", sample_dtype, n_pairs=len(store.pairs))
+    acc = DiffAccumulator(cfg, glist, "cpu", sample_dtype, n_pairs=len(store.pairs), aliases=_cached_aliases(store, glist))
     bs = int(batch_size or store.index.get("batch_size") or 16)
     offs = cfg.offsets
     t0 = time.perf_counter()
@@ -587,7 +604,7 @@ def diff_from_cache(
                         valid[j, o] = ok
                         gather[j, o] = r0 + (min(t, p0 + nr - 1) - p0)
                 acts = {}
-                for g in glist:
+                for g in acc.groups:  # the layers the state holds (an aliased layer is read once)
                     per_layer = []
                     for n in g.names:
                         c = tensors[f"{n}/clean"]

@@ -68,8 +68,8 @@ def rms_intervals(res, hook: str, layer: int, cfg: BootstrapConfig, offset: int 
     oi = res.offsets.index(offset)
     li = res.group(hook).layers.index(layer)
     # one (offset, layer) of the sample, then its pairs: the other order copied the whole sample (88 MB at 512 pairs)
-    d = res.tensors[f"{hook}/sample_delta"][:, oi, li].index_select(0, mem).to(torch.float64)  # [s, D]
-    rl = res.tensors[f"{hook}/sample_rel_l2"][:, oi, li].index_select(0, mem).to(torch.float64)  # [s]
+    d = res.hook_sample(hook, "sample_delta", oi, li).index_select(0, mem).to(torch.float64)  # [s, D]
+    rl = res.hook_sample(hook, "sample_rel_l2", oi, li).index_select(0, mem).to(torch.float64)  # [s]
     ok = res.tensors["sample/valid"].index_select(0, mem)[:, oi] & torch.isfinite(rl) & (rl > 0)
     st = res.cell_stats(hook, "all")
     massive = st["massive"][li, oi].bool()

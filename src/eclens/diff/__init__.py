@@ -149,15 +149,20 @@ its flattened width; all float64 unless noted):
 * ``sample/keys`` ``[S]`` (float64; ``inf`` = empty slot), ``sample/category`` ``[S]``
   (int64, the pair's state row), ``sample/valid`` ``[S, O]`` (bool), ``{H}/sample_delta`` ``[S, O, L, D]``
   (float16), ``{H}/sample_{rel_l2,cos}`` ``[S, O, L]`` (float32);
+* an aliased hook (:mod:`~eclens.diff.aliases`: ``hook_resid_post`` of layer ``l`` is ``hook_resid_pre`` of
+  ``l + 1``, where a probe forward pass finds them equal) holds only its other layers (the last at least):
+  its ``L`` above is those, and :meth:`DiffResult.cell_stats` and :meth:`DiffResult.hook_sample` read the
+  rest from the source hook;
 * metadata ``eclens_diff``: JSON with the configuration (hooks and their layers,
-  offsets, categories, thresholds), the processed pair ids, the sampled pair ids, the
+  offsets, categories, thresholds), the aliases, the processed pair ids, the sampled pair ids, the
   per-pair rows and ``complete``. The file is the checkpoint too: it is rewritten
   atomically every ``checkpoint_every`` batches (by default every
   :data:`~eclens.diff.stream.CHECKPOINT_SECONDS` of streaming, and at Ctrl-C or SIGTERM), and a rerun
   resumes from it.
 
 The package holds one idea a module: :mod:`~eclens.diff.config` (what determines the numbers),
-:mod:`~eclens.diff.gather` (the aligned positions), :mod:`~eclens.diff.logprobs` (per-pair rows),
+:mod:`~eclens.diff.gather` (the aligned positions), :mod:`~eclens.diff.aliases` (hook points read once),
+:mod:`~eclens.diff.logprobs` (per-pair rows),
 :mod:`~eclens.diff.accumulate` (the streaming state), :mod:`~eclens.diff.result` and
 :mod:`~eclens.diff.contrasts` (the tables), :mod:`~eclens.diff.stats_io` (the stats file),
 :mod:`~eclens.diff.stream` (the loop) and :mod:`~eclens.diff.merge` (shards). The hook groups live in

@@ -26,6 +26,7 @@ from ..stats import (
     group_onehot,
     item_key,
 )
+from .aliases import Alias, stored_group
 from .config import ALL, DiffConfig, direction_label
 from .logprobs import metric_rows, pair_info
 
@@ -401,9 +402,15 @@ class DiffAccumulator:
     """The whole streaming state: one :class:`GroupAccumulator` per hook group, counts, the pair sample, pair rows."""
 
     def __init__(self, cfg: DiffConfig, groups: list[HookGroup], device, sample_dtype=torch.float16,
-                 n_pairs: int | None = None, host_sample: bool | None = None):
+                 n_pairs: int | None = None, host_sample: bool | None = None, aliases: Sequence[Alias] = ()):
+        """``groups``: the hook groups of the tables; ``aliases``: their layers read from another group's
+        (:mod:`eclens.diff.aliases`), which this state does not hold."""
         self.cfg = cfg
-        self.groups = groups
+        self.table_groups = groups
+        self.aliases = list(aliases)
+        by_hook = {a.hook: a for a in self.aliases}
+        self.groups = [stored_group(g, by_hook.get(g.suffix)) for g in groups]  # what the state holds
+        groups = self.groups
         self.device = torch.device(device)
         # State rows: one per (category, swap direction, half) cell (cfg.rows); categories, directions, halves
         # and ``all`` are merges of rows (exact algebra), so every group is mergeable and none is stored twice.
@@ -540,11 +547,15 @@ class DiffAccumulator:
         ids = set(i for i in self.sample_ids if i is not None)
         for r in self.rows:
             r["in_sample"] = r["id"] in ids
-        return {"config": asdict(self.cfg), "groups": [g.to_dict() for g in self.groups],
+        aliases = {"aliases": [a.to_dict() for a in self.aliases]} if self.aliases else {}
+        return {"config": asdict(self.cfg), "groups": [g.to_dict() for g in self.table_groups], **aliases,
                 "done": sorted(self.done), "sample_ids": self.sample_ids, "rows": self.rows,
                 "model": self.model_entry, "complete": complete, "format": 1}
 
     def load(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        if "groups" in meta and [Alias.from_dict(d) for d in meta.get("aliases") or []] != self.aliases:
+            raise EclensError("this state holds other layers than the accumulator (its aliases differ); make the "
+                              "accumulator with the state's: DiffAccumulator(..., aliases=result.aliases.values())")
         self.count = tensors["count"].to(self.device, F64).clone()
         self.sample = BottomK.from_state_dict(tensors, "sample/")
         self.sample_valid = tensors["sample/valid"].to(self.device).clone()
@@ -559,6 +570,8 @@ class DiffAccumulator:
         """Take in ``other``'s pairs (disjoint from these), exactly as one run over both would have."""
         if set(self.done) & set(other.done):
             raise EclensError("cannot merge diff accumulators that share pairs")
+        if self.aliases != other.aliases:
+            raise EclensError("cannot merge diff accumulators that hold different layers (aliases)")
         other.convert_pending()
         self.convert_pending()
         state, order = merge_states(self.state_dict(), other.state_dict(), self.groups, self.cfg.sample_size)

@@ -139,9 +139,9 @@ def compute_contrasts(result: DiffResult) -> pd.DataFrame:
                     keep = (sigma > 0) & ~st["massive"][:, oi, :]
                     inv = torch.where(keep, 1 / sigma.clamp_min(1e-300), torch.zeros((), dtype=F64))
                     # the offset first, then the pairs: the other order copied every offset of the sample
-                    sd = result.tensors[f"{g.suffix}/sample_delta"][:, oi].index_select(0, mem).to(F64)  # [s, L, D]
+                    sd = result.hook_sample(g.suffix, "sample_delta", oi).index_select(0, mem).to(F64)  # [s, L, D]
                     absz = sd.abs_().mul_(inv).sum(-1) / keep.sum(-1).clamp_min(1)  # [s, L]
-                    rl = result.tensors[f"{g.suffix}/sample_rel_l2"][:, oi].index_select(0, mem).to(F64)  # [s, L]
+                    rl = result.hook_sample(g.suffix, "sample_rel_l2", oi).index_select(0, mem).to(F64)  # [s, L]
                     for measure, x in (("rel_l2", rl), ("absz_mean", absz)):
                         xv = x.numpy()
                         okv = np.isfinite(xv)

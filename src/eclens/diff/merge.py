@@ -20,7 +20,10 @@ def merge_results(a: DiffResult, b: DiffResult) -> DiffResult:
         raise EclensError("cannot merge diff results that share pairs")
     if (a.model.get("weights_hash"), a.model.get("name")) != (b.model.get("weights_hash"), b.model.get("name")):
         raise EclensError("cannot merge diff results of different models")
-    out, order = merge_states(a.tensors, b.tensors, a.groups, a.config.sample_size)
+    if a.aliases != b.aliases:  # one made before aliases, or with other hooks' layers: other arrays
+        raise EclensError("cannot merge diff results whose states hold different layers (made by different "
+                          "eclens versions?); rerun one of them")
+    out, order = merge_states(a.tensors, b.tensors, [a.stored_group(h) for h in a.hooks], a.config.sample_size)
     ids = a.meta["sample_ids"] + b.meta["sample_ids"]
     meta = dict(a.meta)
     meta.update(done=sorted(set(a.meta["done"]) | set(b.meta["done"])), sample_ids=[ids[i] for i in order.tolist()],

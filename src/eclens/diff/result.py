@@ -15,6 +15,7 @@ from ..errors import EclensError
 from ..hooks import HookGroup
 from ..stats import F64, Moments, PowerSums, masked_quantiles
 from .accumulate import FEATURES, HEAD_SCALARS, SCALARS
+from .aliases import Alias, assemble, layer_runs, over_layers, stored_group
 from .config import (
     QUANTILES,
     RESPONSIVE_SIGN_GRID,
@@ -56,6 +57,7 @@ class DiffResult:
         c = dict(meta["config"])
         self.config = DiffConfig(**c)
         self.groups = [HookGroup.from_dict(g) for g in meta["groups"]]
+        self.aliases = {a.hook: a for a in (Alias.from_dict(d) for d in meta.get("aliases") or [])}
         self._cache: dict[Any, Any] = {}
         self.half: int | None = None  # a view of one split half of the clusters (for_half)
 
@@ -118,6 +120,23 @@ class DiffResult:
     @property
     def hooks(self) -> list[str]:
         return [g.suffix for g in self.groups]
+
+    def stored_group(self, hook: str) -> HookGroup:
+        """The layers of ``hook`` the state holds (all but an alias's: :mod:`eclens.diff.aliases`)."""
+        return stored_group(self.group(hook), self.aliases.get(hook))
+
+    def _layer_runs(self, hook: str) -> list:
+        a = self.aliases[hook]
+        return layer_runs(self.group(hook), a, self.stored_group(a.source))
+
+    def hook_sample(self, hook: str, name: str, offset_index: int | None = None, layer_index: int | None = None
+                    ) -> torch.Tensor:
+        """The state's per-pair array ``{hook}/{name}`` (``sample_delta`` ``[S, O, L, D]``, ``sample_rel_l2``,
+        ``sample_cos`` ``[S, O, L]``) over every layer of ``hook`` (an alias's layers read from its source),
+        at one offset and one layer (indices into :attr:`offsets` and the group's layers) when given."""
+        a = self.aliases.get(hook)
+        return over_layers(self.tensors[f"{hook}/{name}"], self.tensors[f"{a.source}/{name}"] if a else None,
+                           self._layer_runs(hook) if a else [], offset_index, layer_index)
 
     def group(self, hook: str) -> HookGroup:
         for g in self.groups:
@@ -185,11 +204,6 @@ class DiffResult:
     def _rows_key(self, r: torch.Tensor | None) -> tuple | None:
         return None if r is None else tuple(r.tolist())
 
-    # float64 columns per chunk of the sums pass, at most (whole layers, one at least): ~5 MB of working arrays at
-    # 40 state rows, reused chunk after chunk (a whole hook at once was ~500 MB of fresh pages per hook, most of
-    # the finishing time's page faults)
-    SUMS_CHUNK = 2048
-
     def _row_sets(self) -> tuple[dict, torch.Tensor]:
         """Every row set with its own statistics (each category's and each :meth:`stat_groups` group's rows,
         ``_rows_key``) with its position, and their ``[G, C]`` float64 0/1 row weights."""
@@ -220,8 +234,12 @@ class DiffResult:
         """``[O, G, 7, L·D]``: per row set (weights ``W`` ``[G, C]``) the sums of Δ and of Δ² and of the clean
         activation and its square about :meth:`_shift0` (features 0-3), and the unshifted feature sums
         (``delta_abs``, ``delta_sign``, ``delta_nonzero``). Each row's sums are recentred with recentre()'s
-        algebra and rounding, a chunk of columns at a time, then summed over the rows by one matrix product.
-        ``out``: a buffer of that shape to fill (a forgotten hook's: the same pages again, not fresh ones)."""
+        algebra and rounding, a layer at a time, then summed over the rows by one matrix product per layer:
+        ~5 MB of working arrays at 40 state rows, reused layer after layer (a whole hook at once was ~500 MB of
+        fresh pages per hook, most of the finishing time's page faults), and a layer's sums made by the same
+        calls whatever layers the state holds: an alias's own layers (:mod:`eclens.diff.aliases`) give its
+        source's numbers bit for bit (with three layers a product, SmolLM2-135M's mean directions differed in
+        the last bits of some float32 values). ``out``: a buffer of that shape to fill (a forgotten hook's: the same pages again, not fresh ones)."""
         f = self.tensors[f"{hook}/feat"]  # [O, C, F, L, D], perhaps a strided view of the stream's stage
         K = self.tensors[f"{hook}/shift"]
         O, C, F, L, D = f.shape  # noqa: E741
@@ -232,14 +250,12 @@ class DiffResult:
         shape = (O, W.shape[0], F, X)
         if out is None or tuple(out.shape) != shape:
             out = torch.empty(shape, dtype=F64)
-        nl = max(1, self.SUMS_CHUNK // D)  # whole layers per chunk: one copy from f whatever its strides
+        fc = torch.empty((C, F, D), dtype=F64)
         for o in range(O):
             n = cnt[o][:, None]
-            for l0 in range(0, L, nl):
-                l1 = min(L, l0 + nl)
-                x0, x1 = l0 * D, l1 * D
-                fc = torch.empty((C, F, x1 - x0), dtype=F64)
-                fc.view(C, F, l1 - l0, D).copy_(f[o, :, :, l0:l1])
+            for layer in range(L):
+                x0, x1 = layer * D, (layer + 1) * D
+                fc.copy_(f[o, :, :, layer])
                 dks = Kv[:, o, :, x0:x1].to(F64) - k0[:, o, None, x0:x1]  # [2, C, x]
                 for w in (0, 1):
                     dk, s1 = dks[w], fc[:, 2 * w]
@@ -257,7 +273,7 @@ class DiffResult:
         r = self._cat_rows(category, direction)
         rk = self._rows_key(r)
         index, W = self._row_sets()
-        g = self.group(hook)
+        g = self.stored_group(hook)
         shape = (len(self.offsets), -1, len(g.layers), g.width)
         if rk not in index:  # a row set no table reads (e.g. asked for directly): its own pass
             return self._weighted_sums(hook, self._row_weights(r)[None])[:, 0].view(shape)
@@ -313,12 +329,23 @@ class DiffResult:
         return torch.nonzero(ok).flatten()
 
     def cell_stats(self, hook: str, category: str = "all", direction: str = "all") -> dict[str, torch.Tensor]:
-        """Arrays ``[L, O, D]`` (``[L, O]`` for per-layer values) of one hook and group."""
+        """Arrays ``[L, O, D]`` (``[L, O]`` for per-layer values; ``n``, ``n_sample`` ``[O]``) of one hook and
+        group; an aliased hook's layers read from its source's (:mod:`eclens.diff.aliases`)."""
         r = self._cat_rows(category, direction)
         key = (hook, None if r is None else tuple(r.tolist()))  # groups with the same rows share their numbers
         if key in self._cache:
             return self._cache[key]
-        g = self.group(hook)
+        a = self.aliases.get(hook)
+        out = self._cell_stats(hook, category, direction)  # the layers the state holds
+        if a is not None:
+            src, runs = self.cell_stats(a.source, category, direction), self._layer_runs(hook)
+            out = {k: v if k in ("n", "n_sample") else assemble(runs, src[k], v, 0) for k, v in out.items()}
+        self._cache[key] = out
+        return out
+
+    def _cell_stats(self, hook: str, category: str, direction: str) -> dict[str, torch.Tensor]:
+        """:meth:`cell_stats` of the layers the state holds for ``hook``."""
+        g = self.stored_group(hook)
         cfg = self.config
         dm = self._feat_moments(hook, category, 0, direction)
         cm_all = self._feat_moments(hook, "all", 1)
@@ -402,7 +429,6 @@ class DiffResult:
                 mom = self._moments(f"{hook}/head_scalars", category, HEAD_SCALARS.index(k), direction)
                 out[f"head_{k}_mean"] = torch.where(mom.count > 0, mom.mean, nan)
                 out[f"head_{k}_std"] = mom.std
-        self._cache[key] = out
         return out
 
     def _hook_norms(self, hook: str) -> dict[str, torch.Tensor]:
@@ -472,7 +498,7 @@ class DiffResult:
         key = ("intervals", hook, tuple(mem.tolist()))
         if key in self._cache:
             return self._cache[key]
-        rl = self.tensors[f"{hook}/sample_rel_l2"].index_select(0, mem).to(F64).transpose(1, 2)  # [s, L, O]
+        rl = self.hook_sample(hook, "sample_rel_l2").index_select(0, mem).to(F64).transpose(1, 2)  # [s, L, O]
         ok = self.tensors["sample/valid"].index_select(0, mem)[:, None, :] & torch.isfinite(rl)
         shape = rl.shape[1:]
         if not len(mem):  # no sampled pair in the group: no interval

@@ -23,6 +23,7 @@ from ..model import model_device
 from ..pairs import AlignedPair
 from ..progress import progress_bar
 from .accumulate import DiffAccumulator
+from .aliases import Alias, find_aliases
 from .config import STATS_FILE, DiffConfig, resolve_categories, resolve_cells
 from .gather import Gatherer, pair_index
 from .logprobs import pair_metric_tensors, span_rows
@@ -127,14 +128,18 @@ def run_diff(
     device = model_device(model)
     from ..model import manifest_model_entry
 
-    acc = DiffAccumulator(cfg, groups, device, sample_dtype, n_pairs=len(aligned_pairs), host_sample=host_sample)
+    ckpt = load_stats(Path(run), device) if run is not None and (Path(run) / STATS_FILE).exists() else None
+    # a checkpoint keeps the layout it was made with (one made before aliases holds every layer)
+    aliases = [Alias.from_dict(d) for d in ckpt[1].get("aliases", [])] if ckpt else find_aliases(model, groups)
+    acc = DiffAccumulator(cfg, groups, device, sample_dtype, n_pairs=len(aligned_pairs), host_sample=host_sample,
+                          aliases=aliases)
     acc.model_entry = manifest_model_entry(model)
-    if run is not None and (Path(run) / STATS_FILE).exists():
-        _resume(acc, Path(run), cfg, set(ids))
+    if ckpt:
+        _resume(acc, *ckpt, Path(run), cfg, set(ids))
     todo = [a for a in aligned_pairs if a.id not in acc.done]
     t0 = time.perf_counter()
     n_done0 = len(acc.done)
-    gat = Gatherer(groups, device)
+    gat = Gatherer(acc.groups, device)  # the layers the state holds: an aliased layer is read once
     pid = pad_id(model)
     n_batches = 0
     complete = not todo
@@ -183,8 +188,8 @@ def feed_batch(model, gat: Gatherer, acc: DiffAccumulator, batch) -> None:
     acc.update(batch.pairs, acts, ix.valid, rows, ix.valid_cpu)
 
 
-def _resume(acc: DiffAccumulator, run: Path, cfg: DiffConfig, ids: set[str]) -> None:
-    tensors, meta = load_stats(run, acc.device)
+def _resume(acc: DiffAccumulator, tensors: dict[str, torch.Tensor], meta: dict, run: Path, cfg: DiffConfig,
+            ids: set[str]) -> None:
     m, me = meta.get("model") or {}, acc.model_entry
     if m and (m.get("name") != me.get("name") or m.get("weights_hash") != me.get("weights_hash")):
         raise EclensError(f"{run / STATS_FILE}: made with model {m.get('name')!r} (weights "

@@ -316,46 +316,58 @@ def all_tables(res: DiffResult, workers: int | None = None, on_hook: Callable[[]
     threads = torch.get_num_threads()
     n = max(1, min(workers or threads, MAX_WORKERS))
 
+    # an alias's rows are made in its source's tasks, while the source's arrays it reads are at hand
+    with_alias = {h: [h] for h in res.hooks if h not in res.aliases}
+    for a in res.aliases.values():
+        with_alias[a.source].append(a.hook)
+
     def rows_task(h: str, members: list[tuple[str, str]]) -> None:
-        for cat, dr in members:
-            blocks[cat, dr, h] = (layers_block(res, h, cat, dr), candidate_blocks(res, h, cat, dr),
-                                  sensitivity_rows(res, h, cat, dr))
-            if dr == "all":
-                dims[cat, h] = dims_chunks(res, h, cat)
-                if res.group(h).n_heads:
-                    heads[cat, h] = heads_block(res, h, cat)
+        for hh in with_alias[h]:
+            for cat, dr in members:
+                blocks[cat, dr, hh] = (layers_block(res, hh, cat, dr), candidate_blocks(res, hh, cat, dr),
+                                       sensitivity_rows(res, hh, cat, dr))
+                if dr == "all":
+                    dims[cat, hh] = dims_chunks(res, hh, cat)
+                    if res.group(hh).n_heads:
+                        heads[cat, hh] = heads_block(res, hh, cat)
         # 15 MB per group for SmolLM2-135M: kept for the whole hook, the groups' arrays grew the heap by half a
         # GB per hook, and the kernel zeroed every fresh page (most of the finishing's faults)
-        res.forget_group(h, *members[-1])
+        for hh in with_alias[h]:
+            res.forget_group(hh, *members[-1])
 
-    hooks = res.hooks
+    def shared_task(h: str) -> None:
+        for hh in with_alias[h]:
+            res.cell_stats(hh)
+
+    hooks = list(with_alias)
     # numpy's products in the groups on one thread each, as torch's: the limit set once here, not per product
     with one_blas_thread():
         pool = ThreadPoolExecutor(n, initializer=torch.set_num_threads, initargs=(1,))
         try:
             if hooks:  # the first hook's here, on every torch thread: nothing else could run yet
-                res.cell_stats(hooks[0])
+                shared_task(hooks[0])
             shared = contrasts = None
             for i, h in enumerate(hooks):
                 if shared is not None:
                     shared.result()
                 if i + 1 < len(hooks):  # the next hook's, queued first: made while this one's groups run (no core idle)
-                    shared = pool.submit(res.cell_stats, hooks[i + 1])
+                    shared = pool.submit(shared_task, hooks[i + 1])
                 else:  # the contrasts read every hook's whole-dataset statistics (made now) and the sample: made
                     # beside the last hook's groups, not after them on a core left alone
                     contrasts = pool.submit(compute_contrasts, res)
                 tasks = [pool.submit(rows_task, h, m) for m in by_rows.values()]
                 for f in tasks:
                     f.result()
-                res.forget_hook(h)
-                if on_hook is not None:
-                    on_hook()
+                for hh in with_alias[h]:
+                    res.forget_hook(hh)
+                    if on_hook is not None:
+                        on_hook()
         finally:
             pool.shutdown(cancel_futures=True)  # after an error, the queued tasks do not run
             res.forget_scratch()  # the workers' buffers (tens of MB each)
             torch.set_num_threads(threads)  # MKL's thread count is process-wide: the workers' setting reached it
-    order = [(cat, dr, h) for cat, dr in groups for h in hooks]  # the tables' row order: groups, then hooks
-    head_parts = [heads[c, h] for c in res.categories for h in hooks if (c, h) in heads]
+    order = [(cat, dr, h) for cat, dr in groups for h in res.hooks]  # the tables' row order: groups, then hooks
+    head_parts = [heads[c, h] for c in res.categories for h in res.hooks if (c, h) in heads]
     return {"layers": frame([blocks[k][0] for k in order]),
             "candidates": candidates_frame([b for k in order for b in blocks[k][1]]),
             "sensitivity": pd.DataFrame([r for k in order for r in blocks[k][2]]),
