@@ -80,10 +80,17 @@ class Gatherer:
     returns a ``[2B, O, L, *rest]`` view of it.
     """
 
-    def __init__(self, groups: list[HookGroup], device):
+    # The unembedding's input, whose rows a stream may cut to those its pair metrics read (``logit_rows``)
+    UNEMBED_IN = "unembed.hook_in"
+
+    def __init__(self, groups: list[HookGroup], device, pack_logits: bool = False):
         self.groups = groups
         self.device = torch.device(device)
         self.index: AlignedIndex | None = None
+        # ``pack_logits``: the unembedding makes logits only at ``logit_rows`` (of the flattened [2B·T] positions;
+        # :func:`eclens.diff.logprobs.packed_rows`), ``[1, N, vocab]``: a fifth of the rows of template pairs
+        self.pack_logits = pack_logits
+        self.logit_rows: torch.Tensor | None = None
         self.bufs: dict[str, torch.Tensor | None] = {g.suffix: None for g in groups}
         self.filled: dict[str, list[bool]] = {g.suffix: [False] * len(g.names) for g in groups}
 
@@ -92,7 +99,12 @@ class Gatherer:
         for g in self.groups:
             for slot, name in enumerate(g.names):
                 out.append((name, self._make(g, slot, g.suffix in PATTERN_HOOKS)))
+        if self.pack_logits:
+            out.append((self.UNEMBED_IN, self._pack))
         return out
+
+    def _pack(self, act, hook):
+        return act.flatten(0, 1).index_select(0, self.logit_rows)[None]
 
     def _buffer(self, g: HookGroup, rows: int, dtype: torch.dtype) -> torch.Tensor:
         buf = self.bufs[g.suffix]

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from jaxtyping import Float, Int
+from jaxtyping import Float
 
 from ..pairs import AlignedPair, aligned_position
 from ..roles import cluster_of, detect_of, swap_direction_of
@@ -18,9 +18,27 @@ def span_rows(pairs: Sequence[AlignedPair]) -> list[tuple[int, int, int, int]]:
     return [(int(a.position), int(a.clean_end), int(a.corrupt_end), len(a.corrupt_ids)) for a in pairs]
 
 
+def packed_rows(spans: Sequence[tuple[int, int, int, int]], lengths: Sequence[int], seq_len: int
+                ) -> tuple[torch.Tensor, list[int]]:
+    """The rows of a batch's flattened ``[2B·T]`` logits that :func:`pair_metric_tensors` reads, pair after pair:
+    the clean sentence's every position, then the changed sentence's from its first changed token on (before
+    it both sentences are the same tokens, so the clean run's logits serve: a fifth of the rows of template
+    pairs, and the unembedding, a sixth of SmolLM2-135M's forward pass, need not make them). Returns the row
+    indices and each pair's first row among them."""
+    B, T = len(spans), seq_len
+    idx: list[int] = []
+    first = []
+    for i, ((st, _, _, nx), n) in enumerate(zip(spans, lengths)):
+        first.append(len(idx))
+        idx += range(i * T, i * T + n)
+        idx += range((B + i) * T + st, (B + i) * T + nx)
+    return torch.tensor(idx, dtype=torch.long), first
+
+
 def pair_metric_tensors(logits: Float[torch.Tensor, "two_b seq vocab"], tokens: torch.Tensor,
                         positions: Sequence[int], lengths: Sequence[int],
-                        spans: Sequence[tuple[int, int, int, int]] | None = None) -> dict[str, torch.Tensor]:
+                        spans: Sequence[tuple[int, int, int, int]] | None = None, packed: bool = False
+                        ) -> dict[str, torch.Tensor]:
     """Per-pair log-probs and KL, as tensors on the logits' device (no host sync).
 
     ``clean_logprob``/``corrupt_logprob`` ``[B]``: teacher-forced log-prob of each sentence;
@@ -29,61 +47,72 @@ def pair_metric_tensors(logits: Float[torch.Tensor, "two_b seq vocab"], tokens: 
     identical) — for a span pair the whole span's log-prob (its first token so, the rest under
     each side's own run); ``kl`` ``[sum(len - end + 1)]``: KL(P_clean || P_corrupt) at each offset
     from the span end (``p`` for a single-token pair) to the last token, read on each side at its own
-    position, pair after pair (only those rows of the vocabulary-sized log-probs are read again).
-    ``spans``: :func:`span_rows` (``None``: single-token pairs at ``positions``).
+    position, pair after pair. ``spans``: :func:`span_rows` (``None``: single-token pairs at ``positions``).
+    ``packed``: ``logits`` are only the rows :func:`packed_rows` names (``[1, N, vocab]``, as the stream's
+    unembedding makes them); otherwise the batch's ``[2B, T, vocab]``, whose rows are taken so.
     """
     B = len(positions)
     T = tokens.shape[1]
     dev = logits.device
-    tok = tokens.to(dev)
     if spans is None:
         spans = [(int(p), int(p) + 1, int(p) + 1, int(n)) for p, n in zip(positions, lengths)]
-    st, ce, xe, nx = (torch.tensor(c, dtype=torch.long) for c in zip(*spans))
-    n_cpu = torch.tensor(list(lengths), dtype=torch.long)
-    ar = torch.arange(T - 1)[None]
-    tmask = {"clean": ar < (n_cpu - 1)[:, None], "corrupt": ar < (nx - 1)[:, None]}  # predictions inside
-    cnt = n_cpu - ce + 1  # KL rows per pair: offsets 0 (the span end) .. the last token
-    # Log-softmax over the vocabulary (one fused pass; faster on the CPU than logsumexp, and the KL reuses it),
-    # a few pairs at a time on the CPU: the [k, T, V] log-probs stay in cache and their memory is reused,
-    # where one [2B, T, V] tensor (190 MB for 32 SmolLM2 pairs) ran half as fast. One block on a GPU.
-    k = B if dev.type != "cpu" else max(1, (8 << 20) // max(1, T * logits.shape[-1] * 4))
+    idx, first = packed_rows(spans, lengths, T)
+    rows = logits.reshape(-1, logits.shape[-1]) if packed else \
+        logits.flatten(0, 1).index_select(0, idx.to(dev, non_blocking=True))
+    tok = tokens.to(dev, non_blocking=True).reshape(-1)[idx.to(dev, non_blocking=True)]  # each row's own token
+    first.append(len(idx))
     out: dict[str, list[torch.Tensor]] = {name: [] for name in ("clean_logprob", "corrupt_logprob", "kl",
                                                                 "clean_token_logprob", "corrupt_token_logprob")}
-    for s in range(0, B, k):
-        e = min(B, s + k)
-        c = cnt[s:e]
-        ri = torch.repeat_interleave(torch.arange(e - s), c)
-        j = torch.arange(int(c.sum())) - torch.repeat_interleave(c.cumsum(0) - c, c)  # offset from the span end
-        tc, tx = ce[s:e][ri] - 1 + j, xe[s:e][ri] - 1 + j
-        ri, tc, tx = (x.to(dev, non_blocking=True) for x in (ri, tc, tx))
-        lp = {}
-        for side, o in (("clean", 0), ("corrupt", B)):
-            lp[side] = torch.log_softmax(logits[o + s:o + e].float(), dim=-1)  # [k, T, V]
-            tl = lp[side][:, :-1].gather(-1, tok[o + s:o + e, 1:, None]).squeeze(-1)
-            out[f"{side}_logprob"].append((tl * tmask[side][s:e].to(dev, non_blocking=True)).sum(-1))
-        for side, o, end in (("clean", 0, ce), ("corrupt", B, xe)):
-            out[f"{side}_token_logprob"].append(_span_logprob(lp, side, tok[o + s:o + e], st[s:e], end[s:e]))
-        lc, lx = lp["clean"][ri, tc], lp["corrupt"][ri, tx]
+    # Log-softmax over the vocabulary (one fused pass; faster on the CPU than logsumexp, and the KL reuses it),
+    # a few pairs' rows at a time on the CPU: they stay in cache and their memory is reused, where one block
+    # of every row (190 MB for 32 SmolLM2 pairs) ran half as fast. One block on a GPU.
+    per = (8 << 20) // max(1, rows.shape[-1] * 4)
+    s = 0
+    while s < B:
+        e = s + 1
+        while dev.type == "cpu" and e < B and first[e + 1] - first[s] <= per or dev.type != "cpu" and e < B:
+            e += 1
+        lp = torch.log_softmax(rows[first[s]:first[e]].float(), dim=-1)  # [r, V]
+        g = {k: v.to(dev, non_blocking=True) for k, v in _block_rows(spans[s:e], lengths[s:e], first[s:e + 1]).items()}
+        tb = tok[first[s]:first[e]]
+        for side in ("clean", "corrupt"):
+            for what, key in (("logprob", side), ("token_logprob", f"{side}_span")):
+                v = lp[g[f"{key}_row"], tb[g[f"{key}_tok"]]]
+                out[f"{side}_{what}"].append(torch.zeros(e - s, dtype=v.dtype, device=dev)
+                                             .index_add_(0, g[f"{key}_pair"], v))
+        lc, lx = lp[g["kl_clean"]], lp[g["kl_corrupt"]]
         out["kl"].append((lc.exp() * (lc - lx)).sum(-1))
         del lp, lc, lx
+        s = e
     return {key: torch.cat(v).reshape(-1) for key, v in out.items()}
 
 
-def _span_logprob(lp: dict[str, torch.Tensor], side: str, tok: Int[torch.Tensor, "k seq"],
-                  start: Int[torch.Tensor, " k"], end: Int[torch.Tensor, " k"]) -> Float[torch.Tensor, " k"]:
-    """log p of ``side``'s changed tokens ``[start, end)``: the first under the clean run's prediction at
-    ``start - 1`` (the prefixes are identical), the rest under ``side``'s own run."""
-    dev = tok.device
-    m = end - start
-    ri = torch.repeat_interleave(torch.arange(len(m)), m)
-    t = start[ri] + torch.arange(int(m.sum())) - torch.repeat_interleave(m.cumsum(0) - m, m)
-    first = t == start[ri]
-    ri, t, first = ri.to(dev), t.to(dev), first.to(dev)
-    pred = (t - 1).clamp_min(0)  # nothing predicts the first token: its value is dropped by metric_rows
-    nxt = tok[ri, t][:, None]
-    v = torch.where(first, lp["clean"][ri, pred].gather(-1, nxt).squeeze(-1),
-                    lp[side][ri, pred].gather(-1, nxt).squeeze(-1))
-    return torch.zeros(len(m), dtype=v.dtype, device=dev).index_add_(0, ri, v)
+def _block_rows(spans: Sequence[tuple[int, int, int, int]], lengths: Sequence[int], first: Sequence[int]
+                ) -> dict[str, torch.Tensor]:
+    """Which rows of a block of :func:`packed_rows` (local to the block) each metric reads, pair by pair, and
+    the rows whose own token it scores: the sentences' teacher-forced tokens (``t+1`` read at ``t``), each
+    side's span tokens (the first under the clean run's prediction, the rest under its own), the KL rows from
+    each side's span end on. Before the span the changed sentence's rows are the clean run's (same tokens)."""
+    r0 = first[0]
+    out: dict[str, list[int]] = {f"{k}_{w}": [] for k in ("clean", "corrupt", "clean_span", "corrupt_span")
+                                 for w in ("row", "tok", "pair")}
+    out["kl_clean"], out["kl_corrupt"] = [], []
+    for i, ((st, ce, xe, nx), n) in enumerate(zip(spans, lengths)):
+        b = first[i] - r0
+        crow = [b + t for t in range(n)]  # the clean run's row at each position
+        xrow = [b + t if t < st else b + n + t - st for t in range(nx)]  # the changed run's
+        for key, rows, m in (("clean", crow, n), ("corrupt", xrow, nx)):
+            out[f"{key}_row"] += rows[:m - 1]
+            out[f"{key}_tok"] += rows[1:m]
+            out[f"{key}_pair"] += [i] * (m - 1)
+        for key, rows, end in (("clean_span", crow, ce), ("corrupt_span", xrow, xe)):
+            # nothing predicts the first token (st = 0): its value is dropped by metric_rows
+            out[f"{key}_row"] += [crow[max(st - 1, 0)]] + rows[st:end - 1]
+            out[f"{key}_tok"] += rows[st:end]
+            out[f"{key}_pair"] += [i] * (end - st)
+        out["kl_clean"] += crow[ce - 1:n]  # offsets 0 (the span end) .. the last token
+        out["kl_corrupt"] += xrow[xe - 1:nx]
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in out.items()}
 
 
 def metric_rows(batches: Sequence[tuple[Sequence[AlignedPair], dict[str, torch.Tensor]]],

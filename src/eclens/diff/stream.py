@@ -26,7 +26,7 @@ from .accumulate import DiffAccumulator
 from .aliases import Alias, find_aliases
 from .config import STATS_FILE, DiffConfig, resolve_categories, resolve_cells
 from .gather import Gatherer, pair_index
-from .logprobs import pair_metric_tensors, span_rows
+from .logprobs import packed_rows, pair_metric_tensors, span_rows
 from .result import DiffResult
 from .stats_io import load_stats, save_stats
 
@@ -139,7 +139,8 @@ def run_diff(
     todo = [a for a in aligned_pairs if a.id not in acc.done]
     t0 = time.perf_counter()
     n_done0 = len(acc.done)
-    gat = Gatherer(acc.groups, device)  # the layers the state holds: an aliased layer is read once
+    # the layers the state holds (an aliased layer is read once), and logits only where the metrics read them
+    gat = Gatherer(acc.groups, device, pack_logits=Gatherer.UNEMBED_IN in getattr(model, "hook_dict", {}))
     pid = pad_id(model)
     n_batches = 0
     complete = not todo
@@ -180,10 +181,13 @@ def feed_batch(model, gat: Gatherer, acc: DiffAccumulator, batch) -> None:
     # each side read from its own span end (the same positions for single-token pairs)
     ix = pair_index(batch.pairs, cfg.offsets, acc.device, batch.tokens.shape[1], anchor=cfg.anchor)
     gat.index = ix
+    spans, lengths = span_rows(batch.pairs), [a.length for a in batch.pairs]
+    if gat.pack_logits:
+        gat.logit_rows = packed_rows(spans, lengths, batch.tokens.shape[1])[0].to(acc.device, non_blocking=True)
     logits = model(batch.tokens)
     acts = gat.collect()
-    rows = pair_metric_tensors(logits, batch.tokens, [a.position for a in batch.pairs],
-                               [a.length for a in batch.pairs], spans=span_rows(batch.pairs))
+    rows = pair_metric_tensors(logits, batch.tokens, [a.position for a in batch.pairs], lengths, spans=spans,
+                               packed=gat.pack_logits)
     del logits
     acc.update(batch.pairs, acts, ix.valid, rows, ix.valid_cpu)
 
