@@ -104,7 +104,8 @@ class Gatherer:
         return out
 
     def _pack(self, act, hook):
-        return act.flatten(0, 1).index_select(0, self.logit_rows)[None]
+        rows = self.logit_rows if self.logit_rows.device == act.device else self.logit_rows.to(act.device)  # device_map
+        return act.flatten(0, 1).index_select(0, rows)[None]
 
     def _buffer(self, g: HookGroup, rows: int, dtype: torch.dtype) -> torch.Tensor:
         buf = self.bufs[g.suffix]
