@@ -133,7 +133,7 @@ def diff_step(run: str | Path, model, pairs: Sequence, config: DiffConfig | None
     (:func:`save_diff`). Under torchrun every rank streams its shard and rank 0 merges and writes.
 
     ``write_state=False``: the caller deletes ``RUN/state`` once the run completes (``ec run`` and ``ec diff``
-    without ``--keep-state``), so the complete state is not written at all (1.4 GB for the default run, as long
+    without ``--keep-state``), so the complete state is not written at all (0.87 GB for the default run, as long
     to write as the tables take to compute). A kill while the tables are computed then resumes from the last
     checkpoint, as a kill during the stream does (``checkpoint_every`` batches, or by default
     :data:`eclens.diff.stream.CHECKPOINT_SECONDS` of streaming, at most)."""

@@ -31,7 +31,7 @@ from .result import DiffResult
 from .stats_io import load_stats, save_stats
 
 # Without checkpoint_every, a checkpoint once the stream has run this long since the last one. A checkpoint
-# writes the whole state (1.4 GB for SmolLM2's default hooks, ~13 GB for Llama-3-8B's): every 50 batches
+# writes the whole state (0.87 GB for SmolLM2's default hooks, ~7-9 GB for Llama-3-8B's): every 50 batches
 # that was a few percent of a CPU run and could be a third of a GPU run. Ctrl-C and SIGTERM lose nothing
 # (a checkpoint at the next batch boundary); only a hard kill loses up to this much streaming.
 CHECKPOINT_SECONDS = 300.0
