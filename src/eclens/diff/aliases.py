@@ -2,12 +2,13 @@
 
 ``blocks.{l}.hook_resid_post`` is the tensor ``blocks.{l+1}.hook_resid_pre`` reads: nothing happens between
 two blocks. With both hooks selected (the default hooks do), a run would gather, accumulate, store and
-reduce 29 of SmolLM2-135M's 150 hook layers twice: a fifth of the streaming work on the activations, of
-the state and of the table build. An :class:`Alias` says which layers of a hook are read from another
+reduce 29 of SmolLM2-135M's 150 hook layers twice: a fifth of the accumulation, of the state and of the
+per-layer statistics of the table build. An :class:`Alias` says which layers of a hook are read from another
 hook's; the state holds only the hook's other layers (its last one at least), and
 :meth:`eclens.diff.DiffResult.cell_stats` puts the two together, so every table is the one a run over
-both copies gives, number for number (each statistic is per layer: the layers a state holds do not change
-another layer's numbers).
+both copies gives, to float64 rounding (each statistic is per layer; on SmolLM2-135M's 415 benchmark pairs
+``dims``, ``candidates``, ``contrasts`` and the directions were identical, and six ``layers`` columns made
+from the per-pair power sums, whose products have other shapes, within 1.3e-13 relative).
 
 An alias is only made where a probe forward pass finds the two hooks' tensors equal, so an architecture
 that changes the residual stream between blocks keeps both copies.
