@@ -37,8 +37,8 @@ def packed_rows(spans: Sequence[tuple[int, int, int, int]], lengths: Sequence[in
 
 def pair_metric_tensors(logits: Float[torch.Tensor, "two_b seq vocab"], tokens: torch.Tensor,
                         positions: Sequence[int], lengths: Sequence[int],
-                        spans: Sequence[tuple[int, int, int, int]] | None = None, packed: bool = False
-                        ) -> dict[str, torch.Tensor]:
+                        spans: Sequence[tuple[int, int, int, int]] | None = None, packed: bool = False,
+                        index: tuple[torch.Tensor, list[int]] | None = None) -> dict[str, torch.Tensor]:
     """Per-pair log-probs and KL, as tensors on the logits' device (no host sync).
 
     ``clean_logprob``/``corrupt_logprob`` ``[B]``: teacher-forced log-prob of each sentence;
@@ -49,18 +49,19 @@ def pair_metric_tensors(logits: Float[torch.Tensor, "two_b seq vocab"], tokens: 
     from the span end (``p`` for a single-token pair) to the last token, read on each side at its own
     position, pair after pair. ``spans``: :func:`span_rows` (``None``: single-token pairs at ``positions``).
     ``packed``: ``logits`` are only the rows :func:`packed_rows` names (``[1, N, vocab]``, as the stream's
-    unembedding makes them); otherwise the batch's ``[2B, T, vocab]``, whose rows are taken so.
+    unembedding makes them); otherwise the batch's ``[2B, T, vocab]``, whose rows are taken so. ``index``:
+    :func:`packed_rows` of these pairs, where the caller made it already (the stream, for its unembedding).
     """
     B = len(positions)
     T = tokens.shape[1]
     dev = logits.device
     if spans is None:
         spans = [(int(p), int(p) + 1, int(p) + 1, int(n)) for p, n in zip(positions, lengths)]
-    idx, first = packed_rows(spans, lengths, T)
-    rows = logits.reshape(-1, logits.shape[-1]) if packed else \
-        logits.flatten(0, 1).index_select(0, idx.to(dev, non_blocking=True))
-    tok = tokens.to(dev, non_blocking=True).reshape(-1)[idx.to(dev, non_blocking=True)]  # each row's own token
-    first.append(len(idx))
+    idx, first = index if index is not None else packed_rows(spans, lengths, T)
+    idx = idx.to(dev, non_blocking=True)
+    first = [*first, len(idx)]
+    rows = logits.reshape(-1, logits.shape[-1]) if packed else logits.flatten(0, 1).index_select(0, idx)
+    tok = tokens.to(dev, non_blocking=True).reshape(-1)[idx]  # each row's own token
     out: dict[str, list[torch.Tensor]] = {name: [] for name in ("clean_logprob", "corrupt_logprob", "kl",
                                                                 "clean_token_logprob", "corrupt_token_logprob")}
     # Log-softmax over the vocabulary (one fused pass; faster on the CPU than logsumexp, and the KL reuses it),

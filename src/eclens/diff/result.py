@@ -239,7 +239,8 @@ class DiffResult:
         fresh pages per hook, most of the finishing time's page faults), and a layer's sums made by the same
         calls whatever layers the state holds: an alias's own layers (:mod:`eclens.diff.aliases`) give its
         source's numbers bit for bit (with three layers a product, SmolLM2-135M's mean directions differed in
-        the last bits of some float32 values). ``out``: a buffer of that shape to fill (a forgotten hook's: the same pages again, not fresh ones)."""
+        the last bits of some float32 values). ``out``: a buffer of that shape to fill (a forgotten hook's: the
+        same pages again, not fresh ones)."""
         f = self.tensors[f"{hook}/feat"]  # [O, C, F, L, D], perhaps a strided view of the stream's stage
         K = self.tensors[f"{hook}/shift"]
         O, C, F, L, D = f.shape  # noqa: E741

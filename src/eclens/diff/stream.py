@@ -182,12 +182,14 @@ def feed_batch(model, gat: Gatherer, acc: DiffAccumulator, batch) -> None:
     ix = pair_index(batch.pairs, cfg.offsets, acc.device, batch.tokens.shape[1], anchor=cfg.anchor)
     gat.index = ix
     spans, lengths = span_rows(batch.pairs), [a.length for a in batch.pairs]
+    idx, first = packed_rows(spans, lengths, batch.tokens.shape[1])  # the logits' rows the metrics read
+    idx = idx.to(acc.device, non_blocking=True)
     if gat.pack_logits:
-        gat.logit_rows = packed_rows(spans, lengths, batch.tokens.shape[1])[0].to(acc.device, non_blocking=True)
+        gat.logit_rows = idx
     logits = model(batch.tokens)
     acts = gat.collect()
     rows = pair_metric_tensors(logits, batch.tokens, [a.position for a in batch.pairs], lengths, spans=spans,
-                               packed=gat.pack_logits)
+                               packed=gat.pack_logits, index=(idx, first))
     del logits
     acc.update(batch.pairs, acts, ix.valid, rows, ix.valid_cpu)
 
