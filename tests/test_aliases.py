@@ -11,7 +11,7 @@ import eclens.diff.stream as stream
 from eclens.diff import DiffResult, merge_results, run_diff
 from eclens.diff.aliases import Alias, aliases_where_equal, find_aliases
 from eclens.errors import EclensError
-from eclens.hooks import HookGroup, hook_groups, select_hooks
+from eclens.hooks import PROBE_TOKENS, HookGroup, hook_groups, probe_activations, select_hooks
 from eclens.pairs import MinimalPair, check_with_model
 
 POST, PRE = "hook_resid_post", "hook_resid_pre"
@@ -27,12 +27,12 @@ def _pairs(model, n=20):
 
 
 def _both_copies(monkeypatch) -> None:
-    monkeypatch.setattr(stream, "find_aliases", lambda model, groups: [])
+    monkeypatch.setattr(stream, "find_aliases", lambda model, groups, acts=None: [])
 
 
 def _same_tables(a: DiffResult, b: DiffResult, exact: bool = True) -> None:
     """Equal to float64 rounding (bit for bit on the machine this was written on): every statistic of a layer
-    is made by the same calls whatever layers the state holds (DiffResult._weighted_sums sums a layer at a
+    is made by the same calls whatever layers the state holds (eclens.diff.row_sums.weighted_sums sums a layer at a
     time; a product over several layers rounded the recentred sums otherwise, ~1e-6 relative in ``z_mean``
     here). Not ``exact``: within the stream's float32 accuracy (a resumed run adds its staged sums to float64
     totals at the checkpoint, one run at the end)."""
@@ -93,6 +93,25 @@ def test_a_residual_stream_changed_between_blocks_is_not_aliased(three_layers, m
         assert post0.shape == pre1.shape and not (post0 == pre1).all()
     finally:
         m.reset_hooks(including_permanent=True)
+
+
+def test_one_probe_pass_gives_the_shapes_and_the_aliases(three_layers, monkeypatch):
+    """run_diff probes the model once (a bridge pass costs ~60 ms whatever its input), and that pass gives what
+    two passes gave: the groups' shapes and the aliases."""
+    m = three_layers
+    names = select_hooks(m, [f"blocks.{i}.{h}" for i in range(3) for h in (PRE, POST)])
+    acts = probe_activations(m, names)
+    assert set(acts) == set(names) and all(a.shape[:2] == (1, PROBE_TOKENS) for a in acts.values())
+    groups = hook_groups(m, names, acts)
+    assert groups == hook_groups(m, names)
+    assert find_aliases(m, groups, acts) == find_aliases(m, groups) == [Alias(POST, PRE, 1, (0, 1))]
+    calls = []
+    monkeypatch.setattr(stream, "probe_activations", lambda *a: calls.append(a) or probe_activations(*a))
+    run_diff(m, _pairs(m, 4), batch_size=4, sample_size=4)
+    assert len(calls) == 1
+    # an activation without a position axis is refused in one line that names the hook
+    with pytest.raises(EclensError, match=r"blocks\.0\.hook_resid_pre has shape \[1, 'positions'"):
+        hook_groups(m, names, dict(acts, **{names[0]: torch.zeros(1, 2, 4)}))
 
 
 def test_the_alias_keeps_one_layer_and_needs_equal_tensors():

@@ -135,6 +135,9 @@ class GroupAccumulator:
         """The work-dtype shifts chunk- and row-major ``[2, L/lc, C, O, lc, D]``: a pair's shift for a chunk is one
         contiguous row."""
         nch, lc = self.L // self.lc, self.lc
+        if not bool(self.shift_set.any()):  # the first stage of a run: every shift still 0 (no 28 MB copy per group)
+            self._shift_ch = torch.zeros((2, nch, self.C, self.O, lc, self.D), dtype=self.wd, device=self.device)
+            return
         sh = self.shift.to(self.wd).view(2, self.O, self.C, nch, lc, self.D)
         self._shift_ch = sh.permute(0, 3, 2, 1, 4, 5).contiguous()
 
@@ -158,7 +161,7 @@ class GroupAccumulator:
         """Add the staged sums to the float64 totals. The first flush keeps them in the stage's dtype: they are
         that dtype's numbers, so a run that flushes once (up to :attr:`DiffAccumulator.flush_pairs` pairs per
         state row, e.g. ``ec run``'s 225) never makes the float64 copy, half the pages the kernel zeroes (its
-        readers convert: :meth:`DiffResult._weighted_sums`, :meth:`merge_state`, :meth:`load_state_dict`).
+        readers convert: :func:`eclens.diff.row_sums.weighted_sums`, :meth:`merge_state`, :meth:`load_state_dict`).
         ``final`` (no batch follows): such a first flush hands the stage itself over as the totals, a strided
         view, instead of copying it into new pages (~0.1 s and ~100 MB per hook group for SmolLM2-135M's 40
         state rows); a later batch makes a new stage, and the next flush copies the view into float64 totals."""

@@ -21,8 +21,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ..hooks import HookGroup
-from ..model import model_device
+from ..hooks import HookGroup, probe_activations
 
 # (hook, the hook that reads the same tensor, its layer less this hook's)
 CANDIDATES = (("hook_resid_post", "hook_resid_pre", 1),)
@@ -45,22 +44,13 @@ class Alias:
         return cls(str(d["hook"]), str(d["source"]), int(d["shift"]), tuple(int(x) for x in d["layers"]))
 
 
-def find_aliases(model, groups: Sequence[HookGroup]) -> list[Alias]:
-    """The :data:`CANDIDATES` among ``groups`` whose tensors a probe forward pass of ``model`` finds equal,
-    layer by layer (:func:`aliases_where_equal`)."""
+def find_aliases(model, groups: Sequence[HookGroup], acts: dict[str, torch.Tensor] | None = None) -> list[Alias]:
+    """The :data:`CANDIDATES` among ``groups`` whose tensors in a probe forward pass of ``model``
+    (:func:`eclens.hooks.probe_activations`; ``acts``: one made already) are equal, layer by layer
+    (:func:`aliases_where_equal`)."""
     def probe(names: list[str]) -> dict[str, torch.Tensor]:
-        seen: dict[str, torch.Tensor] = {}
-
-        def keep(name: str):
-            def fn(act, hook):  # by the name asked for: the bridge's hook point has its own (blocks.0.hook_out)
-                seen[name] = act.detach().clone()
-            return fn
-
-        vocab = int(getattr(model.cfg, "d_vocab", 0) or 0) or 8
-        toks = (torch.arange(1, 7) % vocab)[None].to(model_device(model))  # a few distinct tokens
-        with torch.inference_mode(), model.hooks(fwd_hooks=[(n, keep(n)) for n in names]):
-            model(toks)
-        return seen
+        got = probe_activations(model, names) if acts is None else acts
+        return {n: got[n] for n in names if n in got}
 
     return aliases_where_equal(groups, probe)
 

@@ -17,6 +17,7 @@ from ..hooks import (
     hook_groups,
     iter_batches,
     pad_id,
+    probe_activations,
     select_hooks,
 )
 from ..model import model_device
@@ -112,7 +113,8 @@ def run_diff(
         dup = next(i for i in ids if ids.count(i) > 1)
         raise EclensError(f"duplicate pair id {dup!r}; give each pair its own id")
     names = select_hooks(model, expand_hook_spec(hooks))
-    groups = hook_groups(model, names)
+    acts = probe_activations(model, names)  # one pass: the shapes, and the tensors the aliases compare
+    groups = hook_groups(model, names, acts)
     by, cats = resolve_categories(aligned_pairs, categories)
     unknown = set(rule) - {f for f in DiffConfig.__dataclass_fields__} - {"sample_dtype", "host_sample"}
     if unknown:
@@ -130,7 +132,7 @@ def run_diff(
 
     ckpt = load_stats(Path(run), device) if run is not None and (Path(run) / STATS_FILE).exists() else None
     # a checkpoint keeps the layout it was made with (one made before aliases holds every layer)
-    aliases = [Alias.from_dict(d) for d in ckpt[1].get("aliases", [])] if ckpt else find_aliases(model, groups)
+    aliases = [Alias.from_dict(d) for d in ckpt[1].get("aliases", [])] if ckpt else find_aliases(model, groups, acts)
     acc = DiffAccumulator(cfg, groups, device, sample_dtype, n_pairs=len(aligned_pairs), host_sample=host_sample,
                           aliases=aliases)
     acc.model_entry = manifest_model_entry(model)
