@@ -134,7 +134,7 @@ def compute_contrasts(result: DiffResult) -> pd.DataFrame:
                     continue
                 clusters = result.sample_clusters(mem)
                 for g in result.groups:
-                    st = result.cell_stats(g.suffix, "all")
+                    st = result.clean_spread(g.suffix)
                     sigma = st["sigma_clean"][:, oi, :]  # [L, D]
                     keep = (sigma > 0) & ~st["massive"][:, oi, :]
                     inv = torch.where(keep, 1 / sigma.clamp_min(1e-300), torch.zeros((), dtype=F64))

@@ -25,6 +25,7 @@ from .config import (
 )
 from .contrasts import compute_contrasts, forget_permutations
 from .intervals import forget_cluster_weights, mean_intervals
+from .row_sums import weighted_sums
 from .sample_stats import sample_stats, stable_rank, threshold_bounds
 from .summary import diff_summary
 from .tables import (
@@ -231,42 +232,9 @@ class DiffResult:
         return self._cache[key]
 
     def _weighted_sums(self, hook: str, W: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``[O, G, 7, L·D]``: per row set (weights ``W`` ``[G, C]``) the sums of Δ and of Δ² and of the clean
-        activation and its square about :meth:`_shift0` (features 0-3), and the unshifted feature sums
-        (``delta_abs``, ``delta_sign``, ``delta_nonzero``). Each row's sums are recentred with recentre()'s
-        algebra and rounding, a layer at a time, then summed over the rows by one matrix product per layer:
-        ~5 MB of working arrays at 40 state rows, reused layer after layer (a whole hook at once was ~500 MB of
-        fresh pages per hook, most of the finishing time's page faults), and a layer's sums made by the same
-        calls whatever layers the state holds: an alias's own layers (:mod:`eclens.diff.aliases`) give its
-        source's numbers bit for bit (with three layers a product, SmolLM2-135M's mean directions differed in
-        the last bits of some float32 values). ``out``: a buffer of that shape to fill (a forgotten hook's: the
-        same pages again, not fresh ones)."""
-        f = self.tensors[f"{hook}/feat"]  # [O, C, F, L, D], perhaps a strided view of the stream's stage
-        K = self.tensors[f"{hook}/shift"]
-        O, C, F, L, D = f.shape  # noqa: E741
-        X = L * D
-        Kv = K.view(2, O, C, X)
-        k0 = self._shift0(hook).view(2, O, X)
-        cnt = self.tensors["count"].T.to(F64)  # [O, C]
-        shape = (O, W.shape[0], F, X)
-        if out is None or tuple(out.shape) != shape:
-            out = torch.empty(shape, dtype=F64)
-        fc = torch.empty((C, F, D), dtype=F64)
-        for o in range(O):
-            n = cnt[o][:, None]
-            for layer in range(L):
-                x0, x1 = layer * D, (layer + 1) * D
-                fc.copy_(f[o, :, :, layer])
-                dks = Kv[:, o, :, x0:x1].to(F64) - k0[:, o, None, x0:x1]  # [2, C, x]
-                for w in (0, 1):
-                    dk, s1 = dks[w], fc[:, 2 * w]
-                    t = torch.mul(dk, s1).mul_(2)  # 2·dk·s1: scaling by 2 is exact in either order
-                    ndk = n * dk
-                    t += ndk * dk
-                    fc[:, 2 * w + 1] += t
-                    s1 += ndk
-                out[o, :, :, x0:x1] = torch.matmul(W, fc.view(C, -1)).view(-1, F, x1 - x0)
-        return out
+        """:func:`~eclens.diff.row_sums.weighted_sums` of ``hook``'s state about :meth:`_shift0`."""
+        return weighted_sums(self.tensors[f"{hook}/feat"], self.tensors[f"{hook}/shift"], self._shift0(hook),
+                             self.tensors["count"], W, out)
 
     def _sums(self, hook: str, category: str, direction: str = "all") -> torch.Tensor:
         """A group's :meth:`_weighted_sums` ``[O, 7, L, D]``: every row set's computed in one pass per hook,
@@ -388,13 +356,10 @@ class DiffResult:
         out["n_sample"] = sv.sum(0).to(F64)  # [O]
         S = dm.mean * n3  # [L, O, D] sum of Δ over the category's pairs
         sd = self.tensors[f"{hook}/sample_delta"]
-        bkey = ("bound", hook)  # inv is the whole dataset's: one bound serves every group
-        if bkey not in self._cache:
-            self._cache[bkey] = threshold_bounds(inv, [cfg.threshold], sd.dtype)[..., 0]
         # For the threshold grid (threshold sensitivity; unsigned, pooled, groups only): per offset the rank
         # whose |z| decides the stable rule at every threshold (stable_z), not a count per threshold.
         ranks = [stable_rank(int(k), cfg.stable_frac) for k in out["n_sample"].tolist()] if direction == "all" else None
-        smp = sample_stats(sd, mem, sv, inv, S, self._cache[bkey], ranks,
+        smp = sample_stats(sd, mem, sv, inv, S, self._bound(hook), ranks,
                            work=self._cache.setdefault(("scratch", threading.get_ident()), {}))
         for q, v in zip(QUANTILES, smp["q"]):
             out["absz_median" if q == 0.5 else f"absz_q{int(round(q * 100)):02d}"] = v
@@ -431,6 +396,38 @@ class DiffResult:
                 out[f"head_{k}_mean"] = torch.where(mom.count > 0, mom.mean, nan)
                 out[f"head_{k}_std"] = mom.std
         return out
+
+    def prepare_hook(self, hook: str) -> None:
+        """Make what every group of ``hook`` reads (the sums of every row set, σ, the threshold's bounds, the
+        per-pair scalars' moments), so that groups running on other threads find them made. The whole
+        dataset's own :meth:`cell_stats` are one more group's (made on the first hook's critical path, they kept
+        the second core idle for a tenth of a second)."""
+        self._hook_norms(hook)
+        self._bound(hook)
+        for key in (f"{hook}/scalars", f"{hook}/head_scalars"):
+            if any(k.startswith(key + "/") for k in self.tensors):
+                self._moments(key, "all", 0)
+
+    def clean_spread(self, hook: str) -> dict[str, torch.Tensor]:
+        """``sigma_clean`` and ``massive`` ``[L, O, D]`` as :meth:`cell_stats` gives them (every group's: the whole
+        dataset's), without computing a group's statistics (the contrasts read only these, beside the last
+        hook's groups)."""
+        norm = self._hook_norms(hook)
+        out = {"sigma_clean": norm["sigma"], "massive": norm["massive"]}
+        a = self.aliases.get(hook)
+        if a is not None:
+            src, runs = self.clean_spread(a.source), self._layer_runs(hook)
+            out = {k: assemble(runs, src[k], v, 0) for k, v in out.items()}
+        return out
+
+    def _bound(self, hook: str) -> torch.Tensor:
+        """:func:`threshold_bounds` of the run's threshold: ``inv`` is the whole dataset's, so one serves every
+        group."""
+        key = ("bound", hook)
+        if key not in self._cache:
+            self._cache[key] = threshold_bounds(self._hook_norms(hook)["inv"], [self.config.threshold],
+                                                self.tensors[f"{hook}/sample_delta"].dtype)[..., 0]
+        return self._cache[key]
 
     def _hook_norms(self, hook: str) -> dict[str, torch.Tensor]:
         """What every group of ``hook`` shares (read-only), from the whole dataset's clean moments: σ, ``1/σ``

@@ -302,7 +302,7 @@ def all_tables(res: DiffResult, workers: int | None = None, on_hook: Callable[[]
     The work runs on ``workers`` threads (default: torch's intra-op threads, at most :data:`MAX_WORKERS`), each
     with one torch thread: a task is one hook's groups that share their state rows (they read the same
     numbers, forgotten when the task ends), after the hook's whole-dataset statistics (its sums, σ and
-    bounds, which every group reads), made by a task queued while the previous hook's groups run. The arrays
+    bounds, which every group reads: :meth:`DiffResult.prepare_hook`), made by a task queued while the previous hook's groups run. The arrays
     of a group are too small for one torch call to use more than one core well, and the groups are
     independent; each number is made by the same calls on the same arrays whatever the thread, so the tables
     do not depend on ``workers``. ``on_hook``: called (on this thread) as each hook's rows are done."""
@@ -337,7 +337,7 @@ def all_tables(res: DiffResult, workers: int | None = None, on_hook: Callable[[]
 
     def shared_task(h: str) -> None:
         for hh in with_alias[h]:
-            res.cell_stats(hh)
+            res.prepare_hook(hh)
 
     hooks = list(with_alias)
     # numpy's products in the groups on one thread each, as torch's: the limit set once here, not per product
