@@ -70,6 +70,15 @@ def test_an_aliased_run_equals_one_that_keeps_both_copies(three_layers, monkeypa
             assert torch.equal(got.hook_sample(POST, name, 1, li), full[:, 1, li])
     for k, v in want.cell_stats(POST, "grammar/agreement").items():
         assert torch.allclose(got.cell_stats(POST, "grammar/agreement")[k], v, rtol=1e-9, atol=1e-12, equal_nan=True), k
+    # what the contrasts read without a group's statistics: the whole dataset's σ and massive dimensions, the
+    # alias's assembled from its source's as cell_stats assembles them
+    for r in (got, want):
+        fresh = DiffResult(r.meta, dict(r.tensors), r.model, r.timing)
+        spread = {h: fresh.clean_spread(h) for h in fresh.hooks}
+        assert not any(isinstance(k, tuple) and k[0] in fresh.hooks for k in fresh._cache)  # no group computed
+        for h in fresh.hooks:
+            for k in ("sigma_clean", "massive"):
+                torch.testing.assert_close(spread[h][k], fresh.cell_stats(h)[k], rtol=0, atol=0, equal_nan=True)
 
 
 def test_a_residual_stream_changed_between_blocks_is_not_aliased(three_layers, monkeypatch):
