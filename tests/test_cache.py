@@ -52,9 +52,33 @@ def test_from_cache_equals_streaming(model, tmp_path):
     cached = diff_from_cache(tmp_path, max_offset=2, sample_size=64)
     # Same batches, same floats: the statistics are identical, not merely close.
     assert tensors_equal(stream.tensors, cached.tensors) == []
-    pd.testing.assert_frame_equal(stream.pairs, cached.pairs)
+    pd.testing.assert_frame_equal(stream.pairs, cached.pairs, check_exact=True)  # logits made at the same rows
     pd.testing.assert_frame_equal(stream.layers, cached.layers)
     pd.testing.assert_frame_equal(stream.candidates, cached.candidates)
+
+
+def test_the_cache_makes_logits_only_where_the_pair_metrics_read(tiny, tmp_path, monkeypatch):
+    """As the stream: the unembedding gets the packed rows (the clean sentence's, the changed one's from its
+    first changed token), and the pairs' log-probs are the stream's."""
+    import eclens.diff as D
+    from eclens.diff.logprobs import packed_rows, span_rows
+
+    pairs = make_pairs(tiny)
+    seen = []
+    real = D.pair_metrics
+
+    def spy(logits, tokens, batch_pairs, offsets, index=None):
+        want = packed_rows(span_rows(batch_pairs), [a.length for a in batch_pairs], tokens.shape[1])[0]
+        seen.append(tuple(logits.shape[:2]) == (1, len(want)) and index is not None
+                    and torch.equal(index[0].cpu(), want))
+        return real(logits, tokens, batch_pairs, offsets, index=index)
+
+    monkeypatch.setattr(D, "pair_metrics", spy)
+    write_cache(tiny, pairs, tmp_path, positions="after", shard_size=4, batch_size=4)
+    assert seen and all(seen)
+    stream = run_diff(tiny, pairs, max_offset=2, batch_size=4, sample_size=64)
+    cached = diff_from_cache(tmp_path, max_offset=2, sample_size=64)
+    pd.testing.assert_frame_equal(stream.pairs, cached.pairs, check_exact=True)
 
 
 def test_lazy_reader_returns_what_the_model_computed(tiny, tmp_path):

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from .errors import EclensError
-from .hooks import PATTERN_HOOKS, iter_batches, pad_id, select_hooks, split_hook
+from .hooks import PATTERN_HOOKS, UNEMBED_IN, iter_batches, pad_id, select_hooks, split_hook
 from .integrity import check_file, verify_file
 from .model import DTYPES
 from .pairs import AlignedPair, aligned_from_dict, aligned_position, require_single
@@ -63,18 +63,30 @@ def _row_span(a: AlignedPair, positions: str) -> tuple[int, int]:
 
 
 class _RowGatherer:
-    """Forward hooks that keep each pair's stored positions (flattened over pairs)."""
+    """Forward hooks that keep each pair's stored positions (flattened over pairs), and where the model has the
+    hook point (``pack_logits``), cut the unembedding's input to the rows the pair metrics read
+    (``logit_rows``), as the stream does (:class:`eclens.diff.gather.Gatherer`): the same log-probs, bit for bit,
+    without the logits of the changed sentence's prefix."""
 
-    def __init__(self, names: list[str], patterns: set[str], store_dtype: torch.dtype):
+    def __init__(self, names: list[str], patterns: set[str], store_dtype: torch.dtype, pack_logits: bool = False):
         self.names = names
         self.patterns = patterns
         self.store_dtype = store_dtype
         self.out: dict[str, torch.Tensor] = {}
         self.rows = self.pos = None
         self.T = 0
+        self.pack_logits = pack_logits
+        self.logit_rows: torch.Tensor | None = None
 
     def hooks(self):
-        return [(n, self._make(n)) for n in self.names]
+        out = [(n, self._make(n)) for n in self.names]
+        if self.pack_logits:
+            out.append((UNEMBED_IN, self._pack))
+        return out
+
+    def _pack(self, act, hook):
+        rows = self.logit_rows if self.logit_rows.device == act.device else self.logit_rows.to(act.device)
+        return act.flatten(0, 1).index_select(0, rows)[None]
 
     def _make(self, name: str):
         pattern = name in self.patterns
@@ -120,6 +132,7 @@ def write_cache(
     """
     from . import distributed as D
     from .diff import pair_info, pair_metrics
+    from .diff.logprobs import packed_rows, span_rows
     from .hooks import expand_hook_spec
     from .model import manifest_model_entry, model_device
 
@@ -186,7 +199,7 @@ def write_cache(
             D.barrier(ctx)
     dev = model_device(model)
     patterns = {n for n in names if split_hook(n)[1] in PATTERN_HOOKS}
-    gat = _RowGatherer(names, patterns, sdt)
+    gat = _RowGatherer(names, patterns, sdt, pack_logits=UNEMBED_IN in getattr(model, "hook_dict", {}))
     pid = pad_id(model)
     n_shards = (len(pairs) + shard_size - 1) // shard_size
     # A finished shard must still read whole: one cut short (disk full, an interrupted copy) is
@@ -229,6 +242,10 @@ def write_cache(
                 p = torch.cat([torch.arange(s, s + n, dtype=torch.long) for s, n in spans])
                 gat.rows = torch.cat([r, r + B]).to(dev)
                 gat.pos = torch.cat([p, p]).to(dev)
+                lidx = packed_rows(span_rows(batch.pairs), [a.length for a in batch.pairs], batch.tokens.shape[1]) \
+                    if gat.pack_logits else None
+                if lidx is not None:
+                    gat.logit_rows = lidx[0].to(dev, non_blocking=True)
                 logits = model(batch.tokens)
                 N = len(r)
                 for n in names:
@@ -239,7 +256,8 @@ def write_cache(
                         t = torch.nn.functional.pad(t, (0, Tmax - t.shape[-1]))
                     parts[n]["clean"].append(t[:N])
                     parts[n]["corrupt"].append(t[N:])
-                mets = pair_metrics(logits, batch.tokens, batch.pairs, [0])
+                mets = pair_metrics(logits, batch.tokens, batch.pairs, [0],
+                                    index=(gat.logit_rows, lidx[1]) if lidx is not None else None)
                 del logits
                 for a, mrow, (s, n) in zip(batch.pairs, mets, spans):
                     rows_meta.append({**pair_info(a), **mrow})

@@ -220,6 +220,8 @@ def unit_kind(suffix: str, rest: tuple[int, ...]) -> str:
     return "other"
 
 
+# The unembedding's input: a run may cut its rows to those its pair metrics read (logits only there)
+UNEMBED_IN = "unembed.hook_in"
 PROBE_TOKENS = 6  # distinct tokens: one hook point's activation equals another's only where the model makes it so
 
 

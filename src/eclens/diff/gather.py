@@ -11,6 +11,7 @@ from jaxtyping import Int
 from ..errors import EclensError
 from ..hooks import (
     PATTERN_HOOKS,
+    UNEMBED_IN,
     HookGroup,
 )
 from ..pairs import aligned_position
@@ -80,8 +81,7 @@ class Gatherer:
     returns a ``[2B, O, L, *rest]`` view of it.
     """
 
-    # The unembedding's input, whose rows a stream may cut to those its pair metrics read (``logit_rows``)
-    UNEMBED_IN = "unembed.hook_in"
+    UNEMBED_IN = UNEMBED_IN  # whose rows a stream may cut to those its pair metrics read (``logit_rows``)
 
     def __init__(self, groups: list[HookGroup], device, pack_logits: bool = False):
         self.groups = groups

@@ -149,10 +149,11 @@ def metric_rows(batches: Sequence[tuple[Sequence[AlignedPair], dict[str, torch.T
 
 
 def pair_metrics(logits: Float[torch.Tensor, "two_b seq vocab"], tokens: torch.Tensor, pairs: Sequence[AlignedPair],
-                 offsets: Sequence[int]) -> list[dict]:
-    """:func:`pair_metric_tensors` of one batch as ``pairs.csv`` rows (log-probs, per-offset KL, the KL list)."""
+                 offsets: Sequence[int], index: tuple[torch.Tensor, list[int]] | None = None) -> list[dict]:
+    """:func:`pair_metric_tensors` of one batch as ``pairs.csv`` rows (log-probs, per-offset KL, the KL list).
+    ``index``: the batch's :func:`packed_rows`, when ``logits`` are only those rows (``[1, N, vocab]``)."""
     m = pair_metric_tensors(logits, tokens, [a.position for a in pairs], [a.length for a in pairs],
-                            spans=span_rows(pairs))
+                            spans=span_rows(pairs), packed=index is not None, index=index)
     return metric_rows([(pairs, m)], offsets)
 
 
