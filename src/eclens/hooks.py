@@ -258,8 +258,9 @@ def hook_groups(model, names: Sequence[str], acts: dict[str, torch.Tensor] | Non
             rests[n] = (s[1],)
         else:
             if len(s) < 2 or s[1] != PROBE_TOKENS:
-                raise EclensError(f"hook {n} has shape {[s[0], 'positions', *s[2:]]}, not (batch, position, "
-                                  "...); it cannot be compared position by position")
+                shown = [s[0], "positions", *s[2:]] if len(s) >= 2 else list(s)
+                raise EclensError(f"hook {n} has shape {shown}, not (batch, position, ...); it cannot be compared "
+                                  "position by position")
             rests[n] = tuple(s[2:])
     return groups_from_shapes(names, rests)
 

@@ -133,6 +133,7 @@ def run_diff(
     ckpt = load_stats(Path(run), device) if run is not None and (Path(run) / STATS_FILE).exists() else None
     # a checkpoint keeps the layout it was made with (one made before aliases holds every layer)
     aliases = [Alias.from_dict(d) for d in ckpt[1].get("aliases", [])] if ckpt else find_aliases(model, groups, acts)
+    del acts  # on a GPU, a few MB of probe activations the run does not need
     acc = DiffAccumulator(cfg, groups, device, sample_dtype, n_pairs=len(aligned_pairs), host_sample=host_sample,
                           aliases=aliases)
     acc.model_entry = manifest_model_entry(model)
