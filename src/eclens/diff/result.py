@@ -331,7 +331,11 @@ class DiffResult:
         out["mean_abs_delta"] = torch.where(n3 > 0, self._feat_sum(hook, category, "delta_abs", direction) / nn, nan)
         out["mean_clean"] = torch.where(n3 > 0, cm.mean, nan)
         out["sigma_clean"] = sigma
-        out["rms_clean"] = torch.where(n3 > 0, (cm.m2 / nn + cm.mean ** 2).sqrt(), nan)
+        # mean squares per dimension (Δ_d², a_d²) [L, O, D]: the clean RMS, the relative L2 and the direction
+        # consistency read them (made once, where three expressions each made one)
+        e_d2 = dm.m2 / nn + dm.mean ** 2
+        e_a2 = cm.m2 / nn + cm.mean ** 2
+        out["rms_clean"] = torch.where(n3 > 0, e_a2.sqrt(), nan)
         out["z_mean"] = out["mean_delta"] * inv
         out["absz_mean"] = out["mean_abs_delta"] * inv
         ss = self._feat_sum(hook, category, "delta_sign", direction)
@@ -343,12 +347,11 @@ class DiffResult:
             out[k] = norm[k]
         # Relative L2 as a ratio of mean squares, from the exact per-dimension sums, with and without the
         # massive dimensions (they dominate ‖a‖ and hide changes elsewhere).
-        e_d2 = dm.m2 / nn + dm.mean ** 2  # mean Δ_d² [L, O, D]
-        e_a2 = cm.m2 / nn + cm.mean ** 2
-        for name, keep in (("rel_l2_rms", torch.ones_like(out["massive"])), ("rel_l2_rms_nomassive",
-                                                                             ~out["massive"])):
-            num = torch.where(keep, e_d2, 0).sum(-1)
-            den = torch.where(keep, e_a2, 0).sum(-1)
+        e_sq = e_d2.sum(-1)  # mean ||Δ||^2 over pairs [L, O]
+        keep = ~out["massive"]
+        for name, num, den in (("rel_l2_rms", e_sq, e_a2.sum(-1)),
+                               ("rel_l2_rms_nomassive", torch.where(keep, e_d2, 0).sum(-1),
+                                torch.where(keep, e_a2, 0).sum(-1))):
             out[name] = torch.where((n[None] > 0) & (den > 0), (num / den.clamp_min(1e-300)).sqrt(), nan)
         # Sample-based: quantiles of |Δ|/σ, fraction under the threshold, leave-one-out cosines.
         mem = self._sample_members(category, direction)
@@ -373,10 +376,9 @@ class DiffResult:
             mom = self._moments(f"{hook}/scalars", category, SCALARS.index(k), direction)
             out[f"{k}_mean"] = torch.where(mom.count > 0, mom.mean, nan)
             out[f"{k}_std"] = mom.std
-        mean = out["mean_delta"]
-        e_sq = (dm.m2 / nn + dm.mean ** 2).sum(-1)  # mean ||Δ||^2 over pairs
-        out["dir_norm"] = torch.where(n[None] > 0, (mean ** 2).sum(-1).sqrt(), nan)
-        out["dir_consistency"] = torch.where(e_sq > 0, (mean ** 2).sum(-1) / e_sq.clamp_min(1e-300), nan)
+        m_sq = (out["mean_delta"] ** 2).sum(-1)  # ||mean Δ||^2 [L, O]
+        out["dir_norm"] = torch.where(n[None] > 0, m_sq.sqrt(), nan)
+        out["dir_consistency"] = torch.where(e_sq > 0, m_sq / e_sq.clamp_min(1e-300), nan)
         # Leave-one-out cosine of each sampled pair with the exact sum of the others.
         dot, dd = smp["dot"], smp["dd"]  # [s, L, O]
         ss2 = (S * S).sum(-1)
