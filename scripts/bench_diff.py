@@ -41,6 +41,7 @@ import gc
 import json
 import math
 import os
+import platform
 import random
 import statistics
 import sys
@@ -227,6 +228,17 @@ def peak_memory(fn, device) -> tuple[int, float]:
 # ----------------------------------------------------------------------------- main
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo) and core count: a ratio to the forward pass depends on the CPU (the
+    finishing work does not shrink with a faster forward pass), so a figure says which it was measured on."""
+    try:
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
 def load(args):
     import eclens
 
@@ -263,8 +275,9 @@ def end_to_end(model, pairs, batch_size, device) -> tuple[Clock, float]:
 
 
 def e2e_main(args, model, device, pairs, source) -> int:
-    out: dict = {"model": args.model, "device": str(device), "batch_size": args.batch_size, "pairs_source": source,
-                 "load_average": os.getloadavg(), "sizes": {}}
+    out: dict = {"model": args.model, "device": str(device), "cpu": cpu_name(), "batch_size": args.batch_size,
+                 "pairs_source": source, "load_average": os.getloadavg(), "sizes": {}}
+    print(f"ec diff end to end on {device} ({cpu_name()}), {torch.get_num_threads()} torch threads", flush=True)
     for n in args.e2e:
         sub = pairs[:n]
         floor_pass(model, sub[: args.batch_size], args.batch_size, device)  # warm-up
@@ -393,7 +406,7 @@ def main() -> int:
         return e2e_main(args, model, device, pairs, source)
     speed = pairs[: args.n_speed]
     lengths = [a.length for a in speed]
-    print(f"model {args.model} on {device} ({args.dtype}); {len(pairs)} pairs from {source}; "
+    print(f"model {args.model} on {device} ({args.dtype}, {cpu_name()}); {len(pairs)} pairs from {source}; "
           f"lengths {min(lengths)}-{max(lengths)} tokens (mean {statistics.mean(lengths):.1f}); "
           f"{len(select_hooks(model))} default hook points ({', '.join(DEFAULT_HOOKS)})", flush=True)
 
@@ -432,7 +445,7 @@ def main() -> int:
               f"({k / dt:.1f} pairs/s)", flush=True)
     (n_s, (m_s, _, k_s)), (n_l, (m_l, _, k_l)) = list(mem.items()) or [(0, (math.nan, 0, 0)), (0, (math.nan, 0, 0))]
     out = {
-        "model": args.model, "device": str(device), "dtype": args.dtype, "batch_size": args.batch_size,
+        "model": args.model, "device": str(device), "cpu": cpu_name(), "dtype": args.dtype, "batch_size": args.batch_size,
         "pairs_source": source, "n_speed": len(speed), "n_naive": len(nv),
         "floor_s": t_floor, "streaming_s": t_stream,
         "ratio_streaming_over_floor_median": statistics.median(ratios),
