@@ -275,9 +275,10 @@ def end_to_end(model, pairs, batch_size, device) -> tuple[Clock, float]:
 
 
 def e2e_main(args, model, device, pairs, source) -> int:
-    out: dict = {"model": args.model, "device": str(device), "cpu": cpu_name(), "batch_size": args.batch_size,
+    cpu = cpu_name()
+    out: dict = {"model": args.model, "device": str(device), "cpu": cpu, "batch_size": args.batch_size,
                  "pairs_source": source, "load_average": os.getloadavg(), "sizes": {}}
-    print(f"ec diff end to end on {device} ({cpu_name()}), {torch.get_num_threads()} torch threads", flush=True)
+    print(f"ec diff end to end on {device} ({cpu}), {torch.get_num_threads()} torch threads", flush=True)
     for n in args.e2e:
         sub = pairs[:n]
         floor_pass(model, sub[: args.batch_size], args.batch_size, device)  # warm-up

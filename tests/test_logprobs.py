@@ -54,10 +54,8 @@ def test_the_stream_metrics_from_packed_logits_equal_the_whole_logits(tiny):
 
 @pytest.mark.parametrize("pack", [True, False])
 def test_identical_sentences_give_zero_either_way(tiny, pack, monkeypatch):
-    from eclens.diff.gather import Gatherer
-
-    if not pack:
-        monkeypatch.setattr(Gatherer, "UNEMBED_IN", "no such hook")
+    if not pack:  # the stream then makes every row's logits, as for a model without the unembedding's hook
+        monkeypatch.setattr("eclens.diff.stream.packs_logits", lambda model: False)
     same = [AlignedPair(MinimalPair(f"same{i}", a.pair.clean, a.pair.clean, a.category), a.clean_ids,
                         list(a.clean_ids), a.position, a.clean_token, a.clean_token) for i, a in enumerate(_pairs(tiny)[:4])]
     df = run_diff(tiny, same, hooks="blocks.0.hook_resid_post", batch_size=2).pairs

@@ -38,7 +38,16 @@ from typing import Any
 import torch
 
 from .errors import EclensError
-from .hooks import PATTERN_HOOKS, UNEMBED_IN, iter_batches, pad_id, select_hooks, split_hook
+from .hooks import (
+    PATTERN_HOOKS,
+    UNEMBED_IN,
+    iter_batches,
+    packs_logits,
+    pad_id,
+    select_hooks,
+    split_hook,
+    take_rows,
+)
 from .integrity import check_file, verify_file
 from .model import DTYPES
 from .pairs import AlignedPair, aligned_from_dict, aligned_position, require_single
@@ -85,8 +94,7 @@ class _RowGatherer:
         return out
 
     def _pack(self, act, hook):
-        rows = self.logit_rows if self.logit_rows.device == act.device else self.logit_rows.to(act.device)
-        return act.flatten(0, 1).index_select(0, rows)[None]
+        return take_rows(act, self.logit_rows)
 
     def _make(self, name: str):
         pattern = name in self.patterns
@@ -199,7 +207,7 @@ def write_cache(
             D.barrier(ctx)
     dev = model_device(model)
     patterns = {n for n in names if split_hook(n)[1] in PATTERN_HOOKS}
-    gat = _RowGatherer(names, patterns, sdt, pack_logits=UNEMBED_IN in getattr(model, "hook_dict", {}))
+    gat = _RowGatherer(names, patterns, sdt, pack_logits=packs_logits(model))
     pid = pad_id(model)
     n_shards = (len(pairs) + shard_size - 1) // shard_size
     # A finished shard must still read whole: one cut short (disk full, an interrupted copy) is

@@ -222,6 +222,20 @@ def unit_kind(suffix: str, rest: tuple[int, ...]) -> str:
 
 # The unembedding's input: a run may cut its rows to those its pair metrics read (logits only there)
 UNEMBED_IN = "unembed.hook_in"
+
+
+def packs_logits(model) -> bool:
+    """Whether ``model`` has :data:`UNEMBED_IN`, where a run cuts the unembedding's rows (:func:`take_rows`)."""
+    return UNEMBED_IN in getattr(model, "hook_dict", {})
+
+
+def take_rows(act: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``act`` ``[B, T, ...]`` flattened over (batch, position) and cut to ``rows``, as ``[1, N, ...]``: hooked on
+    :data:`UNEMBED_IN`, the unembedding makes logits only at those rows. ``rows`` moves to ``act``'s device where
+    a model spread over devices put the unembedding elsewhere."""
+    if rows.device != act.device:
+        rows = rows.to(act.device)
+    return act.flatten(0, 1).index_select(0, rows)[None]
 PROBE_TOKENS = 6  # distinct tokens: one hook point's activation equals another's only where the model makes it so
 
 

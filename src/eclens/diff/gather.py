@@ -13,6 +13,7 @@ from ..hooks import (
     PATTERN_HOOKS,
     UNEMBED_IN,
     HookGroup,
+    take_rows,
 )
 from ..pairs import aligned_position
 
@@ -81,8 +82,6 @@ class Gatherer:
     returns a ``[2B, O, L, *rest]`` view of it.
     """
 
-    UNEMBED_IN = UNEMBED_IN  # whose rows a stream may cut to those its pair metrics read (``logit_rows``)
-
     def __init__(self, groups: list[HookGroup], device, pack_logits: bool = False):
         self.groups = groups
         self.device = torch.device(device)
@@ -100,12 +99,11 @@ class Gatherer:
             for slot, name in enumerate(g.names):
                 out.append((name, self._make(g, slot, g.suffix in PATTERN_HOOKS)))
         if self.pack_logits:
-            out.append((self.UNEMBED_IN, self._pack))
+            out.append((UNEMBED_IN, self._pack))
         return out
 
     def _pack(self, act, hook):
-        rows = self.logit_rows if self.logit_rows.device == act.device else self.logit_rows.to(act.device)  # device_map
-        return act.flatten(0, 1).index_select(0, rows)[None]
+        return take_rows(act, self.logit_rows)
 
     def _buffer(self, g: HookGroup, rows: int, dtype: torch.dtype) -> torch.Tensor:
         buf = self.bufs[g.suffix]

@@ -70,8 +70,8 @@ def pair_metric_tensors(logits: Float[torch.Tensor, "two_b seq vocab"], tokens: 
     per = (8 << 20) // max(1, rows.shape[-1] * 4)
     s = 0
     while s < B:
-        e = s + 1
-        while dev.type == "cpu" and e < B and first[e + 1] - first[s] <= per or dev.type != "cpu" and e < B:
+        e = s + 1 if dev.type == "cpu" else B
+        while e < B and first[e + 1] - first[s] <= per:
             e += 1
         lp = torch.log_softmax(rows[first[s]:first[e]].float(), dim=-1)  # [r, V]
         g = {k: v.to(dev, non_blocking=True) for k, v in _block_rows(spans[s:e], lengths[s:e], first[s:e + 1]).items()}

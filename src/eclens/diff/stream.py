@@ -16,6 +16,7 @@ from ..hooks import (
     expand_hook_spec,
     hook_groups,
     iter_batches,
+    packs_logits,
     pad_id,
     probe_activations,
     select_hooks,
@@ -143,7 +144,7 @@ def run_diff(
     t0 = time.perf_counter()
     n_done0 = len(acc.done)
     # the layers the state holds (an aliased layer is read once), and logits only where the metrics read them
-    gat = Gatherer(acc.groups, device, pack_logits=Gatherer.UNEMBED_IN in getattr(model, "hook_dict", {}))
+    gat = Gatherer(acc.groups, device, pack_logits=packs_logits(model))
     pid = pad_id(model)
     n_batches = 0
     complete = not todo
